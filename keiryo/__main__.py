@@ -1,0 +1,5 @@
+import sys
+
+from keiryo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,293 @@
+"""keiryo's CLI. Every command parses options, builds configs, calls the library and
+maps :class:`~keiryo.errors.KeiryoError` to a one-line message and an exit code
+(``--debug`` shows the traceback)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from keiryo.errors import ConfigError, KeiryoError
+
+app = typer.Typer(
+    name="keiryo",
+    help="Make a trained PyTorch model lightweight for the machine it must run on: compress, measure on the "
+    "target runtime, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo:NAME, path/to/file.py:factory or package.module:factory")]
+ModelOpts = Annotated[Optional[list[str]], typer.Option("--model-opt", help="model option key=value (repeatable), e.g. width=0.5")]
+WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", "-w", help=".safetensors or a state_dict .pt (weights_only)")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="digits | file.npz | image folder | file.csv | module:function")]
+DataOpts = Annotated[Optional[list[str]], typer.Option("--data-opt", help="data option key=value (repeatable), e.g. size=16")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="seed for the split and training")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="intra-op threads for measurement")]
+
+
+def _console() -> Any:
+    from keiryo._console import stdout_console
+
+    return stdout_console()
+
+
+def _err(msg: str) -> None:
+    from keiryo._console import stderr_console
+
+    stderr_console().print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False,
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
+) -> None:
+    _state["debug"] = debug
+    if version:
+        from keiryo import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def _load(model: str, model_opt: list[str] | None, weights: Path | None, data: str, data_opt: list[str] | None,
+          seed: int) -> tuple[Any, Any]:
+    from keiryo.data import DataSpec, load_data
+    from keiryo.data.splits import parse_options
+    from keiryo.model import ModelSpec, load_model
+
+    dspec = DataSpec.parse({"source": data, "options": parse_options(data_opt), "seed": seed}, where="--data")
+    splits = load_data(dspec)
+    mspec = ModelSpec(source=model, options=parse_options(model_opt), weights=str(weights) if weights else None)
+    handle = load_model(mspec, splits.input_shape, splits.num_classes)
+    return handle, splits
+
+
+def _bench_opts(threads: int, iterations: int, parity_tolerance: float | None, no_parity_check: bool, seed: int) -> Any:
+    from keiryo.benchmark import BenchConfig
+    from keiryo.export import ParityConfig
+    from keiryo.pipeline import RunOptions
+
+    parity: dict[str, Any] = {"enforce": not no_parity_check}
+    if parity_tolerance is not None:
+        parity["max_abs_diff"] = parity_tolerance
+    return RunOptions(bench=BenchConfig(threads=threads, iterations=iterations),
+                      parity=ParityConfig.parse(parity, where="parity options"), seed=seed)
+
+
+def _budget(max_accuracy_drop: float | None) -> list[Any]:
+    from keiryo.search import Constraint
+
+    if max_accuracy_drop is None:
+        return []
+    return [Constraint.parse({"metric": "accuracy_drop", "op": "<=", "bound": max_accuracy_drop}, where="--max-accuracy-drop")]
+
+
+def _print_results(results: dict[str, Any], out: Path) -> None:
+    from keiryo.report import results_table
+
+    con = _console()
+    con.print(results_table(results))
+    best = results.get("best")
+    con.print(f"results: {out / 'results.json'}" + (f"   best: {best}" if best else ""), highlight=False)
+
+
+@app.command()
+def train(
+    model: ModelOpt,
+    data: DataOpt = "digits",
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the trained weights (.safetensors)")] = Path("model.safetensors"),
+    model_opt: ModelOpts = None,
+    weights: WeightsOpt = None,
+    data_opt: DataOpts = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 20,
+    lr: Annotated[float, typer.Option(min=0)] = 3e-3,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    patience: Annotated[int, typer.Option(min=1, help="early stopping: epochs without a better val accuracy")] = 5,
+    seed: SeedOpt = 0,
+) -> None:
+    """Train a model on the data's train split (AdamW, cosine schedule, early stopping on val)."""
+    from keiryo.model import save_weights
+    from keiryo.train import TrainConfig, train as run_train
+
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out {out}: weights are written as .safetensors; give a path ending in .safetensors")
+    handle, splits = _load(model, model_opt, weights, data, data_opt, seed)
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, seed=seed)
+    res = run_train(handle.module, splits, cfg)
+    meta = {"model": handle.spec.model_dump_json(exclude={"weights"}), "data": json.dumps(splits.summary()),
+            "test_accuracy": f"{res.test_accuracy:.6f}", "val_accuracy": f"{res.best_val_accuracy:.6f}"}
+    save_weights(handle.module, out, meta)
+    _console().print(
+        f"trained {handle.spec.source}: best val {res.best_val_accuracy:.2%} at epoch {res.best_epoch}/{res.epochs_run}, "
+        f"test {res.test_accuracy:.2%}, {res.seconds:.0f}s -> {out}", highlight=False)
+
+
+@app.command()
+def compress(
+    model: ModelOpt,
+    recipe: Annotated[list[str], typer.Option("--recipe", "-r", help="built-in name (int8, fp16, ...) or a YAML/JSON recipe; repeatable")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory (results.json, candidates/)")],
+    data: DataOpt = "digits",
+    model_opt: ModelOpts = None,
+    weights: WeightsOpt = None,
+    data_opt: DataOpts = None,
+    target: Annotated[str, typer.Option(help="export target for recipes that do not name one")] = "onnx",
+    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="budget in accuracy points used to pick the best")] = 1.0,
+    threads: ThreadsOpt = 1,
+    iterations: Annotated[int, typer.Option(min=5, help="timed runs at batch 1")] = 200,
+    parity_tolerance: Annotated[Optional[float], typer.Option(help="max abs logit difference allowed for the export")] = None,
+    no_parity_check: Annotated[bool, typer.Option("--no-parity-check", help="record a failed export parity check instead of stopping")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the recipes, do nothing")] = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Run recipes on a model and measure every result on the target runtime; writes DIR/results.json."""
+    import yaml
+
+    from keiryo.pipeline import compress as run_compress, load_recipe
+
+    recipes = [load_recipe(r, target=target) for r in recipe]
+    constraints = _budget(max_accuracy_drop)
+    opts = _bench_opts(threads, iterations, parity_tolerance, no_parity_check, seed)
+    if dry_run:
+        typer.echo(yaml.safe_dump([r.to_dict() for r in recipes], sort_keys=False).rstrip())
+        return
+    handle, splits = _load(model, model_opt, weights, data, data_opt, seed)
+    results = run_compress(handle, splits, recipes, out, constraints=constraints, opts=opts, overwrite=overwrite)
+    _print_results(results, out)
+
+
+@app.command()
+def export(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output model file")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx")] = "onnx",
+    data: DataOpt = "digits",
+    model_opt: ModelOpts = None,
+    weights: WeightsOpt = None,
+    data_opt: DataOpts = None,
+    parity_tolerance: Annotated[Optional[float], typer.Option(help="max abs logit difference allowed")] = None,
+    no_parity_check: Annotated[bool, typer.Option("--no-parity-check", help="report a parity failure instead of stopping")] = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Export a model to a deployment format and check it against PyTorch on evaluation samples."""
+    from keiryo.export import ParityConfig, check_parity, export as run_export, get_exporter
+    from keiryo.runtime import open_session
+
+    exp = get_exporter(format)
+    if out.suffix != exp.suffix:
+        raise ConfigError(f"--out {out}: a {format} export is written to a {exp.suffix} file")
+    handle, splits = _load(model, model_opt, weights, data, data_opt, seed)
+    parity_cfg: dict[str, Any] = {"enforce": not no_parity_check}
+    if parity_tolerance is not None:
+        parity_cfg["max_abs_diff"] = parity_tolerance
+    cfg = ParityConfig.parse(parity_cfg, where="parity options")
+    art = run_export(handle, format, out)
+    try:
+        with open_session(art.runtime, art.path, 1) as s:
+            rep = check_parity(handle.module, s, splits.test.x, cfg, f"{format} export")
+    except KeiryoError:
+        art.path.unlink(missing_ok=True)
+        raise
+    status = "[green]parity ok[/]" if rep.passed else "[red]PARITY FAILED[/]"
+    _console().print(
+        f"{out}: {art.size_bytes / 1e6:.2f} MB, {status}: max abs diff {rep.max_abs_diff:.2e}, "
+        f"top-1 agreement {rep.top1_agreement:.2%} on {rep.samples} test samples", highlight=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("keiryo-demo"),
+    epochs: Annotated[int, typer.Option(min=1, help="training epochs")] = 12,
+    threads: ThreadsOpt = 1,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = True,
+    seed: SeedOpt = 0,
+) -> None:
+    """Train the zoo MobileNetV2 on digits (16x16) and measure fp32 ONNX, int8 static and fp16 on onnxruntime."""
+    from keiryo.demo import run_demo
+
+    results = run_demo(out, epochs=epochs, threads=threads, overwrite=overwrite, seed=seed)
+    _print_results(results, out)
+
+
+@app.command()
+def zoo() -> None:
+    """List the built-in models and their options."""
+    from rich.table import Table
+
+    from keiryo.model.zoo import ZOO
+
+    t = Table("name", "inputs", "options", "what")
+    for name in ZOO:
+        e = ZOO.get(name)
+        opts = ", ".join(f"{k}={f.default}" for k, f in e.options.model_fields.items())
+        t.add_row(f"zoo:{name}", " or ".join(f"rank {r}" for r in e.input_ranks), opts, e.summary)
+    _console().print(t)
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes and the registered passes a recipe step can use."""
+    from rich.table import Table
+
+    from keiryo.passes import all_passes
+    from keiryo.pipeline import BUILTIN_RECIPES
+
+    t = Table("recipe", "steps", "what", title="built-in recipes")
+    for name, r in BUILTIN_RECIPES.items():
+        t.add_row(name, " -> ".join(s["type"] for s in r["steps"]) or "(export only)", r["description"])
+    p = Table("step type", "stage", "params", "what", title="passes")
+    for spec in all_passes():
+        params = ", ".join(f"{k}={f.default if f.default_factory is None else f.default_factory()}" for k, f in spec.config.model_fields.items())
+        p.add_row(spec.name, spec.stage, params, spec.summary)
+    _console().print(t)
+    _console().print(p)
+
+
+@app.command()
+def machine() -> None:
+    """Print the CPU (with int8 dot-product support) and library versions measurements are tied to."""
+    from keiryo.machine import machine_info
+
+    typer.echo(json.dumps(machine_info(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning KeiryoError into one line on stderr and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _state["debug"] = "--debug" in args
+    try:
+        app(args=args, standalone_mode=False)
+    except KeiryoError as e:
+        if _state["debug"]:
+            raise
+        _err(str(e))
+        return e.exit_code
+    except typer.Exit as e:
+        return int(e.exit_code or 0)
+    except typer.Abort:
+        _err("aborted")
+        return 130
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if _state["debug"]:
+            raise
+        _err(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+        return 1
+    return 0

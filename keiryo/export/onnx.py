@@ -1,0 +1,181 @@
+"""PyTorch -> ONNX through ``torch.onnx.export`` (the dynamo exporter), batch dimension dynamic.
+
+The exporter's per-node stack-trace metadata is stripped (it is ~200 KB of
+source paths on a small CNN and would distort size figures); the graph is
+checked with ``onnx.checker`` and written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from keiryo.config import KeiryoConfig
+from keiryo.errors import BackendUnavailableError, ExportError, InputFileError, UnsupportedOpError
+from keiryo.export import Artifact, register_exporter
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+class OnnxExportConfig(KeiryoConfig):
+    opset: int = Field(18, ge=13, le=23)
+    dynamic_batch: bool = True
+
+
+_OP_PATTERNS = [
+    re.compile(r"OpOverload\(op='([^']+)', overload='([^']+)'\)"),
+    re.compile(r"target=torch\.ops\.([A-Za-z0-9_.]+)"),
+    re.compile(r"(aten::[A-Za-z0-9_]+)"),
+    re.compile(r"(aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)"),
+]
+_NODE_PATTERN = re.compile(r"translating node %([A-Za-z0-9_]+)")
+
+
+def _error_text(e: BaseException) -> str:
+    parts, seen = [], set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        parts.append(str(cur))
+        cur = cur.__cause__ or cur.__context__
+    return "\n".join(parts)
+
+
+def unsupported_op(text: str) -> tuple[str | None, str | None]:
+    """(op, graph node) named in a torch.onnx error, if any."""
+    op = None
+    for pat in _OP_PATTERNS:
+        m = pat.search(text)
+        if m:
+            op = ".".join(g for g in m.groups() if g)
+            break
+    node = _NODE_PATTERN.search(text)
+    return op, node.group(1) if node else None
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as e:  # pragma: no cover - core dependency
+        raise BackendUnavailableError("onnx", "onnx") from e
+    return onnx
+
+
+def strip_metadata(model: Any) -> None:
+    """Drop per-node metadata (stack traces) and doc strings; they are not part of the computation."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+
+
+def toposort(model: Any) -> None:
+    """Sort graph nodes topologically in place (some converters append nodes out of order)."""
+    g = model.graph
+    available = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    pending = list(g.node)
+    ordered = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            names = ", ".join(n.name or n.op_type for n in rest[:5])
+            raise ExportError(f"ONNX graph has a cycle or dangling inputs at nodes: {names}")
+        pending = rest
+    del g.node[:]
+    g.node.extend(ordered)
+
+
+def load_onnx(path: str | Path) -> Any:
+    """Load and check an ONNX file; a corrupt file is an :class:`InputFileError`."""
+    onnx = _import_onnx()
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"{p}: ONNX file not found")
+    try:
+        model = onnx.load(str(p))
+        onnx.checker.check_model(model)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputFileError(f"{p}: not a valid ONNX model ({msg[:300]})") from e
+    return model
+
+
+def save_onnx(model: Any, path: Path) -> None:
+    onnx = _import_onnx()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@register_exporter("onnx", runtime="onnxruntime", suffix=".onnx", config=OnnxExportConfig)
+def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
+    import logging
+
+    import torch
+
+    onnx = _import_onnx()
+    module = handle.module.eval()
+    x = handle.example_input(2)
+    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if cfg.dynamic_batch else None
+    # torch.export names the dynamic dim after forward()'s first parameter.
+    if dyn is not None:
+        import inspect
+
+        first = next(iter(inspect.signature(module.forward).parameters), "x")
+        dyn = {first: dyn["x"]}
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td) / "model.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                prev = logging.getLogger("torch.onnx").level
+                logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+                try:
+                    import contextlib
+                    import io
+
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        torch.onnx.export(
+                            module, (x,), str(tmp), dynamo=True, external_data=False, opset_version=cfg.opset,
+                            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dyn, verbose=False,
+                        )
+                finally:
+                    logging.getLogger("torch.onnx").setLevel(prev)
+        except Exception as e:
+            op, node = unsupported_op(_error_text(e))
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if op:
+                at = f" at graph node {node}" if node else ""
+                raise UnsupportedOpError(
+                    f"{handle.spec.source}: torch.onnx cannot export op {op}{at}; replace it or register an ONNX translation",
+                    op=op, layer=node,
+                ) from e
+            raise ExportError(f"{handle.spec.source}: torch.onnx export failed: {type(e).__name__}: {first[:300]}") from e
+        model = onnx.load(str(tmp))
+    strip_metadata(model)
+    model.producer_name = "keiryo"
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise ExportError(f"{handle.spec.source}: exported ONNX graph is invalid: {str(e).splitlines()[0]}") from e
+    save_onnx(model, out_path)
+    ops = sorted({n.op_type for n in model.graph.node})
+    return Artifact(out_path, "onnx", "onnxruntime", [INPUT_NAME], [OUTPUT_NAME], {"opset": cfg.opset, "op_types": ops})

@@ -1,0 +1,171 @@
+"""Build a model from a zoo name or a user factory, and load weights safely.
+
+Weights are read from ``.safetensors`` or from a state_dict saved with
+``torch.save`` and loaded with ``weights_only=True``: a file that holds pickled
+Python objects is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from keiryo.errors import ConfigError, DataError, InputFileError, ModelLoadError
+from keiryo.model.handle import ModelHandle, ModelSpec
+
+
+def build_module(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if spec.source.startswith("zoo:"):
+        from keiryo.model import zoo
+
+        return zoo.build(spec.source[4:], input_shape, num_classes, spec.options)
+    from keiryo._imports import resolve_callable
+
+    fn = resolve_callable(spec.source, "model factory")
+    kwargs = dict(spec.options)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    for key, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes)):
+        if key in params and key not in kwargs:
+            kwargs[key] = value
+    try:
+        module = fn(**kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"model factory {spec.source!r} raised {type(e).__name__}: {e}") from e
+    if not isinstance(module, nn.Module):
+        raise ModelLoadError(
+            f"model factory {spec.source!r} returned a {type(module).__name__}; expected a torch.nn.Module"
+        )
+    return module
+
+
+def load_model(
+    spec: ModelSpec | str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    options: dict[str, Any] | None = None,
+    weights: str | Path | None = None,
+) -> ModelHandle:
+    """Build the model for ``input_shape``/``num_classes``, load weights and check that it fits."""
+    if isinstance(spec, str):
+        spec = ModelSpec(source=spec, options=options or {}, weights=str(weights) if weights else None)
+    module = build_module(spec, tuple(input_shape), num_classes)
+    if spec.weights:
+        state = load_weights(spec.weights)
+        apply_state_dict(module, state, spec.weights)
+    module.eval()
+    handle = ModelHandle(module, tuple(input_shape), num_classes, spec)
+    check_fits(handle, where=spec.source)
+    return handle
+
+
+def check_fits(handle: ModelHandle, where: str) -> None:
+    """One forward pass at batch 2: the output must be (2, num_classes) and finite."""
+    x = handle.example_input(2)
+    try:
+        with torch.no_grad():
+            out = handle.module.eval()(x)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"model {where} cannot take the data's input shape {tuple(x.shape)} (batch, *sample): {first}"
+        ) from e
+    if not isinstance(out, torch.Tensor):
+        raise ModelLoadError(f"model {where} returned a {type(out).__name__}; expected one logits tensor")
+    if out.ndim != 2 or out.shape[0] != 2:
+        raise DataError(f"model {where} returned shape {tuple(out.shape)} for a batch of 2; expected (2, {handle.num_classes})")
+    if out.shape[1] != handle.num_classes:
+        raise DataError(f"model {where} outputs {out.shape[1]} classes but the data has {handle.num_classes} classes")
+    if not torch.isfinite(out).all():
+        raise ModelLoadError(f"model {where} produced NaN/Inf outputs on a zero input; check its weights")
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from .safetensors or a weights-only torch file; refuse pickles."""
+    p = Path(path)
+    if not p.exists():
+        raise InputFileError(f"{p}: weights file not found; expected .safetensors or a state_dict .pt")
+    if not p.is_file() or not os.access(p, os.R_OK):
+        raise InputFileError(f"{p}: not a readable file; expected .safetensors or a state_dict .pt")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InputFileError(f"{p}: not a valid safetensors file ({e})") from e
+    else:
+        import pickle
+
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ModelLoadError(
+                f"{p}: refused: the file contains pickled Python objects, not only tensors "
+                f"({str(e).splitlines()[0][:160]}); save model.state_dict() or use .safetensors"
+            ) from e
+        except Exception as e:
+            raise InputFileError(f"{p}: not a readable torch weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ModelLoadError(f"{p}: expected a state_dict (a mapping of names to tensors), got {type(obj).__name__}")
+        state = obj
+    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ModelLoadError(f"{p}: weights contain NaN/Inf in {len(bad)} tensor(s): {', '.join(bad[:5])}")
+    return state
+
+
+def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Load ``state`` strictly, listing missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if keys:
+                more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+                parts.append(f"{label}: {', '.join(keys[:8])}{more}")
+        raise ModelLoadError(f"{where}: weights do not match the model; " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a .safetensors file atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        raise ConfigError(f"{p}: weights are written as .safetensors; give a path ending in .safetensors")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+

@@ -1,0 +1,190 @@
+"""Format-level quantization of ONNX files with ``onnxruntime.quantization``.
+
+- ``quantize.int8_static``: QDQ, per-channel int8 weights, uint8 activations
+  (U8S8, the fast path on x86 with VNNI), calibrated on the calibration split
+  with minmax, entropy or percentile.
+- ``quantize.int8_dynamic``: int8 weights, activations quantized at run time
+  (MatMul/Gemm/attention-heavy models).
+- ``quantize.fp16``: fp16 weights and compute, fp32 inputs/outputs kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from keiryo.config import KeiryoConfig
+from keiryo.errors import DataError, PassError
+from keiryo.export import Artifact
+from keiryo.passes import PassContext, PassResult, register_pass
+
+
+class Int8StaticConfig(KeiryoConfig):
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = Field(99.999, gt=90, le=100, description="for calibration=percentile")
+    per_channel: bool = True
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    weight_type: Literal["int8", "uint8"] = "int8"
+    quantize_bias: bool = Field(False, description="int32 biases (True) or keep fp32 biases (smaller file, exact bias)")
+    calib_samples: int | None = Field(None, ge=1, description="calibration samples (default: the whole calibration split)")
+    calib_batch: int = Field(16, ge=1)
+    exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names kept in float (per-layer fallback)")
+    op_types: list[str] | None = Field(None, description="only quantize these op types (default: all supported)")
+    preprocess: bool = Field(True, description="run onnxruntime's quant_pre_process (shape inference + fusion) first")
+
+
+class Int8DynamicConfig(KeiryoConfig):
+    per_channel: bool = False
+    weight_type: Literal["int8", "uint8"] = "int8"
+    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Attention", "LSTM", "GRU"])
+    exclude_nodes: list[str] = Field(default_factory=list)
+
+
+class Fp16Config(KeiryoConfig):
+    keep_io_types: bool = Field(True, description="keep fp32 inputs/outputs (callers need not change)")
+    op_block_list: list[str] = Field(default_factory=list, description="op types kept in fp32")
+
+
+def _qtype(name: str) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """onnxruntime.quantization logs and prints per node; keep the user's terminal readable."""
+    root = logging.getLogger()
+    prev = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(prev)
+
+
+def _out_path(src: Artifact, ctx: PassContext, tag: str) -> Path:
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    return ctx.workdir / f"{ctx.step_index:02d}-{tag}.onnx"
+
+
+def _node_census(path: Path) -> dict[str, int]:
+    import onnx
+
+    return dict(Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node))
+
+
+def _finish(src: Artifact, out: Path, info: dict[str, Any]) -> PassResult:
+    from keiryo.errors import InputFileError
+    from keiryo.export.onnx import load_onnx
+
+    try:
+        load_onnx(out)  # checked: a broken graph fails here, not at serving time
+    except InputFileError as e:
+        out.unlink(missing_ok=True)
+        raise PassError(f"{out.name}: the pass produced an invalid ONNX graph: {e}") from e
+    info["op_census"] = _node_census(out)
+    art = Artifact(out, "onnx", "onnxruntime", list(src.input_names), list(src.output_names), {**src.info, **info})
+    return PassResult(art, info)
+
+
+class _Reader:
+    """CalibrationDataReader over the calibration split, in small batches."""
+
+    def __init__(self, name: str, x: np.ndarray, batch: int):
+        self._it = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # pragma: no cover - not used by minmax/entropy/percentile
+        pass
+
+
+@register_pass("quantize.int8_static", Int8StaticConfig, stage="onnx", summary="int8 static PTQ (QDQ, per-channel, calibrated)")
+def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> PassResult:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quant_pre_process, quantize_static
+
+    if ctx.data is None:
+        raise DataError("quantize.int8_static needs calibration data; pass --data")
+    x = ctx.data.calib.x.numpy()
+    if cfg.calib_samples:
+        x = x[: cfg.calib_samples]
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[cfg.calibration]
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})(model.input_names[0], x, cfg.calib_batch)
+    out = _out_path(model, ctx, "int8_static")
+    extra: dict[str, Any] = {"QuantizeBias": cfg.quantize_bias}
+    if cfg.calibration == "percentile":
+        extra["CalibPercentile"] = cfg.percentile
+    with tempfile.TemporaryDirectory() as td, _quiet():
+        src = model.path
+        if cfg.preprocess:
+            pre = Path(td) / "pre.onnx"
+            try:
+                quant_pre_process(str(model.path), str(pre), skip_symbolic_shape=False)
+                src = pre
+            except Exception as e:
+                raise PassError(f"quantize.int8_static: onnxruntime pre-processing failed on {model.path.name}: {e}") from e
+        try:
+            quantize_static(
+                str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+                activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type),
+                calibrate_method=method, nodes_to_exclude=cfg.exclude_nodes or None,
+                op_types_to_quantize=cfg.op_types, extra_options=extra,
+            )
+        except Exception as e:
+            out.unlink(missing_ok=True)
+            raise PassError(f"quantize.int8_static failed on {model.path.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    info = {"calibration": cfg.calibration, "calib_samples": int(len(x)), "per_channel": cfg.per_channel,
+            "activation_type": cfg.activation_type, "weight_type": cfg.weight_type, "excluded_nodes": list(cfg.exclude_nodes)}
+    return _finish(model, out, info)
+
+
+@register_pass("quantize.int8_dynamic", Int8DynamicConfig, stage="onnx", summary="int8 dynamic PTQ (weights int8, activations at run time)")
+def int8_dynamic(model: Artifact, cfg: Int8DynamicConfig, ctx: PassContext) -> PassResult:
+    from onnxruntime.quantization import quantize_dynamic
+
+    out = _out_path(model, ctx, "int8_dynamic")
+    with _quiet():
+        try:
+            quantize_dynamic(
+                str(model.path), str(out), per_channel=cfg.per_channel, weight_type=_qtype(cfg.weight_type),
+                op_types_to_quantize=cfg.op_types, nodes_to_exclude=cfg.exclude_nodes or None,
+            )
+        except Exception as e:
+            out.unlink(missing_ok=True)
+            raise PassError(f"quantize.int8_dynamic failed on {model.path.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    census = _node_census(out)
+    quantized = sum(v for k, v in census.items() if k in {"MatMulInteger", "DynamicQuantizeLinear", "ConvInteger", "QAttention", "DynamicQuantizeLSTM"})
+    info: dict[str, Any] = {"op_types": list(cfg.op_types), "per_channel": cfg.per_channel}
+    if quantized == 0:
+        info["warning"] = f"no node of types {cfg.op_types} was quantized; the model is unchanged apart from metadata"
+    return _finish(model, out, info)
+
+
+@register_pass("quantize.fp16", Fp16Config, stage="onnx", summary="fp16 weights and compute (fp32 I/O)")
+def fp16(model: Artifact, cfg: Fp16Config, ctx: PassContext) -> PassResult:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from keiryo.export.onnx import save_onnx, toposort
+
+    out = _out_path(model, ctx, "fp16")
+    with _quiet():
+        try:
+            m16 = convert_float_to_float16(onnx.load(str(model.path)), keep_io_types=cfg.keep_io_types,
+                                           op_block_list=cfg.op_block_list or None)
+        except Exception as e:
+            raise PassError(f"quantize.fp16 failed on {model.path.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    toposort(m16)
+    save_onnx(m16, out)
+    return _finish(model, out, {"keep_io_types": cfg.keep_io_types, "op_block_list": list(cfg.op_block_list)})

@@ -1,0 +1,183 @@
+"""Run recipes: torch-level steps -> export (parity-checked) -> format-level steps -> measure.
+
+``compress`` measures the torch baseline and every recipe as a candidate on the
+target runtime, and writes the output folder atomically: it is built in a
+temporary sibling and renamed into place only when ``results.json`` is complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from keiryo.benchmark import BenchConfig, measure_file, run_benchmark
+from keiryo.config import KeiryoConfig
+from keiryo.data import DataSplits
+from keiryo.errors import ConfigError
+from keiryo.evaluate import accuracy, fidelity, predict, size_of
+from keiryo.export import ParityConfig, check_parity, export, get_exporter
+from keiryo.model import ModelHandle, save_weights
+from keiryo.passes import PassContext
+from keiryo.pipeline.recipe import Recipe
+from keiryo.runtime import open_session
+from keiryo.search.constraints import Constraint, check_constraints, select_best
+
+
+class RunOptions(KeiryoConfig):
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    parity: ParityConfig = Field(default_factory=ParityConfig)
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Baseline:
+    """The fp32 torch model's predictions on the test split, which every candidate is compared to."""
+
+    handle: ModelHandle
+    pred: np.ndarray
+    accuracy: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def measure_baseline(handle: ModelHandle, data: DataSplits, opts: RunOptions) -> Baseline:
+    with open_session("torch", handle, opts.bench.threads) as s:
+        logits = predict(s, data.test.x)
+        bench = run_benchmark(s, data.test.x[:1].numpy(), opts.bench)
+    acc = accuracy(logits, data.test.y)
+    metrics = {
+        "accuracy": acc, "fidelity": 1.0, "accuracy_drop": 0.0, "params": handle.num_params(), "macs": handle.macs(),
+        **{k: v for k, v in bench.to_dict().items() if k != "peak_rss_mb"}, "peak_rss_mb": None,
+    }
+    return Baseline(handle, logits.argmax(1), acc, metrics)
+
+
+def _log(opts: RunOptions, msg: str) -> None:
+    if opts.progress:
+        from keiryo._console import stderr_console
+
+        stderr_console().print(msg, highlight=False)
+
+
+def run_recipe(recipe: Recipe, handle: ModelHandle, data: DataSplits, workdir: Path, baseline: Baseline,
+               opts: RunOptions | None = None) -> dict[str, Any]:
+    """Apply ``recipe`` to a copy of ``handle``; return the candidate's record (artifact inside ``workdir``)."""
+    opts = opts or RunOptions()
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ctx = PassContext(data=data, workdir=workdir, seed=opts.seed, threads=opts.bench.threads, progress=opts.progress)
+    steps_cfg = recipe.step_configs()
+    model: Any = handle.clone() if any(spec.stage == "torch" for spec, _ in steps_cfg) else handle
+    effects: list[dict[str, Any]] = []
+    exporter = get_exporter(recipe.target)
+    artifact = None
+    parity = None
+    from keiryo.passes import apply
+
+    def ensure_exported() -> None:
+        nonlocal artifact, parity
+        if artifact is not None:
+            return
+        artifact = export(model, recipe.target, workdir / f"export{exporter.suffix}")
+        with open_session(exporter.runtime, artifact.path, opts.bench.threads) as s:
+            parity = check_parity(model.module, s, data.test.x, opts.parity, f"{recipe.name}: {recipe.target} export")
+        effects.append({"type": f"export.{recipe.target}", "stage": "export", **size_of(artifact.path).to_dict(),
+                        "parity": parity.to_dict()})
+
+    for i, (spec, cfg) in enumerate(steps_cfg):
+        _log(opts, f"  [{recipe.name}] step {i + 1}/{len(steps_cfg)}: {spec.name}")
+        ctx.step_index = i + 1
+        if spec.stage != "torch":
+            ensure_exported()
+            res = apply(artifact, cfg, ctx)
+            artifact = res.model
+            effects.append({"type": spec.name, "stage": spec.stage, **size_of(artifact.path).to_dict(), "info": res.info})
+        else:
+            res = apply(model, cfg, ctx)
+            model = res.model
+            effects.append({"type": spec.name, "stage": "torch", "params": model.num_params(), "macs": model.macs(),
+                            "info": res.info})
+    ensure_exported()
+    assert artifact is not None and parity is not None
+    with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
+        logits = predict(s, data.test.x)
+    acc = accuracy(logits, data.test.y)
+    bench = measure_file(artifact.path, artifact.runtime, data.test.x[:1].numpy(), opts.bench)
+    metrics = {
+        "accuracy": acc,
+        "accuracy_drop": round((baseline.accuracy - acc) * 100, 4),
+        "fidelity": fidelity(logits, baseline.pred),
+        **size_of(artifact.path).to_dict(),
+        "params": model.num_params(),
+        "macs": model.macs(),
+        **bench.to_dict(),
+        "export_parity": parity.to_dict(),
+    }
+    metrics["size_mb"] = metrics["size_bytes"] / 1e6
+    return {"name": recipe.name, "recipe": recipe.to_dict(), "format": artifact.format, "runtime": artifact.runtime,
+            "artifact_path": artifact.path, "metrics": metrics, "steps": effects, "status": "ok",
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def compress(
+    handle: ModelHandle,
+    data: DataSplits,
+    recipes: Sequence[Recipe],
+    out_dir: str | Path,
+    *,
+    constraints: Sequence[Constraint] = (),
+    opts: RunOptions | None = None,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Measure the baseline and every recipe; write ``out_dir`` (results.json, artifacts) atomically."""
+    from keiryo.report.results import build_results, write_results
+
+    opts = opts or RunOptions()
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"{out}: output directory exists and is not empty; pass --overwrite or choose another --out")
+    names = [r.name for r in recipes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"recipe names must be unique, got {names}")
+    if "fp32" not in names and any(r.target == "onnx" for r in recipes):
+        # The reference every ratio is taken against: the fp32 export on the same runtime.
+        from keiryo.pipeline.recipe import load_recipe
+
+        recipes = [load_recipe("fp32"), *recipes]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _log(opts, f"measuring baseline (torch, {opts.bench.threads} thread(s))")
+        baseline = measure_baseline(handle, data, opts)
+        save_weights(handle.module, tmp / "baseline.safetensors", {"source": handle.spec.source})
+        candidates = []
+        for r in recipes:
+            _log(opts, f"candidate {r.name}: target {r.target}, {len(r.steps)} step(s)")
+            cand = run_recipe(r, handle, data, tmp / "work" / r.name, baseline, opts)
+            final = tmp / "candidates" / r.name / f"model{cand['artifact_path'].suffix}"
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(cand.pop("artifact_path")), final)
+            cand["artifact"] = str(final.relative_to(tmp))
+            candidates.append(cand)
+        shutil.rmtree(tmp / "work", ignore_errors=True)
+        for c in candidates:
+            c["constraints_violated"] = check_constraints(constraints, c["metrics"])
+        best = select_best(candidates, constraints)
+        results = build_results(handle, data, baseline.metrics, candidates, best, constraints, opts, extra or {})
+        write_results(results, tmp / "results.json")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return results

@@ -1,0 +1,88 @@
+"""The ``results.json`` contract (docs/results.md). Field names are stable."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from keiryo.errors import InputFileError
+from keiryo.machine import machine_info
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+def _ratios(candidates: list[dict[str, Any]]) -> None:
+    """Add size and speed ratios against the fp32 candidate on the same runtime."""
+    ref = next((c for c in candidates if c["name"] == "fp32" and c.get("status") == "ok"), None)
+    if ref is None:
+        return
+    r = ref["metrics"]
+    for c in candidates:
+        m = c["metrics"]
+        if c.get("status") != "ok":
+            continue
+        m["size_ratio_vs_fp32"] = round(r["size_bytes"] / m["size_bytes"], 3)
+        m["speedup_p50_vs_fp32"] = round(r["latency_p50_ms"] / m["latency_p50_ms"], 3)
+        m["speedup_p95_vs_fp32"] = round(r["latency_p95_ms"] / m["latency_p95_ms"], 3)
+
+
+def build_results(handle: Any, data: Any, baseline_metrics: dict[str, Any], candidates: list[dict[str, Any]],
+                  best: str | None, constraints: Sequence[Any], opts: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    _ratios(candidates)
+    return {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {**handle.spec.model_dump(mode="json"), "input_shape": list(handle.input_shape),
+                  "num_classes": handle.num_classes, "content_hash": handle.content_hash()},
+        "data": data.summary(),
+        "task_metric": "accuracy",
+        "baseline": {"name": "baseline", "format": "torch", "runtime": "torch", "artifact": "baseline.safetensors",
+                     "metrics": baseline_metrics},
+        "candidates": candidates,
+        "best": best,
+        "constraints": [c.model_dump() for c in constraints],
+        "bench": opts.bench.model_dump(),
+        "machine": machine_info(opts.bench.threads),
+        **extra,
+    }
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN/Inf: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> Path:
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".results.", dir=p.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(_clean(results), f, indent=2, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, p)
+    return p
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise InputFileError(f"{p}: results.json not found") from e
+    except json.JSONDecodeError as e:
+        raise InputFileError(f"{p}: not valid JSON ({e})") from e

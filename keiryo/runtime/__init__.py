@@ -1,0 +1,55 @@
+"""Runtime sessions: one ``Session`` protocol over every runtime keiryo measures on.
+
+A session runs the *shipped* file (or, for ``torch``, the module) with an explicit
+intra-op thread count. Runtimes register a factory ``open(source, threads) -> Session``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from keiryo._registry import Registry
+
+__all__ = ["RUNTIMES", "Session", "SessionFactory", "open_session", "register_runtime"]
+
+
+@runtime_checkable
+class Session(Protocol):
+    """Runs a model on numpy inputs. Use it as a context manager."""
+
+    runtime: str
+    threads: int
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, inputs: dict[str, np.ndarray] | np.ndarray) -> list[np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Session: ...
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None: ...
+
+
+SessionFactory = Callable[[Any, int], Session]
+RUNTIMES: Registry[SessionFactory] = Registry("runtime")
+
+
+def register_runtime(name: str) -> Callable[[SessionFactory], SessionFactory]:
+    return RUNTIMES.register(name)
+
+
+def open_session(runtime: str, source: str | Path | Any, threads: int = 1) -> Session:
+    """Open ``source`` (a model file, or a module for ``torch``) on ``runtime`` with ``threads``."""
+    _load_builtin()
+    return RUNTIMES.get(runtime)(source, threads)
+
+
+def _load_builtin() -> None:
+    # Importing registers; the heavy backends themselves are imported inside the factories.
+    from keiryo.runtime import fake, onnxruntime, torch  # noqa: F401
