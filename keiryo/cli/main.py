@@ -280,12 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except typer.exceptions.TyperException as e:  # usage errors: bad option, missing argument
+        show = getattr(e, "show", None)
+        if callable(show):
+            show()
+        else:
+            _err(e.format_message())
+        return e.exit_code
     except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
         if _state["debug"]:
             raise
         _err(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")

@@ -46,7 +46,7 @@ class ModelHandle:
             h.update(name.encode())
             h.update(str(t.dtype).encode())
             h.update(repr(tuple(t.shape)).encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def num_params(self) -> int:

@@ -1,0 +1,55 @@
+"""Shared fixtures: small real data and tiny trained models, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from keiryo.data import DataSpec, load_data
+from keiryo.model import ModelHandle, ModelSpec, load_model
+from keiryo.train import TrainConfig, train
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn digits at their native 8x8, 1 channel."""
+    return load_data(DataSpec(source="digits", calib_size=64))
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(digits) -> ModelHandle:
+    """keiryo.testing.tiny_cnn trained for a few epochs on digits (~5 s)."""
+    h = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", options={"width": 8}), digits.input_shape, digits.num_classes)
+    train(h.module, digits, TrainConfig(epochs=15, lr=1e-2, patience=15), progress=False)
+    return h
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tiny_trained, tmp_path_factory) -> Path:
+    from keiryo.model import save_weights
+
+    return save_weights(tiny_trained.module, tmp_path_factory.mktemp("w") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_results(tiny_trained, digits, tmp_path_factory):
+    """One compress run (fp32, int8, int8-dynamic, fp16) shared by the tests that read its output."""
+    from keiryo.benchmark import BenchConfig
+    from keiryo.pipeline import RunOptions, compress, load_recipe
+    from keiryo.search import Constraint
+
+    out = tmp_path_factory.mktemp("compress") / "out"
+    opts = RunOptions(bench=BenchConfig(iterations=20, warmup=3, throughput_iterations=3), progress=False)
+    results = compress(tiny_trained, digits, [load_recipe(n) for n in ("int8", "int8-dynamic", "fp16")], out,
+                       constraints=[Constraint(metric="accuracy_drop", op="<=", bound=2.0)], opts=opts)
+    return out, results
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """Keep torch's thread count stable across tests (sessions change it)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

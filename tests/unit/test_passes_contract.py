@@ -1,0 +1,52 @@
+"""One test over the whole pass registry on the tiny model, plus ORT quantization specifics."""
+
+import onnx
+import pytest
+
+from keiryo.errors import PassError
+from keiryo.export import Artifact, export
+from keiryo.passes import PassContext, all_passes, apply
+from keiryo.passes.quantize_ort import Int8StaticConfig
+from keiryo.runtime import open_session
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(tiny_trained, tmp_path_factory):
+    return export(tiny_trained, "onnx", tmp_path_factory.mktemp("p") / "fp32.onnx")
+
+
+@pytest.mark.parametrize("spec", all_passes(), ids=lambda s: s.name)
+def test_every_pass_produces_a_valid_runnable_model(spec, fp32_artifact, tiny_trained, digits, tmp_path):
+    ctx = PassContext(data=digits, workdir=tmp_path)
+    src = fp32_artifact if spec.stage != "torch" else tiny_trained
+    res = apply(src, spec.config(), ctx)
+    if spec.stage == "torch":
+        return  # torch-stage passes have their own contract test
+    assert isinstance(res.model, Artifact) and res.model.path.is_file() and res.model.path != fp32_artifact.path
+    onnx.checker.check_model(onnx.load(str(res.model.path)))
+    with open_session("onnxruntime", res.model.path) as s:
+        out = s.run(digits.test.x[:16].numpy())[0]
+    assert out.shape == (16, 10)
+    assert "op_census" in res.info
+
+
+def test_int8_static_really_quantizes_with_each_calibration(fp32_artifact, digits, tmp_path):
+    for method in ("minmax", "entropy", "percentile"):
+        res = apply(fp32_artifact, Int8StaticConfig(calibration=method), PassContext(data=digits, workdir=tmp_path / method))
+        census = res.info["op_census"]
+        assert census.get("QuantizeLinear", 0) > 0 and census.get("DequantizeLinear", 0) > 0
+        weights = [i for i in onnx.load(str(res.model.path)).graph.initializer if i.data_type == onnx.TensorProto.INT8]
+        assert len(weights) >= 3  # both convs and the linear layer carry int8 weights
+        assert res.info["calib_samples"] == len(digits.calib)
+
+
+def test_int8_static_exclude_nodes_keeps_them_float(fp32_artifact, digits, tmp_path):
+    g = onnx.load(str(fp32_artifact.path)).graph
+    conv = next(n.name for n in g.node if n.op_type == "Conv")
+    res = apply(fp32_artifact, Int8StaticConfig(exclude_nodes=[conv]), PassContext(data=digits, workdir=tmp_path))
+    assert res.info["excluded_nodes"] == [conv]
+
+
+def test_format_pass_on_wrong_input_is_refused(tiny_trained, digits, tmp_path):
+    with pytest.raises(PassError, match="works on an exported onnx file; export first"):
+        apply(tiny_trained, Int8StaticConfig(), PassContext(data=digits, workdir=tmp_path))
