@@ -21,7 +21,7 @@ def run_demo(out: str | Path, *, epochs: int = 12, threads: int = 1, overwrite: 
              progress: bool = True, recipes: tuple[str, ...] = DEMO_RECIPES) -> dict[str, Any]:
     """Train, then compress with the default recipes; returns the results dict written to ``out``."""
     data = load_data(DEMO_DATA.model_copy(update={"seed": seed}))
-    handle = load_model(DEMO_MODEL, data.input_shape, data.num_classes)
+    handle = load_model(DEMO_MODEL, data.input_shape, data.num_classes, seed=seed)
     res = train(handle.module, data, TrainConfig(epochs=epochs, seed=seed, lr=3e-3, patience=5), progress=progress,
                 description="train mobilenetv2 on digits")
     opts = RunOptions(bench=BenchConfig(threads=threads), seed=seed, progress=progress)

@@ -67,7 +67,7 @@ def _load(model: str, model_opt: list[str] | None, weights: Path | None, data: s
     dspec = DataSpec.parse({"source": data, "options": parse_options(data_opt), "seed": seed}, where="--data")
     splits = load_data(dspec)
     mspec = ModelSpec(source=model, options=parse_options(model_opt), weights=str(weights) if weights else None)
-    handle = load_model(mspec, splits.input_shape, splits.num_classes)
+    handle = load_model(mspec, splits.input_shape, splits.num_classes, seed=seed)
     return handle, splits
 
 

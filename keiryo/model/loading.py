@@ -54,11 +54,18 @@ def load_model(
     *,
     options: dict[str, Any] | None = None,
     weights: str | Path | None = None,
+    seed: int = 0,
 ) -> ModelHandle:
-    """Build the model for ``input_shape``/``num_classes``, load weights and check that it fits."""
+    """Build the model for ``input_shape``/``num_classes``, load weights and check that it fits.
+
+    The initial weights are drawn from ``seed`` (without touching the global RNG), so
+    training from scratch is reproducible.
+    """
     if isinstance(spec, str):
         spec = ModelSpec(source=spec, options=options or {}, weights=str(weights) if weights else None)
-    module = build_module(spec, tuple(input_shape), num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = build_module(spec, tuple(input_shape), num_classes)
     if spec.weights:
         state = load_weights(spec.weights)
         apply_state_dict(module, state, spec.weights)
