@@ -46,25 +46,46 @@ def main() -> int:
             p50[n].append(r.latency_p50_ms)
             p95[n].append(r.latency_p95_ms)
     c = cpu()
-    print(f"\nCPU: {c['model']} ({c['arch']}), int8 dot-product: {', '.join(c['int8_isa']) or 'none'}; "
-          f"{args.threads} thread(s); median of {args.rounds} interleaved rounds x {args.iterations} runs at batch 1\n")
+    print(
+        f"\nCPU: {c['model']} ({c['arch']}), int8 dot-product: {', '.join(c['int8_isa']) or 'none'}; "
+        f"{args.threads} thread(s); median of {args.rounds} interleaved rounds x {args.iterations} runs at batch 1\n"
+    )
     base = results["baseline"]["metrics"]
     ref = cands["fp32"]["metrics"]
     ref_p50 = statistics.median(p50["fp32"])
-    print(f"{'model':8} {'acc %':>7} {'drop pt':>8} {'fidelity %':>10} {'size MB':>8} {'x smaller':>9} {'p50 ms':>8} {'p95 ms':>8} {'x faster p50':>12}")
+    cols = ("acc %", 7), ("drop pt", 8), ("fidelity %", 10), ("size MB", 8), ("x smaller", 9), ("p50 ms", 8), ("p95 ms", 8)
+    print(f"{'model':8} " + " ".join(f"{c:>{w}}" for c, w in cols) + f" {'x faster p50':>12}")
     print(f"{'torch':8} {base['accuracy'] * 100:7.2f}")
     for n in names:
         m = cands[n]["metrics"]
-        print(f"{n:8} {m['accuracy'] * 100:7.2f} {(ref['accuracy'] - m['accuracy']) * 100:8.2f} {m['fidelity'] * 100:10.2f} "
-              f"{m['size_bytes'] / 1e6:8.2f} {ref['size_bytes'] / m['size_bytes']:9.2f} {statistics.median(p50[n]):8.3f} "
-              f"{statistics.median(p95[n]):8.3f} {ref_p50 / statistics.median(p50[n]):12.2f}")
+        print(
+            f"{n:8} {m['accuracy'] * 100:7.2f} {(ref['accuracy'] - m['accuracy']) * 100:8.2f} {m['fidelity'] * 100:10.2f} "
+            f"{m['size_bytes'] / 1e6:8.2f} {ref['size_bytes'] / m['size_bytes']:9.2f} {statistics.median(p50[n]):8.3f} "
+            f"{statistics.median(p95[n]):8.3f} {ref_p50 / statistics.median(p50[n]):12.2f}"
+        )
     i8, f16 = cands["int8"]["metrics"], cands["fp16"]["metrics"]
     checks = [
         ("baseline test accuracy >= 97%", base["accuracy"] >= 0.97, f"{base['accuracy']:.2%}"),
-        ("int8 file >= 3.5x smaller than fp32 ONNX", ref["size_bytes"] / i8["size_bytes"] >= 3.5, f"{ref['size_bytes'] / i8['size_bytes']:.2f}x"),
-        ("int8 accuracy drop <= 0.5 pt", (ref["accuracy"] - i8["accuracy"]) * 100 <= 0.5, f"{(ref['accuracy'] - i8['accuracy']) * 100:.2f} pt"),
-        ("int8 p50 >= 2x faster (1 thread)", ref_p50 / statistics.median(p50["int8"]) >= 2.0, f"{ref_p50 / statistics.median(p50['int8']):.2f}x"),
-        ("fp16 about 2x smaller", 1.8 <= ref["size_bytes"] / f16["size_bytes"] <= 2.1, f"{ref['size_bytes'] / f16['size_bytes']:.2f}x"),
+        (
+            "int8 file >= 3.5x smaller than fp32 ONNX",
+            ref["size_bytes"] / i8["size_bytes"] >= 3.5,
+            f"{ref['size_bytes'] / i8['size_bytes']:.2f}x",
+        ),
+        (
+            "int8 accuracy drop <= 0.5 pt",
+            (ref["accuracy"] - i8["accuracy"]) * 100 <= 0.5,
+            f"{(ref['accuracy'] - i8['accuracy']) * 100:.2f} pt",
+        ),
+        (
+            "int8 p50 >= 2x faster (1 thread)",
+            ref_p50 / statistics.median(p50["int8"]) >= 2.0,
+            f"{ref_p50 / statistics.median(p50['int8']):.2f}x",
+        ),
+        (
+            "fp16 about 2x smaller",
+            1.8 <= ref["size_bytes"] / f16["size_bytes"] <= 2.1,
+            f"{ref['size_bytes'] / f16['size_bytes']:.2f}x",
+        ),
         ("fp16 fidelity >= 99.5%", f16["fidelity"] >= 0.995, f"{f16['fidelity']:.2%}"),
     ]
     print()

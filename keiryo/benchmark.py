@@ -91,8 +91,15 @@ def run_benchmark(session: Any, sample: np.ndarray, cfg: BenchConfig | None = No
     tput = cfg.throughput_batch * cfg.throughput_iterations / (time.perf_counter() - t)
     ms = times * 1e3
     return BenchResult(
-        float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), float(np.percentile(ms, 99)), float(ms.mean()),
-        cfg.iterations, cfg.throughput_batch, float(tput), cfg.threads, _peak_rss_mb() if rss else None,
+        float(np.percentile(ms, 50)),
+        float(np.percentile(ms, 95)),
+        float(np.percentile(ms, 99)),
+        float(ms.mean()),
+        cfg.iterations,
+        cfg.throughput_batch,
+        float(tput),
+        cfg.threads,
+        _peak_rss_mb() if rss else None,
     )
 
 
@@ -105,7 +112,12 @@ def measure_file(path: str | Path, runtime: str, sample: np.ndarray, cfg: BenchC
         job = {"path": str(path), "runtime": runtime, "sample": npy, "config": cfg.model_dump()}
         env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
         proc = subprocess.run(
-            [sys.executable, "-m", "keiryo.benchmark"], input=json.dumps(job), capture_output=True, text=True, env=env, timeout=900,
+            [sys.executable, "-m", "keiryo.benchmark"],
+            input=json.dumps(job),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
         )
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]

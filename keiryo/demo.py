@@ -17,17 +17,41 @@ DEMO_MODEL = ModelSpec(source="zoo:mobilenetv2", options={"width": 1.0})
 DEMO_RECIPES = ("fp32", "int8", "fp16")
 
 
-def run_demo(out: str | Path, *, epochs: int = 12, threads: int = 1, overwrite: bool = True, seed: int = 0,
-             progress: bool = True, recipes: tuple[str, ...] = DEMO_RECIPES) -> dict[str, Any]:
+def run_demo(
+    out: str | Path,
+    *,
+    epochs: int = 12,
+    threads: int = 1,
+    overwrite: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    recipes: tuple[str, ...] = DEMO_RECIPES,
+) -> dict[str, Any]:
     """Train, then compress with the default recipes; returns the results dict written to ``out``."""
     data = load_data(DEMO_DATA.model_copy(update={"seed": seed}))
     handle = load_model(DEMO_MODEL, data.input_shape, data.num_classes, seed=seed)
-    res = train(handle.module, data, TrainConfig(epochs=epochs, seed=seed, lr=3e-3, patience=5), progress=progress,
-                description="train mobilenetv2 on digits")
+    res = train(
+        handle.module,
+        data,
+        TrainConfig(epochs=epochs, seed=seed, lr=3e-3, patience=5),
+        progress=progress,
+        description="train mobilenetv2 on digits",
+    )
     opts = RunOptions(bench=BenchConfig(threads=threads), seed=seed, progress=progress)
     return compress(
-        handle, data, [load_recipe(r) for r in recipes], out,
-        constraints=[Constraint(metric="accuracy_drop", op="<=", bound=1.0)], opts=opts, overwrite=overwrite,
-        extra={"training": {"epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
-                            "best_val_accuracy": res.best_val_accuracy, "seconds": round(res.seconds, 1)}},
+        handle,
+        data,
+        [load_recipe(r) for r in recipes],
+        out,
+        constraints=[Constraint(metric="accuracy_drop", op="<=", bound=1.0)],
+        opts=opts,
+        overwrite=overwrite,
+        extra={
+            "training": {
+                "epochs_run": res.epochs_run,
+                "best_epoch": res.best_epoch,
+                "best_val_accuracy": res.best_val_accuracy,
+                "seconds": round(res.seconds, 1),
+            }
+        },
     )

@@ -106,9 +106,7 @@ class BackendUnavailableError(KeiryoError):
     """An optional backend is not installed; the message names the extra."""
 
     def __init__(self, backend: str, extra: str):
-        super().__init__(
-            f"{backend} is not installed; install it with: pip install 'keiryo[{extra}]'"
-        )
+        super().__init__(f"{backend} is not installed; install it with: pip install 'keiryo[{extra}]'")
         self.backend = backend
         self.extra = extra
 

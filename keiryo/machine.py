@@ -70,7 +70,7 @@ def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:
-    info = {"cpu": cpu(), "os": f"{platform.system()} {platform.release()}", "libraries": library_versions()}
+    info: dict[str, Any] = {"cpu": cpu(), "os": f"{platform.system()} {platform.release()}", "libraries": library_versions()}
     if threads is not None:
         info["threads"] = threads
     return info

@@ -42,8 +42,14 @@ def tiny_results(tiny_trained, digits, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("compress") / "out"
     opts = RunOptions(bench=BenchConfig(iterations=20, warmup=3, throughput_iterations=3), progress=False)
-    results = compress(tiny_trained, digits, [load_recipe(n) for n in ("int8", "int8-dynamic", "fp16")], out,
-                       constraints=[Constraint(metric="accuracy_drop", op="<=", bound=2.0)], opts=opts)
+    results = compress(
+        tiny_trained,
+        digits,
+        [load_recipe(n) for n in ("int8", "int8-dynamic", "fp16")],
+        out,
+        constraints=[Constraint(metric="accuracy_drop", op="<=", bound=2.0)],
+        opts=opts,
+    )
     return out, results
 
 

@@ -25,7 +25,9 @@ app = typer.Typer(
 _state = {"debug": False}
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo:NAME, path/to/file.py:factory or package.module:factory")]
-ModelOpts = Annotated[Optional[list[str]], typer.Option("--model-opt", help="model option key=value (repeatable), e.g. width=0.5")]
+ModelOpts = Annotated[
+    Optional[list[str]], typer.Option("--model-opt", help="model option key=value (repeatable), e.g. width=0.5")
+]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", "-w", help=".safetensors or a state_dict .pt (weights_only)")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="digits | file.npz | image folder | file.csv | module:function")]
 DataOpts = Annotated[Optional[list[str]], typer.Option("--data-opt", help="data option key=value (repeatable), e.g. size=16")]
@@ -58,8 +60,9 @@ def _root(
         raise typer.Exit()
 
 
-def _load(model: str, model_opt: list[str] | None, weights: Path | None, data: str, data_opt: list[str] | None,
-          seed: int) -> tuple[Any, Any]:
+def _load(
+    model: str, model_opt: list[str] | None, weights: Path | None, data: str, data_opt: list[str] | None, seed: int
+) -> tuple[Any, Any]:
     from keiryo.data import DataSpec, load_data
     from keiryo.data.splits import parse_options
     from keiryo.model import ModelSpec, load_model
@@ -79,8 +82,11 @@ def _bench_opts(threads: int, iterations: int, parity_tolerance: float | None, n
     parity: dict[str, Any] = {"enforce": not no_parity_check}
     if parity_tolerance is not None:
         parity["max_abs_diff"] = parity_tolerance
-    return RunOptions(bench=BenchConfig(threads=threads, iterations=iterations),
-                      parity=ParityConfig.parse(parity, where="parity options"), seed=seed)
+    return RunOptions(
+        bench=BenchConfig(threads=threads, iterations=iterations),
+        parity=ParityConfig.parse(parity, where="parity options"),
+        seed=seed,
+    )
 
 
 def _budget(max_accuracy_drop: float | None) -> list[Any]:
@@ -104,7 +110,9 @@ def _print_results(results: dict[str, Any], out: Path) -> None:
 def train(
     model: ModelOpt,
     data: DataOpt = "digits",
-    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the trained weights (.safetensors)")] = Path("model.safetensors"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the trained weights (.safetensors)")] = Path(
+        "model.safetensors"
+    ),
     model_opt: ModelOpts = None,
     weights: WeightsOpt = None,
     data_opt: DataOpts = None,
@@ -116,25 +124,34 @@ def train(
 ) -> None:
     """Train a model on the data's train split (AdamW, cosine schedule, early stopping on val)."""
     from keiryo.model import save_weights
-    from keiryo.train import TrainConfig, train as run_train
+    from keiryo.train import TrainConfig
+    from keiryo.train import train as run_train
 
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: weights are written as .safetensors; give a path ending in .safetensors")
     handle, splits = _load(model, model_opt, weights, data, data_opt, seed)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, seed=seed)
     res = run_train(handle.module, splits, cfg)
-    meta = {"model": handle.spec.model_dump_json(exclude={"weights"}), "data": json.dumps(splits.summary()),
-            "test_accuracy": f"{res.test_accuracy:.6f}", "val_accuracy": f"{res.best_val_accuracy:.6f}"}
+    meta = {
+        "model": handle.spec.model_dump_json(exclude={"weights"}),
+        "data": json.dumps(splits.summary()),
+        "test_accuracy": f"{res.test_accuracy:.6f}",
+        "val_accuracy": f"{res.best_val_accuracy:.6f}",
+    }
     save_weights(handle.module, out, meta)
     _console().print(
         f"trained {handle.spec.source}: best val {res.best_val_accuracy:.2%} at epoch {res.best_epoch}/{res.epochs_run}, "
-        f"test {res.test_accuracy:.2%}, {res.seconds:.0f}s -> {out}", highlight=False)
+        f"test {res.test_accuracy:.2%}, {res.seconds:.0f}s -> {out}",
+        highlight=False,
+    )
 
 
 @app.command()
 def compress(
     model: ModelOpt,
-    recipe: Annotated[list[str], typer.Option("--recipe", "-r", help="built-in name (int8, fp16, ...) or a YAML/JSON recipe; repeatable")],
+    recipe: Annotated[
+        list[str], typer.Option("--recipe", "-r", help="built-in name (int8, fp16, ...) or a YAML/JSON recipe; repeatable")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory (results.json, candidates/)")],
     data: DataOpt = "digits",
     model_opt: ModelOpts = None,
@@ -145,7 +162,9 @@ def compress(
     threads: ThreadsOpt = 1,
     iterations: Annotated[int, typer.Option(min=5, help="timed runs at batch 1")] = 200,
     parity_tolerance: Annotated[Optional[float], typer.Option(help="max abs logit difference allowed for the export")] = None,
-    no_parity_check: Annotated[bool, typer.Option("--no-parity-check", help="record a failed export parity check instead of stopping")] = False,
+    no_parity_check: Annotated[
+        bool, typer.Option("--no-parity-check", help="record a failed export parity check instead of stopping")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the recipes, do nothing")] = False,
     seed: SeedOpt = 0,
@@ -153,7 +172,8 @@ def compress(
     """Run recipes on a model and measure every result on the target runtime; writes DIR/results.json."""
     import yaml
 
-    from keiryo.pipeline import compress as run_compress, load_recipe
+    from keiryo.pipeline import compress as run_compress
+    from keiryo.pipeline import load_recipe
 
     recipes = [load_recipe(r, target=target) for r in recipe]
     constraints = _budget(max_accuracy_drop)
@@ -176,11 +196,14 @@ def export(
     weights: WeightsOpt = None,
     data_opt: DataOpts = None,
     parity_tolerance: Annotated[Optional[float], typer.Option(help="max abs logit difference allowed")] = None,
-    no_parity_check: Annotated[bool, typer.Option("--no-parity-check", help="report a parity failure instead of stopping")] = False,
+    no_parity_check: Annotated[
+        bool, typer.Option("--no-parity-check", help="report a parity failure instead of stopping")
+    ] = False,
     seed: SeedOpt = 0,
 ) -> None:
     """Export a model to a deployment format and check it against PyTorch on evaluation samples."""
-    from keiryo.export import ParityConfig, check_parity, export as run_export, get_exporter
+    from keiryo.export import ParityConfig, check_parity, get_exporter
+    from keiryo.export import export as run_export
     from keiryo.runtime import open_session
 
     exp = get_exporter(format)
@@ -201,7 +224,9 @@ def export(
     status = "[green]parity ok[/]" if rep.passed else "[red]PARITY FAILED[/]"
     _console().print(
         f"{out}: {art.size_bytes / 1e6:.2f} MB, {status}: max abs diff {rep.max_abs_diff:.2e}, "
-        f"top-1 agreement {rep.top1_agreement:.2%} on {rep.samples} test samples", highlight=False)
+        f"top-1 agreement {rep.top1_agreement:.2%} on {rep.samples} test samples",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -247,7 +272,8 @@ def recipes() -> None:
         t.add_row(name, " -> ".join(s["type"] for s in r["steps"]) or "(export only)", r["description"])
     p = Table("step type", "stage", "params", "what", title="passes")
     for spec in all_passes():
-        params = ", ".join(f"{k}={f.default if f.default_factory is None else f.default_factory()}" for k, f in spec.config.model_fields.items())
+        defaults = spec.config().model_dump()
+        params = ", ".join(f"{k}={v}" for k, v in defaults.items())
         p.add_row(spec.name, spec.stage, params, spec.summary)
     _console().print(t)
     _console().print(p)

@@ -13,6 +13,6 @@ Sources (``--data``):
 - ``package.module:function`` or ``file.py:function`` returning torch Datasets
 """
 
-from keiryo.data.splits import DataSplits, DataSpec, Split, load_data
+from keiryo.data.splits import DataSpec, DataSplits, Split, load_data
 
 __all__ = ["DataSplits", "DataSpec", "Split", "load_data"]

@@ -47,8 +47,14 @@ def read_digits(spec: DataSpec) -> RawData:
     d = load_digits()
     x = (d.images.astype(np.float32) / 16.0)[:, None]
     x = _resize(x, opts.size, opts.channels)
-    prep = {"source": "sklearn.load_digits", "scale": "pixel / 16", "size": opts.size or 8, "channels": opts.channels,
-            "layout": "NCHW", "resize": "bilinear"}
+    prep = {
+        "source": "sklearn.load_digits",
+        "scale": "pixel / 16",
+        "size": opts.size or 8,
+        "channels": opts.channels,
+        "layout": "NCHW",
+        "resize": "bilinear",
+    }
     return RawData(x, d.target.astype(np.int64), [str(i) for i in range(10)], prep)
 
 
@@ -69,7 +75,9 @@ def read_npz(spec: DataSpec) -> RawData:
         raise InputFileError(f"{path}: cannot read .npz ({e}); object arrays (pickles) are refused") from e
     except Exception as e:
         raise InputFileError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
-    return RawData(x.astype(np.float32) if np.issubdtype(x.dtype, np.number) else x, y, [], {"source": "npz", "scale": "as stored"})
+    return RawData(
+        x.astype(np.float32) if np.issubdtype(x.dtype, np.number) else x, y, [], {"source": "npz", "scale": "as stored"}
+    )
 
 
 def read_csv(spec: DataSpec) -> RawData:
@@ -107,8 +115,12 @@ def read_csv(spec: DataSpec) -> RawData:
     mean, std = x.mean(axis=0), x.std(axis=0)
     std = np.where(std > 0, std, 1.0)
     x = (x - mean) / std
-    prep = {"source": "csv", "label": opts.label, "features": [h for i, h in enumerate(header) if i != li],
-            "standardize": {"mean": mean.tolist(), "std": std.tolist()}}
+    prep = {
+        "source": "csv",
+        "label": opts.label,
+        "features": [h for i, h in enumerate(header) if i != li],
+        "standardize": {"mean": mean.tolist(), "std": std.tolist()},
+    }
     return RawData(x, y, classes, prep)
 
 
@@ -182,7 +194,8 @@ def read_factory(spec: DataSpec) -> RawData:
     if isinstance(out, (tuple, list)):
         if len(out) != 3:
             raise DataError(f"data factory {spec.source!r}: expected (train, val, test), got a sequence of {len(out)}")
-        return _presplit_or_pool(dict(zip(("train", "val", "test"), (materialize(d, n) for d, n in zip(out, ("train", "val", "test"))))), prep)
+        names = ("train", "val", "test")
+        return _presplit_or_pool({n: materialize(d, n) for n, d in zip(names, out, strict=True)}, prep)
     x, y = materialize(out, "dataset")
     return RawData(x, y, [], prep)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from keiryo._registry import Registry
+from keiryo.config import KeiryoConfig
 from keiryo.export.parity import ParityConfig, ParityReport, check_parity
 
 __all__ = ["EXPORTERS", "Artifact", "Exporter", "ParityConfig", "ParityReport", "check_parity", "export", "register_exporter"]
@@ -40,14 +41,16 @@ class Exporter:
     format: str
     runtime: str
     suffix: str
-    config: type
+    config: type[KeiryoConfig]
     fn: Callable[..., Artifact]
 
 
 EXPORTERS: Registry[Exporter] = Registry("export target")
 
 
-def register_exporter(name: str, *, runtime: str, suffix: str, config: type) -> Callable[[Callable[..., Artifact]], Callable[..., Artifact]]:
+def register_exporter(
+    name: str, *, runtime: str, suffix: str, config: type[KeiryoConfig]
+) -> Callable[[Callable[..., Artifact]], Callable[..., Artifact]]:
     def deco(fn: Callable[..., Artifact]) -> Callable[..., Artifact]:
         EXPORTERS.add(name, Exporter(name, name, runtime, suffix, config, fn))
         return fn

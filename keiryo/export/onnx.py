@@ -154,8 +154,16 @@ def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
 
                     with contextlib.redirect_stdout(io.StringIO()):
                         torch.onnx.export(
-                            module, (x,), str(tmp), dynamo=True, external_data=False, opset_version=cfg.opset,
-                            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dyn, verbose=False,
+                            module,
+                            (x,),
+                            str(tmp),
+                            dynamo=True,
+                            external_data=False,
+                            opset_version=cfg.opset,
+                            input_names=[INPUT_NAME],
+                            output_names=[OUTPUT_NAME],
+                            dynamic_shapes=dyn,
+                            verbose=False,
                         )
                 finally:
                     logging.getLogger("torch.onnx").setLevel(prev)
@@ -166,7 +174,8 @@ def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
                 at = f" at graph node {node}" if node else ""
                 raise UnsupportedOpError(
                     f"{handle.spec.source}: torch.onnx cannot export op {op}{at}; replace it or register an ONNX translation",
-                    op=op, layer=node,
+                    op=op,
+                    layer=node,
                 ) from e
             raise ExportError(f"{handle.spec.source}: torch.onnx export failed: {type(e).__name__}: {first[:300]}") from e
         model = onnx.load(str(tmp))

@@ -41,9 +41,7 @@ def build_module(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int
     except Exception as e:
         raise ModelLoadError(f"model factory {spec.source!r} raised {type(e).__name__}: {e}") from e
     if not isinstance(module, nn.Module):
-        raise ModelLoadError(
-            f"model factory {spec.source!r} returned a {type(module).__name__}; expected a torch.nn.Module"
-        )
+        raise ModelLoadError(f"model factory {spec.source!r} returned a {type(module).__name__}; expected a torch.nn.Module")
     return module
 
 
@@ -83,9 +81,7 @@ def check_fits(handle: ModelHandle, where: str) -> None:
             out = handle.module.eval()(x)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
-            f"model {where} cannot take the data's input shape {tuple(x.shape)} (batch, *sample): {first}"
-        ) from e
+        raise DataError(f"model {where} cannot take the data's input shape {tuple(x.shape)} (batch, *sample): {first}") from e
     if not isinstance(out, torch.Tensor):
         raise ModelLoadError(f"model {where} returned a {type(out).__name__}; expected one logits tensor")
     if out.ndim != 2 or out.shape[0] != 2:
@@ -122,7 +118,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
                 f"({str(e).splitlines()[0][:160]}); save model.state_dict() or use .safetensors"
             ) from e
         except Exception as e:
-            raise InputFileError(f"{p}: not a readable torch weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+            raise InputFileError(
+                f"{p}: not a readable torch weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from e
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -174,5 +172,3 @@ def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] |
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
-
-

@@ -119,7 +119,11 @@ def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> Pas
     x = ctx.data.calib.x.numpy()
     if cfg.calib_samples:
         x = x[: cfg.calib_samples]
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[cfg.calibration]
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[cfg.calibration]
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(model.input_names[0], x, cfg.calib_batch)
     out = _out_path(model, ctx, "int8_static")
     extra: dict[str, Any] = {"QuantizeBias": cfg.quantize_bias}
@@ -136,20 +140,37 @@ def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> Pas
                 raise PassError(f"quantize.int8_static: onnxruntime pre-processing failed on {model.path.name}: {e}") from e
         try:
             quantize_static(
-                str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
-                activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type),
-                calibrate_method=method, nodes_to_exclude=cfg.exclude_nodes or None,
-                op_types_to_quantize=cfg.op_types, extra_options=extra,
+                str(src),
+                str(out),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=cfg.per_channel,
+                activation_type=_qtype(cfg.activation_type),
+                weight_type=_qtype(cfg.weight_type),
+                calibrate_method=method,
+                nodes_to_exclude=cfg.exclude_nodes or None,
+                op_types_to_quantize=cfg.op_types,
+                extra_options=extra,
             )
         except Exception as e:
             out.unlink(missing_ok=True)
-            raise PassError(f"quantize.int8_static failed on {model.path.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-    info = {"calibration": cfg.calibration, "calib_samples": int(len(x)), "per_channel": cfg.per_channel,
-            "activation_type": cfg.activation_type, "weight_type": cfg.weight_type, "excluded_nodes": list(cfg.exclude_nodes)}
+            raise PassError(
+                f"quantize.int8_static failed on {model.path.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            ) from e
+    info = {
+        "calibration": cfg.calibration,
+        "calib_samples": int(len(x)),
+        "per_channel": cfg.per_channel,
+        "activation_type": cfg.activation_type,
+        "weight_type": cfg.weight_type,
+        "excluded_nodes": list(cfg.exclude_nodes),
+    }
     return _finish(model, out, info)
 
 
-@register_pass("quantize.int8_dynamic", Int8DynamicConfig, stage="onnx", summary="int8 dynamic PTQ (weights int8, activations at run time)")
+@register_pass(
+    "quantize.int8_dynamic", Int8DynamicConfig, stage="onnx", summary="int8 dynamic PTQ (weights int8, activations at run time)"
+)
 def int8_dynamic(model: Artifact, cfg: Int8DynamicConfig, ctx: PassContext) -> PassResult:
     from onnxruntime.quantization import quantize_dynamic
 
@@ -157,14 +178,24 @@ def int8_dynamic(model: Artifact, cfg: Int8DynamicConfig, ctx: PassContext) -> P
     with _quiet():
         try:
             quantize_dynamic(
-                str(model.path), str(out), per_channel=cfg.per_channel, weight_type=_qtype(cfg.weight_type),
-                op_types_to_quantize=cfg.op_types, nodes_to_exclude=cfg.exclude_nodes or None,
+                str(model.path),
+                str(out),
+                per_channel=cfg.per_channel,
+                weight_type=_qtype(cfg.weight_type),
+                op_types_to_quantize=cfg.op_types,
+                nodes_to_exclude=cfg.exclude_nodes or None,
             )
         except Exception as e:
             out.unlink(missing_ok=True)
-            raise PassError(f"quantize.int8_dynamic failed on {model.path.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+            raise PassError(
+                f"quantize.int8_dynamic failed on {model.path.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            ) from e
     census = _node_census(out)
-    quantized = sum(v for k, v in census.items() if k in {"MatMulInteger", "DynamicQuantizeLinear", "ConvInteger", "QAttention", "DynamicQuantizeLSTM"})
+    quantized = sum(
+        v
+        for k, v in census.items()
+        if k in {"MatMulInteger", "DynamicQuantizeLinear", "ConvInteger", "QAttention", "DynamicQuantizeLSTM"}
+    )
     info: dict[str, Any] = {"op_types": list(cfg.op_types), "per_channel": cfg.per_channel}
     if quantized == 0:
         info["warning"] = f"no node of types {cfg.op_types} was quantized; the model is unchanged apart from metadata"
@@ -181,10 +212,13 @@ def fp16(model: Artifact, cfg: Fp16Config, ctx: PassContext) -> PassResult:
     out = _out_path(model, ctx, "fp16")
     with _quiet():
         try:
-            m16 = convert_float_to_float16(onnx.load(str(model.path)), keep_io_types=cfg.keep_io_types,
-                                           op_block_list=cfg.op_block_list or None)
+            m16 = convert_float_to_float16(
+                onnx.load(str(model.path)), keep_io_types=cfg.keep_io_types, op_block_list=cfg.op_block_list or None
+            )
         except Exception as e:
-            raise PassError(f"quantize.fp16 failed on {model.path.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+            raise PassError(
+                f"quantize.fp16 failed on {model.path.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            ) from e
     toposort(m16)
     save_onnx(m16, out)
     return _finish(model, out, {"keep_io_types": cfg.keep_io_types, "op_block_list": list(cfg.op_block_list)})

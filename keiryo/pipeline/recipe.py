@@ -70,14 +70,19 @@ def _q(type_: str, **params: Any) -> dict[str, Any]:
 
 BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     "fp32": {"description": "fp32 export, the reference on the target runtime", "steps": []},
-    "int8": {"description": "int8 static PTQ, QDQ, per-channel weights, minmax calibration",
-             "steps": [_q("quantize.int8_static", calibration="minmax")]},
-    "int8-entropy": {"description": "int8 static PTQ with entropy calibration",
-                     "steps": [_q("quantize.int8_static", calibration="entropy")]},
-    "int8-percentile": {"description": "int8 static PTQ with percentile calibration",
-                        "steps": [_q("quantize.int8_static", calibration="percentile")]},
-    "int8-dynamic": {"description": "int8 dynamic PTQ (Linear/attention-heavy models)",
-                     "steps": [_q("quantize.int8_dynamic")]},
+    "int8": {
+        "description": "int8 static PTQ, QDQ, per-channel weights, minmax calibration",
+        "steps": [_q("quantize.int8_static", calibration="minmax")],
+    },
+    "int8-entropy": {
+        "description": "int8 static PTQ with entropy calibration",
+        "steps": [_q("quantize.int8_static", calibration="entropy")],
+    },
+    "int8-percentile": {
+        "description": "int8 static PTQ with percentile calibration",
+        "steps": [_q("quantize.int8_static", calibration="percentile")],
+    },
+    "int8-dynamic": {"description": "int8 dynamic PTQ (Linear/attention-heavy models)", "steps": [_q("quantize.int8_dynamic")]},
     "fp16": {"description": "fp16 weights and compute", "steps": [_q("quantize.fp16")]},
 }
 

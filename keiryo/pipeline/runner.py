@@ -54,8 +54,13 @@ def measure_baseline(handle: ModelHandle, data: DataSplits, opts: RunOptions) ->
         bench = run_benchmark(s, data.test.x[:1].numpy(), opts.bench)
     acc = accuracy(logits, data.test.y)
     metrics = {
-        "accuracy": acc, "fidelity": 1.0, "accuracy_drop": 0.0, "params": handle.num_params(), "macs": handle.macs(),
-        **{k: v for k, v in bench.to_dict().items() if k != "peak_rss_mb"}, "peak_rss_mb": None,
+        "accuracy": acc,
+        "fidelity": 1.0,
+        "accuracy_drop": 0.0,
+        "params": handle.num_params(),
+        "macs": handle.macs(),
+        **{k: v for k, v in bench.to_dict().items() if k != "peak_rss_mb"},
+        "peak_rss_mb": None,
     }
     return Baseline(handle, logits.argmax(1), acc, metrics)
 
@@ -67,8 +72,9 @@ def _log(opts: RunOptions, msg: str) -> None:
         stderr_console().print(msg, highlight=False)
 
 
-def run_recipe(recipe: Recipe, handle: ModelHandle, data: DataSplits, workdir: Path, baseline: Baseline,
-               opts: RunOptions | None = None) -> dict[str, Any]:
+def run_recipe(
+    recipe: Recipe, handle: ModelHandle, data: DataSplits, workdir: Path, baseline: Baseline, opts: RunOptions | None = None
+) -> dict[str, Any]:
     """Apply ``recipe`` to a copy of ``handle``; return the candidate's record (artifact inside ``workdir``)."""
     opts = opts or RunOptions()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -89,8 +95,9 @@ def run_recipe(recipe: Recipe, handle: ModelHandle, data: DataSplits, workdir: P
         artifact = export(model, recipe.target, workdir / f"export{exporter.suffix}")
         with open_session(exporter.runtime, artifact.path, opts.bench.threads) as s:
             parity = check_parity(model.module, s, data.test.x, opts.parity, f"{recipe.name}: {recipe.target} export")
-        effects.append({"type": f"export.{recipe.target}", "stage": "export", **size_of(artifact.path).to_dict(),
-                        "parity": parity.to_dict()})
+        effects.append(
+            {"type": f"export.{recipe.target}", "stage": "export", **size_of(artifact.path).to_dict(), "parity": parity.to_dict()}
+        )
 
     for i, (spec, cfg) in enumerate(steps_cfg):
         _log(opts, f"  [{recipe.name}] step {i + 1}/{len(steps_cfg)}: {spec.name}")
@@ -103,8 +110,9 @@ def run_recipe(recipe: Recipe, handle: ModelHandle, data: DataSplits, workdir: P
         else:
             res = apply(model, cfg, ctx)
             model = res.model
-            effects.append({"type": spec.name, "stage": "torch", "params": model.num_params(), "macs": model.macs(),
-                            "info": res.info})
+            effects.append(
+                {"type": spec.name, "stage": "torch", "params": model.num_params(), "macs": model.macs(), "info": res.info}
+            )
     ensure_exported()
     assert artifact is not None and parity is not None
     with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
@@ -122,9 +130,17 @@ def run_recipe(recipe: Recipe, handle: ModelHandle, data: DataSplits, workdir: P
         "export_parity": parity.to_dict(),
     }
     metrics["size_mb"] = metrics["size_bytes"] / 1e6
-    return {"name": recipe.name, "recipe": recipe.to_dict(), "format": artifact.format, "runtime": artifact.runtime,
-            "artifact_path": artifact.path, "metrics": metrics, "steps": effects, "status": "ok",
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "name": recipe.name,
+        "recipe": recipe.to_dict(),
+        "format": artifact.format,
+        "runtime": artifact.runtime,
+        "artifact_path": artifact.path,
+        "metrics": metrics,
+        "steps": effects,
+        "status": "ok",
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def compress(

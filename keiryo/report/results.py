@@ -7,7 +7,7 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +32,35 @@ def _ratios(candidates: list[dict[str, Any]]) -> None:
         m["speedup_p95_vs_fp32"] = round(r["latency_p95_ms"] / m["latency_p95_ms"], 3)
 
 
-def build_results(handle: Any, data: Any, baseline_metrics: dict[str, Any], candidates: list[dict[str, Any]],
-                  best: str | None, constraints: Sequence[Any], opts: Any, extra: dict[str, Any]) -> dict[str, Any]:
+def build_results(
+    handle: Any,
+    data: Any,
+    baseline_metrics: dict[str, Any],
+    candidates: list[dict[str, Any]],
+    best: str | None,
+    constraints: Sequence[Any],
+    opts: Any,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     _ratios(candidates)
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {**handle.spec.model_dump(mode="json"), "input_shape": list(handle.input_shape),
-                  "num_classes": handle.num_classes, "content_hash": handle.content_hash()},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {
+            **handle.spec.model_dump(mode="json"),
+            "input_shape": list(handle.input_shape),
+            "num_classes": handle.num_classes,
+            "content_hash": handle.content_hash(),
+        },
         "data": data.summary(),
         "task_metric": "accuracy",
-        "baseline": {"name": "baseline", "format": "torch", "runtime": "torch", "artifact": "baseline.safetensors",
-                     "metrics": baseline_metrics},
+        "baseline": {
+            "name": "baseline",
+            "format": "torch",
+            "runtime": "torch",
+            "artifact": "baseline.safetensors",
+            "metrics": baseline_metrics,
+        },
         "candidates": candidates,
         "best": best,
         "constraints": [c.model_dump() for c in constraints],

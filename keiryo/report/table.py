@@ -20,14 +20,38 @@ def results_table(results: dict[str, Any]) -> Table:
     vnni = "int8 dot-product: " + (", ".join(cpu["int8_isa"]) if cpu["int8_dot_product"] else "none")
     title = f"{cpu['model']} ({vnni}), {results['machine'].get('threads', 1)} thread(s)"
     t = Table(title=title, title_style="dim")
-    for col, just in [("model", "left"), ("format", "left"), ("acc %", "right"), ("drop pt", "right"),
-                      ("fidelity %", "right"), ("size MB", "right"), ("gzip MB", "right"), ("x smaller", "right"),
-                      ("p50 ms", "right"), ("p95 ms", "right"), ("x faster p50", "right"), ("samples/s", "right"),
-                      ("RSS MB", "right")]:
+    for col, just in [
+        ("model", "left"),
+        ("format", "left"),
+        ("acc %", "right"),
+        ("drop pt", "right"),
+        ("fidelity %", "right"),
+        ("size MB", "right"),
+        ("gzip MB", "right"),
+        ("x smaller", "right"),
+        ("p50 ms", "right"),
+        ("p95 ms", "right"),
+        ("x faster p50", "right"),
+        ("samples/s", "right"),
+        ("RSS MB", "right"),
+    ]:
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     b = results["baseline"]["metrics"]
-    t.add_row("baseline", "torch", f"{b['accuracy'] * 100:.2f}", "0.00", "100.00", "-", "-", "-",
-              f"{b['latency_p50_ms']:.3f}", f"{b['latency_p95_ms']:.3f}", "-", f"{b['throughput_per_s']:.0f}", "-")
+    t.add_row(
+        "baseline",
+        "torch",
+        f"{b['accuracy'] * 100:.2f}",
+        "0.00",
+        "100.00",
+        "-",
+        "-",
+        "-",
+        f"{b['latency_p50_ms']:.3f}",
+        f"{b['latency_p95_ms']:.3f}",
+        "-",
+        f"{b['throughput_per_s']:.0f}",
+        "-",
+    )
     for c in results["candidates"]:
         m = c["metrics"]
         name = c["name"] + (" *" if c["name"] == results.get("best") else "")
@@ -35,10 +59,19 @@ def results_table(results: dict[str, Any]) -> Table:
             t.add_row(name, c.get("format", "-"), *["-"] * 10, style="red")
             continue
         t.add_row(
-            name, c["format"], f"{m['accuracy'] * 100:.2f}", f"{m['accuracy_drop']:.2f}", f"{m['fidelity'] * 100:.2f}",
-            _mb(m["size_bytes"]), _mb(m["size_gzip_bytes"]), _x(m.get("size_ratio_vs_fp32")),
-            f"{m['latency_p50_ms']:.3f}", f"{m['latency_p95_ms']:.3f}", _x(m.get("speedup_p50_vs_fp32")),
-            f"{m['throughput_per_s']:.0f}", f"{m['peak_rss_mb']:.0f}" if m.get("peak_rss_mb") else "-",
+            name,
+            c["format"],
+            f"{m['accuracy'] * 100:.2f}",
+            f"{m['accuracy_drop']:.2f}",
+            f"{m['fidelity'] * 100:.2f}",
+            _mb(m["size_bytes"]),
+            _mb(m["size_gzip_bytes"]),
+            _x(m.get("size_ratio_vs_fp32")),
+            f"{m['latency_p50_ms']:.3f}",
+            f"{m['latency_p95_ms']:.3f}",
+            _x(m.get("speedup_p50_vs_fp32")),
+            f"{m['throughput_per_s']:.0f}",
+            f"{m['peak_rss_mb']:.0f}" if m.get("peak_rss_mb") else "-",
         )
     cons = results.get("constraints") or []
     cap = "ratios vs the fp32 export on the same runtime; * = best"

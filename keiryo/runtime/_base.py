@@ -23,9 +23,7 @@ class SessionBase:
         unknown = set(inputs) - set(self.input_names)
         missing = set(self.input_names) - set(inputs)
         if unknown or missing:
-            raise RuntimeSessionError(
-                f"input names {sorted(inputs)} do not match the model's {self.input_names}"
-            )
+            raise RuntimeSessionError(f"input names {sorted(inputs)} do not match the model's {self.input_names}")
         return inputs
 
     def close(self) -> None:  # pragma: no cover - trivial

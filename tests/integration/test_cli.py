@@ -47,8 +47,20 @@ def test_compress_results_contract(tiny_results):
     assert {"torch", "onnxruntime", "numpy"} <= set(on_disk["machine"]["libraries"])
     names = [c["name"] for c in on_disk["candidates"]]
     assert names == ["fp32", "int8", "int8-dynamic", "fp16"]  # fp32 reference added first
-    required = {"accuracy", "fidelity", "size_bytes", "size_gzip_bytes", "params", "macs", "latency_p50_ms",
-                "latency_p95_ms", "latency_p99_ms", "throughput_per_s", "threads", "peak_rss_mb"}
+    required = {
+        "accuracy",
+        "fidelity",
+        "size_bytes",
+        "size_gzip_bytes",
+        "params",
+        "macs",
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "latency_p99_ms",
+        "throughput_per_s",
+        "threads",
+        "peak_rss_mb",
+    }
     for c in on_disk["candidates"]:
         assert {"name", "recipe", "format", "artifact", "metrics"} <= set(c)
         assert required <= set(c["metrics"]), required - set(c["metrics"])
@@ -79,8 +91,19 @@ def test_train_then_compress_from_the_cli(tmp_path, capsys):
     code, out, err = run_cli("train", *TINY, "--data", "digits", "--epochs", "3", "--out", str(w), capsys=capsys)
     assert code == 0, err
     assert w.is_file() and "test" in out
-    code, out, err = run_cli("compress", *TINY, "--weights", str(w), "--recipe", "int8", "--out", str(tmp_path / "c"),
-                             "--iterations", "10", capsys=capsys)
+    code, out, err = run_cli(
+        "compress",
+        *TINY,
+        "--weights",
+        str(w),
+        "--recipe",
+        "int8",
+        "--out",
+        str(tmp_path / "c"),
+        "--iterations",
+        "10",
+        capsys=capsys,
+    )
     assert code == 0, err
     assert "int8" in out and "results:" in out
     res = json.loads((tmp_path / "c" / "results.json").read_text())
@@ -102,16 +125,18 @@ def test_training_is_reproducible(digits):
 def test_recipe_file_and_dry_run(tmp_path, capsys):
     r = tmp_path / "mine.yaml"
     r.write_text("name: mine\nsteps:\n  - type: quantize.int8_static\n    params: {calibration: entropy, per_channel: false}\n")
-    code, out, _ = run_cli("compress", *TINY, "--recipe", str(r), "--recipe", "fp16", "--out", str(tmp_path / "o"), "--dry-run",
-                           capsys=capsys)
+    code, out, _ = run_cli(
+        "compress", *TINY, "--recipe", str(r), "--recipe", "fp16", "--out", str(tmp_path / "o"), "--dry-run", capsys=capsys
+    )
     assert code == 0
     assert "calibration: entropy" in out and "quantize.fp16" in out
     assert not (tmp_path / "o").exists()
 
 
 def test_export_command_checks_parity(tmp_path, tiny_weights, capsys):
-    code, out, err = run_cli("export", *TINY, "--weights", str(tiny_weights), "--format", "onnx", "--out",
-                             str(tmp_path / "m.onnx"), capsys=capsys)
+    code, out, err = run_cli(
+        "export", *TINY, "--weights", str(tiny_weights), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), capsys=capsys
+    )
     assert code == 0, err
     assert "parity ok" in out and (tmp_path / "m.onnx").is_file()
 
@@ -166,6 +191,7 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(args, expected, tmp_pa
 
 def test_bad_files(tmp_path, capsys, tiny_weights):
     out = tmp_path / "out"
+
     # pickle payload
     class Payload:
         def __reduce__(self):
@@ -176,19 +202,33 @@ def test_bad_files(tmp_path, capsys, tiny_weights):
     code, _, err = run_cli("compress", *TINY, "--weights", str(evil), "--recipe", "int8", "--out", str(out), capsys=capsys)
     assert code != 0 and "refused: the file contains pickled Python objects" in one_line_error(err)
     # mismatched weights
-    code, _, err = run_cli("compress", "--model", "zoo:mlp", "--weights", str(tiny_weights), "--recipe", "int8", "--out", str(out),
-                           capsys=capsys)
+    code, _, err = run_cli(
+        "compress", "--model", "zoo:mlp", "--weights", str(tiny_weights), "--recipe", "int8", "--out", str(out), capsys=capsys
+    )
     assert code != 0 and "weights do not match the model; missing: net.1.weight" in one_line_error(err)
     # NaN in data
     x = np.random.rand(200, 1, 8, 8).astype(np.float32)
     x[3, 0, 0, 0] = np.inf
     np.savez(tmp_path / "nan.npz", x=x, y=np.arange(200) % 10)
-    code, _, err = run_cli("compress", *TINY, "--data", str(tmp_path / "nan.npz"), "--recipe", "int8", "--out", str(out), capsys=capsys)
+    code, _, err = run_cli(
+        "compress", *TINY, "--data", str(tmp_path / "nan.npz"), "--recipe", "int8", "--out", str(out), capsys=capsys
+    )
     assert code != 0 and "NaN/Inf" in one_line_error(err)
     # data whose shape does not fit a fixed model
     np.savez(tmp_path / "flat.npz", x=np.random.rand(200, 20).astype(np.float32), y=np.arange(200) % 10)
-    code, _, err = run_cli("compress", *TINY, "--model-opt", "input_shape=[1,8,8]", "--data", str(tmp_path / "flat.npz"),
-                           "--recipe", "int8", "--out", str(out), capsys=capsys)
+    code, _, err = run_cli(
+        "compress",
+        *TINY,
+        "--model-opt",
+        "input_shape=[1,8,8]",
+        "--data",
+        str(tmp_path / "flat.npz"),
+        "--recipe",
+        "int8",
+        "--out",
+        str(out),
+        capsys=capsys,
+    )
     assert code != 0 and "cannot take the data's input shape (2, 20)" in one_line_error(err)
     # unknown recipe step and unknown field in a recipe file
     bad = tmp_path / "bad.yaml"

@@ -64,7 +64,7 @@ def test_csv_source(tmp_path):
     from keiryo.testing import blobs
 
     x, y = blobs(150, 4, 3)
-    lines = ["a,b,species,c,d"] + [f"{r[0]},{r[1]},{'abc'[t]},{r[2]},{r[3]}" for r, t in zip(x, y)]
+    lines = ["a,b,species,c,d"] + [f"{r[0]},{r[1]},{'abc'[t]},{r[2]},{r[3]}" for r, t in zip(x, y, strict=False)]
     (tmp_path / "d.csv").write_text("\n".join(lines))
     d = load_data(DataSpec(source=str(tmp_path / "d.csv"), options={"label": "species"}))
     assert d.input_shape == (4,) and d.class_names == ["a", "b", "c"]

@@ -4,14 +4,14 @@ import torch
 from keiryo.errors import ConfigError, DataError, InputFileError, ModelLoadError
 from keiryo.model import ModelSpec, load_model, load_weights, save_weights
 
-FACTORY = '''
+FACTORY = """
 import torch
 def make(input_shape, num_classes, hidden=16):
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(torch.tensor(input_shape).prod()), hidden),
                                torch.nn.ReLU(), torch.nn.Linear(hidden, num_classes))
 def broken():
     return 42
-'''
+"""
 
 
 @pytest.fixture()

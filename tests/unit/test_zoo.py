@@ -4,10 +4,20 @@ import torch
 from keiryo.errors import ConfigError
 from keiryo.model.zoo import ZOO, build
 
-SHAPES = {"mobilenetv2": [(1, 8, 8), (3, 32, 32)], "resnet": [(1, 8, 8), (3, 16, 16)], "mlp": [(1, 8, 8), (20,)],
-          "conv1d": [(3, 64), (1, 16)], "transformer": [(1, 8, 8), (16, 6)]}
-SMALL = {"mobilenetv2": {"width": 0.25, "last_channel": 64}, "resnet": {"depth": 8, "width": 8}, "mlp": {}, "conv1d": {},
-         "transformer": {"dim": 16, "heads": 2, "layers": 1, "ffn": 32}}
+SHAPES = {
+    "mobilenetv2": [(1, 8, 8), (3, 32, 32)],
+    "resnet": [(1, 8, 8), (3, 16, 16)],
+    "mlp": [(1, 8, 8), (20,)],
+    "conv1d": [(3, 64), (1, 16)],
+    "transformer": [(1, 8, 8), (16, 6)],
+}
+SMALL = {
+    "mobilenetv2": {"width": 0.25, "last_channel": 64},
+    "resnet": {"depth": 8, "width": 8},
+    "mlp": {},
+    "conv1d": {},
+    "transformer": {"dim": 16, "heads": 2, "layers": 1, "ffn": 32},
+}
 
 
 @pytest.mark.parametrize("name", ZOO.names())

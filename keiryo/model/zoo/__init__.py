@@ -40,9 +40,7 @@ def register_zoo(
     return deco
 
 
-def build(
-    name: str, input_shape: tuple[int, ...], num_classes: int, options: dict[str, Any] | None = None
-) -> nn.Module:
+def build(name: str, input_shape: tuple[int, ...], num_classes: int, options: dict[str, Any] | None = None) -> nn.Module:
     """Build zoo model ``name`` for ``input_shape`` (no batch dim) and ``num_classes``."""
     from keiryo.errors import ConfigError
 

@@ -27,7 +27,7 @@ class TransformerOptions(KeiryoConfig):
     dropout: float = Field(0.1, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _heads_divide_dim(self) -> "TransformerOptions":
+    def _heads_divide_dim(self) -> TransformerOptions:
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         return self
