@@ -57,12 +57,15 @@ def train(
     cfg: TrainConfig | None = None,
     *,
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
     progress: bool = True,
     description: str = "train",
 ) -> TrainResult:
     """Train ``module`` in place on ``data.train``; the best val-accuracy weights are kept.
 
-    ``loss_fn(logits, targets, inputs)`` replaces cross-entropy (distillation uses it).
+    ``loss_fn(logits, targets, inputs)`` replaces cross-entropy (distillation uses it);
+    ``after_step()`` runs after every optimizer step (compression constraints re-apply
+    there: pruned zeros stay zero, clustered weights stay on their centroids).
     Reproducible for a given seed and thread count.
     """
     cfg = cfg or TrainConfig()
@@ -108,6 +111,9 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if after_step is not None:
+                    with torch.no_grad():
+                        after_step()
                 sched.step()
                 total_loss += loss.item() * len(idx)
             val_acc = accuracy(module, data.val)

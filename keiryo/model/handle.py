@@ -35,7 +35,7 @@ class ModelHandle:
 
     def clone(self) -> ModelHandle:
         """A deep copy whose module can be changed without touching this one."""
-        return replace(self, module=copy.deepcopy(self.module), metadata=dict(self.metadata))
+        return replace(self, module=copy.deepcopy(self.module), metadata=copy.deepcopy(self.metadata))
 
     def content_hash(self) -> str:
         """sha256 over the architecture and every parameter and buffer."""

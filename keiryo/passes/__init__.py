@@ -33,6 +33,7 @@ class PassContext:
     threads: int = 1
     progress: bool = False
     step_index: int = 0
+    teacher: Any = None  # the recipe's input model (ModelHandle): the teacher for distillation
 
 
 @dataclass
@@ -69,7 +70,15 @@ def register_pass(
 
 
 def _load_builtin() -> None:
-    from keiryo.passes import quantize_ort  # noqa: F401
+    from keiryo.passes import (  # noqa: F401
+        cluster,
+        distill,
+        lowrank,
+        prune_structured,
+        prune_unstructured,
+        quantize_ort,
+        slim,
+    )
 
 
 def get_pass(name: str) -> PassSpec:

@@ -79,7 +79,9 @@ def run_recipe(
     opts = opts or RunOptions()
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    ctx = PassContext(data=data, workdir=workdir, seed=opts.seed, threads=opts.bench.threads, progress=opts.progress)
+    ctx = PassContext(
+        data=data, workdir=workdir, seed=opts.seed, threads=opts.bench.threads, progress=opts.progress, teacher=handle
+    )
     steps_cfg = recipe.step_configs()
     model: Any = handle.clone() if any(spec.stage == "torch" for spec, _ in steps_cfg) else handle
     effects: list[dict[str, Any]] = []
@@ -110,9 +112,7 @@ def run_recipe(
         else:
             res = apply(model, cfg, ctx)
             model = res.model
-            effects.append(
-                {"type": spec.name, "stage": "torch", "params": model.num_params(), "macs": model.macs(), "info": res.info}
-            )
+            effects.append({"type": spec.name, "stage": "torch", **torch_step_effect(model, data), "info": res.info})
     ensure_exported()
     assert artifact is not None and parity is not None
     with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
@@ -140,6 +140,24 @@ def run_recipe(
         "steps": effects,
         "status": "ok",
         "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def torch_step_effect(model: ModelHandle, data: DataSplits) -> dict[str, Any]:
+    """params, MACs, weight-file size (raw and gzip) and test accuracy of a torch-stage result."""
+    import gzip
+
+    from safetensors.torch import save
+
+    from keiryo.train import accuracy as torch_accuracy
+
+    blob = save({k: v.detach().contiguous() for k, v in model.module.state_dict().items()})
+    return {
+        "params": model.num_params(),
+        "macs": model.macs(),
+        "size_bytes": len(blob),
+        "size_gzip_bytes": len(gzip.compress(blob, 9)),
+        "accuracy": torch_accuracy(model.module, data.test),
     }
 
 
