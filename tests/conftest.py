@@ -59,3 +59,11 @@ def _threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_trained(digits) -> ModelHandle:
+    """A small zoo MobileNetV2 (width 0.25) trained briefly on digits 8x8."""
+    h = load_model(ModelSpec(source="zoo:mobilenetv2", options={"width": 0.25, "last_channel": 32}), digits.input_shape, 10)
+    train(h.module, digits, TrainConfig(epochs=3), progress=False)
+    return h
