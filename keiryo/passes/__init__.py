@@ -76,6 +76,8 @@ def _load_builtin() -> None:
         lowrank,
         prune_structured,
         prune_unstructured,
+        qat,
+        quantize_fallback,
         quantize_ort,
         slim,
     )

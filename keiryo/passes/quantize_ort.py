@@ -97,66 +97,85 @@ def _finish(src: Artifact, out: Path, info: dict[str, Any]) -> PassResult:
     return PassResult(art, info)
 
 
-class _Reader:
-    """CalibrationDataReader over the calibration split, in small batches."""
+def quantize_int8_static(
+    src: Path,
+    out: Path,
+    input_name: str,
+    x: np.ndarray,
+    cfg: Int8StaticConfig,
+    *,
+    exclude: list[str] | None = None,
+    include: list[str] | None = None,
+    cache: Path | None = None,
+) -> None:
+    """int8 static quantization of ``src`` into ``out`` (QDQ); ``cache`` reuses calibration ranges."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
 
-    def __init__(self, name: str, x: np.ndarray, batch: int):
-        self._it = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter([{input_name: x[i : i + cfg.calib_batch]} for i in range(0, len(x), cfg.calib_batch)])
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
 
-    def rewind(self) -> None:  # pragma: no cover - not used by minmax/entropy/percentile
-        pass
-
-
-@register_pass("quantize.int8_static", Int8StaticConfig, stage="onnx", summary="int8 static PTQ (QDQ, per-channel, calibrated)")
-def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> PassResult:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quant_pre_process, quantize_static
-
-    if ctx.data is None:
-        raise DataError("quantize.int8_static needs calibration data; pass --data")
-    x = ctx.data.calib.x.numpy()
-    if cfg.calib_samples:
-        x = x[: cfg.calib_samples]
     method = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }[cfg.calibration]
-    reader = type("Reader", (_Reader, CalibrationDataReader), {})(model.input_names[0], x, cfg.calib_batch)
-    out = _out_path(model, ctx, "int8_static")
     extra: dict[str, Any] = {"QuantizeBias": cfg.quantize_bias}
     if cfg.calibration == "percentile":
         extra["CalibPercentile"] = cfg.percentile
-    with tempfile.TemporaryDirectory() as td, _quiet():
-        src = model.path
-        if cfg.preprocess:
-            pre = Path(td) / "pre.onnx"
-            try:
-                quant_pre_process(str(model.path), str(pre), skip_symbolic_shape=False)
-                src = pre
-            except Exception as e:
-                raise PassError(f"quantize.int8_static: onnxruntime pre-processing failed on {model.path.name}: {e}") from e
+    with _quiet():
         try:
             quantize_static(
                 str(src),
                 str(out),
-                reader,
+                Reader(),
                 quant_format=QuantFormat.QDQ,
                 per_channel=cfg.per_channel,
                 activation_type=_qtype(cfg.activation_type),
                 weight_type=_qtype(cfg.weight_type),
                 calibrate_method=method,
-                nodes_to_exclude=cfg.exclude_nodes or None,
+                nodes_to_exclude=(list(cfg.exclude_nodes) + list(exclude or [])) or None,
+                nodes_to_quantize=include,
                 op_types_to_quantize=cfg.op_types,
                 extra_options=extra,
+                calibration_cache_path=cache,
             )
         except Exception as e:
             out.unlink(missing_ok=True)
             raise PassError(
-                f"quantize.int8_static failed on {model.path.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                f"int8 static quantization failed on {src.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
             ) from e
+
+
+def preprocess(src: Path, dst: Path) -> Path:
+    """onnxruntime's quant_pre_process: shape inference and graph fusion before quantization."""
+    from onnxruntime.quantization import quant_pre_process
+
+    with _quiet():
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        except Exception as e:
+            raise PassError(f"onnxruntime pre-processing failed on {src.name}: {e}") from e
+    return dst
+
+
+def calibration_data(ctx: PassContext, cfg: Int8StaticConfig, what: str) -> np.ndarray:
+    if ctx.data is None:
+        raise DataError(f"{what} needs calibration data; pass --data")
+    x = ctx.data.calib.x.numpy()
+    return x[: cfg.calib_samples] if cfg.calib_samples else x
+
+
+@register_pass("quantize.int8_static", Int8StaticConfig, stage="onnx", summary="int8 static PTQ (QDQ, per-channel, calibrated)")
+def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> PassResult:
+    x = calibration_data(ctx, cfg, "quantize.int8_static")
+    out = _out_path(model, ctx, "int8_static")
+    with tempfile.TemporaryDirectory() as td:
+        src = preprocess(model.path, Path(td) / "pre.onnx") if cfg.preprocess else model.path
+        quantize_int8_static(src, out, model.input_names[0], x, cfg)
     info = {
         "calibration": cfg.calibration,
         "calib_samples": int(len(x)),

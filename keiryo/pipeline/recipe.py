@@ -84,6 +84,30 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     },
     "int8-dynamic": {"description": "int8 dynamic PTQ (Linear/attention-heavy models)", "steps": [_q("quantize.int8_dynamic")]},
     "fp16": {"description": "fp16 weights and compute", "steps": [_q("quantize.fp16")]},
+    "int8-fallback": {
+        "description": "int8 static PTQ; the most sensitive layers stay float until val drop <= 0.5 pt",
+        "steps": [_q("quantize.int8_fallback", max_accuracy_drop=0.5)],
+    },
+    "qat": {
+        "description": "quantization-aware fine-tuning, then int8 static",
+        "steps": [_q("quantize.qat"), _q("quantize.int8_static")],
+    },
+    "prune-distill-int8": {
+        "description": "structured pruning (30% channels), distillation, int8 static",
+        "steps": [_q("prune.structured", ratio=0.3), _q("distill"), _q("quantize.int8_static")],
+    },
+    "cluster16": {
+        "description": "16-cluster weight sharing (4-bit palettes), fp32 export",
+        "steps": [_q("cluster", clusters=16)],
+    },
+    "sparse80": {
+        "description": "80% unstructured sparsity, gradual with fine-tuning (gzip gain, not speed)",
+        "steps": [_q("prune.unstructured", sparsity=0.8, schedule="gradual", steps=4)],
+    },
+    "lowrank": {
+        "description": "SVD factorization (rank 25%) with fine-tuning",
+        "steps": [_q("factorize.lowrank", rank_ratio=0.25)],
+    },
 }
 
 

@@ -51,3 +51,20 @@ def blob_datasets(seed: int = 0) -> torch.utils.data.Dataset:
     """``module:function`` data source for tests: one TensorDataset."""
     x, y = blobs(seed=seed)
     return torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+
+
+@torch.no_grad()
+def inject_activation_outliers(first: nn.Linear, second: nn.Linear, channels: int = 2, factor: float = 50.0) -> list[int]:
+    """Make a few hidden channels between two Linear layers (ReLU between them) ``factor`` times larger.
+
+    The function is unchanged (ReLU is positively homogeneous: the next layer divides
+    by ``factor``), but the activation range is now dominated by a few outlier
+    channels, as in transformer LLMs: per-tensor int8 activations lose the others.
+    Returns the channel indices.
+    """
+    idx = torch.argsort(first.weight.abs().sum(dim=1), descending=True)[:channels].tolist()
+    for c in idx:
+        first.weight[c] *= factor
+        first.bias[c] *= factor
+        second.weight[:, c] /= factor
+    return idx

@@ -19,7 +19,9 @@ def weights(h):
 
 def test_unstructured_global_and_layerwise_reach_the_target_and_report_per_layer(tiny_trained, digits):
     for scope in ("layer", "global"):
-        r = apply(tiny_trained, cfg("prune.unstructured", sparsity=0.6, scope=scope, finetune={"epochs": 0}), PassContext(data=digits))
+        r = apply(
+            tiny_trained, cfg("prune.unstructured", sparsity=0.6, scope=scope, finetune={"epochs": 0}), PassContext(data=digits)
+        )
         assert r.info["sparsity"] == pytest.approx(0.6, abs=0.01)
         assert set(r.info["layer_sparsity"]) == {"features.0", "features.3", "head"}
         if scope == "layer":
@@ -100,7 +102,9 @@ def test_distillation_checks_output_shapes_and_works_unlabeled(tiny_trained, dig
     with pytest.raises(PassError, match=r"teacher outputs \(2, 10\) but the student outputs \(2, 5\)"):
         apply(other, cfg("distill"), PassContext(data=digits, teacher=tiny_trained))
     student = load_model("keiryo.testing:tiny_cnn", (1, 8, 8), 10, options={"width": 4})
-    r = apply(student, cfg("distill", unlabeled=True, train={"epochs": 8, "lr": 1e-2}), PassContext(data=digits, teacher=tiny_trained))
+    r = apply(
+        student, cfg("distill", unlabeled=True, train={"epochs": 8, "lr": 1e-2}), PassContext(data=digits, teacher=tiny_trained)
+    )
     assert accuracy(r.model.module, digits.test) > 0.4  # chance is 0.1: it learnt from the teacher's outputs alone
     r = apply(student, cfg("distill", feature_weight=1.0, train={"epochs": 1}), PassContext(data=digits, teacher=tiny_trained))
     assert not hasattr(r.model.module, "_kd_bridge")

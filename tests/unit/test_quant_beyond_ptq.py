@@ -1,0 +1,54 @@
+"""Per-layer fallback and QAT on a case where post-training int8 really hurts (activation outliers)."""
+
+import pytest
+
+from keiryo.evaluate import accuracy, predict
+from keiryo.export import export
+from keiryo.passes import PassContext, apply, get_pass
+from keiryo.runtime import open_session
+
+
+@pytest.fixture(scope="module")
+def outlier_mlp(digits):
+    """An MLP on digits with two hidden channels made 500x larger (function unchanged)."""
+    from keiryo.model import load_model
+    from keiryo.testing import inject_activation_outliers
+    from keiryo.train import TrainConfig, train
+
+    h = load_model("zoo:mlp", digits.input_shape, 10, options={"hidden": [256, 128], "dropout": 0.0})
+    train(h.module, digits, TrainConfig(epochs=20), progress=False)
+    inject_activation_outliers(h.module.net[1], h.module.net[4], channels=2, factor=500.0)
+    return h
+
+
+def ort_accuracy(path, split):
+    with open_session("onnxruntime", path) as s:
+        return accuracy(predict(s, split.x), split.y)
+
+
+def test_fallback_finds_the_sensitive_layers_and_meets_the_budget(outlier_mlp, digits, tmp_path):
+    fp32 = export(outlier_mlp, "onnx", tmp_path / "fp32.onnx")
+    ctx = PassContext(data=digits, workdir=tmp_path)
+    ptq = apply(fp32, get_pass("quantize.int8_static").config(), ctx).model
+    base = ort_accuracy(fp32.path, digits.test)
+    assert base - ort_accuracy(ptq.path, digits.test) > 0.02  # PTQ really hurts here
+    res = apply(fp32, get_pass("quantize.int8_fallback").config.parse({"max_accuracy_drop": 0.5}), ctx)
+    info = res.info
+    assert info["val_drop_all_int8_pt"] > 2.0
+    assert info["budget_met"] and info["val_drop_pt"] <= 0.5
+    assert 1 <= len(info["float_layers"]) < 3  # the last layer stays int8
+    assert list(info["sensitivity_pt"])[0] in info["float_layers"]  # worst layer first
+    assert base - ort_accuracy(res.model.path, digits.test) <= 0.015
+
+
+def test_qat_recovers_at_least_half_of_the_ptq_loss(outlier_mlp, digits, tmp_path):
+    ctx = PassContext(data=digits, workdir=tmp_path)
+    fp32 = export(outlier_mlp, "onnx", tmp_path / "fp32.onnx")
+    base = ort_accuracy(fp32.path, digits.test)
+    ptq_loss = base - ort_accuracy(apply(fp32, get_pass("quantize.int8_static").config(), ctx).model.path, digits.test)
+    q = apply(outlier_mlp, get_pass("quantize.qat").config.parse({"train": {"epochs": 10, "lr": 2e-3}}), ctx)
+    assert set(q.info["activation_ranges"]) == {"net.1", "net.4", "net.7"}
+    ctx.step_index = 7
+    qat_int8 = apply(export(q.model, "onnx", tmp_path / "qat.onnx"), get_pass("quantize.int8_static").config(), ctx).model
+    qat_loss = base - ort_accuracy(qat_int8.path, digits.test)
+    assert qat_loss <= ptq_loss / 2, (ptq_loss, qat_loss)
