@@ -245,6 +245,52 @@ def demo(
 
 
 @app.command()
+def doctor(
+    model: ModelOpt,
+    data: DataOpt = "digits",
+    model_opt: ModelOpts = None,
+    weights: WeightsOpt = None,
+    data_opt: DataOpts = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="the batch size you will serve at")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Pre-flight check: what each technique and export target can handle, and what predicts 'compressed but not faster'."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from keiryo.doctor import diagnose
+
+    handle, _ = _load(model, model_opt, weights, data, data_opt, seed)
+    rep = diagnose(handle, batch_size)
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    con = _console()
+    con.print(f"{rep['model']}: {rep['params']:,} params, {rep['macs']:,} MACs", highlight=False)
+    t = Table("technique", "layers it can handle", "not handled (why)", title="techniques")
+    for name, cov in rep["techniques"].items():
+        if name.startswith("_"):
+            continue
+        layers = cov["layers"]
+        by_reason: dict[str, list[str]] = {}
+        for layer, why in cov["not"].items():
+            by_reason.setdefault(why, []).append(layer)
+        nots = [f"{why}: {len(ls)} ({', '.join(ls[:2])}{', ...' if len(ls) > 2 else ''})" for why, ls in by_reason.items()]
+        t.add_row(
+            name, f"{len(layers)}: " + ", ".join(layers[:4]) + (" ..." if len(layers) > 4 else ""), escape("; ".join(nots) or "-")
+        )
+    con.print(t)
+    e = Table("target", "exports", "op types / error", title="export targets")
+    for target, r in rep["exports"].items():
+        detail = ", ".join(f"{k} x{v}" for k, v in sorted(r["op_types"].items())) if r["ok"] else r["error"]
+        e.add_row(target, "[green]yes[/]" if r["ok"] else "[red]no[/]", escape(detail))
+    con.print(e)
+    for w in rep["warnings"]:
+        con.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+
+
+@app.command()
 def zoo() -> None:
     """List the built-in models and their options."""
     from rich.table import Table

@@ -7,6 +7,7 @@ temporary sibling and renamed into place only when ``results.json`` is complete.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import time
@@ -73,9 +74,20 @@ def _log(opts: RunOptions, msg: str) -> None:
 
 
 def run_recipe(
-    recipe: Recipe, handle: ModelHandle, data: DataSplits, workdir: Path, baseline: Baseline, opts: RunOptions | None = None
+    recipe: Recipe,
+    handle: ModelHandle,
+    data: DataSplits,
+    workdir: Path,
+    baseline: Baseline,
+    opts: RunOptions | None = None,
+    memo: dict[str, tuple[ModelHandle, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Apply ``recipe`` to a copy of ``handle``; return the candidate's record (artifact inside ``workdir``)."""
+    """Apply ``recipe`` to a copy of ``handle``; return the candidate's record (artifact inside ``workdir``).
+
+    ``memo`` (shared across recipes of one run) holds torch-stage results by a hash of the
+    input model and the steps so far, so recipes with a common prefix (the same pruning
+    and distillation) compute it once.
+    """
     opts = opts or RunOptions()
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -101,9 +113,18 @@ def run_recipe(
             {"type": f"export.{recipe.target}", "stage": "export", **size_of(artifact.path).to_dict(), "parity": parity.to_dict()}
         )
 
+    prefix_key = handle.content_hash()
     for i, (spec, cfg) in enumerate(steps_cfg):
-        _log(opts, f"  [{recipe.name}] step {i + 1}/{len(steps_cfg)}: {spec.name}")
         ctx.step_index = i + 1
+        if spec.stage == "torch" and memo is not None:
+            prefix_key = hashlib.sha256(f"{prefix_key}|{spec.name}|{cfg.to_json()}|{opts.seed}".encode()).hexdigest()
+            if prefix_key in memo:
+                cached, effect = memo[prefix_key]
+                model = cached.clone()
+                effects.append({**effect, "cached": True})
+                _log(opts, f"  [{recipe.name}] step {i + 1}/{len(steps_cfg)}: {spec.name} (same as an earlier recipe: reused)")
+                continue
+        _log(opts, f"  [{recipe.name}] step {i + 1}/{len(steps_cfg)}: {spec.name}")
         if spec.stage != "torch":
             ensure_exported()
             res = apply(artifact, cfg, ctx)
@@ -113,6 +134,8 @@ def run_recipe(
             res = apply(model, cfg, ctx)
             model = res.model
             effects.append({"type": spec.name, "stage": "torch", **torch_step_effect(model, data), "info": res.info})
+            if memo is not None:
+                memo[prefix_key] = (model.clone(), effects[-1])
     ensure_exported()
     assert artifact is not None and parity is not None
     with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
@@ -194,9 +217,10 @@ def compress(
         baseline = measure_baseline(handle, data, opts)
         save_weights(handle.module, tmp / "baseline.safetensors", {"source": handle.spec.source})
         candidates = []
+        memo: dict[str, tuple[ModelHandle, dict[str, Any]]] = {}
         for r in recipes:
             _log(opts, f"candidate {r.name}: target {r.target}, {len(r.steps)} step(s)")
-            cand = run_recipe(r, handle, data, tmp / "work" / r.name, baseline, opts)
+            cand = run_recipe(r, handle, data, tmp / "work" / r.name, baseline, opts, memo)
             final = tmp / "candidates" / r.name / f"model{cand['artifact_path'].suffix}"
             final.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(cand.pop("artifact_path")), final)

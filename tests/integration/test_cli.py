@@ -284,3 +284,41 @@ def test_debug_shows_the_traceback(tmp_path):
     debug = subprocess.run([str(exe), "--debug", *base[1:]], capture_output=True, text=True, timeout=120)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_doctor_reports_coverage_exports_and_warnings(capsys):
+    code, out, err = run_cli("doctor", *TINY, "--model-opt", "width=6", "--json", capsys=capsys)
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["exports"]["onnx"]["ok"] and rep["exports"]["onnx"]["op_types"]["Conv"] == 2
+    assert rep["techniques"]["prune.structured"]["not"] == {"head": "output layer: the class count is fixed"}
+    assert any("not multiples of 8" in w and "features.0 (6)" in w for w in rep["warnings"])
+    assert any("no latency gain" in w for w in rep["warnings"])
+
+
+def test_recipes_sharing_a_torch_prefix_compute_it_once(tmp_path, capsys, tiny_weights):
+    base = "steps:\n  - type: prune.structured\n    params: {ratio: 0.25, round_to: null}\n"
+    (tmp_path / "p.yaml").write_text("name: p\n" + base)
+    (tmp_path / "pq.yaml").write_text("name: pq\n" + base + "  - type: quantize.int8_static\n")
+    code, _, err = run_cli(
+        "compress",
+        *TINY,
+        "--weights",
+        str(tiny_weights),
+        "--recipe",
+        str(tmp_path / "p.yaml"),
+        "--recipe",
+        str(tmp_path / "pq.yaml"),
+        "--iterations",
+        "5",
+        "--out",
+        str(tmp_path / "o"),
+        capsys=capsys,
+    )
+    assert code == 0, err
+    assert "reused" in err
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    pq = next(c for c in res["candidates"] if c["name"] == "pq")
+    assert pq["steps"][0]["cached"] is True and pq["steps"][0]["type"] == "prune.structured"
+    assert {"params", "macs", "size_bytes", "size_gzip_bytes", "accuracy"} <= set(pq["steps"][0])
+    assert pq["metrics"]["macs"] < res["baseline"]["metrics"]["macs"]

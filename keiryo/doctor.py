@@ -1,0 +1,126 @@
+"""``keiryo doctor``: a pre-flight check before any training or compression.
+
+For each technique, which layers it can handle (and why not the others); for each
+export target, whether the model exports and which op types it uses; and warnings
+about what predicts "compressed but not faster".
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from keiryo.errors import KeiryoError
+from keiryo.machine import cpu
+from keiryo.passes._state import output_layer, prunable_layers
+
+
+def _channels(m: nn.Module) -> int:
+    return int(m.out_channels if isinstance(m, (nn.Conv1d, nn.Conv2d)) else m.out_features)
+
+
+def technique_coverage(handle: Any) -> dict[str, dict[str, Any]]:
+    layers = prunable_layers(handle.module)
+    out = output_layer(handle.module, handle.num_classes)
+    grouped = {n for n, m in layers.items() if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups > 1}
+    other = sorted(
+        {type(m).__name__ for m in handle.module.modules() if len(list(m.children())) == 0} - {"Conv1d", "Conv2d", "Linear"}
+    )
+    cov: dict[str, dict[str, Any]] = {
+        "prune.unstructured": {"layers": list(layers), "not": {}},
+        "prune.structured": {
+            "layers": [n for n in layers if n != out],
+            "not": {out: "output layer: the class count is fixed"} if out else {},
+        },
+        "cluster": {
+            "layers": [n for n in layers if layers[n].weight.numel() >= 64],
+            "not": {n: "fewer than 64 weights" for n in layers if layers[n].weight.numel() < 64},
+        },
+        "factorize.lowrank": {
+            "layers": [n for n in layers if n not in grouped and n != out],
+            "not": {
+                **{n: "grouped/depthwise conv" for n in grouped},
+                **({out: "output layer (left whole by default)"} if out else {}),
+            },
+        },
+        "quantize.qat": {"layers": list(layers), "not": {}},
+        "distill / slim": {
+            "layers": ["(whole model)"],
+            "not": {} if handle.spec.source.startswith("zoo:") else {"slim": "needs a zoo student: set model: zoo:NAME"},
+        },
+    }
+    try:
+        import torch_pruning as tp  # noqa: F401
+    except ImportError:
+        cov["prune.structured"]["not"]["*"] = "torch-pruning is not installed: pip install 'keiryo[prune]'"
+    cov["_other_layer_types"] = {"layers": other, "not": {}}
+    return cov
+
+
+def export_coverage(handle: Any) -> dict[str, dict[str, Any]]:
+    from keiryo.export import export
+
+    res: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as td:
+        try:
+            art = export(handle, "onnx", Path(td) / "m.onnx")
+            import onnx
+
+            ops = Counter(n.op_type for n in onnx.load(str(art.path)).graph.node)
+            quantizable = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
+            res["onnx"] = {
+                "ok": True,
+                "op_types": dict(ops),
+                "int8_quantizable_ops": sum(v for k, v in ops.items() if k in quantizable),
+            }
+        except KeiryoError as e:
+            res["onnx"] = {"ok": False, "error": str(e), "op": getattr(e, "op", None)}
+    for target, extra in (("tflite", "tflite"), ("coreml", "coreml")):
+        res[target] = {
+            "ok": False,
+            "error": f"the {target} exporter is not available in this keiryo version (extra: keiryo[{extra}])",
+        }
+    return res
+
+
+def warnings_for(handle: Any, batch_size: int = 1) -> list[str]:
+    w: list[str] = []
+    layers = prunable_layers(handle.module)
+    out = output_layer(handle.module, handle.num_classes)
+    odd = [f"{n} ({_channels(m)})" for n, m in layers.items() if n != out and _channels(m) % 8]
+    if odd:
+        w.append(
+            f"{len(odd)} layer(s) have channel counts that are not multiples of 8 (slower int8/fp16 kernels): "
+            + ", ".join(odd[:6])
+            + (" ..." if len(odd) > 6 else "")
+            + "; use prune.structured with round_to=8"
+        )
+    c = cpu()
+    if not c["int8_dot_product"]:
+        w.append(
+            f"this CPU ({c['model']}) has no int8 dot-product instructions (VNNI / ARM dotprod): int8 may be no faster "
+            "than fp32 (about 1.3x at best, sometimes slower); measure before shipping"
+        )
+    w.append("unstructured sparsity below ~80% gives no latency gain with dense CPU kernels: expect a smaller gzip, not speed")
+    if any(isinstance(m, nn.Linear) for m in layers.values()) and batch_size > 8:
+        w.append(
+            f"weight-only low-bit (int8 dynamic) pays off for memory-bound batch-1 Linear layers; at batch {batch_size} "
+            "they become compute-bound and gain little"
+        )
+    return w
+
+
+def diagnose(handle: Any, batch_size: int = 1) -> dict[str, Any]:
+    return {
+        "model": handle.spec.source,
+        "params": handle.num_params(),
+        "macs": handle.macs(),
+        "techniques": technique_coverage(handle),
+        "exports": export_coverage(handle),
+        "warnings": warnings_for(handle, batch_size),
+        "cpu": cpu(),
+    }
