@@ -19,7 +19,7 @@ from keiryo.machine import cpu
 from keiryo.passes._state import output_layer, prunable_layers
 
 
-def _channels(m: nn.Module) -> int:
+def _channels(m: Any) -> int:
     return int(m.out_channels if isinstance(m, (nn.Conv1d, nn.Conv2d)) else m.out_features)
 
 

@@ -67,9 +67,9 @@ def constrain(handle: Any, update_centroids: bool = True) -> None:
             centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
             comp["palettes"][name] = centroids
         p.copy_(centroids[idx])
-        mask = comp["masks"].get(name)
-        if mask is not None and mask.shape == p.shape:
-            p.masked_fill_(mask, 0.0)
+        pmask = comp["masks"].get(name)
+        if pmask is not None and pmask.shape == p.shape:
+            p.masked_fill_(pmask, 0.0)
 
 
 def nearest(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -114,7 +114,7 @@ def finetune(
     return res
 
 
-def prunable_layers(module: nn.Module, types: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)) -> dict[str, nn.Module]:
+def prunable_layers(module: nn.Module, types: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)) -> dict[str, Any]:
     return {n: m for n, m in module.named_modules() if isinstance(m, types)}
 
 

@@ -76,6 +76,7 @@ def distill_into(student: Any, teacher: Any, data: Any, cfg: DistillConfig, seed
             t_logits = t_mod(x)
         total = kd_loss(logits, t_logits, y, cfg.alpha, cfg.temperature, cfg.unlabeled)
         if hooks is not None and bridge is not None:
+            assert hooks[0].value is not None and hooks[1].value is not None  # set by the forward just run
             total = total + cfg.feature_weight * F.mse_loss(bridge(hooks[0].value), hooks[1].value)
         return total
 

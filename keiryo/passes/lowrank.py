@@ -36,7 +36,7 @@ class LowRankConfig(KeiryoConfig):
         return self
 
 
-def _flat_weight(m: nn.Module) -> torch.Tensor:
+def _flat_weight(m: Any) -> torch.Tensor:
     return m.weight.detach().reshape(m.weight.shape[0], -1)
 
 
@@ -50,12 +50,14 @@ def _choose_rank(s: torch.Tensor, cfg: LowRankConfig) -> int:
     return max(1, round(cfg.rank_ratio * len(s)))
 
 
-def _factor(m: nn.Module, r: int) -> nn.Sequential:
+def _factor(m: Any, r: int) -> nn.Sequential:
     w = _flat_weight(m)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     a = torch.diag(s[:r].sqrt()) @ vh[:r]  # r x in*k
     b = u[:, :r] @ torch.diag(s[:r].sqrt())  # out x r
     bias = m.bias.detach().clone() if m.bias is not None else None
+    first: Any
+    second: Any
     if isinstance(m, nn.Linear):
         first, second = nn.Linear(m.in_features, r, bias=False), nn.Linear(r, m.out_features, bias=bias is not None)
         first.weight.data.copy_(a)

@@ -45,7 +45,7 @@ def _importance(tp: Any, cfg: StructuredPruneConfig) -> Any:
     return tp.importance.GroupMagnitudeImportance(p=1 if cfg.importance == "l1" else 2)
 
 
-def _attention_modules(module: nn.Module) -> list[nn.Module]:
+def _attention_modules(module: nn.Module) -> list[Any]:
     from keiryo.model.zoo.transformer import MultiHeadSelfAttention
 
     return [m for m in module.modules() if isinstance(m, MultiHeadSelfAttention)]

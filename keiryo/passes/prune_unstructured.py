@@ -35,7 +35,7 @@ class UnstructuredPruneConfig(KeiryoConfig):
     exclude: list[str] = Field(default_factory=list, description="layer names left dense")
 
 
-def _weights(handle: Any, cfg: UnstructuredPruneConfig) -> list[tuple[str, nn.Module]]:
+def _weights(handle: Any, cfg: UnstructuredPruneConfig) -> list[tuple[str, Any]]:
     layers = prunable_layers(handle.module)
     unknown = [n for n in cfg.exclude if n not in layers]
     if unknown:

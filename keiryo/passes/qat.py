@@ -41,6 +41,11 @@ class FakeQuant(nn.Module):
     when ``learn_ranges``: clipping rare outliers buys resolution for everything else.
     """
 
+    lo: torch.Tensor
+    hi: torch.Tensor
+    steps: torch.Tensor
+    inner: Any
+
     def __init__(self, inner: nn.Module, cfg: QatConfig):
         super().__init__()
         self.inner = inner
@@ -91,6 +96,8 @@ class FakeQuant(nn.Module):
 
 class ClampInput(nn.Module):
     """The learned activation range, kept in the model: exports as an ONNX Clip that calibration then sees."""
+
+    inner: Any
 
     def __init__(self, inner: nn.Module, lo: float, hi: float):
         super().__init__()

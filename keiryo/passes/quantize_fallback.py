@@ -70,7 +70,7 @@ def int8_fallback(model: Artifact, cfg: Int8FallbackConfig, ctx: PassContext) ->
         full_drop = drop_with(tag="full")
         float_layers: list[str] = []
         sensitivity: dict[str, float] = {}
-        trail = [{"float_layers": 0, "val_drop_pt": round(full_drop, 3)}]
+        trail: list[dict[str, Any]] = [{"float_layers": 0, "val_drop_pt": round(full_drop, 3)}]
         drop = full_drop
         if full_drop > cfg.max_accuracy_drop:
             for node in quantizable_nodes(src):
