@@ -43,16 +43,31 @@ warnings.simplefilter("ignore")
 RECIPES: list[dict[str, Any]] = [
     {"name": "fp32", "steps": []},
     {"name": "int8", "steps": [{"type": "quantize.int8_static"}]},
-    {"name": "prune-distill", "steps": [
-        {"type": "prune.structured", "params": {"ratio": 0.3}},
-        {"type": "distill", "params": {"train": {"epochs": 12, "lr": 2e-3}}}]},
-    {"name": "prune-distill-int8", "steps": [
-        {"type": "prune.structured", "params": {"ratio": 0.3}},
-        {"type": "distill", "params": {"train": {"epochs": 12, "lr": 2e-3}}},
-        {"type": "quantize.int8_static"}]},
+    {
+        "name": "prune-distill",
+        "steps": [
+            {"type": "prune.structured", "params": {"ratio": 0.3}},
+            {"type": "distill", "params": {"train": {"epochs": 12, "lr": 2e-3}}},
+        ],
+    },
+    {
+        "name": "prune-distill-int8",
+        "steps": [
+            {"type": "prune.structured", "params": {"ratio": 0.3}},
+            {"type": "distill", "params": {"train": {"epochs": 12, "lr": 2e-3}}},
+            {"type": "quantize.int8_static"},
+        ],
+    },
     {"name": "cluster16", "steps": [{"type": "cluster", "params": {"clusters": 16, "finetune": {"epochs": 2, "lr": 5e-4}}}]},
-    {"name": "sparse80", "steps": [{"type": "prune.unstructured", "params": {
-        "sparsity": 0.8, "schedule": "gradual", "steps": 4, "finetune": {"epochs": 2, "lr": 1e-3}}}]},
+    {
+        "name": "sparse80",
+        "steps": [
+            {
+                "type": "prune.unstructured",
+                "params": {"sparsity": 0.8, "schedule": "gradual", "steps": 4, "finetune": {"epochs": 2, "lr": 1e-3}},
+            }
+        ],
+    },
 ]
 
 
@@ -121,7 +136,9 @@ def main() -> int:
     out = work / "compress"
     results = compress(handle, data, [load_recipe(r) for r in RECIPES], out, opts=RunOptions(bench=BenchConfig(threads=1)))
     cands = {c["name"]: c for c in results["candidates"]}
-    lat = latency_rounds(out, cands, ["fp32", "prune-distill", "prune-distill-int8", "int8"], data.test.x[:1].numpy(), args.rounds)
+    lat = latency_rounds(
+        out, cands, ["fp32", "prune-distill", "prune-distill-int8", "int8"], data.test.x[:1].numpy(), args.rounds
+    )
     labels, distilled = distill_vs_labels(data, handle, args.seeds, args.student_epochs)
     qat = qat_vs_ptq(args.seeds, work)
 
@@ -129,21 +146,29 @@ def main() -> int:
     base = results["baseline"]["metrics"]
     m = {n: cands[n]["metrics"] for n in cands}
     ref = m["fp32"]
-    print(f"\nCPU: {c['model']}, int8 dot-product: {', '.join(c['int8_isa']) or 'none'}; 1 thread, batch 1; "
-          f"p50 = median of {args.rounds} interleaved rounds x 300 runs\n")
-    print(f"{'candidate':20} {'acc %':>6} {'drop pt':>7} {'MACs M':>7} {'size MB':>8} {'gzip MB':>8} {'x smaller':>9} "
-          f"{'x gzip':>7} {'p50 ms':>7} {'x faster':>8}")
+    print(
+        f"\nCPU: {c['model']}, int8 dot-product: {', '.join(c['int8_isa']) or 'none'}; 1 thread, batch 1; "
+        f"p50 = median of {args.rounds} interleaved rounds x 300 runs\n"
+    )
+    print(
+        f"{'candidate':20} {'acc %':>6} {'drop pt':>7} {'MACs M':>7} {'size MB':>8} {'gzip MB':>8} {'x smaller':>9} "
+        f"{'x gzip':>7} {'p50 ms':>7} {'x faster':>8}"
+    )
     for n in cands:
         mm = m[n]
         p50 = lat.get(n, mm["latency_p50_ms"])
-        print(f"{n:20} {mm['accuracy'] * 100:6.2f} {mm['accuracy_drop']:7.2f} {mm['macs'] / 1e6:7.2f} {mm['size_bytes'] / 1e6:8.2f} "
-              f"{mm['size_gzip_bytes'] / 1e6:8.2f} {ref['size_bytes'] / mm['size_bytes']:9.2f} "
-              f"{ref['size_gzip_bytes'] / mm['size_gzip_bytes']:7.2f} {p50:7.3f} {lat['fp32'] / p50 if n in lat else float('nan'):8.2f}")
+        print(
+            f"{n:20} {mm['accuracy'] * 100:6.2f} {mm['accuracy_drop']:7.2f} {mm['macs'] / 1e6:7.2f} {mm['size_bytes'] / 1e6:8.2f} "
+            f"{mm['size_gzip_bytes'] / 1e6:8.2f} {ref['size_bytes'] / mm['size_bytes']:9.2f} "
+            f"{ref['size_gzip_bytes'] / mm['size_gzip_bytes']:7.2f} {p50:7.3f} {lat['fp32'] / p50 if n in lat else float('nan'):8.2f}"
+        )
     sparse = next(s for s in cands["sparse80"]["steps"] if s["type"] == "prune.unstructured")["info"]["sparsity"]
     print(f"\nsparse80: measured sparsity {sparse:.1%} (no latency gain with dense kernels: gzip is the gain)")
     ml, md = statistics.mean(labels), statistics.mean(distilled)
-    print(f"width-0.25 student, {args.seeds} seeds x {args.student_epochs} epochs: labels only {[round(a * 100, 2) for a in labels]} "
-          f"mean {ml:.2%}; distilled {[round(a * 100, 2) for a in distilled]} mean {md:.2%}")
+    print(
+        f"width-0.25 student, {args.seeds} seeds x {args.student_epochs} epochs: labels only {[round(a * 100, 2) for a in labels]} "
+        f"mean {ml:.2%}; distilled {[round(a * 100, 2) for a in distilled]} mean {md:.2%}"
+    )
     for i, (f32, ptq, q) in enumerate(qat):
         print(f"QAT vs PTQ, MLP with 500x activation outliers, seed {i}: fp32 {f32:.2%}  PTQ int8 {ptq:.2%}  QAT int8 {q:.2%}")
     ptq_loss = statistics.mean(f - p for f, p, _ in qat)
@@ -151,22 +176,52 @@ def main() -> int:
     macs_removed = 1 - m["prune-distill"]["macs"] / ref["macs"]
     checks = [
         ("structured prune removes >= 50% MACs", macs_removed >= 0.5, f"{macs_removed:.1%}"),
-        ("prune+distill within 1 pt of baseline", base["accuracy"] - m["prune-distill"]["accuracy"] <= 0.01,
-         f"{(base['accuracy'] - m['prune-distill']['accuracy']) * 100:.2f} pt"),
-        ("prune+distill fp32 ORT p50 >= 1.5x faster", lat["fp32"] / lat["prune-distill"] >= 1.5, f"{lat['fp32'] / lat['prune-distill']:.2f}x"),
-        ("prune+distill+int8 >= 6x smaller", ref["size_bytes"] / m["prune-distill-int8"]["size_bytes"] >= 6,
-         f"{ref['size_bytes'] / m['prune-distill-int8']['size_bytes']:.2f}x"),
-        ("prune+distill+int8 >= 3x faster", lat["fp32"] / lat["prune-distill-int8"] >= 3, f"{lat['fp32'] / lat['prune-distill-int8']:.2f}x"),
-        ("prune+distill+int8 within 1.5 pt", base["accuracy"] - m["prune-distill-int8"]["accuracy"] <= 0.015,
-         f"{(base['accuracy'] - m['prune-distill-int8']['accuracy']) * 100:.2f} pt"),
+        (
+            "prune+distill within 1 pt of baseline",
+            base["accuracy"] - m["prune-distill"]["accuracy"] <= 0.01,
+            f"{(base['accuracy'] - m['prune-distill']['accuracy']) * 100:.2f} pt",
+        ),
+        (
+            "prune+distill fp32 ORT p50 >= 1.5x faster",
+            lat["fp32"] / lat["prune-distill"] >= 1.5,
+            f"{lat['fp32'] / lat['prune-distill']:.2f}x",
+        ),
+        (
+            "prune+distill+int8 >= 6x smaller",
+            ref["size_bytes"] / m["prune-distill-int8"]["size_bytes"] >= 6,
+            f"{ref['size_bytes'] / m['prune-distill-int8']['size_bytes']:.2f}x",
+        ),
+        (
+            "prune+distill+int8 >= 3x faster",
+            lat["fp32"] / lat["prune-distill-int8"] >= 3,
+            f"{lat['fp32'] / lat['prune-distill-int8']:.2f}x",
+        ),
+        (
+            "prune+distill+int8 within 1.5 pt",
+            base["accuracy"] - m["prune-distill-int8"]["accuracy"] <= 0.015,
+            f"{(base['accuracy'] - m['prune-distill-int8']['accuracy']) * 100:.2f} pt",
+        ),
         ("distilled student beats labels-only by >= 1 pt (mean)", md - ml >= 0.01, f"{(md - ml) * 100:+.2f} pt"),
-        ("cluster16 gzip >= 3x smaller than fp32 gzip", ref["size_gzip_bytes"] / m["cluster16"]["size_gzip_bytes"] >= 3,
-         f"{ref['size_gzip_bytes'] / m['cluster16']['size_gzip_bytes']:.2f}x"),
-        ("cluster16 within 1 pt", base["accuracy"] - m["cluster16"]["accuracy"] <= 0.01,
-         f"{(base['accuracy'] - m['cluster16']['accuracy']) * 100:.2f} pt"),
-        ("sparse80 within 1 pt", base["accuracy"] - m["sparse80"]["accuracy"] <= 0.01,
-         f"{(base['accuracy'] - m['sparse80']['accuracy']) * 100:.2f} pt, gzip {ref['size_gzip_bytes'] / m['sparse80']['size_gzip_bytes']:.2f}x smaller"),
-        ("QAT recovers >= half of the PTQ loss", qat_loss <= ptq_loss / 2, f"PTQ loss {ptq_loss * 100:.2f} pt, QAT loss {qat_loss * 100:.2f} pt"),
+        (
+            "cluster16 gzip >= 3x smaller than fp32 gzip",
+            ref["size_gzip_bytes"] / m["cluster16"]["size_gzip_bytes"] >= 3,
+            f"{ref['size_gzip_bytes'] / m['cluster16']['size_gzip_bytes']:.2f}x",
+        ),
+        (
+            "cluster16 within 1 pt",
+            base["accuracy"] - m["cluster16"]["accuracy"] <= 0.01,
+            f"{(base['accuracy'] - m['cluster16']['accuracy']) * 100:.2f} pt",
+        ),
+        (
+            "sparse80 within 1 pt",
+            base["accuracy"] - m["sparse80"]["accuracy"] <= 0.01,
+            f"{(base['accuracy'] - m['sparse80']['accuracy']) * 100:.2f} pt, gzip {ref['size_gzip_bytes'] / m['sparse80']['size_gzip_bytes']:.2f}x smaller",
+        ),
+        (
+            "QAT recovers >= half of the PTQ loss",
+            qat_loss <= ptq_loss / 2,
+            f"PTQ loss {ptq_loss * 100:.2f} pt, QAT loss {qat_loss * 100:.2f} pt",
+        ),
     ]
     print()
     for what, ok, got in checks:

@@ -8,12 +8,14 @@ one) and its peak RSS is the child's own high-water mark.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,8 +105,36 @@ def run_benchmark(session: Any, sample: np.ndarray, cfg: BenchConfig | None = No
     )
 
 
-def measure_file(path: str | Path, runtime: str, sample: np.ndarray, cfg: BenchConfig | None = None) -> BenchResult:
-    """Benchmark a model file in a fresh child process (isolated; peak RSS is the child's)."""
+@contextlib.contextmanager
+def machine_lock(path: str | Path | None) -> Iterator[None]:
+    """Hold an exclusive file lock while measuring, so parallel trials never time at the same moment."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def measure_file(
+    path: str | Path, runtime: str, sample: np.ndarray, cfg: BenchConfig | None = None, lock: str | Path | None = None
+) -> BenchResult:
+    """Benchmark a model file in a fresh child process (isolated; peak RSS is the child's).
+
+    ``lock``: a lock file shared by every process on this machine that measures; while one
+    measures, the others wait (their training and quantization keep running).
+    """
+    with machine_lock(lock):
+        return _measure_file(path, runtime, sample, cfg)
+
+
+def _measure_file(path: str | Path, runtime: str, sample: np.ndarray, cfg: BenchConfig | None = None) -> BenchResult:
     cfg = cfg or BenchConfig()
     with tempfile.TemporaryDirectory() as td:
         npy = os.path.join(td, "sample.npy")

@@ -53,10 +53,6 @@ def technique_coverage(handle: Any) -> dict[str, dict[str, Any]]:
             "not": {} if handle.spec.source.startswith("zoo:") else {"slim": "needs a zoo student: set model: zoo:NAME"},
         },
     }
-    try:
-        import torch_pruning as tp  # noqa: F401
-    except ImportError:
-        cov["prune.structured"]["not"]["*"] = "torch-pruning is not installed: pip install 'keiryo[prune]'"
     cov["_other_layer_types"] = {"layers": other, "not": {}}
     return cov
 

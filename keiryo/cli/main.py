@@ -89,12 +89,14 @@ def _bench_opts(threads: int, iterations: int, parity_tolerance: float | None, n
     )
 
 
-def _budget(max_accuracy_drop: float | None) -> list[Any]:
+def _constraint(metric: str, op: str, bound: float) -> Any:
     from keiryo.search import Constraint
 
-    if max_accuracy_drop is None:
-        return []
-    return [Constraint.parse({"metric": "accuracy_drop", "op": "<=", "bound": max_accuracy_drop}, where="--max-accuracy-drop")]
+    return Constraint.parse({"metric": metric, "op": op, "bound": bound}, where=f"budget {metric}")
+
+
+def _budget(max_accuracy_drop: float | None) -> list[Any]:
+    return [] if max_accuracy_drop is None else [_constraint("accuracy_drop", "<=", max_accuracy_drop)]
 
 
 def _print_results(results: dict[str, Any], out: Path) -> None:
@@ -184,6 +186,72 @@ def compress(
     handle, splits = _load(model, model_opt, weights, data, data_opt, seed)
     results = run_compress(handle, splits, recipes, out, constraints=constraints, opts=opts, overwrite=overwrite)
     _print_results(results, out)
+
+
+@app.command()
+def optimize(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="search directory (study.db, trials/, results.json, report.html)")],
+    data: DataOpt = "digits",
+    model_opt: ModelOpts = None,
+    weights: WeightsOpt = None,
+    data_opt: DataOpts = None,
+    target: Annotated[str, typer.Option(help="runtime format the candidates ship in and are measured on")] = "onnx",
+    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="budget: accuracy points below the baseline")] = 1.0,
+    max_latency_ms: Annotated[Optional[float], typer.Option(help="budget: p95 latency at batch 1 (ms)")] = None,
+    max_size_mb: Annotated[Optional[float], typer.Option(help="budget: model file size (MB)")] = None,
+    min_fidelity: Annotated[Optional[float], typer.Option(help="budget: agreement with the baseline's predictions (0-1)")] = None,
+    constraint: Annotated[Optional[list[str]], typer.Option(help="extra constraint 'metric<=bound' (repeatable)")] = None,
+    template: Annotated[Optional[list[str]], typer.Option(help="search only these templates (repeatable)")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="trials in all (a resumed search counts the finished ones)")] = 20,
+    timeout: Annotated[Optional[float], typer.Option(min=1, help="stop starting trials after this many seconds")] = None,
+    stop_when_met: Annotated[bool, typer.Option(help="stop as soon as a candidate meets the budget")] = False,
+    require_met: Annotated[bool, typer.Option(help="exit non-zero when no candidate meets the budget")] = False,
+    resume: Annotated[bool, typer.Option(help="continue the search in --out; completed trials are not recomputed")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
+    executor: Annotated[str, typer.Option(help="local or ray")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address HOST:PORT (executor ray)")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="parallel trials (executor ray)")] = None,
+    sampler: Annotated[str, typer.Option(help="nsga2 (multi-objective) or tpe (constrained)")] = "nsga2",
+    threads: ThreadsOpt = 1,
+    iterations: Annotated[int, typer.Option(min=5, help="timed runs at batch 1 per candidate")] = 200,
+    seed: SeedOpt = 0,
+) -> None:
+    """Search the compression recipe that meets a budget, every candidate measured on the target runtime."""
+    from keiryo.search.constraints import parse_constraint
+    from keiryo.search.optimize import OptimizeConfig
+    from keiryo.search.optimize import optimize as run_optimize
+
+    cons = _budget(max_accuracy_drop)
+    for metric, bound, op in (
+        ("latency_p95_ms", max_latency_ms, "<="),
+        ("size_mb", max_size_mb, "<="),
+        ("fidelity", min_fidelity, ">="),
+    ):
+        if bound is not None:
+            cons.append(_constraint(metric, op, bound))
+    cons += [parse_constraint(c) for c in constraint or []]
+    cfg = OptimizeConfig.parse(
+        {
+            "target": target,
+            "constraints": [c.model_dump() for c in cons],
+            "trials": trials,
+            "timeout_s": timeout,
+            "stop_when_met": stop_when_met,
+            "executor": executor,
+            "address": address,
+            "workers": workers,
+            "sampler": sampler,
+            "seed": seed,
+            **({"templates": template} if template else {}),
+        },
+        where="optimize options",
+    )
+    opts = _bench_opts(threads, iterations, None, False, seed)
+    handle, splits = _load(model, model_opt, weights, data, data_opt, seed)
+    results = run_optimize(handle, splits, out, cfg, opts, resume=resume, overwrite=overwrite, require_met=require_met)
+    _print_results(results, out)
+    _console().print(f"report: {out / 'report.html'}", highlight=False)
 
 
 @app.command()

@@ -52,6 +52,16 @@ class DataSplits:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
 
+    def fingerprint(self) -> str:
+        """sha256 over the split tensors: equal data, equal fingerprint."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for split in (self.train, self.val, self.test, self.calib):
+            h.update(split.x.numpy().tobytes())
+            h.update(split.y.numpy().tobytes())
+        return h.hexdigest()
+
     def summary(self) -> dict[str, Any]:
         return {
             "source": self.spec.source,

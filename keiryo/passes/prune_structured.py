@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from keiryo.config import KeiryoConfig
-from keiryo.errors import BackendUnavailableError, PassError
+from keiryo.errors import PassError
 from keiryo.passes import PassContext, PassResult, register_pass
 from keiryo.passes._state import FinetuneConfig, constrain, finetune, output_layer, prunable_layers
 
@@ -32,10 +32,8 @@ class StructuredPruneConfig(KeiryoConfig):
 
 
 def _tp() -> Any:
-    try:
-        import torch_pruning as tp
-    except ImportError as e:
-        raise BackendUnavailableError("torch-pruning", "prune") from e
+    import torch_pruning as tp  # a core dependency, imported only when pruning
+
     return tp
 
 

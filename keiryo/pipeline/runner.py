@@ -24,9 +24,10 @@ from keiryo.config import KeiryoConfig
 from keiryo.data import DataSplits
 from keiryo.errors import ConfigError
 from keiryo.evaluate import accuracy, fidelity, predict, size_of
-from keiryo.export import ParityConfig, check_parity, export, get_exporter
+from keiryo.export import Artifact, ParityConfig, check_parity, export, get_exporter
 from keiryo.model import ModelHandle, save_weights
 from keiryo.passes import PassContext
+from keiryo.pipeline.cache import StepCache
 from keiryo.pipeline.recipe import Recipe
 from keiryo.runtime import open_session
 from keiryo.search.constraints import Constraint, check_constraints, select_best
@@ -81,12 +82,15 @@ def run_recipe(
     baseline: Baseline,
     opts: RunOptions | None = None,
     memo: dict[str, tuple[ModelHandle, dict[str, Any]]] | None = None,
+    cache: StepCache | None = None,
+    bench_lock: str | Path | None = None,
 ) -> dict[str, Any]:
     """Apply ``recipe`` to a copy of ``handle``; return the candidate's record (artifact inside ``workdir``).
 
     ``memo`` (shared across recipes of one run) holds torch-stage results by a hash of the
-    input model and the steps so far, so recipes with a common prefix (the same pruning
-    and distillation) compute it once.
+    input model and the steps so far; ``cache`` (on disk, across runs and processes) holds
+    the exported file after all torch-stage steps. Either way a recipe sharing a prefix
+    (the same pruning and distillation) does not compute it again.
     """
     opts = opts or RunOptions()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -95,62 +99,29 @@ def run_recipe(
         data=data, workdir=workdir, seed=opts.seed, threads=opts.bench.threads, progress=opts.progress, teacher=handle
     )
     steps_cfg = recipe.step_configs()
-    model: Any = handle.clone() if any(spec.stage == "torch" for spec, _ in steps_cfg) else handle
-    effects: list[dict[str, Any]] = []
-    exporter = get_exporter(recipe.target)
-    artifact = None
-    parity = None
+    n_torch = sum(spec.stage == "torch" for spec, _ in steps_cfg)  # validated: torch-level steps come first
+    artifact, parity, effects, params, macs = _torch_stage(recipe, steps_cfg[:n_torch], handle, data, ctx, opts, memo, cache)
     from keiryo.passes import apply
 
-    def ensure_exported() -> None:
-        nonlocal artifact, parity
-        if artifact is not None:
-            return
-        artifact = export(model, recipe.target, workdir / f"export{exporter.suffix}")
-        with open_session(exporter.runtime, artifact.path, opts.bench.threads) as s:
-            parity = check_parity(model.module, s, data.test.x, opts.parity, f"{recipe.name}: {recipe.target} export")
-        effects.append(
-            {"type": f"export.{recipe.target}", "stage": "export", **size_of(artifact.path).to_dict(), "parity": parity.to_dict()}
-        )
-
-    prefix_key = handle.content_hash()
-    for i, (spec, cfg) in enumerate(steps_cfg):
-        ctx.step_index = i + 1
-        if spec.stage == "torch" and memo is not None:
-            prefix_key = hashlib.sha256(f"{prefix_key}|{spec.name}|{cfg.to_json()}|{opts.seed}".encode()).hexdigest()
-            if prefix_key in memo:
-                cached, effect = memo[prefix_key]
-                model = cached.clone()
-                effects.append({**effect, "cached": True})
-                _log(opts, f"  [{recipe.name}] step {i + 1}/{len(steps_cfg)}: {spec.name} (same as an earlier recipe: reused)")
-                continue
-        _log(opts, f"  [{recipe.name}] step {i + 1}/{len(steps_cfg)}: {spec.name}")
-        if spec.stage != "torch":
-            ensure_exported()
-            res = apply(artifact, cfg, ctx)
-            artifact = res.model
-            effects.append({"type": spec.name, "stage": spec.stage, **size_of(artifact.path).to_dict(), "info": res.info})
-        else:
-            res = apply(model, cfg, ctx)
-            model = res.model
-            effects.append({"type": spec.name, "stage": "torch", **torch_step_effect(model, data), "info": res.info})
-            if memo is not None:
-                memo[prefix_key] = (model.clone(), effects[-1])
-    ensure_exported()
-    assert artifact is not None and parity is not None
+    for i, (spec, cfg) in enumerate(steps_cfg[n_torch:], start=n_torch + 1):
+        _log(opts, f"  [{recipe.name}] step {i}/{len(steps_cfg)}: {spec.name}")
+        ctx.step_index = i
+        res = apply(artifact, cfg, ctx)
+        artifact = res.model
+        effects.append({"type": spec.name, "stage": spec.stage, **size_of(artifact.path).to_dict(), "info": res.info})
     with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
         logits = predict(s, data.test.x)
     acc = accuracy(logits, data.test.y)
-    bench = measure_file(artifact.path, artifact.runtime, data.test.x[:1].numpy(), opts.bench)
+    bench = measure_file(artifact.path, artifact.runtime, data.test.x[:1].numpy(), opts.bench, lock=bench_lock)
     metrics = {
         "accuracy": acc,
         "accuracy_drop": round((baseline.accuracy - acc) * 100, 4),
         "fidelity": fidelity(logits, baseline.pred),
         **size_of(artifact.path).to_dict(),
-        "params": model.num_params(),
-        "macs": model.macs(),
+        "params": params,
+        "macs": macs,
         **bench.to_dict(),
-        "export_parity": parity.to_dict(),
+        "export_parity": parity,
     }
     metrics["size_mb"] = metrics["size_bytes"] / 1e6
     return {
@@ -164,6 +135,73 @@ def run_recipe(
         "status": "ok",
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _torch_stage(
+    recipe: Recipe,
+    torch_steps: list[tuple[Any, Any]],
+    handle: ModelHandle,
+    data: DataSplits,
+    ctx: PassContext,
+    opts: RunOptions,
+    memo: dict[str, tuple[ModelHandle, dict[str, Any]]] | None,
+    cache: StepCache | None,
+) -> tuple[Artifact, dict[str, Any], list[dict[str, Any]], int, int]:
+    """Torch-level steps then the export with its parity check: (artifact, parity, effects, params, MACs)."""
+    from keiryo.passes import apply
+
+    exporter = get_exporter(recipe.target)
+    out = ctx.workdir / f"export{exporter.suffix}"
+    key = None
+    if cache is not None and torch_steps:
+        steps = [s.model_dump(mode="json") for s in recipe.steps[: len(torch_steps)]]
+        key = StepCache.key(handle.content_hash(), data.fingerprint(), steps, recipe.target, opts.seed)
+        hit = cache.get(key)
+        if hit is not None:
+            _log(opts, f"  [{recipe.name}] torch-level steps found in the step cache: reused")
+            shutil.copy2(hit[0], out)
+            meta = hit[1]
+            art = Artifact(out, exporter.format, exporter.runtime, meta["input_names"], meta["output_names"], meta["info"])
+            return art, meta["parity"], [{**e, "cached": True} for e in meta["effects"]], meta["params"], meta["macs"]
+    model = handle
+    effects: list[dict[str, Any]] = []
+    prefix_key = handle.content_hash()
+    for i, (spec, cfg) in enumerate(torch_steps, start=1):
+        ctx.step_index = i
+        if memo is not None:
+            prefix_key = hashlib.sha256(f"{prefix_key}|{spec.name}|{cfg.to_json()}|{opts.seed}".encode()).hexdigest()
+            if prefix_key in memo:
+                cached, effect = memo[prefix_key]
+                model = cached.clone()
+                effects.append({**effect, "cached": True})
+                _log(opts, f"  [{recipe.name}] step {i}: {spec.name} (same as an earlier recipe: reused)")
+                continue
+        _log(opts, f"  [{recipe.name}] step {i}: {spec.name}")
+        res = apply(model, cfg, ctx)
+        model = res.model
+        effects.append({"type": spec.name, "stage": "torch", **torch_step_effect(model, data), "info": res.info})
+        if memo is not None:
+            memo[prefix_key] = (model.clone(), effects[-1])
+    artifact = export(model, recipe.target, out)
+    with open_session(exporter.runtime, artifact.path, opts.bench.threads) as s:
+        parity = check_parity(model.module, s, data.test.x, opts.parity, f"{recipe.name}: {recipe.target} export").to_dict()
+    effects.append({"type": f"export.{recipe.target}", "stage": "export", **size_of(artifact.path).to_dict(), "parity": parity})
+    params, macs = model.num_params(), model.macs()
+    if key is not None and cache is not None:
+        cache.put(
+            key,
+            artifact.path,
+            {
+                "input_names": artifact.input_names,
+                "output_names": artifact.output_names,
+                "info": artifact.info,
+                "parity": parity,
+                "effects": effects,
+                "params": params,
+                "macs": macs,
+            },
+        )
+    return artifact, parity, effects, params, macs
 
 
 def torch_step_effect(model: ModelHandle, data: DataSplits) -> dict[str, Any]:

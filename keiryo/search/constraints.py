@@ -56,6 +56,27 @@ class Constraint(KeiryoConfig):
         return f"{self.metric} {self.op} {self.bound:g}"
 
 
+def parse_constraint(text: str) -> Constraint:
+    """'latency_p95_ms<=2.5' -> Constraint."""
+    import re
+
+    from keiryo.errors import ConfigError
+
+    m = re.fullmatch(r"\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*(-?[0-9.eE+-]+)\s*", text)
+    if not m:
+        raise ConfigError(f"constraint {text!r}: expected METRIC<=BOUND (or <, >=, >), e.g. latency_p95_ms<=2")
+    return Constraint.parse({"metric": m.group(1), "op": m.group(2), "bound": float(m.group(3))}, where=f"constraint {text!r}")
+
+
+def violation(c: Constraint, metrics: dict[str, Any]) -> float:
+    """How far ``metrics`` is from meeting ``c`` (<= 0: met), relative to the bound; missing metric: 1."""
+    value = metrics.get(c.metric)
+    if value is None:
+        return 1.0
+    scale = max(abs(c.bound), 1e-9)
+    return float((value - c.bound) / scale if c.op in ("<=", "<") else (c.bound - value) / scale)
+
+
 def check_constraints(constraints: Sequence[Constraint], metrics: dict[str, Any]) -> list[str]:
     """The constraints that ``metrics`` violate, as text (empty: all met)."""
     return [str(c) for c in constraints if not c.holds(metrics)]

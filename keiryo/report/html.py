@@ -1,0 +1,185 @@
+"""``report.html`` (self-contained, opens offline) and ``pareto.png`` for a results.json."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _budget(results: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(lowest accuracy allowed, highest p95 allowed) from the constraints, for the plot's budget lines."""
+    acc_floor = lat_ceiling = None
+    base = results["baseline"]["metrics"]["accuracy"]
+    for c in results.get("constraints", []):
+        if c["metric"] == "accuracy_drop":
+            acc_floor = base - c["bound"] / 100
+        elif c["metric"] == "accuracy" and c["op"] in (">=", ">"):
+            acc_floor = c["bound"]
+        elif c["metric"] == "latency_p95_ms":
+            lat_ceiling = c["bound"]
+    return acc_floor, lat_ceiling
+
+
+def pareto_png(results: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [c for c in results["candidates"] if c.get("status") == "ok"]
+    front = set(results.get("search", {}).get("pareto_front", []))
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    sizes = [c["metrics"]["size_bytes"] for c in ok] or [1]
+    smax = max(sizes)
+    for c in ok:
+        m = c["metrics"]
+        meets = not c.get("constraints_violated")
+        color = "#1a9850" if meets else "#999999"
+        marker = "*" if c["name"] == results.get("best") else ("D" if c["name"] in front else "o")
+        ax.scatter(
+            m["latency_p95_ms"],
+            m["accuracy"] * 100,
+            s=40 + 400 * m["size_bytes"] / smax,
+            c=color,
+            marker=marker,
+            alpha=0.75,
+            edgecolors="black",
+            linewidths=0.5,
+        )
+        if c["name"] in front or c["name"] in ("fp32", results.get("best")):
+            ax.annotate(
+                c["name"], (m["latency_p95_ms"], m["accuracy"] * 100), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            )
+    acc_floor, lat_ceiling = _budget(results)
+    if acc_floor is not None:
+        ax.axhline(acc_floor * 100, color="#d73027", linestyle="--", linewidth=1, label="accuracy budget")
+    if lat_ceiling is not None:
+        ax.axvline(lat_ceiling, color="#4575b4", linestyle="--", linewidth=1, label="latency budget")
+    cpu = results["machine"]["cpu"]
+    ax.set_xlabel(f"p95 latency at batch 1 (ms), {results['machine'].get('threads', 1)} thread(s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"candidates on {cpu['model']} (marker size = file size; * best, diamond = Pareto front)", fontsize=9)
+    if acc_floor is not None or lat_ceiling is not None:
+        ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+_SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach((th, i) => th.addEventListener('click', () => {
+  const tbody = th.closest('table').tBodies[0];
+  const rows = Array.from(tbody.rows);
+  const asc = th.dataset.dir !== 'asc';
+  th.closest('tr').querySelectorAll('th').forEach(h => delete h.dataset.dir);
+  th.dataset.dir = asc ? 'asc' : 'desc';
+  const val = r => { const t = r.cells[i].dataset.v ?? r.cells[i].textContent; const n = parseFloat(t); return isNaN(n) ? t : n; };
+  rows.sort((a, b) => { const x = val(a), y = val(b); return (x > y ? 1 : x < y ? -1 : 0) * (asc ? 1 : -1); });
+  rows.forEach(r => tbody.appendChild(r));
+}));
+"""
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right} th{background:#f3f3f3;cursor:pointer}
+td:first-child,th:first-child{text-align:left} tr.best{background:#e6f5e6} tr.failed{color:#a00}
+pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px} .note{color:#555;font-size:13px}
+"""
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{v * 100:.2f}"
+
+
+def _row(c: dict[str, Any], best: str | None) -> str:
+    e = html.escape
+    if c.get("status") != "ok":
+        return f'<tr class="failed"><td>{e(c["name"])}</td><td colspan="9" style="text-align:left">failed: {e(str(c.get("error")))}</td></tr>'
+    m = c["metrics"]
+    cells = [
+        (f"{m['accuracy'] * 100:.2f}", m["accuracy"]),
+        (f"{m['accuracy_drop']:.2f}", m["accuracy_drop"]),
+        (f"{m['fidelity'] * 100:.2f}", m["fidelity"]),
+        (f"{m['size_bytes'] / 1e6:.3f}", m["size_bytes"]),
+        (f"{m['size_gzip_bytes'] / 1e6:.3f}", m["size_gzip_bytes"]),
+        (f"{m['latency_p50_ms']:.3f}", m["latency_p50_ms"]),
+        (f"{m['latency_p95_ms']:.3f}", m["latency_p95_ms"]),
+        (f"{m.get('macs', 0) / 1e6:.2f}", m.get("macs", 0)),
+        ("; ".join(c.get("constraints_violated") or []) or "yes", 0 if c.get("constraints_violated") else 1),
+    ]
+    cls = ' class="best"' if c["name"] == best else ""
+    tds = "".join(f'<td data-v="{v}">{e(t)}</td>' for t, v in cells)
+    return f"<tr{cls}><td>{e(c['name'])}</td>{tds}</tr>"
+
+
+def render_html(results: dict[str, Any], png: bytes) -> str:
+    e = html.escape
+    best = results.get("best")
+    cands = results["candidates"]
+    b = next((c for c in cands if c["name"] == best), None)
+    rows = "".join(_row(c, best) for c in cands)
+    cons = ", ".join(f"{c['metric']} {c['op']} {c['bound']:g}" for c in results.get("constraints", [])) or "none"
+    search = results.get("search", {})
+    best_html = "<p><b>No candidate meets the budget.</b> Closest: " + e(json.dumps(search.get("closest", []))) + "</p>"
+    if b is not None:
+        steps = "".join(
+            f"<tr><td>{e(s['type'])}</td><td>{e(s.get('stage', ''))}</td><td>{s.get('params', '')}</td>"
+            f"<td>{s.get('macs', '')}</td><td>{s.get('size_bytes', '')}</td><td>{s.get('size_gzip_bytes', '')}</td>"
+            f"<td>{_pct(s.get('accuracy'))}</td></tr>"
+            for s in b.get("steps", [])
+        )
+        best_html = (
+            f"<h2>Chosen: {e(best or '')}</h2><pre>{e(yaml.safe_dump(b['recipe'], sort_keys=False))}</pre>"
+            "<h3>Effect of each step</h3><table><tr><th>step</th><th>stage</th><th>params</th><th>MACs</th>"
+            f"<th>size bytes</th><th>gzip bytes</th><th>accuracy %</th></tr>{steps}</table>"
+        )
+    cfg = search.get("config", {})
+    cmd = ["keiryo optimize", f"--model {results['model']['source']}"]
+    cmd += [f"--model-opt {k}={v}" for k, v in results["model"].get("options", {}).items()]
+    cmd += [f"--data {results['data']['source']}"] + [
+        f"--data-opt {k}={v}" for k, v in results["data"].get("options", {}).items()
+    ]
+    flag = {
+        "accuracy_drop": "--max-accuracy-drop",
+        "latency_p95_ms": "--max-latency-ms",
+        "size_mb": "--max-size-mb",
+        "fidelity": "--min-fidelity",
+    }
+    cmd += [f"{flag[c['metric']]} {c['bound']:g}" for c in results.get("constraints", []) if c["metric"] in flag]
+    if cfg:
+        cmd += [f"--target {cfg.get('target', 'onnx')}", f"--trials {cfg.get('trials')}", f"--seed {cfg.get('seed', 0)}"]
+    cmd += ["--out DIR"]
+    machine = results["machine"]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>keiryo report</title><style>{_CSS}</style></head><body>
+<h1>keiryo: {e(results["model"]["source"])} on {e(results["data"]["source"])}</h1>
+<p class="note">Budget: {e(cons)}. Baseline (torch) accuracy {results["baseline"]["metrics"]["accuracy"] * 100:.2f}%.
+Every figure was measured by running the exported file on its runtime ({e(machine["cpu"]["model"])},
+int8 dot-product: {e(", ".join(machine["cpu"]["int8_isa"]) or "none")}, {machine.get("threads", 1)} thread(s)).
+{("Trials: " + str(search.get("trials_finished")) + ", failed: " + str(search.get("trials_failed")) + ", " + str(search.get("seconds")) + " s.") if search else ""}</p>
+<img alt="Pareto plot: accuracy against p95 latency" src="data:image/png;base64,{base64.b64encode(png).decode()}">
+{best_html}
+<h2>All candidates</h2><p class="note">Click a column to sort.</p>
+<table class="sortable"><thead><tr><th>name</th><th>acc %</th><th>drop pt</th><th>fidelity %</th><th>size MB</th>
+<th>gzip MB</th><th>p50 ms</th><th>p95 ms</th><th>MMACs</th><th>meets budget</th></tr></thead><tbody>{rows}</tbody></table>
+<h2>Reproduce</h2><pre>{e(" ".join(cmd))}</pre>
+<h2>Machine and libraries</h2><pre>{e(json.dumps(machine, indent=2))}</pre>
+<script>{_SORT_JS}</script></body></html>"""
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    png = pareto_png(results)
+    (out / "pareto.png").write_bytes(png)
+    p = out / "report.html"
+    p.write_text(render_html(results, png), encoding="utf-8")
+    return p

@@ -1,0 +1,140 @@
+"""Where trials run: in this process (default) or as Ray tasks on an existing Ray cluster.
+
+A trial is a plain-data :class:`Job`; :func:`evaluate_job` rebuilds the model and data
+from their specs (weights from the search's ``baseline.safetensors``), runs the recipe
+and returns the candidate record with the artifact's bytes, so it works on any node.
+
+Latency is only comparable if measurements do not overlap: every measurement takes a
+machine-wide file lock (``bench_lock``), so parallel trials on one machine keep training
+and quantizing side by side but time one at a time. Across nodes, :func:`optimize`
+re-measures the final Pareto front on the driver, one candidate after another.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keiryo.errors import BackendUnavailableError, KeiryoError
+
+
+@dataclass
+class Job:
+    number: int
+    recipe: dict[str, Any]
+    model_spec: dict[str, Any]
+    data_spec: dict[str, Any]
+    options: dict[str, Any]  # RunOptions as JSON
+    baseline_pred: list[int]
+    baseline_accuracy: float
+    cache_dir: str | None = None
+    bench_lock: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_job(job: Job, handle: Any = None, data: Any = None) -> dict[str, Any]:
+    """Evaluate one trial; never raises: a failure comes back as ``{"status": "failed", "error": ...}``."""
+    try:
+        from keiryo.data import DataSpec, load_data
+        from keiryo.model import ModelSpec, load_model
+        from keiryo.pipeline.cache import StepCache
+        from keiryo.pipeline.recipe import Recipe
+        from keiryo.pipeline.runner import Baseline, RunOptions, run_recipe
+
+        if data is None:
+            data = load_data(DataSpec(**job.data_spec))
+        if handle is None:
+            handle = load_model(ModelSpec(**job.model_spec), data.input_shape, data.num_classes)
+        opts = RunOptions(**job.options)
+        baseline = Baseline(handle, np.asarray(job.baseline_pred), job.baseline_accuracy)
+        recipe = Recipe(**job.recipe)
+        cache = StepCache(job.cache_dir) if job.cache_dir else None
+        with tempfile.TemporaryDirectory(prefix="keiryo-trial-") as td:
+            cand = run_recipe(recipe, handle, data, Path(td), baseline, opts, cache=cache, bench_lock=job.bench_lock)
+            path = cand.pop("artifact_path")
+            cand["artifact_bytes"] = path.read_bytes()
+            cand["artifact_suffix"] = path.suffix
+        return cand
+    except KeiryoError as e:
+        return {"name": job.recipe.get("name"), "recipe": job.recipe, "status": "failed", "error": str(e)}
+    except Exception as e:  # a crashing trial is recorded, the search goes on
+        last = traceback.format_exc().strip().splitlines()[-1]
+        return {
+            "name": job.recipe.get("name"),
+            "recipe": job.recipe,
+            "status": "failed",
+            "error": f"{type(e).__name__}: {e} ({last[:200]})",
+        }
+
+
+class LocalExecutor:
+    """Runs trials one at a time in this process (the model and data are already in memory)."""
+
+    def __init__(self, handle: Any, data: Any):
+        self.handle, self.data = handle, data
+        self._done: deque[tuple[Job, dict[str, Any]]] = deque()
+
+    @property
+    def slots(self) -> int:
+        return 1
+
+    def submit(self, job: Job) -> None:
+        self._done.append((job, run_job(job, self.handle, self.data)))
+
+    def next_done(self) -> tuple[Job, dict[str, Any]]:
+        return self._done.popleft()
+
+    def pending(self) -> int:
+        return len(self._done)
+
+    def close(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """Runs trials as Ray tasks (one CPU each) on an existing cluster, or a local Ray instance."""
+
+    def __init__(self, address: str | None, slots: int | None = None):
+        try:
+            import ray
+        except ImportError as e:
+            raise BackendUnavailableError("ray", "distributed") from e
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self._slots = max(1, min(slots or cpus, cpus))
+        self._remote = ray.remote(num_cpus=1, max_retries=0)(run_job)
+        self._inflight: dict[Any, Job] = {}
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def submit(self, job: Job) -> None:
+        self._inflight[self._remote.remote(job)] = job
+
+    def next_done(self) -> tuple[Job, dict[str, Any]]:
+        ready, _ = self.ray.wait(list(self._inflight), num_returns=1)
+        job = self._inflight.pop(ready[0])
+        try:
+            return job, self.ray.get(ready[0])
+        except Exception as e:  # the worker died
+            return job, {
+                "name": job.recipe.get("name"),
+                "recipe": job.recipe,
+                "status": "failed",
+                "error": f"ray task failed: {e}",
+            }
+
+    def pending(self) -> int:
+        return len(self._inflight)
+
+    def close(self) -> None:
+        pass

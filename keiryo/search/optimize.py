@@ -1,0 +1,301 @@
+"""``optimize``: search recipes under a budget, measuring every candidate on the target runtime.
+
+The output directory holds the search as it goes (``study.db``: Optuna's storage;
+``trials/NNNN/``: each finished trial's file and record, written atomically before the
+trial is reported). ``results.json``, ``report.html``, ``pareto.png`` and ``best/`` are
+written at the end, so a folder without ``results.json`` is visibly unfinished, and
+``--resume`` continues it without recomputing any completed trial.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from keiryo.config import KeiryoConfig
+from keiryo.errors import ConfigError, ConstraintNotMetError
+from keiryo.search.constraints import Constraint, check_constraints, select_best, violation
+from keiryo.search.space import TEMPLATES
+
+
+class OptimizeConfig(KeiryoConfig):
+    target: str = "onnx"
+    constraints: list[Constraint] = Field(default_factory=list)
+    templates: list[str] = Field(default_factory=lambda: list(TEMPLATES))
+    trials: int = Field(20, ge=1)
+    timeout_s: float | None = Field(None, gt=0)
+    stop_when_met: bool = False
+    executor: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int | None = Field(None, ge=1)
+    sampler: Literal["nsga2", "tpe"] = "nsga2"
+    seed: int = 0
+    remeasure_front: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimizeConfig:
+        unknown = [t for t in self.templates if t not in TEMPLATES]
+        if unknown:
+            raise ValueError(f"unknown search templates {unknown}; expected some of {list(TEMPLATES)}")
+        check_contradictions(self.constraints)
+        return self
+
+
+def check_contradictions(constraints: list[Constraint]) -> None:
+    """A lower bound above an upper bound on the same metric can never be met: say so before any work."""
+    for a in constraints:
+        for b in constraints:
+            if a.metric == b.metric and a.op in ("<=", "<") and b.op in (">=", ">") and b.bound > a.bound:
+                raise ValueError(f"contradictory budget: {b} and {a} cannot both hold")
+
+
+def pareto_front(cands: list[dict[str, Any]]) -> list[str]:
+    """Names of the candidates no other candidate beats on p95, size and accuracy at once."""
+    ok = [c for c in cands if c.get("status") == "ok"]
+
+    def key(c: dict[str, Any]) -> tuple[float, float, float]:
+        m = c["metrics"]
+        return (m["latency_p95_ms"], m["size_bytes"], -m["accuracy"])
+
+    front = []
+    for c in ok:
+        kc = key(c)
+        if not any(all(x <= y for x, y in zip(key(o), kc, strict=True)) and key(o) != kc for o in ok):
+            front.append(c["name"])
+    return front
+
+
+def _write_atomic_dir(final: Path, files: dict[str, bytes]) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_trials(out: Path) -> list[dict[str, Any]]:
+    cands = []
+    for f in sorted(out.glob("trials/*/candidate.json")):
+        cands.append(json.loads(f.read_text()))
+    return cands
+
+
+def optimize(
+    handle: Any,
+    data: Any,
+    out_dir: str | Path,
+    cfg: OptimizeConfig,
+    opts: Any = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    require_met: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    from keiryo.benchmark import measure_file
+    from keiryo.model import save_weights
+    from keiryo.pipeline.recipe import load_recipe
+    from keiryo.pipeline.runner import RunOptions, _log, measure_baseline, run_recipe
+    from keiryo.report.html import write_report
+    from keiryo.report.results import build_results, write_results
+    from keiryo.search.executors import Job, LocalExecutor, RayExecutor
+    from keiryo.search.strategy import OptunaStrategy
+
+    opts = opts or RunOptions(progress=progress)
+    out = Path(out_dir)
+    state = out / "search.json"
+    if resume:
+        if not state.is_file():
+            raise ConfigError(f"{out}: nothing to resume (no search.json); start a search without --resume")
+        saved = json.loads(state.read_text())
+        if saved["model_hash"] != handle.content_hash():
+            raise ConfigError(f"{out}: the search was started with another model (content hash differs); use another --out")
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{out}: output directory exists and is not empty; pass --resume, --overwrite or another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cache").mkdir(exist_ok=True)
+    weights = out / "baseline.safetensors"
+    if not resume:
+        save_weights(handle.module, weights, {"source": handle.spec.source})
+        state.write_text(json.dumps({"model_hash": handle.content_hash(), "config": cfg.model_dump(mode="json")}, indent=2))
+    t_start = time.monotonic()
+    _log(opts, f"measuring baseline (torch, {opts.bench.threads} thread(s))")
+    baseline = measure_baseline(handle, data, opts)
+    lock = str(out / ".bench.lock")
+    ref_file = out / "reference" / "candidate.json"
+    if ref_file.is_file():
+        reference = json.loads(ref_file.read_text())
+    else:
+        _log(opts, "measuring the fp32 reference on the target runtime")
+        with tempfile.TemporaryDirectory() as td:
+            reference = run_recipe(
+                load_recipe("fp32", target=cfg.target), handle, data, Path(td), baseline, opts, bench_lock=lock
+            )
+            path = reference.pop("artifact_path")
+            reference["artifact"] = f"reference/model{path.suffix}"
+            _write_atomic_dir(
+                out / "reference",
+                {f"model{path.suffix}": path.read_bytes(), "candidate.json": json.dumps(reference, indent=2).encode()},
+            )
+    strategy = OptunaStrategy(out / "study.db", cfg.templates, cfg.constraints, cfg.target, cfg.sampler, cfg.seed, resume)
+    done_before = len(strategy.finished())
+    if resume:
+        _log(opts, f"resuming: {len(strategy.completed())} completed trial(s) kept, {done_before} finished in all")
+    model_spec = handle.spec.model_copy(update={"weights": str(weights)}).model_dump(mode="json")
+    base_job = {
+        "model_spec": model_spec,
+        "data_spec": data.spec.model_dump(mode="json"),
+        "options": opts.model_dump(mode="json"),
+        "baseline_pred": baseline.pred.tolist(),
+        "baseline_accuracy": baseline.accuracy,
+        "cache_dir": str(out / "cache"),
+        "bench_lock": lock,
+    }
+    executor: Any = LocalExecutor(handle, data) if cfg.executor == "local" else RayExecutor(cfg.address, cfg.workers)
+    pending: dict[int, Any] = {}
+    finished = done_before
+    submitted = done_before
+    met = False
+    bar = _progress(progress, cfg.trials, finished)
+
+    def timed_out() -> bool:
+        return cfg.timeout_s is not None and time.monotonic() - t_start > cfg.timeout_s
+
+    try:
+        while finished < cfg.trials:
+            while (
+                len(pending) < executor.slots and submitted < cfg.trials and not (met and cfg.stop_when_met) and not timed_out()
+            ):
+                cand = strategy.suggest()
+                pending[cand.number] = cand
+                submitted += 1
+                if bar:
+                    bar.update(0, status=f"trial {cand.number}: {cand.recipe.name.split('-', 1)[1]}")
+                executor.submit(Job(cand.number, cand.recipe.to_dict(), **base_job))
+            if not pending:
+                break
+            job, res = executor.next_done()
+            cand = pending.pop(job.number)
+            res["trial"] = job.number
+            res["params"] = cand.params
+            if res.get("status") == "ok":
+                blob, suffix = res.pop("artifact_bytes"), res.pop("artifact_suffix")
+                res["artifact"] = f"trials/{job.number:04d}/model{suffix}"
+                res["constraints_violated"] = check_constraints(cfg.constraints, res["metrics"])
+                _write_atomic_dir(
+                    out / "trials" / f"{job.number:04d}",
+                    {f"model{suffix}": blob, "candidate.json": json.dumps(res, indent=2).encode()},
+                )
+                strategy.report(cand, res["metrics"])
+                met = met or not res["constraints_violated"]
+            else:
+                _write_atomic_dir(out / "trials" / f"{job.number:04d}", {"candidate.json": json.dumps(res, indent=2).encode()})
+                strategy.report(cand, None, res.get("error"))
+                _log(opts, f"trial {job.number} failed: {res.get('error')}")
+            finished += 1
+            if bar:
+                bar.update(0, advance=1, status=_status(res))
+            if (met and cfg.stop_when_met) or timed_out():
+                if not pending:
+                    break
+    finally:
+        if bar:
+            bar.stop()
+        executor.close()
+    cands = [reference] + _load_trials(out)
+    for c in cands:
+        if c.get("status") == "ok":
+            c["constraints_violated"] = check_constraints(cfg.constraints, c["metrics"])
+    front = pareto_front(cands)
+    if cfg.remeasure_front and front:
+        _log(opts, f"re-measuring the Pareto front ({len(front)} candidates) one after another on this machine")
+        sample = data.test.x[:1].numpy()
+        for c in cands:
+            if c["name"] in front:
+                r = measure_file(out / c["artifact"], c["runtime"], sample, opts.bench, lock=lock)
+                c["metrics"]["search_latency_p95_ms"] = c["metrics"]["latency_p95_ms"]
+                c["metrics"].update({k: v for k, v in r.to_dict().items() if k.startswith("latency") or k == "throughput_per_s"})
+                c["constraints_violated"] = check_constraints(cfg.constraints, c["metrics"])
+        front = pareto_front(cands)
+    best = select_best(cands, cfg.constraints)
+    closest = []
+    if best is None:
+        ok = [c for c in cands if c.get("status") == "ok"]
+        ok.sort(key=lambda c: sum(max(0.0, violation(k, c["metrics"])) for k in cfg.constraints))
+        closest = [{"name": c["name"], "violated": c["constraints_violated"]} for c in ok[:3]]
+    search_info = {
+        "config": cfg.model_dump(mode="json"),
+        "trials_finished": finished,
+        "trials_failed": sum(1 for c in cands if c.get("status") == "failed"),
+        "resumed_with": done_before,
+        "seconds": round(time.monotonic() - t_start, 1),
+        "pareto_front": front,
+        "closest": closest,
+        "met": best is not None,
+    }
+    results = build_results(handle, data, baseline.metrics, cands, best, cfg.constraints, opts, {"search": search_info})
+    if best is not None:
+        b = next(c for c in cands if c["name"] == best)
+        src = out / b["artifact"]
+        _write_atomic_dir(
+            out / "best", {src.name: src.read_bytes(), "recipe.yaml": yaml.safe_dump(b["recipe"], sort_keys=False).encode()}
+        )
+        results["best_artifact"] = f"best/{src.name}"
+    write_results(results, out / "results.json")
+    write_report(results, out)
+    if best is None:
+        names = ", ".join(f"{c['name']} ({'; '.join(c['violated'])})" for c in closest)
+        msg = f"no candidate meets the budget ({', '.join(map(str, cfg.constraints))}); closest: {names or 'none'}"
+        if require_met:
+            raise ConstraintNotMetError(msg)
+        _log(opts, f"[yellow]{msg}[/]")
+    return results
+
+
+def _status(res: dict[str, Any]) -> str:
+    if res.get("status") != "ok":
+        return f"trial {res['trial']} failed"
+    m = res["metrics"]
+    return f"trial {res['trial']}: {m['accuracy']:.2%}, p95 {m['latency_p95_ms']:.3f} ms, {m['size_bytes'] / 1e6:.2f} MB"
+
+
+def _progress(enabled: bool, total: int, done: int) -> Any:
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from keiryo._console import stderr_console
+
+    bar = Progress(
+        TextColumn("[bold]search"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("trials"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=stderr_console(),
+    )
+    bar.add_task("search", total=total, completed=done, status="")
+    bar.start()
+    return bar
