@@ -24,9 +24,9 @@ def _ratios(candidates: list[dict[str, Any]]) -> None:
         return
     r = ref["metrics"]
     for c in candidates:
-        m = c["metrics"]
         if c.get("status") != "ok":
             continue
+        m = c["metrics"]
         m["size_ratio_vs_fp32"] = round(r["size_bytes"] / m["size_bytes"], 3)
         m["speedup_p50_vs_fp32"] = round(r["latency_p50_ms"] / m["latency_p50_ms"], 3)
         m["speedup_p95_vs_fp32"] = round(r["latency_p95_ms"] / m["latency_p95_ms"], 3)

@@ -53,11 +53,11 @@ def results_table(results: dict[str, Any]) -> Table:
         "-",
     )
     for c in results["candidates"]:
-        m = c["metrics"]
         name = c["name"] + (" *" if c["name"] == results.get("best") else "")
         if c.get("status") != "ok":
-            t.add_row(name, c.get("format", "-"), *["-"] * 10, style="red")
+            t.add_row(name, c.get("format", "failed"), *["-"] * 11, style="red")
             continue
+        m = c["metrics"]
         t.add_row(
             name,
             c["format"],

@@ -156,8 +156,15 @@ def optimize(
                 out / "reference",
                 {f"model{path.suffix}": path.read_bytes(), "candidate.json": json.dumps(reference, indent=2).encode()},
             )
-    strategy = OptunaStrategy(out / "study.db", cfg.templates, cfg.constraints, cfg.target, cfg.sampler, cfg.seed, resume)
-    done_before = len(strategy.finished())
+
+    def recorded(number: int) -> dict[str, Any] | None:
+        f = out / "trials" / f"{number:04d}" / "candidate.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    strategy = OptunaStrategy(
+        out / "study.db", cfg.templates, cfg.constraints, cfg.target, cfg.sampler, cfg.seed, resume, recorded
+    )
+    done_before = len(list(out.glob("trials/*/candidate.json")))  # interrupted trials without a record do not count
     if resume:
         _log(opts, f"resuming: {len(strategy.completed())} completed trial(s) kept, {done_before} finished in all")
     model_spec = handle.spec.model_copy(update={"weights": str(weights)}).model_dump(mode="json")

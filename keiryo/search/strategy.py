@@ -9,6 +9,7 @@ Trials live in Optuna's storage on disk: a resumed search skips completed trials
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +35,10 @@ def _optuna() -> Any:
         import optuna
     except ImportError as e:
         raise BackendUnavailableError("optuna", "search") from e
+    import warnings
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 
 
@@ -48,6 +52,7 @@ class OptunaStrategy:
         sampler: Literal["nsga2", "tpe"] = "nsga2",
         seed: int = 0,
         resume: bool = False,
+        recorded: Callable[[int], dict[str, Any] | None] | None = None,
     ):
         optuna = _optuna()
         self.optuna = optuna
@@ -76,14 +81,25 @@ class OptunaStrategy:
             for params in first_trials(templates):
                 self.study.enqueue_trial(params, skip_if_exists=True)
         else:
-            self._requeue_interrupted()
+            self._reconcile_interrupted(recorded or (lambda _n: None))
 
-    def _requeue_interrupted(self) -> None:
-        """Trials left RUNNING by a killed process are failed and enqueued again (completed ones are kept)."""
+    def _reconcile_interrupted(self, recorded: Callable[[int], dict[str, Any] | None]) -> None:
+        """Trials left RUNNING by a killed process: if their result was stored, report it (never recompute);
+        otherwise fail them and enqueue the same parameters again."""
         TrialState = self.optuna.trial.TrialState
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            self.study.tell(t.number, state=TrialState.FAIL)
-            self.study.enqueue_trial(t.params, skip_if_exists=False)
+            rec = recorded(t.number)
+            trial = self.optuna.trial.Trial(self.study, t._trial_id)
+            if rec is not None:
+                recipe = Recipe(**rec["recipe"])
+                self.report(
+                    Candidate(t.number, recipe, dict(t.params), trial),
+                    rec.get("metrics") if rec.get("status") == "ok" else None,
+                    rec.get("error"),
+                )
+            else:
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.study.enqueue_trial(t.params, skip_if_exists=False)
 
     def completed(self) -> list[Any]:
         TrialState = self.optuna.trial.TrialState
