@@ -18,6 +18,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from _checks import report
+
 from keiryo.benchmark import BenchConfig, measure_file
 from keiryo.data import load_data
 from keiryo.demo import DEMO_DATA, run_demo
@@ -88,11 +90,7 @@ def main() -> int:
         ),
         ("fp16 fidelity >= 99.5%", f16["fidelity"] >= 0.995, f"{f16['fidelity']:.2%}"),
     ]
-    print()
-    for what, ok, got in checks:
-        print(f"[{'ok' if ok else 'MISSED'}] {what}: {got}")
-    print(f"\nartefacts: {out}")
-    return 0 if all(ok for _, ok, _ in checks) else 1
+    return report(checks, out)
 
 
 if __name__ == "__main__":

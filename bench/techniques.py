@@ -24,6 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from _checks import report
+
 from keiryo.benchmark import BenchConfig, measure_file
 from keiryo.data import load_data
 from keiryo.demo import DEMO_DATA, DEMO_MODEL
@@ -223,11 +225,7 @@ def main() -> int:
             f"PTQ loss {ptq_loss * 100:.2f} pt, QAT loss {qat_loss * 100:.2f} pt",
         ),
     ]
-    print()
-    for what, ok, got in checks:
-        print(f"[{'ok' if ok else 'MISSED'}] {what}: {got}")
-    print(f"\nartefacts: {work}")
-    return 0 if all(ok for _, ok, _ in checks) else 1
+    return report(checks, work)
 
 
 if __name__ == "__main__":

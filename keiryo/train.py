@@ -13,6 +13,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
+from keiryo._console import progress_bar
 from keiryo.config import KeiryoConfig
 from keiryo.data import DataSplits, Split
 from keiryo.errors import DataError
@@ -92,7 +93,7 @@ def train(
     best_acc, best_epoch, best_state = -1.0, 0, copy.deepcopy(module.state_dict())
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    bar = _progress(progress)
+    bar = progress_bar("epochs") if progress else None
     try:
         task = bar.add_task(description, total=cfg.epochs, status="") if bar else None
         epoch = 0
@@ -131,26 +132,3 @@ def train(
     module.load_state_dict(best_state)
     module.eval()
     return TrainResult(epoch, best_epoch, best_acc, accuracy(module, data.test), time.perf_counter() - t0, history)
-
-
-def _progress(enabled: bool):  # type: ignore[no-untyped-def]
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from keiryo._console import stderr_console
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("epochs"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=stderr_console(),
-        transient=False,
-    )
-    bar.start()
-    return bar

@@ -102,7 +102,7 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     },
     "sparse80": {
         "description": "80% unstructured sparsity, gradual with fine-tuning (gzip gain, not speed)",
-        "steps": [_q("prune.unstructured", sparsity=0.8, schedule="gradual", steps=4)],
+        "steps": [_q("prune.unstructured", sparsity=0.8, schedule="gradual", steps=5, finetune={"epochs": 4, "lr": 2e-3})],
     },
     "lowrank": {
         "description": "SVD factorization (rank 25%) with fine-tuning",

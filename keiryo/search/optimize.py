@@ -182,7 +182,12 @@ def optimize(
     finished = done_before
     submitted = done_before
     met = False
-    bar = _progress(progress, cfg.trials, finished)
+    bar = None
+    if progress:
+        from keiryo._console import progress_bar
+
+        bar = progress_bar("trials")
+        bar.add_task("search", total=cfg.trials, completed=finished, status="")
 
     def timed_out() -> bool:
         return cfg.timeout_s is not None and time.monotonic() - t_start > cfg.timeout_s
@@ -283,26 +288,3 @@ def _status(res: dict[str, Any]) -> str:
         return f"trial {res['trial']} failed"
     m = res["metrics"]
     return f"trial {res['trial']}: {m['accuracy']:.2%}, p95 {m['latency_p95_ms']:.3f} ms, {m['size_bytes'] / 1e6:.2f} MB"
-
-
-def _progress(enabled: bool, total: int, done: int) -> Any:
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from keiryo._console import stderr_console
-
-    bar = Progress(
-        TextColumn("[bold]search"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("trials"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=stderr_console(),
-    )
-    bar.add_task("search", total=total, completed=done, status="")
-    bar.start()
-    return bar

@@ -28,14 +28,39 @@ def tiny16(tmp_path_factory, digits):
 
 
 def base_args(w: Path) -> list[str]:
-    return ["optimize", "--model", "keiryo.testing:tiny_cnn", "--model-opt", "width=16", "--weights", str(w), "--iterations", "10"]
+    return [
+        "optimize",
+        "--model",
+        "keiryo.testing:tiny_cnn",
+        "--model-opt",
+        "width=16",
+        "--weights",
+        str(w),
+        "--iterations",
+        "10",
+    ]
 
 
 @pytest.fixture(scope="module")
 def searched(tiny16, tmp_path_factory):
     out = tmp_path_factory.mktemp("opt") / "s"
-    code = main([*base_args(tiny16), "--out", str(out), "--trials", "4", "--template", "ptq", "--template", "ptq_fallback",
-                 "--template", "prune_distill", "--max-accuracy-drop", "2"])
+    code = main(
+        [
+            *base_args(tiny16),
+            "--out",
+            str(out),
+            "--trials",
+            "4",
+            "--template",
+            "ptq",
+            "--template",
+            "ptq_fallback",
+            "--template",
+            "prune_distill",
+            "--max-accuracy-drop",
+            "2",
+        ]
+    )
     assert code == 0
     return out
 
@@ -45,7 +70,12 @@ def test_search_results_report_and_best(searched):
     trials = [c for c in res["candidates"] if c["name"] != "fp32"]
     assert len(trials) == 4
     # cheap first: both PTQ seeds, then fallback, then prune + distill
-    assert [c["name"].split("-", 1)[1] for c in sorted(trials, key=lambda c: c["trial"])] == ["ptq", "ptq", "ptq_fallback", "prune_distill"]
+    assert [c["name"].split("-", 1)[1] for c in sorted(trials, key=lambda c: c["trial"])] == [
+        "ptq",
+        "ptq",
+        "ptq_fallback",
+        "prune_distill",
+    ]
     for c in trials:
         assert c["status"] == "ok" and (searched / c["artifact"]).is_file()
         assert {"accuracy", "fidelity", "latency_p50_ms", "latency_p95_ms", "size_bytes"} <= set(c["metrics"])
@@ -63,7 +93,9 @@ def test_search_results_report_and_best(searched):
 def test_resume_after_kill_9_recomputes_no_completed_trial(tiny16, tmp_path):
     out = tmp_path / "s"
     args = [KEIRYO, *base_args(tiny16), "--out", str(out), "--template", "ptq", "--template", "cluster", "--template", "lowrank"]
-    proc = subprocess.Popen([*args, "--trials", "6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [*args, "--trials", "6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 240
     while time.time() < deadline and len(list(out.glob("trials/*/candidate.json"))) < 2:
         time.sleep(0.2)
@@ -83,8 +115,20 @@ def test_resume_after_kill_9_recomputes_no_completed_trial(tiny16, tmp_path):
 
 def test_infeasible_budget_lists_closest_and_require_met_fails(tiny16, tmp_path, capsys):
     out = tmp_path / "s"
-    code = main([*base_args(tiny16), "--out", str(out), "--trials", "2", "--template", "ptq", "--max-latency-ms", "0.000001",
-                 "--require-met"])
+    code = main(
+        [
+            *base_args(tiny16),
+            "--out",
+            str(out),
+            "--trials",
+            "2",
+            "--template",
+            "ptq",
+            "--max-latency-ms",
+            "0.000001",
+            "--require-met",
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0
     assert "no candidate meets the budget" in err and "closest:" in err
@@ -129,8 +173,9 @@ def test_ray_executor_on_a_local_ray_instance(tiny16, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         out = tmp_path / "s"
-        code = main([*base_args(tiny16), "--out", str(out), "--trials", "3", "--template", "ptq", "--executor", "ray",
-                     "--workers", "2"])
+        code = main(
+            [*base_args(tiny16), "--out", str(out), "--trials", "3", "--template", "ptq", "--executor", "ray", "--workers", "2"]
+        )
         assert code == 0
         res = json.loads((out / "results.json").read_text())
         assert len([c for c in res["candidates"] if c.get("status") == "ok"]) == 4  # fp32 + 3 trials
