@@ -30,7 +30,8 @@ from keiryo.errors import RuntimeSessionError
 class BenchConfig(KeiryoConfig):
     threads: int = Field(1, ge=1, description="intra-op threads of the runtime")
     warmup: int = Field(20, ge=0)
-    iterations: int = Field(200, ge=5, description="timed runs at batch 1")
+    iterations: int = Field(200, ge=5, description="timed runs for the latency percentiles")
+    latency_batch: int = Field(1, ge=1, description="batch size of the latency runs (1: per-request latency)")
     throughput_batch: int = Field(32, ge=1)
     throughput_iterations: int = Field(20, ge=1)
 
@@ -46,6 +47,7 @@ class BenchResult:
     throughput_per_s: float
     threads: int
     peak_rss_mb: float | None
+    latency_batch: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,9 +76,9 @@ def _peak_rss_mb() -> float | None:
 
 
 def run_benchmark(session: Any, sample: np.ndarray, cfg: BenchConfig | None = None, *, rss: bool = False) -> BenchResult:
-    """Time ``session`` on ``sample`` (one input row, batch dim included, batch 1)."""
+    """Time ``session`` on ``sample`` (input rows, batch dim included) at ``cfg.latency_batch``."""
     cfg = cfg or BenchConfig()
-    x1 = np.ascontiguousarray(sample[:1])
+    x1 = np.ascontiguousarray(np.repeat(sample[:1], cfg.latency_batch, axis=0))
     reps = -(-cfg.throughput_batch // len(sample))
     xb = np.ascontiguousarray(np.concatenate([sample] * reps)[: cfg.throughput_batch])
     for _ in range(cfg.warmup):
@@ -102,6 +104,7 @@ def run_benchmark(session: Any, sample: np.ndarray, cfg: BenchConfig | None = No
         float(tput),
         cfg.threads,
         _peak_rss_mb() if rss else None,
+        cfg.latency_batch,
     )
 
 

@@ -74,7 +74,9 @@ def _load(
     return handle, splits
 
 
-def _bench_opts(threads: int, iterations: int, parity_tolerance: float | None, no_parity_check: bool, seed: int) -> Any:
+def _bench_opts(
+    threads: int, iterations: int, parity_tolerance: float | None, no_parity_check: bool, seed: int, batch_size: int = 1
+) -> Any:
     from keiryo.benchmark import BenchConfig
     from keiryo.export import ParityConfig
     from keiryo.pipeline import RunOptions
@@ -83,7 +85,7 @@ def _bench_opts(threads: int, iterations: int, parity_tolerance: float | None, n
     if parity_tolerance is not None:
         parity["max_abs_diff"] = parity_tolerance
     return RunOptions(
-        bench=BenchConfig(threads=threads, iterations=iterations),
+        bench=BenchConfig(threads=threads, iterations=iterations, latency_batch=batch_size),
         parity=ParityConfig.parse(parity, where="parity options"),
         seed=seed,
     )
@@ -162,7 +164,8 @@ def compress(
     target: Annotated[str, typer.Option(help="export target for recipes that do not name one")] = "onnx",
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="budget in accuracy points used to pick the best")] = 1.0,
     threads: ThreadsOpt = 1,
-    iterations: Annotated[int, typer.Option(min=5, help="timed runs at batch 1")] = 200,
+    iterations: Annotated[int, typer.Option(min=5, help="timed runs for the latency percentiles")] = 200,
+    batch_size: Annotated[int, typer.Option(min=1, help="batch size the latency is measured at")] = 1,
     parity_tolerance: Annotated[Optional[float], typer.Option(help="max abs logit difference allowed for the export")] = None,
     no_parity_check: Annotated[
         bool, typer.Option("--no-parity-check", help="record a failed export parity check instead of stopping")
@@ -179,7 +182,7 @@ def compress(
 
     recipes = [load_recipe(r, target=target) for r in recipe]
     constraints = _budget(max_accuracy_drop)
-    opts = _bench_opts(threads, iterations, parity_tolerance, no_parity_check, seed)
+    opts = _bench_opts(threads, iterations, parity_tolerance, no_parity_check, seed, batch_size)
     if dry_run:
         typer.echo(yaml.safe_dump([r.to_dict() for r in recipes], sort_keys=False).rstrip())
         return
@@ -198,7 +201,7 @@ def optimize(
     data_opt: DataOpts = None,
     target: Annotated[str, typer.Option(help="runtime format the candidates ship in and are measured on")] = "onnx",
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="budget: accuracy points below the baseline")] = 1.0,
-    max_latency_ms: Annotated[Optional[float], typer.Option(help="budget: p95 latency at batch 1 (ms)")] = None,
+    max_latency_ms: Annotated[Optional[float], typer.Option(help="budget: p95 latency (ms) at --batch-size (default 1)")] = None,
     max_size_mb: Annotated[Optional[float], typer.Option(help="budget: model file size (MB)")] = None,
     min_fidelity: Annotated[Optional[float], typer.Option(help="budget: agreement with the baseline's predictions (0-1)")] = None,
     constraint: Annotated[Optional[list[str]], typer.Option(help="extra constraint 'metric<=bound' (repeatable)")] = None,
@@ -214,7 +217,8 @@ def optimize(
     workers: Annotated[Optional[int], typer.Option(min=1, help="parallel trials (executor ray)")] = None,
     sampler: Annotated[str, typer.Option(help="nsga2 (multi-objective) or tpe (constrained)")] = "nsga2",
     threads: ThreadsOpt = 1,
-    iterations: Annotated[int, typer.Option(min=5, help="timed runs at batch 1 per candidate")] = 200,
+    iterations: Annotated[int, typer.Option(min=5, help="timed runs per candidate for the latency percentiles")] = 200,
+    batch_size: Annotated[int, typer.Option(min=1, help="batch size the latency budget refers to")] = 1,
     seed: SeedOpt = 0,
 ) -> None:
     """Search the compression recipe that meets a budget, every candidate measured on the target runtime."""
@@ -247,7 +251,7 @@ def optimize(
         },
         where="optimize options",
     )
-    opts = _bench_opts(threads, iterations, None, False, seed)
+    opts = _bench_opts(threads, iterations, None, False, seed, batch_size)
     handle, splits = _load(model, model_opt, weights, data, data_opt, seed)
     results = run_optimize(handle, splits, out, cfg, opts, resume=resume, overwrite=overwrite, require_met=require_met)
     _print_results(results, out)

@@ -62,7 +62,8 @@ def pareto_png(results: dict[str, Any]) -> bytes:
     if lat_ceiling is not None:
         ax.axvline(lat_ceiling, color="#4575b4", linestyle="--", linewidth=1, label="latency budget")
     cpu = results["machine"]["cpu"]
-    ax.set_xlabel(f"p95 latency at batch 1 (ms), {results['machine'].get('threads', 1)} thread(s)")
+    batch = results.get("bench", {}).get("latency_batch", 1)
+    ax.set_xlabel(f"p95 latency at batch {batch} (ms), {results['machine'].get('threads', 1)} thread(s)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"candidates on {cpu['model']} (marker size = file size; * best, diamond = Pareto front)", fontsize=9)
     if acc_floor is not None or lat_ceiling is not None:

@@ -60,3 +60,15 @@ def test_measure_file_runs_isolated_and_reports_its_own_peak_rss(tiny_onnx, digi
     # a fresh interpreter with numpy + onnxruntime: tens of MB, not the parent's (torch-laden) footprint
     assert r.peak_rss_mb is not None and 20 < r.peak_rss_mb < 400
     assert r.latency_p50_ms > 0
+
+
+def test_latency_can_be_measured_at_a_larger_batch():
+    seen = []
+
+    def fn(x):
+        seen.append(x.shape[0])
+        return x.reshape(x.shape[0], -1)
+
+    with open_session("fake", fn) as s:
+        r = run_benchmark(s, np.zeros((1, 4), np.float32), BenchConfig(iterations=5, warmup=1, throughput_iterations=1, latency_batch=8))
+    assert r.latency_batch == 8 and seen[:6] == [8] * 6
