@@ -66,7 +66,7 @@ RECIPES: list[dict[str, Any]] = [
         "steps": [
             {
                 "type": "prune.unstructured",
-                "params": {"sparsity": 0.8, "schedule": "gradual", "steps": 4, "finetune": {"epochs": 2, "lr": 1e-3}},
+                "params": {"sparsity": 0.8, "schedule": "gradual", "steps": 5, "finetune": {"epochs": 4, "lr": 2e-3}},
             }
         ],
     },

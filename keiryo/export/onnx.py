@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -127,46 +126,35 @@ def save_onnx(model: Any, path: Path) -> None:
 
 @register_exporter("onnx", runtime="onnxruntime", suffix=".onnx", config=OnnxExportConfig)
 def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
-    import logging
+    import inspect
 
     import torch
+
+    from keiryo._quiet import quiet
 
     onnx = _import_onnx()
     module = handle.module.eval()
     x = handle.example_input(2)
-    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if cfg.dynamic_batch else None
-    # torch.export names the dynamic dim after forward()'s first parameter.
-    if dyn is not None:
-        import inspect
-
+    dyn = None
+    if cfg.dynamic_batch:  # torch.export keys dynamic shapes by forward()'s first parameter name
         first = next(iter(inspect.signature(module.forward).parameters), "x")
-        dyn = {first: dyn["x"]}
+        dyn = {first: {0: torch.export.Dim("batch", min=1, max=4096)}}
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td) / "model.onnx"
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                prev = logging.getLogger("torch.onnx").level
-                logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-                try:
-                    import contextlib
-                    import io
-
-                    with contextlib.redirect_stdout(io.StringIO()):
-                        torch.onnx.export(
-                            module,
-                            (x,),
-                            str(tmp),
-                            dynamo=True,
-                            external_data=False,
-                            opset_version=cfg.opset,
-                            input_names=[INPUT_NAME],
-                            output_names=[OUTPUT_NAME],
-                            dynamic_shapes=dyn,
-                            verbose=False,
-                        )
-                finally:
-                    logging.getLogger("torch.onnx").setLevel(prev)
+            with quiet("torch.onnx"):
+                torch.onnx.export(
+                    module,
+                    (x,),
+                    str(tmp),
+                    dynamo=True,
+                    external_data=False,
+                    opset_version=cfg.opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_shapes=dyn,
+                    verbose=False,
+                )
         except Exception as e:
             op, node = unsupported_op(_error_text(e))
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -10,9 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -21,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from keiryo._quiet import quiet
 from keiryo.config import KeiryoConfig
 from keiryo.errors import DataError, PassError
 from keiryo.export import Artifact
@@ -59,20 +57,8 @@ def _qtype(name: str) -> Any:
     return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
 
 
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """onnxruntime.quantization logs and prints per node; keep the user's terminal readable."""
-    root = logging.getLogger()
-    prev = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(prev)
-
-
-def _out_path(src: Artifact, ctx: PassContext, tag: str) -> Path:
+def out_path(ctx: PassContext, tag: str) -> Path:
+    """Where a format-level pass writes its file: the step's work folder, numbered by step."""
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     return ctx.workdir / f"{ctx.step_index:02d}-{tag}.onnx"
 
@@ -83,7 +69,8 @@ def _node_census(path: Path) -> dict[str, int]:
     return dict(Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node))
 
 
-def _finish(src: Artifact, out: Path, info: dict[str, Any]) -> PassResult:
+def finish(src: Artifact, out: Path, info: dict[str, Any]) -> PassResult:
+    """Check the written graph, count its ops, and wrap it as the pass result."""
     from keiryo.errors import InputFileError
     from keiryo.export.onnx import load_onnx
 
@@ -126,7 +113,7 @@ def quantize_int8_static(
     extra: dict[str, Any] = {"QuantizeBias": cfg.quantize_bias}
     if cfg.calibration == "percentile":
         extra["CalibPercentile"] = cfg.percentile
-    with _quiet():
+    with quiet():
         try:
             quantize_static(
                 str(src),
@@ -154,7 +141,7 @@ def preprocess(src: Path, dst: Path) -> Path:
     """onnxruntime's quant_pre_process: shape inference and graph fusion before quantization."""
     from onnxruntime.quantization import quant_pre_process
 
-    with _quiet():
+    with quiet():
         try:
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
         except Exception as e:
@@ -172,7 +159,7 @@ def calibration_data(ctx: PassContext, cfg: Int8StaticConfig, what: str) -> np.n
 @register_pass("quantize.int8_static", Int8StaticConfig, stage="onnx", summary="int8 static PTQ (QDQ, per-channel, calibrated)")
 def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> PassResult:
     x = calibration_data(ctx, cfg, "quantize.int8_static")
-    out = _out_path(model, ctx, "int8_static")
+    out = out_path(ctx, "int8_static")
     with tempfile.TemporaryDirectory() as td:
         src = preprocess(model.path, Path(td) / "pre.onnx") if cfg.preprocess else model.path
         quantize_int8_static(src, out, model.input_names[0], x, cfg)
@@ -184,7 +171,7 @@ def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> Pas
         "weight_type": cfg.weight_type,
         "excluded_nodes": list(cfg.exclude_nodes),
     }
-    return _finish(model, out, info)
+    return finish(model, out, info)
 
 
 @register_pass(
@@ -193,8 +180,8 @@ def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> Pas
 def int8_dynamic(model: Artifact, cfg: Int8DynamicConfig, ctx: PassContext) -> PassResult:
     from onnxruntime.quantization import quantize_dynamic
 
-    out = _out_path(model, ctx, "int8_dynamic")
-    with _quiet():
+    out = out_path(ctx, "int8_dynamic")
+    with quiet():
         try:
             quantize_dynamic(
                 str(model.path),
@@ -218,7 +205,7 @@ def int8_dynamic(model: Artifact, cfg: Int8DynamicConfig, ctx: PassContext) -> P
     info: dict[str, Any] = {"op_types": list(cfg.op_types), "per_channel": cfg.per_channel}
     if quantized == 0:
         info["warning"] = f"no node of types {cfg.op_types} was quantized; the model is unchanged apart from metadata"
-    return _finish(model, out, info)
+    return finish(model, out, info)
 
 
 @register_pass("quantize.fp16", Fp16Config, stage="onnx", summary="fp16 weights and compute (fp32 I/O)")
@@ -228,8 +215,8 @@ def fp16(model: Artifact, cfg: Fp16Config, ctx: PassContext) -> PassResult:
 
     from keiryo.export.onnx import save_onnx, toposort
 
-    out = _out_path(model, ctx, "fp16")
-    with _quiet():
+    out = out_path(ctx, "fp16")
+    with quiet():
         try:
             m16 = convert_float_to_float16(
                 onnx.load(str(model.path)), keep_io_types=cfg.keep_io_types, op_block_list=cfg.op_block_list or None
@@ -240,4 +227,4 @@ def fp16(model: Artifact, cfg: Fp16Config, ctx: PassContext) -> PassResult:
             ) from e
     toposort(m16)
     save_onnx(m16, out)
-    return _finish(model, out, {"keep_io_types": cfg.keep_io_types, "op_block_list": list(cfg.op_block_list)})
+    return finish(model, out, {"keep_io_types": cfg.keep_io_types, "op_block_list": list(cfg.op_block_list)})
