@@ -166,7 +166,7 @@ def optimize(
     )
     done_before = len(list(out.glob("trials/*/candidate.json")))  # interrupted trials without a record do not count
     if resume:
-        _log(opts, f"resuming: {len(strategy.completed())} completed trial(s) kept, {done_before} finished in all")
+        _log(opts, f"resuming: {done_before} finished trial(s) kept ({len(strategy.completed())} completed)")
     model_spec = handle.spec.model_copy(update={"weights": str(weights)}).model_dump(mode="json")
     base_job = {
         "model_spec": model_spec,

@@ -105,10 +105,6 @@ class OptunaStrategy:
         TrialState = self.optuna.trial.TrialState
         return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
-    def finished(self) -> list[Any]:
-        TrialState = self.optuna.trial.TrialState
-        return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-
     def suggest(self) -> Candidate:
         trial = self.study.ask()
         template = TEMPLATES[trial.suggest_categorical("template", self.templates)]

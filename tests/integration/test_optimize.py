@@ -105,7 +105,7 @@ def test_resume_after_kill_9_recomputes_no_completed_trial(tiny16, tmp_path):
     assert len(before) >= 2 and not (out / "results.json").exists()
     done = subprocess.run([*args, "--trials", "6", "--resume"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert f"resuming: {len(before)} completed trial(s) kept" in done.stderr
+    assert f"resuming: {len(before)} finished trial(s) kept" in done.stderr
     after = {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in out.glob("trials/*/candidate.json")}
     for name, stamp in before.items():
         assert after[name] == stamp, f"trial {name} was recomputed"
