@@ -70,5 +70,7 @@ def test_latency_can_be_measured_at_a_larger_batch():
         return x.reshape(x.shape[0], -1)
 
     with open_session("fake", fn) as s:
-        r = run_benchmark(s, np.zeros((1, 4), np.float32), BenchConfig(iterations=5, warmup=1, throughput_iterations=1, latency_batch=8))
+        r = run_benchmark(
+            s, np.zeros((1, 4), np.float32), BenchConfig(iterations=5, warmup=1, throughput_iterations=1, latency_batch=8)
+        )
     assert r.latency_batch == 8 and seen[:6] == [8] * 6
