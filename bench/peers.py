@@ -27,17 +27,14 @@ import torch
 from _checks import report
 
 from keiryo.benchmark import BenchConfig, measure_file, run_benchmark
-from keiryo.data import load_data
-from keiryo.demo import DEMO_DATA, DEMO_MODEL
+from keiryo.demo import demo_model
 from keiryo.evaluate import accuracy, predict, size_of
 from keiryo.export import export
 from keiryo.machine import cpu, library_versions
-from keiryo.model import load_model
 from keiryo.pipeline import RunOptions
 from keiryo.runtime import open_session
 from keiryo.search import Constraint
 from keiryo.search.optimize import OptimizeConfig, optimize
-from keiryo.train import TrainConfig, train
 
 warnings.simplefilter("ignore")
 
@@ -78,11 +75,7 @@ def main() -> int:
     ap.add_argument("--md", type=Path, help="also write the markdown table here")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="keiryo-bench-peers-"))
-    data = load_data(DEMO_DATA)
-    weights = args.reuse / "baseline.safetensors" if args.reuse else None
-    handle = load_model(DEMO_MODEL.model_copy(update={"weights": str(weights) if weights else None}), data.input_shape, 10)
-    if weights is None:
-        train(handle.module, data, TrainConfig(epochs=12), description="train demo model")
+    data, handle, _ = demo_model(args.reuse / "baseline.safetensors" if args.reuse else None)
     fp32 = export(handle, "onnx", work / "fp32.onnx").path
 
     t0 = time.monotonic()

@@ -28,7 +28,7 @@ from _checks import report
 
 from keiryo.benchmark import BenchConfig, measure_file
 from keiryo.data import load_data
-from keiryo.demo import DEMO_DATA, DEMO_MODEL
+from keiryo.demo import demo_model
 from keiryo.evaluate import accuracy, predict
 from keiryo.export import export
 from keiryo.machine import cpu
@@ -145,11 +145,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="keiryo-bench-techniques-"))
-    data = load_data(DEMO_DATA)
-    weights = args.reuse / "baseline.safetensors" if args.reuse else None
-    handle = load_model(DEMO_MODEL.model_copy(update={"weights": str(weights) if weights else None}), data.input_shape, 10)
-    if weights is None:
-        train(handle.module, data, TrainConfig(epochs=12), description="train demo model")
+    data, handle, _ = demo_model(args.reuse / "baseline.safetensors" if args.reuse else None)
     out = work / "compress"
     results = compress(handle, data, [load_recipe(r) for r in RECIPES], out, opts=RunOptions(bench=BenchConfig(threads=1)))
     cands = {c["name"]: c for c in results["candidates"]}

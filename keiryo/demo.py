@@ -17,6 +17,20 @@ DEMO_MODEL = ModelSpec(source="zoo:mobilenetv2", options={"width": 1.0})
 DEMO_RECIPES = ("fp32", "int8", "fp16")
 
 
+def demo_model(
+    weights: str | Path | None = None, *, epochs: int = 12, seed: int = 0, progress: bool = True
+) -> tuple[Any, Any, Any]:
+    """(data, handle, training result or None): the demo model, loaded from ``weights`` or trained now."""
+    data = load_data(DEMO_DATA.model_copy(update={"seed": seed}))
+    spec = DEMO_MODEL.model_copy(update={"weights": str(weights) if weights else None})
+    handle = load_model(spec, data.input_shape, data.num_classes, seed=seed)
+    res = None
+    if weights is None:
+        cfg = TrainConfig(epochs=epochs, seed=seed, lr=3e-3, patience=5)
+        res = train(handle.module, data, cfg, progress=progress, description="train mobilenetv2 on digits")
+    return data, handle, res
+
+
 def run_demo(
     out: str | Path,
     *,
@@ -28,15 +42,8 @@ def run_demo(
     recipes: tuple[str, ...] = DEMO_RECIPES,
 ) -> dict[str, Any]:
     """Train, then compress with the default recipes; returns the results dict written to ``out``."""
-    data = load_data(DEMO_DATA.model_copy(update={"seed": seed}))
-    handle = load_model(DEMO_MODEL, data.input_shape, data.num_classes, seed=seed)
-    res = train(
-        handle.module,
-        data,
-        TrainConfig(epochs=epochs, seed=seed, lr=3e-3, patience=5),
-        progress=progress,
-        description="train mobilenetv2 on digits",
-    )
+    data, handle, res = demo_model(epochs=epochs, seed=seed, progress=progress)
+    assert res is not None
     opts = RunOptions(bench=BenchConfig(threads=threads), seed=seed, progress=progress)
     return compress(
         handle,
