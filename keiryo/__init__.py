@@ -54,6 +54,7 @@ __all__ = [
     "load_model",
     "load_recipe",
     "open_session",
+    "optimize",
     "train",
 ]
 
@@ -65,6 +66,7 @@ _LAZY = {
     "load_model": ("keiryo.model", "load_model"),
     "load_recipe": ("keiryo.pipeline", "load_recipe"),
     "open_session": ("keiryo.runtime", "open_session"),
+    "optimize": ("keiryo.search.optimize", "optimize"),
     "train": ("keiryo.train", "train"),
 }
 
