@@ -148,3 +148,11 @@ def test_chain_keeps_earlier_compression(tiny_trained, digits, tmp_path):
     int8 = [numpy_helper.to_array(i) for i in onnx.load(str(q.path)).graph.initializer if i.data_type == onnx.TensorProto.INT8]
     big = [w for w in int8 if w.ndim > 1]
     assert big and all((w == 0).mean() >= 0.5 - 1e-3 for w in big)  # symmetric int8: zero stays exactly zero
+
+
+def test_lowrank_names_a_layer_it_cannot_handle(tiny_zoo_trained, digits):
+    dw = next(
+        n for n, m in tiny_zoo_trained.module.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1
+    )
+    with pytest.raises(PassError, match=f"{dw} is a grouped/depthwise conv"):
+        apply(tiny_zoo_trained, cfg("factorize.lowrank", rank=1, layers=[dw]), PassContext(data=digits))
