@@ -93,7 +93,7 @@ def lowrank(handle: Any, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
         if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups != 1:
             if cfg.layers is not None:
                 raise PassError(
-                    f"factorize.lowrank: {name} is a grouped/depthwise conv (groups={m.groups}); it has no dense matrix to factorize"
+                    f"factorize.lowrank: {name} is a grouped/depthwise conv (groups={m.groups}): no dense matrix to factorize"
                 )
             skipped[name] = "grouped/depthwise conv: no dense matrix to factorize"
             continue
