@@ -30,6 +30,9 @@ def technique_coverage(handle: Any) -> dict[str, dict[str, Any]]:
     other = sorted(
         {type(m).__name__ for m in handle.module.modules() if len(list(m.children())) == 0} - {"Conv1d", "Conv2d", "Linear"}
     )
+    from keiryo.passes.cluster import ClusterConfig
+
+    min_params = ClusterConfig().min_params
     cov: dict[str, dict[str, Any]] = {
         "prune.unstructured": {"layers": list(layers), "not": {}},
         "prune.structured": {
@@ -37,8 +40,8 @@ def technique_coverage(handle: Any) -> dict[str, dict[str, Any]]:
             "not": {out: "output layer: the class count is fixed"} if out else {},
         },
         "cluster": {
-            "layers": [n for n in layers if layers[n].weight.numel() >= 64],
-            "not": {n: "fewer than 64 weights" for n in layers if layers[n].weight.numel() < 64},
+            "layers": [n for n in layers if layers[n].weight.numel() >= min_params],
+            "not": {n: f"fewer than {min_params} weights" for n in layers if layers[n].weight.numel() < min_params},
         },
         "factorize.lowrank": {
             "layers": [n for n in layers if n not in grouped and n != out],

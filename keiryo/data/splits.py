@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -196,7 +195,3 @@ def _split_top_level(s: str) -> list[str]:
     if cur:
         parts.append(cur)
     return [p for p in (x.strip() for x in parts) if p]
-
-
-def is_path_like(source: str) -> bool:
-    return Path(source).suffix.lower() in {".npz", ".csv"} or source.endswith("/") or Path(source).is_dir()

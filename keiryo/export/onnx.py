@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import Field
 
 from keiryo.config import KeiryoConfig
-from keiryo.errors import BackendUnavailableError, ExportError, InputFileError, UnsupportedOpError
+from keiryo.errors import ExportError, InputFileError, UnsupportedOpError
 from keiryo.export import Artifact, register_exporter
 
 INPUT_NAME = "input"
@@ -59,14 +59,6 @@ def unsupported_op(text: str) -> tuple[str | None, str | None]:
     return op, node.group(1) if node else None
 
 
-def _import_onnx() -> Any:
-    try:
-        import onnx
-    except ImportError as e:  # pragma: no cover - core dependency
-        raise BackendUnavailableError("onnx", "onnx") from e
-    return onnx
-
-
 def strip_metadata(model: Any) -> None:
     """Drop per-node metadata (stack traces) and doc strings; they are not part of the computation."""
     for node in model.graph.node:
@@ -98,7 +90,8 @@ def toposort(model: Any) -> None:
 
 def load_onnx(path: str | Path) -> Any:
     """Load and check an ONNX file; a corrupt file is an :class:`InputFileError`."""
-    onnx = _import_onnx()
+    import onnx
+
     p = Path(path)
     if not p.is_file():
         raise InputFileError(f"{p}: ONNX file not found")
@@ -112,7 +105,8 @@ def load_onnx(path: str | Path) -> Any:
 
 
 def save_onnx(model: Any, path: Path) -> None:
-    onnx = _import_onnx()
+    import onnx
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
     os.close(fd)
@@ -128,11 +122,11 @@ def save_onnx(model: Any, path: Path) -> None:
 def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
     import inspect
 
+    import onnx
     import torch
 
     from keiryo._quiet import quiet
 
-    onnx = _import_onnx()
     module = handle.module.eval()
     x = handle.example_input(2)
     dyn = None

@@ -98,8 +98,3 @@ def cluster(handle: Any, cfg: ClusterConfig, ctx: PassContext) -> PassResult:
         },
     }
     return PassResult(handle, info)
-
-
-def palettes(handle: Any) -> dict[str, torch.Tensor]:
-    """The centroids of every clustered weight (for exporters that store palettes)."""
-    return dict(state_of(handle)["palettes"])

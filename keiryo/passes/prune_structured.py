@@ -132,10 +132,3 @@ def prune_structured(handle: Any, cfg: StructuredPruneConfig, ctx: PassContext) 
         "heads": {f"attn{i}": a.num_heads for i, a in enumerate(attn)} if attn else {},
     }
     return PassResult(handle, info)
-
-
-def channel_counts(module: nn.Module) -> dict[str, int]:
-    return {
-        n: (m.out_channels if isinstance(m, (nn.Conv1d, nn.Conv2d)) else m.out_features)
-        for n, m in prunable_layers(module).items()
-    }

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keiryo.errors import BackendUnavailableError, InputFileError, RuntimeSessionError
+from keiryo.errors import InputFileError, RuntimeSessionError
 from keiryo.runtime import register_runtime
 from keiryo.runtime._base import SessionBase
 
@@ -15,10 +15,8 @@ class OrtSession(SessionBase):
     runtime = "onnxruntime"
 
     def __init__(self, path: str | Path, threads: int = 1):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:  # pragma: no cover - core dependency
-            raise BackendUnavailableError("onnxruntime", "onnx") from e
+        import onnxruntime as ort  # a core dependency, imported only when a session opens
+
         p = Path(path)
         if not p.is_file():
             raise InputFileError(f"{p}: ONNX file not found")
