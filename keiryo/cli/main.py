@@ -161,7 +161,9 @@ def compress(
     model_opt: ModelOpts = None,
     weights: WeightsOpt = None,
     data_opt: DataOpts = None,
-    target: Annotated[str, typer.Option(help="export target for recipes that do not name one")] = "onnx",
+    target: Annotated[
+        str, typer.Option(help="onnx | tflite: the format candidates ship in and are measured on (recipes that name none)")
+    ] = "onnx",
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="budget in accuracy points used to pick the best")] = 1.0,
     threads: ThreadsOpt = 1,
     iterations: Annotated[int, typer.Option(min=5, help="timed runs for the latency percentiles")] = 200,
@@ -199,7 +201,10 @@ def optimize(
     model_opt: ModelOpts = None,
     weights: WeightsOpt = None,
     data_opt: DataOpts = None,
-    target: Annotated[str, typer.Option(help="runtime format the candidates ship in and are measured on")] = "onnx",
+    target: Annotated[
+        str,
+        typer.Option(help="onnx (onnxruntime) | tflite (LiteRT interpreter): the format candidates ship in and are measured on"),
+    ] = "onnx",
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="budget: accuracy points below the baseline")] = 1.0,
     max_latency_ms: Annotated[Optional[float], typer.Option(help="budget: p95 latency (ms) at --batch-size (default 1)")] = None,
     max_size_mb: Annotated[Optional[float], typer.Option(help="budget: model file size (MB)")] = None,
@@ -261,8 +266,16 @@ def optimize(
 @app.command()
 def export(
     model: ModelOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="output model file")],
-    format: Annotated[str, typer.Option("--format", "-f", help="onnx")] = "onnx",
+    out: Annotated[Path, typer.Option("--out", "-o", help="output file (.onnx, .tflite) or Core ML package (.mlpackage)")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx | tflite | coreml")] = "onnx",
+    variant: Annotated[
+        str,
+        typer.Option(
+            "--variant",
+            help="built-in recipe for the format (fp32, fp16, int8, int8-dynamic; tflite: int8-tensorwise; coreml: "
+            "palettize4, cluster16-palettize, sparse80) or a YAML/JSON recipe",
+        ),
+    ] = "fp32",
     data: DataOpt = "digits",
     model_opt: ModelOpts = None,
     weights: WeightsOpt = None,
@@ -273,32 +286,47 @@ def export(
     ] = False,
     seed: SeedOpt = 0,
 ) -> None:
-    """Export a model to a deployment format and check it against PyTorch on evaluation samples."""
-    from keiryo.export import ParityConfig, check_parity, get_exporter
-    from keiryo.export import export as run_export
-    from keiryo.runtime import open_session
+    """Export a model to a deployment format, check the export against PyTorch, then apply the variant's format steps.
 
-    exp = get_exporter(format)
-    if out.suffix != exp.suffix:
-        raise ConfigError(f"--out {out}: a {format} export is written to a {exp.suffix} file")
+    The fp32 export is compared with PyTorch on test samples on its own runtime (ONNX on onnxruntime,
+    TFLite on the LiteRT interpreter); the final file's accuracy and top-1 agreement are measured there
+    too. Core ML packages are validated structurally where Core ML cannot run (Linux).
+    """
+    from keiryo.pipeline import load_recipe
+    from keiryo.pipeline.runner import export_variant
+
+    recipe = load_recipe(variant, target=format)
+    if recipe.target != format:
+        raise ConfigError(f"--variant {variant}: the recipe targets {recipe.target}, not --format {format}")
+    opts = _bench_opts(1, 5, parity_tolerance, no_parity_check, seed)
     handle, splits = _load(model, model_opt, weights, data, data_opt, seed)
-    parity_cfg: dict[str, Any] = {"enforce": not no_parity_check}
-    if parity_tolerance is not None:
-        parity_cfg["max_abs_diff"] = parity_tolerance
-    cfg = ParityConfig.parse(parity_cfg, where="parity options")
-    art = run_export(handle, format, out)
-    try:
-        with open_session(art.runtime, art.path, 1) as s:
-            rep = check_parity(handle.module, s, splits.test.x, cfg, f"{format} export")
-    except KeiryoError:
-        art.path.unlink(missing_ok=True)
-        raise
-    status = "[green]parity ok[/]" if rep.passed else "[red]PARITY FAILED[/]"
-    _console().print(
-        f"{out}: {art.size_bytes / 1e6:.2f} MB, {status}: max abs diff {rep.max_abs_diff:.2e}, "
-        f"top-1 agreement {rep.top1_agreement:.2%} on {rep.samples} test samples",
-        highlight=False,
-    )
+    rep = export_variant(recipe, handle, splits, out, opts)
+    art = rep["artifact"]
+    from keiryo.evaluate import size_of
+
+    par = rep["parity"]
+    if "skipped" in par:
+        check = f"[yellow]structure validated[/] (prediction parity skipped: {par['skipped']})"
+    else:
+        status = "[green]parity ok[/]" if par["passed"] else "[red]PARITY FAILED[/]"
+        check = (
+            f"{status}: max abs diff {par['max_abs_diff']:.2e}, top-1 agreement {par['top1_agreement']:.2%} "
+            f"on {par['samples']} test samples"
+        )
+    con = _console()
+    con.print(f"{out}: {size_of(art.path).size_bytes / 1e6:.2f} MB ({format}, {recipe.name}); export {check}", highlight=False)
+    if rep.get("accuracy") is not None and rep["steps"]:
+        con.print(
+            f"  after {', '.join(s['type'] for s in rep['steps'])}: test accuracy {rep['accuracy']:.2%} on {art.runtime} "
+            f"(torch {rep['torch_accuracy']:.2%}), top-1 agreement with torch {rep['agreement']:.2%}",
+            highlight=False,
+        )
+    if "compressed_weight_ops" in art.info:
+        con.print(
+            f"  weights {art.info['weights_bytes'] / 1e6:.2f} MB; "
+            f"compressed weight ops: {art.info['compressed_weight_ops'] or 'none'}; op types: {', '.join(art.info['op_types'])}",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -378,16 +406,24 @@ def zoo() -> None:
 
 
 @app.command()
-def recipes() -> None:
-    """List the built-in recipes and the registered passes a recipe step can use."""
+def recipes(
+    target: Annotated[str, typer.Option(help="show the built-ins as they run on this target: onnx | tflite | coreml")] = "onnx",
+) -> None:
+    """List the built-in recipes (for a target) and the registered passes a recipe step can use."""
     from rich.table import Table
 
     from keiryo.passes import all_passes
-    from keiryo.pipeline import BUILTIN_RECIPES
+    from keiryo.pipeline.recipe import builtin_names, load_recipe
 
-    t = Table("recipe", "steps", "what", title="built-in recipes")
-    for name, r in BUILTIN_RECIPES.items():
-        t.add_row(name, " -> ".join(s["type"] for s in r["steps"]) or "(export only)", r["description"])
+    t = Table("recipe", "export", "steps", "what", title=f"built-in recipes, target {target}")
+    for name in builtin_names(target):
+        try:
+            r = load_recipe(name, target=target)
+        except ConfigError as e:
+            t.add_row(name, "", "[dim](not available)[/]", str(e).split(": ", 1)[-1])
+            continue
+        opts = ", ".join(f"{k}={v}" for k, v in r.export.items())
+        t.add_row(name, opts, " -> ".join(s.type for s in r.steps) or "(export only)", r.description)
     p = Table("step type", "stage", "params", "what", title="passes")
     for spec in all_passes():
         defaults = spec.config().model_dump()

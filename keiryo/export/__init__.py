@@ -59,7 +59,7 @@ def register_exporter(
 
 
 def get_exporter(name: str) -> Exporter:
-    from keiryo.export import onnx  # noqa: F401  (registers)
+    from keiryo.export import coreml, onnx, tflite  # noqa: F401  (registers; backends are imported when used)
 
     return EXPORTERS.get(name)
 

@@ -8,7 +8,6 @@ checked with ``onnx.checker`` and written atomically.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,9 @@ from typing import Any
 from pydantic import Field
 
 from keiryo.config import KeiryoConfig
-from keiryo.errors import ExportError, InputFileError, UnsupportedOpError
+from keiryo.errors import ExportError, InputFileError
 from keiryo.export import Artifact, register_exporter
+from keiryo.export._failures import conversion_error
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -26,37 +26,6 @@ OUTPUT_NAME = "logits"
 class OnnxExportConfig(KeiryoConfig):
     opset: int = Field(18, ge=13, le=23)
     dynamic_batch: bool = True
-
-
-_OP_PATTERNS = [
-    re.compile(r"OpOverload\(op='([^']+)', overload='([^']+)'\)"),
-    re.compile(r"target=torch\.ops\.([A-Za-z0-9_.]+)"),
-    re.compile(r"(aten::[A-Za-z0-9_]+)"),
-    re.compile(r"(aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)"),
-]
-_NODE_PATTERN = re.compile(r"translating node %([A-Za-z0-9_]+)")
-
-
-def _error_text(e: BaseException) -> str:
-    parts, seen = [], set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        parts.append(str(cur))
-        cur = cur.__cause__ or cur.__context__
-    return "\n".join(parts)
-
-
-def unsupported_op(text: str) -> tuple[str | None, str | None]:
-    """(op, graph node) named in a torch.onnx error, if any."""
-    op = None
-    for pat in _OP_PATTERNS:
-        m = pat.search(text)
-        if m:
-            op = ".".join(g for g in m.groups() if g)
-            break
-    node = _NODE_PATTERN.search(text)
-    return op, node.group(1) if node else None
 
 
 def strip_metadata(model: Any) -> None:
@@ -150,16 +119,7 @@ def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
                     verbose=False,
                 )
         except Exception as e:
-            op, node = unsupported_op(_error_text(e))
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if op:
-                at = f" at graph node {node}" if node else ""
-                raise UnsupportedOpError(
-                    f"{handle.spec.source}: torch.onnx cannot export op {op}{at}; replace it or register an ONNX translation",
-                    op=op,
-                    layer=node,
-                ) from e
-            raise ExportError(f"{handle.spec.source}: torch.onnx export failed: {type(e).__name__}: {first[:300]}") from e
+            raise conversion_error(e, handle.spec.source, "torch.onnx", "register an ONNX translation", module) from e
         model = onnx.load(str(tmp))
     strip_metadata(model)
     model.producer_name = "keiryo"

@@ -20,7 +20,7 @@ from keiryo.errors import ConfigError, PassError
 
 __all__ = ["PASSES", "PassContext", "PassResult", "PassSpec", "apply", "get_pass", "register_pass"]
 
-Stage = Literal["torch", "onnx"]
+Stage = Literal["torch", "onnx", "tflite", "coreml"]
 
 
 @dataclass
@@ -34,6 +34,11 @@ class PassContext:
     progress: bool = False
     step_index: int = 0
     teacher: Any = None  # the recipe's input model (ModelHandle): the teacher for distillation
+
+    def out_path(self, tag: str, suffix: str) -> Path:
+        """Where a format-level pass writes its file: the work folder, numbered by step."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return self.workdir / f"{self.step_index:02d}-{tag}{suffix}"
 
 
 @dataclass
@@ -77,8 +82,10 @@ def _load_builtin() -> None:
         prune_structured,
         prune_unstructured,
         qat,
+        quantize_coreml,
         quantize_fallback,
         quantize_ort,
+        quantize_tflite,
         slim,
     )
 

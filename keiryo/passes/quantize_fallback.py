@@ -20,7 +20,7 @@ from pydantic import Field
 from keiryo.config import KeiryoConfig
 from keiryo.export import Artifact
 from keiryo.passes import PassContext, PassResult, register_pass
-from keiryo.passes.quantize_ort import Int8StaticConfig, calibration_data, finish, out_path, preprocess, quantize_int8_static
+from keiryo.passes.quantize_ort import Int8StaticConfig, calibration_data, finish, preprocess, quantize_int8_static
 
 QUANTIZABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
@@ -54,7 +54,7 @@ def quantizable_nodes(path: Path) -> list[str]:
 def int8_fallback(model: Artifact, cfg: Int8FallbackConfig, ctx: PassContext) -> PassResult:
     x_cal = calibration_data(ctx, cfg.quant, "quantize.int8_fallback")
     xv, yv = ctx.data.val.x.numpy(), ctx.data.val.y.numpy()
-    out = out_path(ctx, "int8_fallback")
+    out = ctx.out_path("int8_fallback", ".onnx")
     name = model.input_names[0]
     with tempfile.TemporaryDirectory() as td:
         tdp = Path(td)

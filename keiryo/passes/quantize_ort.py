@@ -57,12 +57,6 @@ def _qtype(name: str) -> Any:
     return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
 
 
-def out_path(ctx: PassContext, tag: str) -> Path:
-    """Where a format-level pass writes its file: the step's work folder, numbered by step."""
-    ctx.workdir.mkdir(parents=True, exist_ok=True)
-    return ctx.workdir / f"{ctx.step_index:02d}-{tag}.onnx"
-
-
 def _node_census(path: Path) -> dict[str, int]:
     import onnx
 
@@ -159,7 +153,7 @@ def calibration_data(ctx: PassContext, cfg: Int8StaticConfig, what: str) -> np.n
 @register_pass("quantize.int8_static", Int8StaticConfig, stage="onnx", summary="int8 static PTQ (QDQ, per-channel, calibrated)")
 def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> PassResult:
     x = calibration_data(ctx, cfg, "quantize.int8_static")
-    out = out_path(ctx, "int8_static")
+    out = ctx.out_path("int8_static", ".onnx")
     with tempfile.TemporaryDirectory() as td:
         src = preprocess(model.path, Path(td) / "pre.onnx") if cfg.preprocess else model.path
         quantize_int8_static(src, out, model.input_names[0], x, cfg)
@@ -180,7 +174,7 @@ def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> Pas
 def int8_dynamic(model: Artifact, cfg: Int8DynamicConfig, ctx: PassContext) -> PassResult:
     from onnxruntime.quantization import quantize_dynamic
 
-    out = out_path(ctx, "int8_dynamic")
+    out = ctx.out_path("int8_dynamic", ".onnx")
     with quiet():
         try:
             quantize_dynamic(
@@ -215,7 +209,7 @@ def fp16(model: Artifact, cfg: Fp16Config, ctx: PassContext) -> PassResult:
 
     from keiryo.export.onnx import save_onnx, toposort
 
-    out = out_path(ctx, "fp16")
+    out = ctx.out_path("fp16", ".onnx")
     with quiet():
         try:
             m16 = convert_float_to_float16(

@@ -21,6 +21,7 @@ class Recipe(KeiryoConfig):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     target: str = "onnx"
     description: str = ""
+    export: dict[str, Any] = Field(default_factory=dict, description="options of the target's exporter, e.g. precision")
     steps: list[Step] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -47,7 +48,8 @@ def validate_recipe(recipe: Recipe) -> None:
     from keiryo.passes import PASSES, _load_builtin
 
     _load_builtin()
-    get_exporter(recipe.target)
+    exporter = get_exporter(recipe.target)
+    exporter.config.parse(recipe.export, where=f"recipe {recipe.name!r} export options ({recipe.target})")
     seen_format = False
     for i, s in enumerate(recipe.steps):
         where = f"recipe {recipe.name!r} step {i + 1}"
@@ -71,8 +73,8 @@ def _q(type_: str, **params: Any) -> dict[str, Any]:
 BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     "fp32": {"description": "fp32 export, the reference on the target runtime", "steps": []},
     "int8": {
-        "description": "int8 static PTQ, QDQ, per-channel weights, minmax calibration",
-        "steps": [_q("quantize.int8_static", calibration="minmax")],
+        "description": "int8 static PTQ: per-channel int8 weights, int8 activations calibrated (minmax)",
+        "steps": [_q("quantize.int8_static")],
     },
     "int8-entropy": {
         "description": "int8 static PTQ with entropy calibration",
@@ -82,7 +84,7 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "description": "int8 static PTQ with percentile calibration",
         "steps": [_q("quantize.int8_static", calibration="percentile")],
     },
-    "int8-dynamic": {"description": "int8 dynamic PTQ (Linear/attention-heavy models)", "steps": [_q("quantize.int8_dynamic")]},
+    "int8-dynamic": {"description": "int8 weights, activations quantized at run time (Linear/attention-heavy models)", "steps": [_q("quantize.int8_dynamic")]},
     "fp16": {"description": "fp16 weights and compute", "steps": [_q("quantize.fp16")]},
     "int8-fallback": {
         "description": "int8 static PTQ; the most sensitive layers stay float until val drop <= 0.5 pt",
@@ -111,19 +113,95 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# Built-in recipes are written for ONNX; a format-level step's equivalent on another target
+# (None: there is none). Params are not carried over: each target's pass has its own options.
+FORMAT_EQUIVALENTS: dict[str, dict[str, str | None]] = {
+    "tflite": {
+        "quantize.int8_static": "tflite.int8",
+        "quantize.int8_dynamic": "tflite.int8_dynamic",
+        "quantize.fp16": "tflite.fp16",
+        "quantize.int8_fallback": None,
+    },
+    "coreml": {
+        "quantize.int8_static": "coreml.int8_weights",
+        "quantize.int8_dynamic": "coreml.int8_weights",
+        "quantize.fp16": None,  # Core ML fp16 is an export option: recipe export {precision: fp16}
+        "quantize.int8_fallback": None,
+    },
+}
+
+# Built-ins that exist only for one target (their steps are that target's passes).
+TARGET_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "tflite": {
+        "int8-tensorwise": {
+            "description": "TFLite full-integer int8 with one weight scale per tensor (smaller file than per-channel)",
+            "steps": [_q("tflite.int8", granularity="tensorwise")],
+        },
+    },
+    "coreml": {
+        "fp16": {"description": "Core ML fp16 compute and weights", "export": {"precision": "fp16"}, "steps": []},
+        "int8": {
+            "description": "Core ML int8 weights, fp16 compute",
+            "export": {"precision": "fp16"},
+            "steps": [_q("coreml.int8_weights")],
+        },
+        "palettize4": {
+            "description": "Core ML 4-bit palettes (the cluster pass's centroids when clustered), fp16 compute",
+            "export": {"precision": "fp16"},
+            "steps": [_q("coreml.palettize", nbits=4)],
+        },
+        "cluster16-palettize": {
+            "description": "16-cluster weight sharing stored as exact 4-bit Core ML palettes",
+            "export": {"precision": "fp16"},
+            "steps": [_q("cluster", clusters=16), _q("coreml.palettize", nbits=4)],
+        },
+        "sparse80": {
+            "description": "80% unstructured sparsity stored as Core ML sparse weights",
+            "export": {"precision": "fp16"},
+            "steps": [*BUILTIN_RECIPES["sparse80"]["steps"], _q("coreml.sparse")],
+        },
+    },
+}
+
+
+def retarget(steps: list[dict[str, Any]], target: str, where: str) -> list[dict[str, Any]]:
+    """``steps`` written for ONNX, with each ONNX format-level step replaced by ``target``'s equivalent."""
+    table = FORMAT_EQUIVALENTS.get(target)
+    if table is None:
+        return steps
+    out = []
+    for s in steps:
+        if s["type"] in table:
+            new = table[s["type"]]
+            if new is None or s.get("params"):
+                raise ConfigError(f"{where}: step {s['type']} has no {target} equivalent; use an onnx target or another recipe")
+            out.append({"type": new, "params": {}})
+        else:
+            out.append(s)
+    return out
+
+
+def builtin_names(target: str = "onnx") -> list[str]:
+    return list(dict.fromkeys([*BUILTIN_RECIPES, *TARGET_RECIPES.get(target, {})]))
+
+
 def load_recipe(ref: str | dict[str, Any], target: str | None = None) -> Recipe:
-    """A built-in name, a YAML/JSON file, or a dict."""
+    """A built-in name (written for ONNX, translated to ``target``), a YAML/JSON file, or a dict."""
+    tgt = target or "onnx"
     if isinstance(ref, dict):
         data = dict(ref)
+    elif ref in TARGET_RECIPES.get(tgt, {}):
+        data = {"name": ref, "target": tgt, **TARGET_RECIPES[tgt][ref]}
     elif ref in BUILTIN_RECIPES:
-        data = {"name": ref, **BUILTIN_RECIPES[ref]}
+        data = {"name": ref, **BUILTIN_RECIPES[ref], "target": tgt}
+        data["steps"] = retarget(data["steps"], tgt, f"recipe {ref!r} on target {tgt}")
     elif Path(ref).suffix.lower() in (".yaml", ".yml", ".json") or Path(ref).exists():
         data = load_structured_file(ref)
         if not isinstance(data, dict):
             raise ConfigError(f"{ref}: expected a mapping with 'steps' (and 'name', 'target'), got {type(data).__name__}")
         data.setdefault("name", Path(ref).stem)
     else:
-        raise ConfigError(f"recipe {ref!r}: not a built-in ({', '.join(BUILTIN_RECIPES)}) and no such .yaml/.json file")
+        raise ConfigError(f"recipe {ref!r}: not a built-in ({', '.join(builtin_names(tgt))}) and no such .yaml/.json file")
     if target is not None:
         data.setdefault("target", target)
     return Recipe.parse(data, where=f"recipe {data.get('name', ref)!r}")

@@ -8,6 +8,7 @@ temporary sibling and renamed into place only when ``results.json`` is complete.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 import time
@@ -155,7 +156,8 @@ def _torch_stage(
     key = None
     if cache is not None and torch_steps:
         steps = [s.model_dump(mode="json") for s in recipe.steps[: len(torch_steps)]]
-        key = StepCache.key(handle.content_hash(), data.fingerprint(), steps, recipe.target, opts.seed)
+        target = recipe.target + (f":{sorted(recipe.export.items())}" if recipe.export else "")
+        key = StepCache.key(handle.content_hash(), data.fingerprint(), steps, target, opts.seed)
         hit = cache.get(key)
         if hit is not None:
             _log(opts, f"  [{recipe.name}] torch-level steps found in the step cache: reused")
@@ -182,9 +184,8 @@ def _torch_stage(
         effects.append({"type": spec.name, "stage": "torch", **torch_step_effect(model, data), "info": res.info})
         if memo is not None:
             memo[prefix_key] = (model.clone(), effects[-1])
-    artifact = export(model, recipe.target, out)
-    with open_session(exporter.runtime, artifact.path, opts.bench.threads) as s:
-        parity = check_parity(model.module, s, data.test.x, opts.parity, f"{recipe.name}: {recipe.target} export").to_dict()
+    artifact = export(model, recipe.target, out, recipe.export)
+    parity = export_parity(model, artifact, data, opts, f"{recipe.name}: {recipe.target} export")
     effects.append({"type": f"export.{recipe.target}", "stage": "export", **size_of(artifact.path).to_dict(), "parity": parity})
     params, macs = model.num_params(), model.macs()
     if key is not None and cache is not None:
@@ -202,6 +203,97 @@ def _torch_stage(
             },
         )
     return artifact, parity, effects, params, macs
+
+
+def export_parity(model: ModelHandle, artifact: Artifact, data: DataSplits, opts: RunOptions, what: str) -> dict[str, Any]:
+    """Parity of a fresh export with its torch model, on the export's runtime; a partial file is removed on failure."""
+    from keiryo.export.coreml import CAN_PREDICT, NO_PREDICT_REASON
+
+    if artifact.runtime == "coreml" and not CAN_PREDICT:
+        return {"skipped": NO_PREDICT_REASON, "structure": artifact.info.get("validated")}
+    try:
+        with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
+            return check_parity(model.module, s, data.test.x, opts.parity, what).to_dict()
+    except BaseException:
+        _remove(artifact.path)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def export_variant(
+    recipe: Recipe, handle: ModelHandle, data: DataSplits, out: str | Path, opts: RunOptions | None = None
+) -> dict[str, Any]:
+    """Run ``recipe`` (torch steps, export with parity, format steps) and write the final file to ``out`` atomically.
+
+    Returns ``{artifact, parity, steps, accuracy, agreement}``; ``accuracy`` (test split) and
+    ``agreement`` (top-1 agreement with the torch model) are measured on the runtime when it runs here.
+    """
+    opts = opts or RunOptions()
+    out = Path(out)
+    exporter = get_exporter(recipe.target)
+    if out.suffix != exporter.suffix:
+        raise ConfigError(f"--out {out}: a {recipe.target} export is written to a {exporter.suffix} path")
+    from keiryo.export.coreml import CAN_PREDICT, NO_PREDICT_REASON
+    from keiryo.passes import apply
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as td:
+        ctx = PassContext(data=data, workdir=Path(td), seed=opts.seed, threads=opts.bench.threads, progress=opts.progress)
+        ctx.teacher = handle
+        steps_cfg = recipe.step_configs()
+        n_torch = sum(spec.stage == "torch" for spec, _ in steps_cfg)
+        model = handle
+        for i, (spec, cfg) in enumerate(steps_cfg[:n_torch], start=1):
+            ctx.step_index = i
+            _log(opts, f"  step {i}: {spec.name}")
+            model = apply(model, cfg, ctx).model
+        artifact = export(model, recipe.target, Path(td) / f"export{exporter.suffix}", recipe.export)
+        parity = export_parity(model, artifact, data, opts, f"{recipe.target} export")
+        steps = []
+        for i, (spec, cfg) in enumerate(steps_cfg[n_torch:], start=n_torch + 1):
+            ctx.step_index = i
+            _log(opts, f"  step {i}: {spec.name}")
+            res = apply(artifact, cfg, ctx)
+            artifact = res.model
+            steps.append({"type": spec.name, "info": res.info})
+        report: dict[str, Any] = {"parity": parity, "steps": steps, "info": artifact.info}
+        if artifact.runtime == "coreml" and not CAN_PREDICT:
+            report["accuracy"] = report["agreement"] = None
+            report["not_measured"] = NO_PREDICT_REASON
+        else:
+            with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
+                logits = predict(s, data.test.x)
+            from keiryo.train import accuracy as torch_accuracy
+
+            report["accuracy"] = accuracy(logits, data.test.y)
+            report["torch_accuracy"] = torch_accuracy(model.module, data.test)
+            with open_session("torch", model, opts.bench.threads) as s:
+                report["agreement"] = fidelity(logits, predict(s, data.test.x).argmax(1))
+        if out.exists():
+            _remove(out)
+        os.replace(artifact.path, out)
+    report["artifact"] = Artifact(
+        out, artifact.format, artifact.runtime, artifact.input_names, artifact.output_names, artifact.info
+    )
+    return report
+
+
+def check_runnable(target: str) -> None:
+    """Candidates are measured on their runtime; refuse a target whose runtime cannot run here."""
+    if target == "coreml":
+        from keiryo.export.coreml import CAN_PREDICT, NO_PREDICT_REASON
+
+        if not CAN_PREDICT:
+            raise ConfigError(
+                f"target coreml: candidates cannot be measured on this machine ({NO_PREDICT_REASON}); "
+                "use `keiryo export --format coreml --variant ...`, or compress on a Mac"
+            )
 
 
 def torch_step_effect(model: ModelHandle, data: DataSplits) -> dict[str, Any]:
@@ -243,11 +335,18 @@ def compress(
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise ConfigError(f"recipe names must be unique, got {names}")
-    if "fp32" not in names and any(r.target == "onnx" for r in recipes):
+    targets = list(dict.fromkeys(r.target for r in recipes))
+    for t in targets:
+        check_runnable(t)
+    references = []
+    for t in targets:
         # The reference every ratio is taken against: the fp32 export on the same runtime.
-        from keiryo.pipeline.recipe import load_recipe
+        name = "fp32" if len(targets) == 1 else f"fp32-{t}"
+        if not any(r.name in ("fp32", f"fp32-{t}") and r.target == t for r in recipes):
+            from keiryo.pipeline.recipe import load_recipe
 
-        recipes = [load_recipe("fp32"), *recipes]
+            references.append(load_recipe("fp32", target=t).model_copy(update={"name": name}))
+    recipes = [*references, *recipes]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

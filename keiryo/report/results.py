@@ -18,13 +18,13 @@ RESULTS_SCHEMA_VERSION = 1
 
 
 def _ratios(candidates: list[dict[str, Any]]) -> None:
-    """Add size and speed ratios against the fp32 candidate on the same runtime."""
-    ref = next((c for c in candidates if c["name"] == "fp32" and c.get("status") == "ok"), None)
-    if ref is None:
-        return
-    r = ref["metrics"]
+    """Add size and speed ratios against the fp32 candidate of the same format (``fp32`` or ``fp32-FORMAT``)."""
+    refs = {
+        c["format"]: c["metrics"] for c in candidates if c.get("status") == "ok" and c["name"] in ("fp32", f"fp32-{c['format']}")
+    }
     for c in candidates:
-        if c.get("status") != "ok":
+        r = refs.get(c.get("format", ""))
+        if c.get("status") != "ok" or r is None:
             continue
         m = c["metrics"]
         m["size_ratio_vs_fp32"] = round(r["size_bytes"] / m["size_bytes"], 3)

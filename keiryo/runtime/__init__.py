@@ -52,4 +52,4 @@ def open_session(runtime: str, source: str | Path | Any, threads: int = 1) -> Se
 
 def _load_builtin() -> None:
     # Importing registers; the heavy backends themselves are imported inside the factories.
-    from keiryo.runtime import fake, onnxruntime, torch  # noqa: F401
+    from keiryo.runtime import coreml, fake, litert, onnxruntime, torch  # noqa: F401

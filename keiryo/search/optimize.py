@@ -23,13 +23,13 @@ from pydantic import Field, model_validator
 from keiryo.config import KeiryoConfig
 from keiryo.errors import ConfigError, ConstraintNotMetError
 from keiryo.search.constraints import Constraint, check_constraints, select_best, violation
-from keiryo.search.space import TEMPLATES
+from keiryo.search.space import TEMPLATES, templates_for
 
 
 class OptimizeConfig(KeiryoConfig):
     target: str = "onnx"
     constraints: list[Constraint] = Field(default_factory=list)
-    templates: list[str] = Field(default_factory=lambda: list(TEMPLATES))
+    templates: list[str] = Field(default_factory=list, description="search templates (default: all the target supports)")
     trials: int = Field(20, ge=1)
     timeout_s: float | None = Field(None, gt=0)
     stop_when_met: bool = False
@@ -45,6 +45,11 @@ class OptimizeConfig(KeiryoConfig):
         unknown = [t for t in self.templates if t not in TEMPLATES]
         if unknown:
             raise ValueError(f"unknown search templates {unknown}; expected some of {list(TEMPLATES)}")
+        wrong = [t for t in self.templates if self.target not in TEMPLATES[t].targets]
+        if wrong:
+            raise ValueError(
+                f"search templates {wrong} are not available for target {self.target}; use some of {templates_for(self.target)}"
+            )
         check_contradictions(self.constraints)
         return self
 
@@ -112,13 +117,16 @@ def optimize(
     from keiryo.benchmark import measure_file
     from keiryo.model import save_weights
     from keiryo.pipeline.recipe import load_recipe
-    from keiryo.pipeline.runner import RunOptions, _log, measure_baseline, run_recipe
+    from keiryo.pipeline.runner import RunOptions, _log, check_runnable, measure_baseline, run_recipe
     from keiryo.report.html import write_report
     from keiryo.report.results import build_results, write_results
     from keiryo.search.executors import Job, LocalExecutor, RayExecutor
     from keiryo.search.strategy import OptunaStrategy
 
     opts = opts or RunOptions(progress=progress)
+    check_runnable(cfg.target)
+    if not cfg.templates:
+        cfg = cfg.model_copy(update={"templates": templates_for(cfg.target)})
     out = Path(out_dir)
     state = out / "search.json"
     if resume:

@@ -11,18 +11,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from keiryo.pipeline.recipe import Recipe
+from keiryo.pipeline.recipe import Recipe, retarget
 
 
 @dataclass(frozen=True)
 class Template:
     name: str
     cost: int  # relative cost, for ordering the first trials
-    build: Callable[[Any], list[dict[str, Any]]]  # (optuna-like trial) -> steps
+    build: Callable[[Any, str], list[dict[str, Any]]]  # (optuna-like trial, target) -> steps written for ONNX
     seeds: tuple[dict[str, Any], ...]  # parameter sets tried first, in this order
+    targets: tuple[str, ...] = ("onnx", "tflite")
 
     def recipe(self, trial: Any, target: str) -> Recipe:
-        steps = self.build(trial)
+        steps = retarget(self.build(trial, target), target, f"search template {self.name}")
         name = f"t{trial.number:04d}-{self.name}"
         return Recipe(name=name, target=target, description=f"search template {self.name}", steps=steps)  # type: ignore[arg-type]
 
@@ -31,7 +32,9 @@ def _s(type_: str, **params: Any) -> dict[str, Any]:
     return {"type": type_, "params": params}
 
 
-def _ptq(t: Any) -> list[dict[str, Any]]:
+def _ptq(t: Any, target: str) -> list[dict[str, Any]]:
+    if target == "tflite":
+        return [_s("tflite.int8", granularity=t.suggest_categorical("ptq.granularity", ["channelwise", "tensorwise"]))]
     return [
         _s(
             "quantize.int8_static",
@@ -41,28 +44,28 @@ def _ptq(t: Any) -> list[dict[str, Any]]:
     ]
 
 
-def _fallback(t: Any) -> list[dict[str, Any]]:
+def _fallback(t: Any, target: str) -> list[dict[str, Any]]:
     return [_s("quantize.int8_fallback", max_accuracy_drop=t.suggest_float("fallback.max_drop", 0.1, 1.0, step=0.1))]
 
 
-def _prune_distill(t: Any) -> list[dict[str, Any]]:
+def _prune_distill(t: Any, target: str) -> list[dict[str, Any]]:
     ratio = t.suggest_float("prune.ratio", 0.2, 0.6, step=0.1)
     epochs = t.suggest_int("distill.epochs", 3, 12, step=3)
     return [_s("prune.structured", ratio=ratio), _s("distill", train={"epochs": epochs, "lr": 2e-3}), _s("quantize.int8_static")]
 
 
-def _cluster(t: Any) -> list[dict[str, Any]]:
+def _cluster(t: Any, target: str) -> list[dict[str, Any]]:
     return [_s("cluster", clusters=t.suggest_categorical("cluster.k", [8, 16, 32])), _s("quantize.int8_static")]
 
 
-def _lowrank(t: Any) -> list[dict[str, Any]]:
+def _lowrank(t: Any, target: str) -> list[dict[str, Any]]:
     return [
         _s("factorize.lowrank", rank_ratio=t.suggest_float("lowrank.ratio", 0.25, 0.75, step=0.25)),
         _s("quantize.int8_static"),
     ]
 
 
-def _slim(t: Any) -> list[dict[str, Any]]:
+def _slim(t: Any, target: str) -> list[dict[str, Any]]:
     width = t.suggest_float("slim.width", 0.25, 0.75, step=0.25)
     epochs = t.suggest_int("slim.epochs", 6, 15, step=3)
     return [_s("slim", width=width, distill={"train": {"epochs": epochs, "lr": 3e-3}}), _s("quantize.int8_static")]
@@ -75,9 +78,12 @@ TEMPLATES: dict[str, Template] = {
             "ptq",
             1,
             _ptq,
-            ({"ptq.calibration": "minmax", "ptq.per_channel": True}, {"ptq.calibration": "entropy", "ptq.per_channel": True}),
+            (
+                {"ptq.calibration": "minmax", "ptq.per_channel": True, "ptq.granularity": "channelwise"},
+                {"ptq.calibration": "entropy", "ptq.per_channel": True, "ptq.granularity": "tensorwise"},
+            ),
         ),
-        Template("ptq_fallback", 2, _fallback, ({"fallback.max_drop": 0.5},)),
+        Template("ptq_fallback", 2, _fallback, ({"fallback.max_drop": 0.5},), targets=("onnx",)),
         Template(
             "prune_distill",
             5,
@@ -89,6 +95,10 @@ TEMPLATES: dict[str, Template] = {
         Template("slim", 6, _slim, ({"slim.width": 0.5, "slim.epochs": 9},)),
     )
 }
+
+
+def templates_for(target: str) -> list[str]:
+    return [n for n, t in TEMPLATES.items() if target in t.targets]
 
 
 def first_trials(names: list[str]) -> list[dict[str, Any]]:

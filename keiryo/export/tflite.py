@@ -1,0 +1,97 @@
+"""PyTorch -> TFLite (LiteRT) through ``litert-torch``; the file runs on the ``ai-edge-litert`` interpreter.
+
+The model is exported at batch 1 (what an edge device runs) with a ``serving_default`` signature
+whose input is named ``input`` and output ``logits``, the same names as the ONNX export, and
+written atomically. Format-level variants (fp16 weights, dynamic-range int8, full-integer int8)
+are the ``tflite.*`` passes in :mod:`keiryo.passes.quantize_tflite`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from keiryo.config import KeiryoConfig
+from keiryo.errors import BackendUnavailableError, ExportError
+from keiryo.export import Artifact, register_exporter
+from keiryo.export._failures import conversion_error
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+class TfliteExportConfig(KeiryoConfig):
+    """No options yet: batch 1, float32 input and output, NCHW as in PyTorch."""
+
+
+def _named(module: Any) -> Any:
+    import torch
+
+    class Named(torch.nn.Module):
+        """Gives the signature keiryo's tensor names: forward(input) -> {"logits": ...}."""
+
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: A002 (the tensor's public name)
+            return {OUTPUT_NAME: self.inner(input)}
+
+    return Named(module).eval()
+
+
+def write_atomic(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tflite_info(path: Path) -> dict[str, Any]:
+    """Op census and input/output dtypes of a .tflite file, read by the interpreter."""
+    from keiryo.runtime.litert import LiteRTSession, op_census
+
+    s = LiteRTSession(path, 1)
+    census = op_census(path)
+    return {
+        "op_types": sorted(census),
+        "op_census": census,
+        "input_dtypes": s.input_dtypes,
+        "batch": s._in[0].shape[0],
+    }
+
+
+@register_exporter("tflite", runtime="litert", suffix=".tflite", config=TfliteExportConfig)
+def export_tflite(handle: Any, out_path: Path, cfg: TfliteExportConfig) -> Artifact:
+    from keiryo._quiet import quiet, silence_native_output
+
+    try:
+        with quiet("torch.utils._pytree", "torchao"), silence_native_output():  # torchao/TF print at import
+            import litert_torch
+    except ImportError as e:
+        raise BackendUnavailableError("TFLite export (litert-torch)", "tflite") from e
+
+    module = handle.module.eval()
+    x = handle.example_input(1)
+    try:
+        with quiet("litert_torch", "absl", "torch._export", "torch.export"), silence_native_output():
+            edge = litert_torch.convert(_named(module), sample_kwargs={INPUT_NAME: x})
+            blob = edge.model_content()
+    except Exception as e:
+        raise conversion_error(e, handle.spec.source, "litert-torch", "register a lowering", module) from e
+    if not blob:
+        raise ExportError(f"{handle.spec.source}: litert-torch produced an empty model")
+    write_atomic(bytes(blob), out_path)
+    try:
+        info = tflite_info(out_path)
+    except Exception:
+        out_path.unlink(missing_ok=True)
+        raise
+    return Artifact(out_path, "tflite", "litert", [INPUT_NAME], [OUTPUT_NAME], info)

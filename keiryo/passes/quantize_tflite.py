@@ -1,0 +1,151 @@
+"""Format-level quantization of TFLite files with Google's ``ai-edge-quantizer`` (the LiteRT PTQ tool).
+
+- ``tflite.fp16``: fp16 weights (float casting), float compute; half the file.
+- ``tflite.int8_dynamic``: int8 weights, activations quantized at run time by the kernels.
+- ``tflite.int8``: full-integer int8 (weights and activations, int8 input and output tensors),
+  activation ranges calibrated on the calibration split (the representative dataset).
+
+Each writes a new .tflite next to the step's work files and checks that the interpreter loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from keiryo.config import KeiryoConfig
+from keiryo.errors import BackendUnavailableError, DataError, PassError
+from keiryo.export import Artifact
+from keiryo.passes import PassContext, PassResult, register_pass
+
+Granularity = Literal["channelwise", "tensorwise"]
+
+
+class TfliteFp16Config(KeiryoConfig):
+    min_weight_elements: int = Field(0, ge=0, description="leave smaller weight tensors in fp32")
+
+
+class TfliteInt8DynamicConfig(KeiryoConfig):
+    granularity: Granularity = "channelwise"
+
+
+class TfliteInt8Config(KeiryoConfig):
+    granularity: Granularity = Field("channelwise", description="weight scales per output channel or per tensor")
+    calib_samples: int | None = Field(None, ge=1, description="representative samples (default: the whole calibration split)")
+
+
+def _quantizer(src: Path) -> Any:
+    try:
+        from ai_edge_quantizer import quantizer
+    except ImportError as e:
+        raise BackendUnavailableError("TFLite quantization (ai-edge-quantizer, installed with litert-torch)", "tflite") from e
+    return quantizer.Quantizer(str(src))
+
+
+def _granularity(name: str) -> Any:
+    from ai_edge_quantizer import qtyping
+
+    return {"channelwise": qtyping.QuantGranularity.CHANNELWISE, "tensorwise": qtyping.QuantGranularity.TENSORWISE}[name]
+
+
+def _run(src: Artifact, out: Path, what: str, configure: Any, calib: list[dict[str, np.ndarray]] | None = None) -> None:
+    from keiryo._quiet import quiet, silence_native_output
+
+    qt = _quantizer(src.path)
+    try:
+        with quiet("absl"), silence_native_output():
+            configure(qt)
+            if qt.need_calibration:
+                if not calib:
+                    raise PassError(f"{what} needs calibration data")
+                result = qt.quantize(qt.calibrate({"serving_default": calib}))
+            else:
+                result = qt.quantize()
+            out.unlink(missing_ok=True)
+            result.export_model(str(out), overwrite=True)
+    except PassError:
+        raise
+    except Exception as e:
+        out.unlink(missing_ok=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PassError(f"{what} failed on {src.path.name}: {type(e).__name__}: {first[:300]}") from e
+
+
+def _finish(src: Artifact, out: Path, info: dict[str, Any]) -> PassResult:
+    from keiryo.export.tflite import tflite_info
+
+    try:
+        file_info = tflite_info(out)
+    except Exception as e:
+        out.unlink(missing_ok=True)
+        raise PassError(f"{out.name}: the quantized model does not load in the LiteRT interpreter: {e}") from e
+    info = {**info, **file_info}
+    return PassResult(
+        Artifact(out, "tflite", "litert", list(src.input_names), list(src.output_names), {**src.info, **info}), info
+    )
+
+
+@register_pass("tflite.fp16", TfliteFp16Config, stage="tflite", summary="TFLite fp16 weights (ai-edge-quantizer float casting)")
+def tflite_fp16(model: Artifact, cfg: TfliteFp16Config, ctx: PassContext) -> PassResult:
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    def configure(qt: Any) -> None:
+        op_config = qtyping.OpQuantizationConfig(
+            weight_tensor_config=qtyping.TensorQuantizationConfig(num_bits=16, dtype=qtyping.TensorDataType.FLOAT),
+            compute_precision=qtyping.ComputePrecision.FLOAT,
+            explicit_dequantize=True,
+            min_weight_elements=cfg.min_weight_elements,
+        )
+        qt.update_quantization_recipe(
+            regex=".*",
+            operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+            op_config=op_config,
+            algorithm_key=AlgorithmName.FLOAT_CASTING,
+        )
+
+    out = ctx.out_path("fp16", ".tflite")
+    _run(model, out, "tflite.fp16", configure)
+    return _finish(model, out, {"weights": "fp16"})
+
+
+@register_pass("tflite.int8_dynamic", TfliteInt8DynamicConfig, stage="tflite", summary="TFLite dynamic-range int8 (int8 weights)")
+def tflite_int8_dynamic(model: Artifact, cfg: TfliteInt8DynamicConfig, ctx: PassContext) -> PassResult:
+    from ai_edge_quantizer import qtyping
+
+    def configure(qt: Any) -> None:
+        qt.add_dynamic_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 8, _granularity(cfg.granularity))
+
+    out = ctx.out_path("int8_dynamic", ".tflite")
+    _run(model, out, "tflite.int8_dynamic", configure)
+    return _finish(
+        model, out, {"weights": "int8", "activations": "float (quantized at run time)", "granularity": cfg.granularity}
+    )
+
+
+def representative_data(ctx: PassContext, n: int | None, input_name: str, what: str) -> list[dict[str, np.ndarray]]:
+    """The calibration split as batch-1 samples keyed by the model's input name."""
+    if ctx.data is None:
+        raise DataError(f"{what} needs a representative dataset; pass --data")
+    x = ctx.data.calib.x.numpy().astype(np.float32)
+    x = x[:n] if n else x
+    return [{input_name: x[i : i + 1]} for i in range(len(x))]
+
+
+@register_pass("tflite.int8", TfliteInt8Config, stage="tflite", summary="TFLite full-integer int8 (calibrated, int8 I/O)")
+def tflite_int8(model: Artifact, cfg: TfliteInt8Config, ctx: PassContext) -> PassResult:
+    from ai_edge_quantizer import qtyping
+
+    calib = representative_data(ctx, cfg.calib_samples, model.input_names[0], "tflite.int8")
+
+    def configure(qt: Any) -> None:
+        qt.add_static_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 8, 8, _granularity(cfg.granularity))
+
+    out = ctx.out_path("int8", ".tflite")
+    _run(model, out, "tflite.int8", configure, calib)
+    return _finish(
+        model, out, {"weights": "int8", "activations": "int8", "granularity": cfg.granularity, "calib_samples": len(calib)}
+    )
