@@ -61,29 +61,41 @@ def technique_coverage(handle: Any) -> dict[str, dict[str, Any]]:
 
 
 def export_coverage(handle: Any) -> dict[str, dict[str, Any]]:
-    from keiryo.export import export
+    """Export to every registered target with the same exporters ``keiryo export`` uses; name the op that fails."""
+    from keiryo.export import EXPORTERS, export, get_exporter
 
+    get_exporter("onnx")  # registers the built-in exporters
     res: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as td:
-        try:
-            art = export(handle, "onnx", Path(td) / "m.onnx")
-            import onnx
+        for target in EXPORTERS.names():
+            exp = EXPORTERS.get(target)
+            try:
+                art = export(handle, target, Path(td) / f"m{exp.suffix}")
+            except KeiryoError as e:
+                res[target] = {"ok": False, "error": str(e), "op": getattr(e, "op", None), "layer": getattr(e, "layer", None)}
+                continue
+            ops = art.info.get("op_census") or {}
+            if target == "onnx":
+                import onnx
 
-            ops = Counter(n.op_type for n in onnx.load(str(art.path)).graph.node)
-            quantizable = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
-            res["onnx"] = {
+                ops = dict(Counter(n.op_type for n in onnx.load(str(art.path)).graph.node))
+            quantizable = QUANTIZABLE_OPS.get(target, set())
+            res[target] = {
                 "ok": True,
-                "op_types": dict(ops),
+                "op_types": ops,
                 "int8_quantizable_ops": sum(v for k, v in ops.items() if k in quantizable),
             }
-        except KeiryoError as e:
-            res["onnx"] = {"ok": False, "error": str(e), "op": getattr(e, "op", None)}
-    for target, extra in (("tflite", "tflite"), ("coreml", "coreml")):
-        res[target] = {
-            "ok": False,
-            "error": f"the {target} exporter is not available in this keiryo version (extra: keiryo[{extra}])",
-        }
+            if target == "coreml":
+                res[target]["validated"] = art.info.get("validated")
     return res
+
+
+# Op types whose weights the target's int8 passes quantize.
+QUANTIZABLE_OPS = {
+    "onnx": {"Conv", "Gemm", "MatMul", "ConvTranspose"},
+    "tflite": {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV"},
+    "coreml": {"conv", "linear", "matmul", "conv_transpose"},
+}
 
 
 def warnings_for(handle: Any, batch_size: int = 1) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from keiryo.errors import ExportError, UnsupportedOpError
 
@@ -11,6 +12,8 @@ _OP_PATTERNS = [
     re.compile(r"target=torch\.ops\.([A-Za-z0-9_.]+)"),
     re.compile(r"(aten::[A-Za-z0-9_]+)"),
     re.compile(r"(aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)"),
+    re.compile(r"Unsupported fx node \w+, kind (\w+)"),  # coremltools
+    re.compile(r"node \w+ \((\w+)\) got \d+ input"),  # coremltools: a translation that does not fit the op
 ]
 _NODE_PATTERNS = [
     re.compile(r"translating node %([A-Za-z0-9_]+)"),
@@ -46,25 +49,35 @@ def unsupported_op(text: str) -> tuple[str | None, str | None]:
     return op, node
 
 
-def layer_of(module: object, node: str | None) -> str | None:
-    """The module path of an exported graph node (``layers_3_conv`` -> ``layers.3.conv``), when it exists."""
-    if not node:
+def locate(module: Any, example: Any, op: str) -> str | None:
+    """The module path (and class) whose forward calls ``op``, from the ``torch.export`` graph's module stack."""
+    import torch
+
+    short = op.split(".")[1] if op.startswith("aten.") else op
+    try:
+        graph = torch.export.export(module, (example,)).graph
+    except Exception:
         return None
-    names = {n.replace(".", "_"): n for n, _ in getattr(module, "named_modules", lambda: [])()}
-    stem = node
-    while stem:
-        if stem in names and names[stem]:
-            return names[stem]
-        stem = stem.rpartition("_")[0]
+    for node in graph.nodes:
+        target = str(node.target)
+        if node.op == "call_function" and (target == op or target.split(".")[1:2] == [short] or node.name == short):
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            if stack:
+                path, cls = stack[-1]
+                return f"{path or '(the model itself)'} ({str(cls).rsplit('.', 1)[-1]})"
     return None
 
 
-def conversion_error(e: BaseException, source: str, converter: str, hint: str, module: object = None) -> ExportError:
-    """``UnsupportedOpError`` naming the op (and node/layer) when the text names one, else ``ExportError``."""
+def conversion_error(
+    e: BaseException, source: str, converter: str, hint: str, module: Any = None, example: Any = None
+) -> ExportError:
+    """``UnsupportedOpError`` naming the op and the layer that calls it when the text names one, else ``ExportError``."""
     op, node = unsupported_op(error_text(e))
     if op:
-        layer = layer_of(module, node)
-        at = f" at layer {layer} (graph node {node})" if layer else (f" at graph node {node}" if node else "")
+        if "." not in op and not op.startswith("aten"):
+            op = f"aten.{op}"
+        layer = locate(module, example, op) if module is not None and example is not None else None
+        at = f" in layer {layer}" if layer else (f" at graph node {node}" if node else "")
         return UnsupportedOpError(
             f"{source}: {converter} cannot export op {op}{at}; replace it or {hint}", op=op, layer=layer or node
         )

@@ -164,7 +164,7 @@ def export_coreml(handle: Any, out_path: Path, cfg: CoremlExportConfig) -> Artif
                 pass_pipeline=pipeline,
             )
     except Exception as e:
-        raise conversion_error(e, handle.spec.source, "coremltools", "register a MIL op translation", module) from e
+        raise conversion_error(e, handle.spec.source, "coremltools", "register a MIL op translation", module, x) from e
     save_package(ml, out_path)
     dtype = "float32"  # fp16 compute keeps fp32 inputs and outputs
     try:

@@ -119,7 +119,7 @@ def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
                     verbose=False,
                 )
         except Exception as e:
-            raise conversion_error(e, handle.spec.source, "torch.onnx", "register an ONNX translation", module) from e
+            raise conversion_error(e, handle.spec.source, "torch.onnx", "register an ONNX translation", module, x) from e
         model = onnx.load(str(tmp))
     strip_metadata(model)
     model.producer_name = "keiryo"

@@ -85,7 +85,7 @@ def export_tflite(handle: Any, out_path: Path, cfg: TfliteExportConfig) -> Artif
             edge = litert_torch.convert(_named(module), sample_kwargs={INPUT_NAME: x})
             blob = edge.model_content()
     except Exception as e:
-        raise conversion_error(e, handle.spec.source, "litert-torch", "register a lowering", module) from e
+        raise conversion_error(e, handle.spec.source, "litert-torch", "register a lowering", module, x) from e
     if not blob:
         raise ExportError(f"{handle.spec.source}: litert-torch produced an empty model")
     write_atomic(bytes(blob), out_path)

@@ -1,0 +1,218 @@
+"""TFLite (litert-torch + the LiteRT interpreter) and Core ML (coremltools) end to end, on real converters.
+
+Core ML cannot run a model on Linux: there the packages are validated structurally, and the
+prediction-parity test runs on macOS only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from keiryo.errors import BackendUnavailableError, ConfigError, UnsupportedOpError
+from keiryo.export import ParityConfig, check_parity, export
+from keiryo.export.coreml import validate_mlpackage
+from keiryo.model import ModelHandle, ModelSpec, load_model
+from keiryo.passes import PassContext, apply
+from keiryo.passes.cluster import ClusterConfig
+from keiryo.passes.prune_unstructured import UnstructuredPruneConfig
+from keiryo.passes.quantize_coreml import CoremlInt8Config, CoremlPalettizeConfig, CoremlSparseConfig
+from keiryo.passes.quantize_tflite import TfliteFp16Config, TfliteInt8Config, TfliteInt8DynamicConfig
+from keiryo.runtime import open_session
+from keiryo.train import TrainConfig, train
+
+from test_cli import one_line_error, run_cli
+
+on_macos = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predicts only on macOS; Linux validates structure")
+
+
+@pytest.fixture(scope="module")
+def mlp(digits) -> ModelHandle:
+    """An MLP with 84k weights: big enough that file sizes are dominated by weights."""
+    h = load_model(ModelSpec(source="zoo:mlp", options={"hidden": [256, 256]}), digits.input_shape, 10)
+    train(h.module, digits, TrainConfig(epochs=6, lr=3e-3), progress=False)
+    return h
+
+
+@pytest.fixture(scope="module")
+def mlp_tflite(mlp, tmp_path_factory):
+    return export(mlp, "tflite", tmp_path_factory.mktemp("tfl") / "fp32.tflite")
+
+
+def _accuracy(path: Path, runtime: str, digits) -> float:
+    with open_session(runtime, path) as s:
+        return float((s.run(digits.test.x.numpy())[0].argmax(1) == digits.test.y.numpy()).mean())
+
+
+def test_tflite_export_names_batch_and_parity(tiny_trained, digits, tmp_path):
+    art = export(tiny_trained, "tflite", tmp_path / "m.tflite")
+    assert art.runtime == "litert" and art.info["batch"] == 1 and art.info["input_dtypes"] == ["float32"]
+    assert {"CONV_2D", "FULLY_CONNECTED"} <= set(art.info["op_types"])
+    with open_session("litert", art.path, threads=2) as s:
+        assert (s.input_names, s.output_names, s.threads) == (["input"], ["logits"], 2)
+        assert s.run(digits.test.x[:5].numpy())[0].shape == (5, 10)  # a batch runs one row per invoke
+        rep = check_parity(tiny_trained.module, s, digits.test.x, ParityConfig(), "tflite")
+    assert rep.passed and rep.max_abs_diff < 1e-4 and rep.top1_agreement == 1.0
+    assert [p.name for p in tmp_path.iterdir()] == ["m.tflite"]  # nothing else left behind
+
+
+def test_tflite_variants_sizes_and_accuracy_on_the_interpreter(mlp, mlp_tflite, digits, tmp_path):
+    fp32_acc = _accuracy(mlp_tflite.path, "litert", digits)
+    ctx = PassContext(data=digits, workdir=tmp_path)
+    size = {"fp32": mlp_tflite.size_bytes}
+    acc = {}
+    for name, cfg in [
+        ("fp16", TfliteFp16Config()),
+        ("int8_dynamic", TfliteInt8DynamicConfig()),
+        ("int8", TfliteInt8Config()),
+        ("int8_tensorwise", TfliteInt8Config(granularity="tensorwise")),
+    ]:
+        ctx.step_index += 1
+        res = apply(mlp_tflite, cfg, ctx)
+        size[name] = res.model.size_bytes
+        acc[name] = _accuracy(res.model.path, "litert", digits)
+        if name.startswith("int8_t") or name == "int8":
+            assert res.info["input_dtypes"] == ["int8"]  # full integer: int8 in, int8 out
+            assert res.info["calib_samples"] == len(digits.calib)
+    assert 1.8 < size["fp32"] / size["fp16"] < 2.1
+    assert size["fp32"] / size["int8_dynamic"] > 3.3
+    assert size["fp32"] / size["int8"] > 3.0 and size["fp32"] / size["int8_tensorwise"] > 3.5
+    for name, a in acc.items():
+        assert a > fp32_acc - 0.03, f"{name}: {a:.3f} vs fp32 {fp32_acc:.3f}"
+
+
+class _Inner(nn.Module):
+    def forward(self, x):
+        return x + torch.histc(x, bins=64).unsqueeze(0)
+
+
+class _Histc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Identity(), _Inner())
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(x.flatten(1)))
+
+
+@pytest.mark.parametrize("target,suffix", [("tflite", ".tflite"), ("coreml", ".mlpackage"), ("onnx", ".onnx")])
+def test_unsupported_op_is_named_with_its_layer_and_nothing_is_left(target, suffix, tmp_path):
+    h = ModelHandle(_Histc(), (1, 8, 8), 10, ModelSpec(source="histc-model"))
+    with pytest.raises(UnsupportedOpError, match=r"histc-model: .* cannot export op aten\.histc") as ei:
+        export(h, target, tmp_path / f"m{suffix}")
+    if target != "onnx":
+        assert ei.value.layer == "blocks.1 (_Inner)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_extra_names_it(tiny_trained, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "litert_torch", None)
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'keiryo\[tflite\]'"):
+        export(tiny_trained, "tflite", tmp_path / "m.tflite")
+    monkeypatch.setitem(sys.modules, "coremltools", None)
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'keiryo\[coreml\]'"):
+        export(tiny_trained, "coreml", tmp_path / "m.mlpackage")
+
+
+def test_coreml_structural_validation_and_compression(mlp, digits, tmp_path):
+    art = export(mlp, "coreml", tmp_path / "fp32.mlpackage")
+    assert art.info["inputs"] == [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+    assert art.info["outputs"] == [{"name": "logits", "shape": [1, 10], "dtype": "float32"}]
+    assert "linear" in art.info["op_types"] and not art.info["compressed_weight_ops"]
+    fp32_weights = art.info["weights_bytes"]
+    assert fp32_weights > 4 * 84_000
+    ctx = PassContext(data=digits, workdir=tmp_path / "w")
+    ctx.step_index = 1
+    q8 = apply(art, CoremlInt8Config(), ctx)
+    assert q8.info["compressed_weight_ops"] == {"int8": 3} and q8.info["weights_ratio"] > 3.5
+    ctx.step_index = 2
+    p4 = apply(art, CoremlPalettizeConfig(nbits=4), ctx)
+    assert p4.info["compressed_weight_ops"] == {"palettized": 3} and p4.info["weights_ratio"] > 6
+    # the packages still declare the same interface
+    assert validate_mlpackage(p4.model.path, inputs=art.info["inputs"], outputs=art.info["outputs"])["validated"]
+
+
+def test_coreml_palettes_are_the_cluster_centroids_and_pruning_zeros_are_stored_sparsely(mlp, digits, tmp_path):
+    ctx = PassContext(data=digits, workdir=tmp_path)
+    fast = {"finetune": {"epochs": 1}}
+    clustered = apply(mlp, ClusterConfig.parse({"clusters": 16, **fast}), ctx).model
+    art = export(clustered, "coreml", tmp_path / "c.mlpackage")
+    assert len(art.info["clustered"]) == 3
+    ctx.step_index = 1
+    p4 = apply(art, CoremlPalettizeConfig(nbits=4), ctx)
+    assert p4.info["weights_with_cluster_centroids"] == 3  # every clustered weight kept its exact centroids
+    pruned = apply(mlp, UnstructuredPruneConfig.parse({"sparsity": 0.8, **fast}), ctx).model
+    art = export(pruned, "coreml", tmp_path / "p.mlpackage")
+    ctx.step_index = 2
+    sp = apply(art, CoremlSparseConfig(), ctx)
+    assert sp.info["compressed_weight_ops"] == {"sparse": 3} and sp.info["weights_ratio"] > 2.5
+
+
+@on_macos
+def test_coreml_prediction_parity_on_macos(tiny_trained, digits, tmp_path):
+    art = export(tiny_trained, "coreml", tmp_path / "m.mlpackage")
+    with open_session("coreml", art.path) as s:
+        rep = check_parity(tiny_trained.module, s, digits.test.x, ParityConfig(max_abs_diff=1e-2), "coreml")
+    assert rep.passed
+
+
+def test_cli_export_variants(tmp_path, tiny_weights, capsys):
+    tiny = ["--model", "keiryo.testing:tiny_cnn", "--model-opt", "width=8", "--weights", str(tiny_weights)]
+    code, out, err = run_cli("export", *tiny, "--format", "tflite", "--variant", "int8", "--out", str(tmp_path / "m.tflite"), capsys=capsys)
+    assert code == 0, err
+    assert "parity ok" in out and "after tflite.int8: test accuracy" in out and "on litert" in out
+    code, out, err = run_cli("export", *tiny, "--format", "coreml", "--out", str(tmp_path / "m.mlpackage"), capsys=capsys)
+    assert code == 0, err
+    assert "structure validated" in out and ("macOS" in out or sys.platform == "darwin")
+    assert (tmp_path / "m.mlpackage" / "Manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--format", "tflite", "--out", "m.onnx"], "a tflite export is written to a .tflite path"),
+        (["--format", "tflite", "--variant", "int8-fallback", "--out", "m.tflite"], "has no tflite equivalent"),
+        (["--format", "tflite", "--parity-tolerance", "1e-12", "--out", "m.tflite"], "max abs diff"),
+        (["--format", "coreml", "--variant", "palettize4", "--out", "m.mlpackage"], "no weight was compressed"),
+        (["--format", "tensorrt", "--out", "m.plan"], "unknown export target 'tensorrt'"),
+    ],
+)
+def test_cli_export_bad_input_leaves_nothing(args, message, tmp_path, tiny_weights, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--model", "keiryo.testing:tiny_cnn", "--model-opt", "width=8", "--weights", str(tiny_weights)]
+    code, _, err = run_cli("export", *tiny, *args, capsys=capsys)
+    assert code != 0 and message in one_line_error(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_compress_target_tflite_measures_on_the_interpreter(tmp_path, tiny_weights, capsys):
+    tiny = ["--model", "keiryo.testing:tiny_cnn", "--model-opt", "width=8", "--weights", str(tiny_weights)]
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        "compress", *tiny, "--target", "tflite", "-r", "int8", "-r", "fp16", "--iterations", "20", "--out", str(out), capsys=capsys
+    )
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    by = {c["name"]: c for c in res["candidates"]}
+    assert set(by) == {"fp32", "int8", "fp16"}
+    assert all(c["format"] == "tflite" and c["runtime"] == "litert" for c in by.values())
+    assert (out / by["int8"]["artifact"]).suffix == ".tflite"
+    assert by["int8"]["metrics"]["size_ratio_vs_fp32"] > 1.2 and by["int8"]["metrics"]["export_parity"]["passed"]
+    assert np.isfinite(by["int8"]["metrics"]["latency_p50_ms"])
+    code, _, err = run_cli("compress", *tiny, "--target", "coreml", "-r", "fp32", "--out", str(tmp_path / "c"), capsys=capsys)
+    assert code != 0 and "target coreml: candidates cannot be measured on this machine" in one_line_error(err)
+
+
+def test_unknown_export_option_in_a_recipe_is_refused():
+    from keiryo.pipeline import load_recipe
+
+    with pytest.raises(ConfigError, match="export options"):
+        load_recipe({"name": "x", "target": "coreml", "export": {"precision": "int3"}})
