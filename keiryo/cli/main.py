@@ -330,6 +330,56 @@ def export(
 
 
 @app.command()
+def keygen(
+    out: Annotated[Path, typer.Option("--out", "-o", help="private key file (PEM); the public key goes to NAME.pub.pem")] = Path(
+        "keiryo-key.pem"
+    ),
+    overwrite: Annotated[bool, typer.Option(help="replace existing key files")] = False,
+) -> None:
+    """Create an EC P-256 key pair for signing packages (offline; keep the private key secret)."""
+    from keiryo.packages import keygen as make_keys
+
+    priv, pub = make_keys(out, overwrite=overwrite)
+    _console().print(f"private key: {priv} (mode 600)\npublic key:  {pub}", highlight=False)
+
+
+@app.command("package")
+def package_cmd(
+    result_dir: Annotated[Path, typer.Argument(help="a compress/optimize/demo output directory (results.json)")],
+    name: Annotated[str, typer.Option("--name", help="package name (lowercase, digits, . _ -)")],
+    version: Annotated[str, typer.Option("--version", help="package version, e.g. 1.0.0")],
+    key: Annotated[Path, typer.Option("--key", help="private key (PEM) from `keiryo keygen`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="package directory to write (a .tar.gz is written beside it)")],
+    candidate: Annotated[Optional[str], typer.Option("--candidate", help="candidate name (default: the best)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing package")] = False,
+) -> None:
+    """Package a candidate as a signed directory: model file, keiryo.json manifest (with golden vectors), model.sig."""
+    from keiryo.packages import package
+
+    pkg = package(result_dir, name=name, version=version, private_key=key, out=out, candidate=candidate, overwrite=overwrite)
+    _console().print(f"package: {pkg}  ({pkg.name}.tar.gz beside it), signed with {key.name}", highlight=False)
+
+
+@app.command("verify")
+def verify_cmd(
+    pkg: Annotated[Path, typer.Argument(help="package directory")],
+    public_key: Annotated[Path, typer.Option("--public-key", help="the signer's public key (PEM)")],
+    no_golden: Annotated[bool, typer.Option("--no-golden", help="check the signature only, do not run the model")] = False,
+) -> None:
+    """Verify every file of a package against its signature, and that its golden vectors reproduce."""
+    from keiryo.packages import verify
+
+    rep = verify(pkg, public_key, golden=not no_golden)
+    m = rep["manifest"]
+    g = rep["golden_max_abs_diff"]
+    gold = f"; golden vectors reproduce (max abs diff {g:.2e})" if g is not None else ""
+    _console().print(
+        f"[green]verified[/] {m['name']} {m['version']} ({m['format']}): {len(rep['files'])} files match the signature{gold}",
+        highlight=False,
+    )
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("keiryo-demo"),
     epochs: Annotated[int, typer.Option(min=1, help="training epochs")] = 12,

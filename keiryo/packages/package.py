@@ -1,0 +1,196 @@
+"""Model packages: a candidate from ``results.json`` as a signed, self-describing directory (and ``.tar.gz``).
+
+::
+
+    PKG/
+      model.onnx | model.tflite | model.mlpackage/
+      keiryo.json      the manifest: name, version, format, inputs/outputs (OIP datatypes, -1 = any batch),
+                       labels, preprocessing, metrics, recipe, versions, golden input/output vectors
+      model.sig        OpenSSF model-signing bundle over every other file
+
+The package is built in a temporary sibling and renamed into place only once signed, so a
+failure never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keiryo.errors import ConfigError, InputFileError, IntegrityError
+from keiryo.packages.signing import SIGNATURE, sign_dir, verify_dir
+
+MANIFEST = "keiryo.json"
+MANIFEST_SCHEMA_VERSION = 1
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.+-]{0,62}$")
+GOLDEN_ROWS = 4
+GOLDEN_ATOL = 1e-4
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not NAME_RE.match(name) or ".." in name:
+        raise ConfigError(f"{what} {name!r}: expected lowercase letters, digits, '.', '_' or '-' (at most 63), no path")
+    return name
+
+
+def check_version(version: str) -> str:
+    if not VERSION_RE.match(version) or ".." in version:
+        raise ConfigError(f"version {version!r}: expected letters, digits, '.', '_', '+' or '-' (at most 63), no path")
+    return version
+
+
+def _candidate(results: dict[str, Any], name: str | None, where: Path) -> dict[str, Any]:
+    cands = {c["name"]: c for c in results.get("candidates", []) if c.get("status", "ok") == "ok"}
+    pick = name or results.get("best")
+    if pick is None:
+        raise ConfigError(f"{where}: no best candidate recorded; pass --candidate (one of: {', '.join(cands)})")
+    if pick not in cands:
+        raise ConfigError(f"{where}: no candidate {pick!r}; expected one of: {', '.join(cands)}")
+    return cands[pick]
+
+
+def golden_vectors(model_file: Path, runtime: str, input_shape: list[int], seed: int = 0) -> dict[str, Any]:
+    """Seeded inputs and the outputs the shipped file gives on its runtime: a server or device must reproduce them."""
+    from keiryo.runtime import open_session
+
+    x = np.random.default_rng(seed).uniform(0, 1, size=(GOLDEN_ROWS, *input_shape)).astype(np.float32)
+    with open_session(runtime, model_file, 1) as s:
+        y = s.run(x)[0]
+    return {"inputs": x.tolist(), "outputs": y.astype(np.float32).tolist(), "atol": GOLDEN_ATOL, "seed": seed}
+
+
+def check_golden(model_file: Path, runtime: str, golden: dict[str, Any], session: Any = None) -> float:
+    """Max abs difference between the golden outputs and what ``model_file`` gives now; raises past ``atol``."""
+    from keiryo.runtime import open_session
+
+    x = np.asarray(golden["inputs"], dtype=np.float32)
+    want = np.asarray(golden["outputs"], dtype=np.float32)
+    if session is None:
+        with open_session(runtime, model_file, 1) as s:
+            got = s.run(x)[0]
+    else:
+        got = session.run(x)[0]
+    diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+    if not diff <= golden["atol"]:
+        raise IntegrityError(f"{model_file}: golden vectors do not reproduce (max abs diff {diff:.3g} > {golden['atol']:g})")
+    return diff
+
+
+def build_manifest(results: dict[str, Any], cand: dict[str, Any], name: str, version: str, model_file: str) -> dict[str, Any]:
+    from keiryo import __version__
+    from keiryo.machine import library_versions
+
+    data = results.get("data", {})
+    shape = list(data.get("input_shape") or results.get("model", {}).get("input_shape", []))
+    classes = int(data.get("num_classes") or results.get("model", {}).get("num_classes", 0))
+    return {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "name": name,
+        "version": version,
+        "format": cand["format"],
+        "runtime": cand.get("runtime"),
+        "model_file": model_file,
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *shape]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, classes]}],
+        "labels": data.get("class_names") or [str(i) for i in range(classes)],
+        "preprocessing": data.get("preprocessing", {}),
+        "metrics": cand.get("metrics", {}),
+        "recipe": cand.get("recipe", {}),
+        "source_model": results.get("model", {}),
+        "keiryo_version": __version__,
+        "library_versions": library_versions(),
+        "machine": results.get("machine", {}),
+    }
+
+
+def package(
+    result_dir: str | Path,
+    *,
+    name: str,
+    version: str,
+    private_key: str | Path,
+    out: str | Path,
+    candidate: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Package a candidate of ``result_dir`` (``results.json``) into ``out`` (and ``out.tar.gz``), signed."""
+    from keiryo.report.results import read_results
+
+    check_name(name)
+    check_version(version)
+    src = Path(result_dir)
+    results = read_results(src)
+    cand = _candidate(results, candidate, src)
+    artifact = src / cand["artifact"]
+    if not artifact.exists():
+        raise InputFileError(f"{artifact}: the candidate's model file is missing")
+    dst = Path(out)
+    tgz = dst.with_name(dst.name + ".tar.gz")
+    if (dst.exists() or tgz.exists()) and not overwrite:
+        raise ConfigError(f"{dst}: exists; pass --overwrite or choose another --out")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        pkg = tmp / dst.name
+        pkg.mkdir()
+        model_file = f"model{artifact.suffix}"
+        if artifact.is_dir():
+            shutil.copytree(artifact, pkg / model_file)
+        else:
+            shutil.copy2(artifact, pkg / model_file)
+        manifest = build_manifest(results, cand, name, version, model_file)
+        runtime = manifest["runtime"]
+        if runtime != "coreml":
+            manifest["golden"] = golden_vectors(pkg / model_file, runtime, manifest["inputs"][0]["shape"][1:])
+        (pkg / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        sign_dir(pkg, private_key)
+        with tarfile.open(tmp / tgz.name, "w:gz") as tar:
+            tar.add(pkg, arcname=dst.name)
+        if overwrite:
+            shutil.rmtree(dst, ignore_errors=True)
+            tgz.unlink(missing_ok=True)
+        (tmp / tgz.name).replace(tgz)
+        pkg.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def read_manifest(pkg: str | Path) -> dict[str, Any]:
+    p = Path(pkg) / MANIFEST
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise InputFileError(f"{pkg}: not a keiryo package (no {MANIFEST})") from e
+    except json.JSONDecodeError as e:
+        raise InputFileError(f"{p}: not valid JSON ({e})") from e
+    if not isinstance(m, dict) or m.get("schema_version") != MANIFEST_SCHEMA_VERSION:
+        raise InputFileError(
+            f"{p}: unsupported manifest (schema_version {m.get('schema_version') if isinstance(m, dict) else '?'})"
+        )
+    return m
+
+
+def verify(pkg: str | Path, public_key: str | Path, *, golden: bool = True) -> dict[str, Any]:
+    """Verify every file against the signature, then (``golden``) that the golden vectors reproduce.
+
+    Returns ``{manifest, files, golden_max_abs_diff}``.
+    """
+    p = Path(pkg)
+    if p.suffixes[-2:] == [".tar", ".gz"] or not p.is_dir():
+        raise InputFileError(f"{p}: expected a package directory (unpack a .tar.gz first)")
+    files = verify_dir(p, public_key)
+    manifest = read_manifest(p)
+    model_file = p / manifest["model_file"]
+    diff = None
+    if golden and "golden" in manifest:
+        diff = check_golden(model_file, manifest["runtime"], manifest["golden"])
+    return {"manifest": manifest, "files": sorted(f for f in files if f != SIGNATURE), "golden_max_abs_diff": diff}

@@ -1,0 +1,107 @@
+"""Signing and verifying package directories with OpenSSF ``model-signing`` and an EC key (fully offline).
+
+The signature (``model.sig``, a Sigstore bundle holding an in-toto statement of every file's
+sha256) covers every file of the package except itself. Verification names each file that
+changed, is missing, or was added since signing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from keiryo.errors import BackendUnavailableError, InputFileError, IntegrityError
+
+SIGNATURE = "model.sig"
+
+
+def _ms() -> Any:
+    try:
+        import model_signing
+    except ImportError as e:
+        raise BackendUnavailableError("model signing (model-signing)", "serve") from e
+    return model_signing
+
+
+def keygen(private_key: str | Path, public_key: str | Path | None = None, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write a new EC P-256 key pair as PEM: the private key (mode 0600) and its public key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    priv = Path(private_key)
+    pub = Path(public_key) if public_key else priv.with_name(priv.stem + ".pub.pem")
+    for p in (priv, pub):
+        if p.exists() and not overwrite:
+            raise InputFileError(f"{p}: exists; refusing to overwrite a key (pass --overwrite)")
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv.parent.mkdir(parents=True, exist_ok=True)
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(str(priv), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+def _hashing(ms: Any) -> Any:
+    return ms.hashing.Config().set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=False)
+
+
+def sign_dir(path: str | Path, private_key: str | Path) -> Path:
+    """Sign every file under ``path`` into ``path/model.sig``."""
+    ms = _ms()
+    p, key = Path(path), Path(private_key)
+    if not key.is_file():
+        raise InputFileError(f"{key}: private key not found")
+    try:
+        ms.signing.Config().use_elliptic_key_signer(private_key=key).set_hashing_config(_hashing(ms)).sign(p, p / SIGNATURE)
+    except (ValueError, TypeError) as e:
+        raise InputFileError(f"{key}: not a usable EC private key in PEM ({str(e).splitlines()[0][:200]})") from e
+    return p / SIGNATURE
+
+
+def _files(manifest: Any) -> dict[str, str]:
+    return {str(d.identifier): d.digest.digest_hex for d in manifest.resource_descriptors()}
+
+
+def verify_dir(path: str | Path, public_key: str | Path) -> dict[str, str]:
+    """Check ``path`` against its signature with ``public_key``; return {file: sha256} of the signed files.
+
+    Raises :class:`IntegrityError` naming every changed, missing or extra file, or saying that the
+    signature was not made with this key.
+    """
+    ms = _ms()
+    from model_signing._signing import sign_ec_key, signing
+
+    p, key = Path(path), Path(public_key)
+    if not key.is_file():
+        raise InputFileError(f"{key}: public key not found")
+    if not (p / SIGNATURE).is_file():
+        raise IntegrityError(f"{p}: not signed (no {SIGNATURE})")
+    try:
+        verifier = sign_ec_key.Verifier(key)
+        signature = signing.Signature.read(p / SIGNATURE)
+    except Exception as e:
+        raise IntegrityError(f"{p}: unreadable signature or key ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    try:
+        expected = verifier.verify(signature)
+    except Exception as e:
+        raise IntegrityError(f"{p}: the signature was not made with {key.name} (unknown or wrong key)") from e
+    actual = _hashing(ms).hash(p)
+    want, got = _files(expected), _files(actual)
+    if want != got:
+        changed = sorted(f for f in want.keys() & got.keys() if want[f] != got[f])
+        missing = sorted(want.keys() - got.keys())
+        extra = sorted(got.keys() - want.keys())
+        parts = [f"{what}: {', '.join(fs)}" for what, fs in (("changed", changed), ("missing", missing), ("extra", extra)) if fs]
+        raise IntegrityError(f"{p}: does not match its signature; " + "; ".join(parts))
+    return want
+
+
+def write_json_atomic(data: bytes, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
