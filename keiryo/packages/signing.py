@@ -45,20 +45,28 @@ def keygen(private_key: str | Path, public_key: str | Path | None = None, *, ove
     return priv, pub
 
 
-def _hashing(ms: Any) -> Any:
-    return ms.hashing.Config().set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=False)
+def _hashing(ms: Any, pkg: Path) -> Any:
+    return ms.hashing.Config().set_ignored_paths(paths=[pkg.resolve() / SIGNATURE], ignore_git_paths=False)
 
 
 def sign_dir(path: str | Path, private_key: str | Path) -> Path:
-    """Sign every file under ``path`` into ``path/model.sig``."""
+    """Sign every file under ``path`` into ``path/model.sig`` with an EC private key, offline.
+
+    ``model_signing.signing.Config()`` sets up a Sigstore signer in its constructor, which fetches
+    Sigstore's trust root over the network; this does what its ``sign`` does with the EC key signer only.
+    """
     ms = _ms()
+    from model_signing._signing import sign_ec_key, signing
+
     p, key = Path(path), Path(private_key)
     if not key.is_file():
         raise InputFileError(f"{key}: private key not found")
     try:
-        ms.signing.Config().use_elliptic_key_signer(private_key=key).set_hashing_config(_hashing(ms)).sign(p, p / SIGNATURE)
+        signer = sign_ec_key.Signer(key)
     except (ValueError, TypeError) as e:
         raise InputFileError(f"{key}: not a usable EC private key in PEM ({str(e).splitlines()[0][:200]})") from e
+    manifest = _hashing(ms, p).hash(p)
+    signer.sign(signing.Payload(manifest)).write(p / SIGNATURE)
     return p / SIGNATURE
 
 
@@ -73,7 +81,7 @@ def verify_dir(path: str | Path, public_key: str | Path) -> dict[str, str]:
     signature was not made with this key.
     """
     ms = _ms()
-    from model_signing._signing import sign_ec_key, signing
+    from model_signing._signing import sign_ec_key, sign_sigstore_pb
 
     p, key = Path(path), Path(public_key)
     if not key.is_file():
@@ -82,14 +90,14 @@ def verify_dir(path: str | Path, public_key: str | Path) -> dict[str, str]:
         raise IntegrityError(f"{p}: not signed (no {SIGNATURE})")
     try:
         verifier = sign_ec_key.Verifier(key)
-        signature = signing.Signature.read(p / SIGNATURE)
+        signature = sign_sigstore_pb.Signature.read(p / SIGNATURE)
     except Exception as e:
         raise IntegrityError(f"{p}: unreadable signature or key ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     try:
         expected = verifier.verify(signature)
     except Exception as e:
         raise IntegrityError(f"{p}: the signature was not made with {key.name} (unknown or wrong key)") from e
-    actual = _hashing(ms).hash(p)
+    actual = _hashing(ms, p).hash(p)
     want, got = _files(expected), _files(actual)
     if want != got:
         changed = sorted(f for f in want.keys() & got.keys() if want[f] != got[f])
