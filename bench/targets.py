@@ -72,7 +72,9 @@ def main() -> int:
     )
     torch_acc = files[("onnx", "fp32")]["torch_accuracy"]
     print(f"torch fp32 test accuracy {torch_acc:.2%}\n")
-    print(f"{'format':7} {'variant':16} {'acc %':>7} {'drop pt':>8} {'size MB':>8} {'x smaller':>9} {'p50 ms':>8} {'x faster':>9}")
+    print(
+        f"{'format':7} {'variant':16} {'acc %':>7} {'drop pt':>8} {'size MB':>8} {'x smaller':>9} {'p50 ms':>8} {'x faster':>9}"
+    )
     size = {k: files[k]["artifact"].size_bytes for k in files if k[0] != "coreml"}
     for k in RUNTIME_VARIANTS:
         fmt, v = k
@@ -115,8 +117,7 @@ def main() -> int:
         (
             "TFLite int8 vs ONNX int8 p50, side by side (informational)",
             True,
-            f"LiteRT {med[t8c]:.3f} ms vs onnxruntime {med[('onnx', 'int8')]:.3f} ms: "
-            f"{med[('onnx', 'int8')] / med[t8c]:.2f}x",
+            f"LiteRT {med[t8c]:.3f} ms vs onnxruntime {med[('onnx', 'int8')]:.3f} ms: {med[('onnx', 'int8')] / med[t8c]:.2f}x",
         ),
         (
             "Core ML 4-bit palettized weights >= 6x smaller than fp32",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from keiryo.errors import ExportError, UnsupportedOpError
+from keiryo.errors import ExportError, KeiryoError, UnsupportedOpError
 
 _OP_PATTERNS = [
     re.compile(r"OpOverload\(op='([^']+)', overload='([^']+)'\)"),
@@ -70,7 +70,7 @@ def locate(module: Any, example: Any, op: str) -> str | None:
 
 def conversion_error(
     e: BaseException, source: str, converter: str, hint: str, module: Any = None, example: Any = None
-) -> ExportError:
+) -> KeiryoError:
     """``UnsupportedOpError`` naming the op and the layer that calls it when the text names one, else ``ExportError``."""
     op, node = unsupported_op(error_text(e))
     if op:

@@ -136,9 +136,8 @@ def save_package(model: Any, out_path: Path) -> None:
 @register_exporter("coreml", runtime="coreml", suffix=".mlpackage", config=CoremlExportConfig)
 def export_coreml(handle: Any, out_path: Path, cfg: CoremlExportConfig) -> Artifact:
     ct = coremltools()
-    import torch
-
     import numpy as np
+    import torch
 
     from keiryo._quiet import quiet, silence_native_output
 

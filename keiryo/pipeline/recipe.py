@@ -84,7 +84,10 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "description": "int8 static PTQ with percentile calibration",
         "steps": [_q("quantize.int8_static", calibration="percentile")],
     },
-    "int8-dynamic": {"description": "int8 weights, activations quantized at run time (Linear/attention-heavy models)", "steps": [_q("quantize.int8_dynamic")]},
+    "int8-dynamic": {
+        "description": "int8 weights, activations quantized at run time (Linear/attention-heavy models)",
+        "steps": [_q("quantize.int8_dynamic")],
+    },
     "fp16": {"description": "fp16 weights and compute", "steps": [_q("quantize.fp16")]},
     "int8-fallback": {
         "description": "int8 static PTQ; the most sensitive layers stay float until val drop <= 0.5 pt",

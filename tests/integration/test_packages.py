@@ -44,7 +44,9 @@ def test_package_layout_manifest_and_tarball(pkg, tiny_results, keys):
     assert "onnxruntime" in m["library_versions"] and m["keiryo_version"]
     assert len(m["golden"]["inputs"]) == len(m["golden"]["outputs"]) == 4
     with tarfile.open(pkg.with_name(pkg.name + ".tar.gz")) as t:
-        assert sorted(t.getnames()) == sorted([pkg.name] + [f"{pkg.name}/{n}" for n in ("keiryo.json", "model.onnx", "model.sig")])
+        assert sorted(t.getnames()) == sorted(
+            [pkg.name] + [f"{pkg.name}/{n}" for n in ("keiryo.json", "model.onnx", "model.sig")]
+        )
     rep = verify(pkg, keys[1])
     assert rep["files"] == ["keiryo.json", "model.onnx"] and rep["golden_max_abs_diff"] <= 1e-4
 
@@ -52,7 +54,10 @@ def test_package_layout_manifest_and_tarball(pkg, tiny_results, keys):
 @pytest.mark.parametrize(
     "tamper,message",
     [
-        (lambda p: p.joinpath("model.onnx").write_bytes(p.joinpath("model.onnx").read_bytes()[:-1] + b"\0"), "changed: model.onnx"),
+        (
+            lambda p: p.joinpath("model.onnx").write_bytes(p.joinpath("model.onnx").read_bytes()[:-1] + b"\0"),
+            "changed: model.onnx",
+        ),
         (lambda p: p.joinpath("keiryo.json").unlink(), "missing: keiryo.json"),
         (lambda p: p.joinpath("evil.py").write_text("import os"), "extra: evil.py"),
         (lambda p: p.joinpath("model.sig").unlink(), "not signed"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cli import one_line_error, run_cli
 from torch import nn
 
 from keiryo.errors import BackendUnavailableError, ConfigError, UnsupportedOpError
@@ -26,8 +27,6 @@ from keiryo.passes.quantize_coreml import CoremlInt8Config, CoremlPalettizeConfi
 from keiryo.passes.quantize_tflite import TfliteFp16Config, TfliteInt8Config, TfliteInt8DynamicConfig
 from keiryo.runtime import open_session
 from keiryo.train import TrainConfig, train
-
-from test_cli import one_line_error, run_cli
 
 on_macos = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predicts only on macOS; Linux validates structure")
 
@@ -165,7 +164,9 @@ def test_coreml_prediction_parity_on_macos(tiny_trained, digits, tmp_path):
 
 def test_cli_export_variants(tmp_path, tiny_weights, capsys):
     tiny = ["--model", "keiryo.testing:tiny_cnn", "--model-opt", "width=8", "--weights", str(tiny_weights)]
-    code, out, err = run_cli("export", *tiny, "--format", "tflite", "--variant", "int8", "--out", str(tmp_path / "m.tflite"), capsys=capsys)
+    code, out, err = run_cli(
+        "export", *tiny, "--format", "tflite", "--variant", "int8", "--out", str(tmp_path / "m.tflite"), capsys=capsys
+    )
     assert code == 0, err
     assert "parity ok" in out and "after tflite.int8: test accuracy" in out and "on litert" in out
     code, out, err = run_cli("export", *tiny, "--format", "coreml", "--out", str(tmp_path / "m.mlpackage"), capsys=capsys)
@@ -197,7 +198,19 @@ def test_compress_target_tflite_measures_on_the_interpreter(tmp_path, tiny_weigh
     tiny = ["--model", "keiryo.testing:tiny_cnn", "--model-opt", "width=8", "--weights", str(tiny_weights)]
     out = tmp_path / "out"
     code, _, err = run_cli(
-        "compress", *tiny, "--target", "tflite", "-r", "int8", "-r", "fp16", "--iterations", "20", "--out", str(out), capsys=capsys
+        "compress",
+        *tiny,
+        "--target",
+        "tflite",
+        "-r",
+        "int8",
+        "-r",
+        "fp16",
+        "--iterations",
+        "20",
+        "--out",
+        str(out),
+        capsys=capsys,
     )
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
