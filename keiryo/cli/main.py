@@ -379,6 +379,170 @@ def verify_cmd(
     )
 
 
+registry_app = typer.Typer(
+    help="A filesystem registry of signed packages: versions, aliases, promotion log.", no_args_is_help=True
+)
+app.add_typer(registry_app, name="registry")
+RegistryOpt = Annotated[
+    Optional[Path], typer.Option("--registry", help="registry root (default $KEIRYO_REGISTRY or ~/.keiryo/registry)")
+]
+ByOpt = Annotated[Optional[str], typer.Option("--by", help="who is doing this (default: the OS user)")]
+
+
+def _store(root: Path | None) -> Any:
+    from keiryo.packages.store import PackageStore
+
+    return PackageStore(root)
+
+
+@registry_app.command("push")
+def registry_push(
+    pkg: Annotated[Path, typer.Argument(help="package directory from `keiryo package`")],
+    public_key: Annotated[Path, typer.Option("--public-key", help="the signer's public key: unsigned or tampered = refused")],
+    registry: RegistryOpt = None,
+    by: ByOpt = None,
+) -> None:
+    """Verify a package and publish it as an immutable version."""
+    store = _store(registry)
+    name, version = store.push(pkg, public_key, by=by)
+    _console().print(f"pushed {name} {version} to {store.root}", highlight=False)
+
+
+@registry_app.command("list")
+def registry_list(registry: RegistryOpt = None) -> None:
+    """Packages, their versions (oldest first) and aliases."""
+    from rich.table import Table
+
+    store = _store(registry)
+    t = Table("package", "versions", "aliases", title=str(store.root))
+    for name in store.names():
+        t.add_row(name, ", ".join(store.versions(name)), ", ".join(f"{a} -> {v}" for a, v in store.aliases(name).items()))
+    _console().print(t)
+
+
+@registry_app.command("show")
+def registry_show(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME@VERSION")], registry: RegistryOpt = None
+) -> None:
+    """A version's manifest summary (JSON)."""
+    info = _store(registry).show(ref)
+    m = info["manifest"]
+    summary = {k: info[k] for k in ("name", "version", "aliases", "path")}
+    summary.update({k: m.get(k) for k in ("format", "runtime", "inputs", "outputs", "labels")})
+    summary["metrics"] = {k: m.get("metrics", {}).get(k) for k in ("accuracy", "size_bytes", "latency_p50_ms")}
+    summary["recipe"] = m.get("recipe", {}).get("name")
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@registry_app.command("promote")
+def registry_promote(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION to promote")],
+    alias: Annotated[str, typer.Option("--alias", "-a", help="alias to move, e.g. production, staging")],
+    registry: RegistryOpt = None,
+    by: ByOpt = None,
+) -> None:
+    """Point an alias at a version (logged: when, from, to, by whom)."""
+    name, _, version = ref.partition("@")
+    if not version:
+        raise ConfigError(f"{ref}: give NAME@VERSION")
+    before = _store(registry).promote(name, version, alias, by=by)
+    _console().print(f"{name}@{alias}: {before or '(none)'} -> {version}", highlight=False)
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    name: Annotated[str, typer.Argument(help="package name")],
+    alias: Annotated[str, typer.Option("--alias", "-a", help="alias to move back")] = "production",
+    registry: RegistryOpt = None,
+    by: ByOpt = None,
+) -> None:
+    """Move an alias back to the version it pointed at before."""
+    cur, to = _store(registry).rollback(name, alias, by=by)
+    _console().print(f"{name}@{alias}: {cur} -> {to} (rolled back)", highlight=False)
+
+
+@registry_app.command("log")
+def registry_log(name: Annotated[str, typer.Argument(help="package name")], registry: RegistryOpt = None) -> None:
+    """The append-only log of pushes, promotions and rollbacks (JSON lines)."""
+    for e in _store(registry).log(name):
+        typer.echo(json.dumps(e))
+
+
+@app.command()
+def serve(
+    model: Annotated[list[str], typer.Option("--model", "-m", help="NAME or NAME@ALIAS in the registry; repeatable")],
+    public_key: Annotated[Path, typer.Option("--public-key", help="the signer's public key; every package is verified")],
+    registry: RegistryOpt = None,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    api_key: Annotated[
+        Optional[list[str]], typer.Option("--api-key", envvar="KEIRYO_API_KEYS", help="bearer key for inference (repeatable)")
+    ] = None,
+    admin_key: Annotated[
+        Optional[list[str]], typer.Option("--admin-key", envvar="KEIRYO_ADMIN_KEYS", help="bearer key for /v2/repository")
+    ] = None,
+    allow_anonymous: Annotated[bool, typer.Option("--allow-anonymous", help="serve inference without a key")] = False,
+    threads: Annotated[int, typer.Option(min=1, help="intra-op threads per model session")] = 1,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="dynamic batching: rows per run (1 = off)")] = 32,
+    max_queue_delay_ms: Annotated[float, typer.Option(min=0, help="dynamic batching: wait for more requests")] = 2.0,
+    max_queue: Annotated[int, typer.Option(min=1, help="waiting requests per model before 503")] = 256,
+    body_limit_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 16.0,
+    timeout_s: Annotated[float, typer.Option(min=0.001, help="per-request timeout")] = 10.0,
+    poll_s: Annotated[float, typer.Option(min=0, help="check aliases for new versions every N s (0 = never)")] = 5.0,
+) -> None:
+    """Serve registry models over the Open Inference Protocol v2 (KServe V2) REST API."""
+    from keiryo.serve import ServeSettings, run_server
+
+    settings = ServeSettings(
+        models=model,
+        public_key=str(public_key),
+        api_keys=[k for ks in (api_key or []) for k in ks.split(",") if k],
+        admin_keys=[k for ks in (admin_key or []) for k in ks.split(",") if k],
+        allow_anonymous=allow_anonymous,
+        threads=threads,
+        max_batch_size=max_batch_size,
+        max_queue_delay_ms=max_queue_delay_ms,
+        max_queue=max_queue,
+        body_limit_bytes=int(body_limit_mb * 2**20),
+        request_timeout_s=timeout_s,
+        poll_s=poll_s or None,
+    )
+    settings.check()
+    run_server(registry, settings, host, port)
+
+
+@app.command()
+def deploy(
+    kind: Annotated[str, typer.Argument(help="docker | k8s")],
+    pkg: Annotated[Path, typer.Argument(help="package directory from `keiryo package`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    public_key: Annotated[Optional[Path], typer.Option("--public-key", help="docker: the signer's public key")] = None,
+    image: Annotated[Optional[str], typer.Option(help="k8s: container image (default keiryo-NAME:VERSION)")] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="k8s: minimum replicas")] = 2,
+    max_replicas: Annotated[int, typer.Option(min=1, help="k8s: HPA maximum replicas")] = 10,
+    cpu_target: Annotated[int, typer.Option(min=1, max=100, help="k8s: HPA CPU utilisation target, %")] = 70,
+    cpu: Annotated[str, typer.Option(help="k8s: CPU request = limit")] = "1",
+    memory: Annotated[str, typer.Option(help="k8s: memory request = limit")] = "1Gi",
+) -> None:
+    """Write deploy assets: a slim CPU-only Docker build context, or Kubernetes Deployment + Service + HPA."""
+    from keiryo.serve.deploy import write_docker, write_k8s
+
+    if kind == "docker":
+        if public_key is None:
+            raise ConfigError("deploy docker: pass --public-key (the image verifies its package at every start)")
+        path = write_docker(pkg, public_key, out)
+        _console().print(f"docker build context: {path} (docker build -t IMAGE {path})", highlight=False)
+    elif kind == "k8s":
+        if max_replicas < replicas:
+            raise ConfigError(f"--max-replicas {max_replicas} is below --replicas {replicas}")
+        path = write_k8s(
+            pkg, out, image=image, replicas=replicas, max_replicas=max_replicas, cpu_target=cpu_target, cpu=cpu, memory=memory
+        )
+        _console().print(f"kubernetes manifests: {path} (kubectl apply -f {path})", highlight=False)
+    else:
+        raise ConfigError(f"deploy {kind!r}: expected docker or k8s")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("keiryo-demo"),

@@ -1,0 +1,378 @@
+"""``create_app(store, settings)``: an Open Inference Protocol v2 (KServe V2) REST server over registry packages.
+
+Endpoints are thin; every error leaves as ``{"error": ...}`` with the status chosen in :func:`_status_of`.
+(No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at run time,
+and ``Request`` is imported inside :func:`create_app` so that importing keiryo never imports fastapi.)
+"""
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from keiryo.config import KeiryoConfig
+from keiryo.errors import ConfigError, KeiryoError, PackageNotFoundError
+from keiryo.packages.store import PackageStore
+from keiryo.serve.batching import QueueFull
+from keiryo.serve.protocol import HEADER, ProtocolError, build_response, parse_request
+
+access_log = logging.getLogger("keiryo.access")
+events_log = logging.getLogger("keiryo.serve")
+
+
+class ServeSettings(KeiryoConfig):
+    models: list[str] = Field(min_length=1, description="NAME or NAME@ALIAS from the registry")
+    public_key: str = Field(description="the signer's public key (PEM): every package is verified against it")
+    api_keys: list[str] = Field(default_factory=list, description="bearer keys for inference and metadata")
+    admin_keys: list[str] = Field(default_factory=list, description="bearer keys for the model-repository endpoints")
+    allow_anonymous: bool = Field(False, description="serve inference without a key (never the admin endpoints)")
+    threads: int = Field(1, ge=1, description="intra-op threads of each model's session")
+    max_batch_size: int = Field(32, ge=1, description="rows per batched run; 1 disables batching")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="how long the first request waits for others")
+    max_queue: int = Field(256, ge=1, description="requests waiting per model before 503")
+    body_limit_bytes: int = Field(16 * 2**20, ge=1024)
+    request_timeout_s: float = Field(10.0, gt=0)
+    poll_s: float | None = Field(5.0, gt=0, description="check aliases for a new version this often (None: never)")
+    server_name: str = "keiryo"
+
+    def check(self) -> None:
+        if not self.api_keys and not self.allow_anonymous:
+            raise ConfigError("no API key given: pass --api-key (or KEIRYO_API_KEYS), or --allow-anonymous to serve without one")
+        if any(len(k) < 16 for k in [*self.api_keys, *self.admin_keys]):
+            raise ConfigError("API keys must be at least 16 characters")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _status_of(e: BaseException) -> int:
+    if isinstance(e, HTTPError):
+        return e.status
+    if isinstance(e, ProtocolError):
+        return 400
+    if isinstance(e, PackageNotFoundError):
+        return 404
+    if isinstance(e, QueueFull | asyncio.TimeoutError):
+        return 503
+    if isinstance(e, KeiryoError):
+        return 400
+    return 500
+
+
+class Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("keiryo_requests", "HTTP requests", ["model", "endpoint", "status"], registry=r)
+        self.latency = Histogram(
+            "keiryo_request_latency_seconds",
+            "request latency",
+            ["model"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.queue = Histogram(
+            "keiryo_queue_time_seconds",
+            "time a request waited for its batch",
+            ["model"],
+            buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1),
+            registry=r,
+        )
+        self.batch = Histogram(
+            "keiryo_batch_size", "rows per session run", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        )
+        self.in_flight = Gauge("keiryo_in_flight_requests", "requests being served", registry=r)
+        self.loads = Counter("keiryo_model_load_events", "model loads", ["model", "version", "result"], registry=r)
+
+    def batch_hooks(self, model: str) -> dict[str, Callable[..., None]]:
+        return {"on_queue_time": self.queue.labels(model).observe, "on_batch": self.batch.labels(model).observe}
+
+
+class Server:
+    """The served models and their lifecycle: load, hot reload on alias moves, unload, drain."""
+
+    def __init__(self, store: PackageStore, settings: ServeSettings):
+        self.store = store
+        self.settings = settings
+        self.metrics = Metrics()
+        self.models: dict[str, Any] = {}  # name -> ServedModel
+        self.refs = {ref.partition("@")[0]: ref for ref in settings.models}
+        self.ready = False
+        self._lock = asyncio.Lock()
+
+    def _batching(self) -> dict[str, Any]:
+        s = self.settings
+        return {"max_batch_size": s.max_batch_size, "max_queue_delay_ms": s.max_queue_delay_ms, "max_queue": s.max_queue}
+
+    async def load(self, name: str) -> Any:
+        """Load (or reload) ``name`` from its configured ref; the old version keeps serving if this fails."""
+        from keiryo.serve.models import load_served
+
+        if name not in self.refs:
+            raise PackageNotFoundError(f"model {name!r} is not configured on this server; configured: {sorted(self.refs)}")
+        ref = self.refs[name]
+        async with self._lock:
+            try:
+                served = await asyncio.to_thread(
+                    load_served,
+                    self.store,
+                    ref,
+                    self.settings.public_key,
+                    threads=self.settings.threads,
+                    batching=self._batching(),
+                    metrics=self.metrics,
+                )
+            except Exception as e:
+                self.metrics.loads.labels(name, "?", "refused").inc()
+                events_log.error(json.dumps({"event": "load_refused", "model": name, "ref": ref, "error": str(e)}))
+                raise
+            served.batcher.start()
+            old = self.models.get(name)
+            self.models[name] = served  # new requests go to the new version from here on
+            self.metrics.loads.labels(name, served.version, "loaded").inc()
+            events_log.info(json.dumps({"event": "loaded", "model": name, "version": served.version, "ref": ref}))
+        if old is not None:
+            asyncio.get_running_loop().create_task(self._retire(old))  # in-flight requests finish on the old one
+        return served
+
+    async def _retire(self, served: Any) -> None:
+        await served.batcher.drain(self.settings.request_timeout_s)
+        served.session.close()
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            served = self.models.pop(name, None)
+        if served is None:
+            raise PackageNotFoundError(f"model {name!r} is not loaded")
+        await self._retire(served)
+        events_log.info(json.dumps({"event": "unloaded", "model": name, "version": served.version}))
+
+    async def poll(self) -> None:
+        """Reload a model when its alias points at another version (a refused version leaves the old one serving)."""
+        assert self.settings.poll_s is not None
+        refused: set[tuple[str, str]] = set()
+        while True:
+            await asyncio.sleep(self.settings.poll_s)
+            for name, ref in self.refs.items():
+                cur = self.models.get(name)
+                if cur is None:
+                    continue
+                try:
+                    _, version = self.store.resolve(ref)
+                except KeiryoError:
+                    continue
+                if version != cur.version and (name, version) not in refused:
+                    try:
+                        await self.load(name)
+                    except Exception:
+                        refused.add((name, version))
+
+    async def drain(self) -> None:
+        for served in list(self.models.values()):
+            await self._retire(served)
+
+    def get(self, name: str, version: str | None = None) -> Any:
+        served = self.models.get(name)
+        if served is None:
+            raise PackageNotFoundError(f"unknown model {name!r}; serving: {sorted(self.models)}")
+        if version is not None and version != served.version:
+            raise PackageNotFoundError(f"model {name!r} has no loaded version {version!r}; serving version {served.version}")
+        return served
+
+
+def _key_ok(given: str | None, keys: list[str]) -> bool:
+    if not given:
+        return False
+    ok = False
+    for k in keys:  # compare with every key, in constant time, so timing says nothing about which matched
+        ok |= hmac.compare_digest(given.encode(), k.encode())
+    return ok
+
+
+def create_app(store: PackageStore, settings: ServeSettings) -> Any:
+    """The ASGI app. Models load at startup; ``/v2/health/ready`` is 200 only once all verified and reproduced."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from keiryo import __version__
+
+    settings.check()
+    server = Server(store, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        for name in server.refs:
+            await server.load(name)  # a package that fails verification stops the server from starting
+        server.ready = True
+        poller = asyncio.get_running_loop().create_task(server.poll()) if settings.poll_s else None
+        yield
+        server.ready = False
+        if poller is not None:
+            poller.cancel()
+        await server.drain()
+
+    app = FastAPI(title="keiryo inference server (Open Inference Protocol v2)", version=__version__, lifespan=lifespan)
+    app.state.server = server
+
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error(e.status_code, str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+
+    @app.exception_handler(Exception)
+    async def _any(request: Request, e: Exception) -> JSONResponse:
+        status = _status_of(e)
+        if status >= 500 and not isinstance(e, QueueFull | asyncio.TimeoutError):
+            events_log.exception("internal error")
+            return error(500, "internal error")
+        return error(status, str(e) or type(e).__name__, getattr(e, "headers", None))
+
+    @app.middleware("http")
+    async def _envelope(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        t0 = time.perf_counter()
+        server.metrics.in_flight.inc()
+        try:
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > settings.body_limit_bytes):
+                response = error(413, f"request body over the limit of {settings.body_limit_bytes} bytes")
+            else:
+                response = await call_next(request)
+        finally:
+            server.metrics.in_flight.dec()
+        dt = time.perf_counter() - t0
+        response.headers["x-request-id"] = rid
+        parts = request.url.path.split("/")
+        model = parts[3] if len(parts) > 3 and parts[2] == "models" else ""
+        endpoint = "infer" if request.url.path.endswith("/infer") else "other"
+        server.metrics.requests.labels(model, endpoint, str(response.status_code)).inc()
+        if endpoint == "infer" and model:
+            server.metrics.latency.labels(model).observe(dt)
+        access_log.info(
+            json.dumps(
+                {
+                    "request_id": rid,
+                    "method": request.method,
+                    "path": request.url.path,
+                    "status": response.status_code,
+                    "ms": round(dt * 1000, 3),
+                    "client": request.client.host if request.client else None,
+                }
+            )
+        )
+        return response
+
+    def need(request: Request, *, admin: bool = False) -> None:
+        auth = request.headers.get("authorization", "")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        if admin:
+            if not _key_ok(token, settings.admin_keys):
+                raise HTTPError(403 if token else 401, "admin key required", {"WWW-Authenticate": "Bearer"})
+            return
+        if settings.allow_anonymous or _key_ok(token, [*settings.api_keys, *settings.admin_keys]):
+            return
+        raise HTTPError(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+
+    # -- health and metadata --------------------------------------------------------------------
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Any:
+        return {"ready": True} if server.ready else error(400, "not ready")
+
+    @app.get("/v2")
+    async def server_metadata(request: Request) -> dict[str, Any]:
+        need(request)
+        return {"name": settings.server_name, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(request: Request, name: str, version: str | None = None) -> Any:
+        need(request)
+        try:
+            server.get(name, version)
+        except PackageNotFoundError as e:
+            return error(400, str(e))
+        return {"name": name, "ready": True}
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
+        need(request)
+        return dict(server.get(name, version).metadata())
+
+    # -- inference ------------------------------------------------------------------------------
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        need(request)
+        served = server.get(name, version)
+        body = await request.body()
+        if len(body) > settings.body_limit_bytes:
+            raise HTTPError(413, f"request body over the limit of {settings.body_limit_bytes} bytes")
+        req = parse_request(body, request.headers.get(HEADER), served.inputs)
+        outputs = await asyncio.wait_for(served.batcher.submit(req.inputs), settings.request_timeout_s)
+        content, headers, media = build_response(served.name, served.version, req, outputs)
+        return Response(content=content, media_type=media, headers=headers)
+
+    # -- model repository extension (admin) ----------------------------------------------------
+    @app.post("/v2/repository/index")
+    async def repo_index(request: Request) -> list[dict[str, Any]]:
+        need(request, admin=True)
+        out = []
+        for name, ref in sorted(server.refs.items()):
+            m = server.models.get(name)
+            out.append({"name": name, "version": m.version if m else "", "state": "READY" if m else "UNAVAILABLE", "ref": ref})
+        return out
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def repo_load(request: Request, name: str) -> dict[str, Any]:
+        need(request, admin=True)
+        served = await server.load(name)  # registry names only: never a path from the request
+        return {"name": name, "version": served.version, "state": "READY"}
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def repo_unload(request: Request, name: str) -> dict[str, Any]:
+        need(request, admin=True)
+        await server.unload(name)
+        return {"name": name, "state": "UNAVAILABLE"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def run_server(store_root: str | Path | None, settings: ServeSettings, host: str, port: int, log_level: str = "info") -> None:
+    """Run with uvicorn; SIGTERM drains in-flight requests before exiting."""
+    import uvicorn
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(message)s")
+    app = create_app(PackageStore(store_root), settings)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=30)

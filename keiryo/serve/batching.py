@@ -1,0 +1,132 @@
+"""Dynamic micro-batching: requests to one model are queued and run together on its one session.
+
+A worker takes the first waiting request, then keeps collecting until the batch holds
+``max_batch_size`` rows or ``max_queue_delay_ms`` has passed, concatenates the inputs, runs the
+session once in a worker thread and hands each request its rows. ``max_batch_size=1`` runs every
+request alone (no batching). The queue is bounded: when ``max_queue`` requests wait, new ones are
+refused at once (:class:`QueueFull`, HTTP 503) instead of piling up latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class QueueFull(RuntimeError):
+    """The model's queue is full (HTTP 503)."""
+
+
+@dataclass
+class _Item:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    future: asyncio.Future[dict[str, np.ndarray]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+        *,
+        max_batch_size: int = 32,
+        max_queue_delay_ms: float = 2.0,
+        max_queue: int = 256,
+        on_queue_time: Callable[[float], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_queue_delay_ms / 1000
+        self.max_queue = max_queue
+        self._on_queue_time = on_queue_time or (lambda seconds: None)
+        self._on_batch = on_batch or (lambda rows: None)
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keiryo-session")
+        self.in_flight = 0
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._worker())
+
+    async def submit(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self._queue is not None, "Batcher.start() was not called"
+        if self._queue.qsize() >= self.max_queue:
+            raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
+        rows = int(next(iter(inputs.values())).shape[0])
+        item = _Item(inputs, rows, asyncio.get_running_loop().create_future())
+        self.in_flight += 1
+        try:
+            await self._queue.put(item)
+            return await item.future
+        finally:
+            self.in_flight -= 1
+
+    async def _worker(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            rows = first.rows
+            deadline = loop.time() + self.max_delay
+            while rows < self.max_batch_size:
+                timeout = deadline - loop.time()
+                if timeout <= 0 and self._queue.empty():
+                    break
+                try:
+                    nxt = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
+                except (TimeoutError, asyncio.QueueEmpty):
+                    break
+                if rows + nxt.rows > self.max_batch_size:
+                    await self._run_batch(batch)  # run what we have; the newcomer starts the next batch
+                    batch, rows = [nxt], nxt.rows
+                    deadline = loop.time() + self.max_delay
+                    continue
+                batch.append(nxt)
+                rows += nxt.rows
+            await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        live = [b for b in batch if not b.future.done()]  # a timed-out request was cancelled: skip it
+        if not live:
+            return
+        now = time.perf_counter()
+        for b in live:
+            self._on_queue_time(now - b.enqueued)
+        names = list(live[0].inputs)
+        feed = {n: np.concatenate([b.inputs[n] for b in live]) if len(live) > 1 else live[0].inputs[n] for n in names}
+        self._on_batch(sum(b.rows for b in live))
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._pool, self._run, feed)
+        except Exception as e:  # the session failed: every request of the batch gets the error
+            for b in live:
+                if not b.future.done():
+                    b.future.set_exception(e)
+            return
+        start = 0
+        for b in live:
+            part = {k: v[start : start + b.rows] for k, v in out.items()}
+            start += b.rows
+            if not b.future.done():
+                b.future.set_result(part)
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait until queued and running requests are answered (graceful shutdown), then stop the worker."""
+        end = time.monotonic() + timeout
+        while (self.in_flight or (self._queue is not None and not self._queue.empty())) and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,188 @@
+"""Deploy assets for a package: a slim CPU-only container and Kubernetes manifests.
+
+``keiryo deploy docker PKG --public-key pub.pem --out DIR`` writes a build context: the package
+published in a registry (alias ``production``), the public key, a Dockerfile that installs only
+what serving needs (no torch: the server runs the exported file), and a ``.dockerignore``.
+``keiryo deploy k8s PKG --out DIR`` writes a Deployment (probes on the OIP health paths, resource
+requests and limits, non-root, read-only root filesystem), a Service and a CPU-based
+HorizontalPodAutoscaler.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from keiryo.errors import ConfigError
+from keiryo.packages.package import read_manifest
+
+SERVE_PORT = 8000
+# what the server imports: the CLI, the package layer, the runtime of the file, the HTTP stack
+SERVE_REQUIREMENTS = [
+    "numpy",
+    "pydantic>=2.6",
+    "typer>=0.12",
+    "rich>=13",
+    "pyyaml>=6",
+    "fastapi",
+    "uvicorn",
+    "prometheus-client",
+    "model-signing",
+]
+RUNTIME_REQUIREMENTS = {"onnxruntime": ["onnxruntime>=1.20"], "litert": ["ai-edge-litert>=2.3"]}
+
+
+def _image(manifest: dict[str, Any]) -> str:
+    return f"keiryo-{manifest['name']}:{manifest['version']}"
+
+
+def _dockerfile(manifest: dict[str, Any], keiryo_spec: str) -> str:
+    reqs = " ".join(f'"{r}"' for r in SERVE_REQUIREMENTS + RUNTIME_REQUIREMENTS.get(manifest["runtime"], []))
+    return f"""# keiryo inference server for {manifest["name"]} {manifest["version"]} ({manifest["format"]} on {manifest["runtime"]}), CPU only.
+# Build: docker build -t {_image(manifest)} .
+# Run:   docker run -p {SERVE_PORT}:{SERVE_PORT} -e KEIRYO_API_KEYS=<key of 16+ chars> {_image(manifest)}
+FROM python:3.11-slim
+ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# The server runs the exported file: keiryo without its training stack (torch), plus the serving set.
+RUN pip install --no-deps "{keiryo_spec}" && pip install {reqs}
+RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin keiryo
+COPY --chown=root:root registry /srv/registry
+COPY --chown=root:root public.pem /srv/public.pem
+USER 10001
+EXPOSE {SERVE_PORT}
+HEALTHCHECK --interval=10s --timeout=2s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:{SERVE_PORT}/v2/health/ready').status != 200)"
+CMD ["keiryo", "serve", "--registry", "/srv/registry", "--model", "{manifest["name"]}@production", \\
+     "--public-key", "/srv/public.pem", "--host", "0.0.0.0", "--port", "{SERVE_PORT}"]
+"""
+
+
+def write_docker(pkg: str | Path, public_key: str | Path, out: str | Path, *, keiryo_spec: str | None = None) -> Path:
+    """A docker build context in ``out`` (written aside, then renamed into place)."""
+    from keiryo import __version__
+    from keiryo.packages.store import PackageStore
+
+    src, dst = Path(pkg), Path(out)
+    manifest = read_manifest(src)
+    if dst.exists():
+        raise ConfigError(f"{dst}: exists; choose another --out")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        store = PackageStore(tmp / "registry")
+        name, version = store.push(src, public_key, by="keiryo deploy")  # verifies the package
+        store.promote(name, version, "production", by="keiryo deploy")
+        shutil.copy2(public_key, tmp / "public.pem")
+        (tmp / "Dockerfile").write_text(_dockerfile(manifest, keiryo_spec or f"keiryo=={__version__}"), encoding="utf-8")
+        (tmp / ".dockerignore").write_text("**/.lock\n", encoding="utf-8")
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def k8s_manifests(
+    manifest: dict[str, Any],
+    *,
+    image: str | None = None,
+    replicas: int = 2,
+    max_replicas: int = 10,
+    cpu_target: int = 70,
+    cpu: str = "1",
+    memory: str = "1Gi",
+) -> list[dict[str, Any]]:
+    name = f"keiryo-{manifest['name']}".replace(".", "-").replace("_", "-")[:63]
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/version": str(manifest["version"])}
+    probe = {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 2}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "terminationGracePeriodSeconds": 40,  # > the server's 30 s drain
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+                    "containers": [
+                        {
+                            "name": "server",
+                            "image": image or _image(manifest),
+                            "ports": [{"name": "http", "containerPort": SERVE_PORT}],
+                            "env": [
+                                {
+                                    "name": "KEIRYO_API_KEYS",
+                                    "valueFrom": {"secretKeyRef": {"name": f"{name}-keys", "key": "api-keys"}},
+                                },
+                                {
+                                    "name": "KEIRYO_ADMIN_KEYS",
+                                    "valueFrom": {
+                                        "secretKeyRef": {"name": f"{name}-keys", "key": "admin-keys", "optional": True}
+                                    },
+                                },
+                            ],
+                            "livenessProbe": probe,
+                            "readinessProbe": {
+                                **probe,
+                                "httpGet": {"path": "/v2/health/ready", "port": "http"},
+                                "periodSeconds": 5,
+                            },
+                            "startupProbe": {**probe, "failureThreshold": 30, "periodSeconds": 2},
+                            "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
+                            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+                        }
+                    ],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "selector": {"app.kubernetes.io/name": name},
+            "ports": [{"name": "http", "port": SERVE_PORT, "targetPort": "http"}],
+        },
+    }
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": replicas,
+            "maxReplicas": max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": cpu_target}},
+                }
+            ],
+        },
+    }
+    return [deployment, service, hpa]
+
+
+def write_k8s(pkg: str | Path, out: str | Path, **kw: Any) -> Path:
+    """``out/keiryo.yaml`` with the Deployment, Service and HPA (one multi-document file)."""
+    import yaml
+
+    manifest = read_manifest(pkg)
+    docs = k8s_manifests(manifest, **kw)
+    dst = Path(out)
+    dst.mkdir(parents=True, exist_ok=True)
+    path = dst / "keiryo.yaml"
+    fd, tmp = tempfile.mkstemp(prefix=".keiryo.yaml.", dir=dst)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(
+            f"# keiryo {manifest['name']} {manifest['version']}: create the secret first:\n"
+            f"#   kubectl create secret generic {docs[0]['metadata']['name']}-keys --from-literal=api-keys=<16+ chars>\n"
+        )
+        yaml.safe_dump_all(docs, f, sort_keys=False)
+    Path(tmp).replace(path)
+    return path

@@ -1,0 +1,172 @@
+"""Open Inference Protocol v2 (REST) request parsing and response building, JSON and binary tensor extension.
+
+Pure functions over bytes and numpy arrays; the app maps :class:`ProtocolError` to HTTP 400.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+HEADER = "inference-header-content-length"
+
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+
+
+class ProtocolError(ValueError):
+    """A malformed or mismatched inference request (HTTP 400)."""
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None  # requested output names (None: all)
+    binary_outputs: set[str]  # outputs to return in binary
+    binary_all: bool
+
+
+def _obj(x: Any, what: str) -> dict[str, Any]:
+    if not isinstance(x, dict):
+        raise ProtocolError(f"{what} must be a JSON object, got {type(x).__name__}")
+    return x
+
+
+def parse_request(body: bytes, header_length: str | None, expected: dict[str, dict[str, Any]]) -> InferRequest:
+    """Parse an infer request; ``expected`` maps input name -> {datatype, shape} (-1 = any)."""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError as e:
+            raise ProtocolError(f"Inference-Header-Content-Length {header_length!r} is not an integer") from e
+        if not 0 < n <= len(body):
+            raise ProtocolError(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
+        head, binary = body[:n], body[n:]
+    else:
+        head, binary = body, b""
+    try:
+        req = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"request body is not valid JSON: {e}") from e
+    req = _obj(req, "request")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ProtocolError("request needs a non-empty 'inputs' list")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, t in enumerate(inputs):
+        t = _obj(t, f"inputs[{i}]")
+        name = t.get("name")
+        if name not in expected:
+            raise ProtocolError(f"unknown input {name!r}; the model's inputs are {sorted(expected)}")
+        if name in arrays:
+            raise ProtocolError(f"input {name!r} given twice")
+        dt = t.get("datatype")
+        want = expected[name]
+        if dt != want["datatype"]:
+            raise ProtocolError(f"input {name!r}: datatype {dt!r}, expected {want['datatype']}")
+        shape = t.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        wshape = want["shape"]
+        if len(shape) != len(wshape) or any(w != -1 and w != d for w, d in zip(wshape, shape, strict=True)):
+            raise ProtocolError(f"input {name!r}: shape {shape}, expected {wshape} (-1 = any)")
+        if shape[0] == 0:
+            raise ProtocolError(f"input {name!r}: empty batch")
+        count = int(np.prod(shape))
+        dtype = DATATYPES[dt]
+        params = t.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size != count * dtype.itemsize:
+                raise ProtocolError(f"input {name!r}: binary_data_size {size!r}, expected {count * dtype.itemsize} bytes")
+            if offset + size > len(binary):
+                raise ProtocolError(f"input {name!r}: the body has {len(binary) - offset} binary bytes left, needs {size}")
+            arr = np.frombuffer(binary, dtype=dtype.newbyteorder("<"), count=count, offset=offset).astype(dtype)
+            offset += size
+        else:
+            data = t.get("data")
+            if data is None:
+                raise ProtocolError(f"input {name!r}: no 'data' and no binary_data_size")
+            try:
+                arr = np.asarray(data, dtype=dtype).reshape(-1)
+            except (ValueError, TypeError) as e:
+                raise ProtocolError(f"input {name!r}: data is not a (nested) list of {dt} numbers") from e
+            if arr.size != count:
+                raise ProtocolError(f"input {name!r}: {arr.size} elements for shape {shape} ({count} expected)")
+        if dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ProtocolError(f"input {name!r}: contains NaN or Inf")
+        arrays[name] = arr.reshape(shape)
+    if offset != len(binary):
+        raise ProtocolError(f"the body has {len(binary) - offset} binary bytes that no input claims")
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise ProtocolError(f"missing inputs {missing}")
+    params = req.get("parameters") or {}
+    binary_all = bool(isinstance(params, dict) and params.get("binary_data_output"))
+    wanted: list[str] | None = None
+    binary_out: set[str] = set()
+    if req.get("outputs") is not None:
+        if not isinstance(req["outputs"], list):
+            raise ProtocolError("'outputs' must be a list")
+        wanted = []
+        for j, o in enumerate(req["outputs"]):
+            o = _obj(o, f"outputs[{j}]")
+            wanted.append(str(o.get("name")))
+            p = o.get("parameters") or {}
+            if isinstance(p, dict) and p.get("binary_data"):
+                binary_out.add(str(o.get("name")))
+    rid = req.get("id")
+    return InferRequest(str(rid) if rid is not None else None, arrays, wanted, binary_out, binary_all)
+
+
+def datatype_of(a: np.ndarray) -> str:
+    for name, dt in DATATYPES.items():
+        if a.dtype == dt:
+            return name
+    raise ProtocolError(f"output dtype {a.dtype} has no Open Inference Protocol datatype")
+
+
+def build_response(
+    model: str, version: str, req: InferRequest, outputs: dict[str, np.ndarray]
+) -> tuple[bytes, dict[str, str], str]:
+    """(body, extra headers, media type) for ``outputs``; binary where the request asked for it."""
+    names = req.outputs if req.outputs is not None else list(outputs)
+    unknown = [n for n in names if n not in outputs]
+    if unknown:
+        raise ProtocolError(f"unknown outputs {unknown}; the model's outputs are {sorted(outputs)}")
+    out_json = []
+    blobs = []
+    for n in names:
+        a = np.ascontiguousarray(outputs[n])
+        entry: dict[str, Any] = {"name": n, "datatype": datatype_of(a), "shape": list(a.shape)}
+        if req.binary_all or n in req.binary_outputs:
+            raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = a.reshape(-1).tolist()
+        out_json.append(entry)
+    resp: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": out_json}
+    if req.id is not None:
+        resp["id"] = req.id
+    head = json.dumps(resp, separators=(",", ":")).encode()
+    if not blobs:
+        return head, {}, "application/json"
+    return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head))}, "application/octet-stream"

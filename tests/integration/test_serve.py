@@ -1,0 +1,278 @@
+"""The Open Inference Protocol v2 server, started for real (uvicorn on a loopback port), driven by
+``tritonclient.http`` and raw HTTP: inference (binary and JSON), metadata, batching, hot reload,
+refusals, auth, metrics, and a bounded schemathesis run against its OpenAPI."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from keiryo.packages import keygen, package
+from keiryo.packages.store import PackageStore
+from keiryo.runtime import open_session
+from keiryo.serve import ServeSettings, create_app
+
+API = "inference-key-0123456789"
+ADMIN = "admin-key-0123456789abc"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app, port: int):
+        import uvicorn
+
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become ready")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_results, tmp_path_factory):
+    """A registry with tiny 1.0.0 (fp32) at production and 2.0.0 (int8) published, and a running server."""
+    out, _ = tiny_results
+    d = tmp_path_factory.mktemp("serve")
+    priv, pub = keygen(d / "key.pem")
+    store = PackageStore(d / "registry")
+    for version, cand in (("1.0.0", "fp32"), ("2.0.0", "int8"), ("3.0.0", "fp32")):
+        store.push(package(out, name="tiny", version=version, private_key=priv, out=d / version, candidate=cand), pub)
+    store.promote("tiny", "1.0.0", "production")
+    settings = ServeSettings(
+        models=["tiny@production"],
+        public_key=str(pub),
+        api_keys=[API],
+        admin_keys=[ADMIN],
+        max_batch_size=16,
+        max_queue_delay_ms=20,
+        body_limit_bytes=64 * 1024,
+        poll_s=0.2,
+    )
+    app = create_app(store, settings)
+    with LiveServer(app, _free_port()) as srv:
+        yield {"srv": srv, "store": store, "app": app, "pub": pub, "dir": d}
+
+
+def _client(world):
+    import tritonclient.http as httpclient
+
+    return httpclient.InferenceServerClient(url=f"127.0.0.1:{world['srv'].port}", concurrency=4)
+
+
+H = {"Authorization": f"Bearer {API}"}  # pass copies to tritonclient: it adds its own headers to the dict
+
+
+def _expected(world, x, version="1.0.0"):
+    path = world["store"].path(f"tiny@{version}")
+    with open_session("onnxruntime", path / "model.onnx") as s:
+        return s.run(x)[0]
+
+
+def _wait_version(world, version, timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        r = httpx.get(f"{world['srv'].url}/v2/models/tiny", headers=dict(H))
+        if r.status_code == 200 and r.json()["versions"] == [version]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_tritonclient_binary_and_json(world, digits):
+    import tritonclient.http as httpclient
+
+    c = _client(world)
+    assert c.is_server_live() and c.is_server_ready(headers=dict(H))
+    assert c.is_model_ready("tiny", headers=dict(H))
+    meta = c.get_model_metadata("tiny", headers=dict(H))
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+    x = digits.test.x[:3].numpy()
+    want = _expected(world, x)
+    for binary in (True, False):
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = httpclient.InferRequestedOutput("logits", binary_data=binary)
+        res = c.infer("tiny", [inp], outputs=[out], headers=dict(H), request_id="r-1")
+        np.testing.assert_allclose(res.as_numpy("logits"), want, atol=1e-5)
+        assert res.get_response()["id"] == "r-1" and res.get_response()["model_version"] == "1.0.0"
+    res = c.infer("tiny", [inp], model_version="1.0.0", headers=dict(H))  # no outputs requested: all, binary
+    np.testing.assert_allclose(res.as_numpy("logits"), want, atol=1e-5)
+    meta = c.get_server_metadata(headers=dict(H))
+    assert "binary_tensor_data" in meta["extensions"]
+
+
+def _post(world, body, *, headers=None, path="/v2/models/tiny/infer", content=None):
+    h = {**H, **(headers or {})}
+    return httpx.post(world["srv"].url + path, headers=h, content=content if content is not None else json.dumps(body))
+
+
+def _good(x):
+    return {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+
+
+@pytest.mark.parametrize(
+    "mutate,status,message",
+    [
+        (lambda b: "{not json", 400, "not valid JSON"),
+        (lambda b: {**b, "inputs": [{**b["inputs"][0], "name": "x"}]}, 400, "unknown input 'x'"),
+        (lambda b: {**b, "inputs": [{**b["inputs"][0], "datatype": "INT64"}]}, 400, "datatype 'INT64', expected FP32"),
+        (lambda b: {**b, "inputs": [{**b["inputs"][0], "shape": [1, 1, 4, 4]}]}, 400, "expected [-1, 1, 8, 8]"),
+        (lambda b: {**b, "inputs": [{**b["inputs"][0], "data": [0.0] * 10}]}, 400, "10 elements for shape"),
+        (lambda b: {**b, "inputs": [{**b["inputs"][0], "data": ["a"] * 64}]}, 400, "not a (nested) list of FP32"),
+        (lambda b: {"inputs": []}, 400, "non-empty 'inputs'"),
+        (lambda b: {**b, "outputs": [{"name": "probs"}]}, 400, "unknown outputs ['probs']"),
+    ],
+)
+def test_bad_requests_get_a_4xx_json_error(world, digits, mutate, status, message):
+    body = mutate(_good(digits.test.x[:1].numpy()))
+    r = _post(world, None, content=body if isinstance(body, str) else json.dumps(body))
+    assert r.status_code == status and message in r.json()["error"]
+
+
+def test_limits_auth_and_unknown_models(world, digits):
+    url = world["srv"].url
+    x = digits.test.x[:1].numpy()
+    big = np.zeros((400, 1, 8, 8), np.float32)  # ~128 KB of JSON, limit 64 KB
+    r = _post(world, _good(big))
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+    assert _post(world, _good(x), path="/v2/models/ghost/infer").status_code == 404
+    r = _post(world, _good(x), path="/v2/models/tiny/versions/9.9.9/infer")
+    assert r.status_code == 404 and "no loaded version '9.9.9'" in r.json()["error"]
+    assert httpx.post(url + "/v2/models/tiny/infer", content=json.dumps(_good(x))).status_code == 401
+    r = _post(world, _good(x), headers={"Authorization": "Bearer wrong-key-wrong-key"})
+    assert r.status_code == 401 and r.json() == {"error": "missing or invalid API key"}
+    assert httpx.post(url + "/v2/repository/index", headers=dict(H)).status_code == 403  # an inference key is not an admin key
+    assert httpx.post(url + "/v2/repository/index").status_code == 401
+    r = httpx.post(url + "/v2/repository/models/..%2F..%2Fetc/load", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code in (400, 404) and "error" in r.json()
+    assert _post(world, _good(x)).status_code == 200  # still serving
+
+
+def test_dynamic_batching_runs_concurrent_requests_together(world, digits):
+    x = digits.test.x[:1].numpy()
+    want = _expected(world, x)
+
+    def one(_):
+        r = _post(world, _good(x))
+        return np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(1, 10)
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(one, range(64)))
+    for o in outs:
+        np.testing.assert_allclose(o, want, atol=1e-5)
+    text = httpx.get(world["srv"].url + "/metrics").text
+    sizes = {
+        float(line.split('le="')[1].split('"')[0]): float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("keiryo_batch_size_bucket") and 'model="tiny"' in line and "+Inf" not in line
+    }
+    total = float(next(ln for ln in text.splitlines() if ln.startswith("keiryo_batch_size_count")).rsplit(" ", 1)[1])
+    assert sizes[1.0] < total  # some runs held more than one request
+    for name in ("keiryo_requests_total", "keiryo_request_latency_seconds_bucket", "keiryo_queue_time_seconds_bucket"):
+        assert name in text
+    assert (
+        "keiryo_in_flight_requests" in text
+        and 'keiryo_model_load_events_total{model="tiny",result="loaded",version="1.0.0"}' in text
+    )
+
+
+def test_hot_reload_on_alias_move_and_refusal_of_a_bad_version(world, digits):
+    store, x = world["store"], digits.test.x[:2].numpy()
+    store.promote("tiny", "2.0.0", "production")
+    assert _wait_version(world, "2.0.0")
+    r = _post(world, _good(x))
+    assert r.status_code == 200 and r.json()["model_version"] == "2.0.0"
+    # 3.0.0 is damaged on disk after publishing: the server must refuse it and keep serving 2.0.0
+    bad = store.path("tiny@3.0.0") / "model.onnx"
+    bad.write_bytes(bad.read_bytes() + b"\0")
+    store.promote("tiny", "3.0.0", "production")
+    time.sleep(1.0)
+    r = _post(world, _good(x))
+    assert r.status_code == 200 and r.json()["model_version"] == "2.0.0"
+    text = httpx.get(world["srv"].url + "/metrics").text
+    assert 'result="refused"' in text
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.post(world["srv"].url + "/v2/repository/models/tiny/load", headers=admin)
+    assert r.status_code == 400 and "changed: model.onnx" in r.json()["error"]
+    store.rollback("tiny", "production")
+    assert _wait_version(world, "2.0.0")
+    idx = httpx.post(world["srv"].url + "/v2/repository/index", headers=admin).json()
+    assert idx == [{"name": "tiny", "version": "2.0.0", "state": "READY", "ref": "tiny@production"}]
+
+
+def test_in_flight_requests_survive_a_reload(world, digits):
+    x = digits.test.x[:1].numpy()
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    stop = threading.Event()
+    codes: list[int] = []
+
+    def hammer():
+        while not stop.is_set():
+            codes.append(_post(world, _good(x)).status_code)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for _ in range(3):
+        assert httpx.post(world["srv"].url + "/v2/repository/models/tiny/load", headers=admin).status_code == 200
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert codes and set(codes) == {200}
+
+
+def test_schemathesis_finds_no_server_error(world):
+    import schemathesis
+    from hypothesis import HealthCheck, settings
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.openapi.from_url(world["srv"].url + "/openapi.json")
+    failures = []
+    for op in schema.get_all_operations():
+        operation = op.ok()
+
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @schemathesis_given(operation)
+        def check(case):
+            case.headers = {**(case.headers or {}), **H}
+            resp = case.call()
+            if resp.status_code >= 500 and resp.status_code != 503:
+                failures.append((case.method, case.path, resp.status_code))
+
+        check()
+    assert not failures, failures
+    assert not_a_server_error  # the check schemathesis itself names for this property
+
+
+def schemathesis_given(operation):
+    from hypothesis import given
+
+    return given(case=operation.as_strategy())
