@@ -1,7 +1,8 @@
 """Dynamic micro-batching: requests to one model are queued and run together on its one session.
 
 A worker takes the first waiting request, then keeps collecting until the batch holds
-``max_batch_size`` rows or ``max_queue_delay_ms`` has passed, concatenates the inputs, runs the
+``max_batch_size`` rows or ``max_queue_delay_ms`` has passed (it does not wait when no other
+request is in flight, so a lone client pays no delay), concatenates the inputs, runs the
 session once in a worker thread and hands each request its rows. ``max_batch_size=1`` runs every
 request alone (no batching). The queue is bounded: when ``max_queue`` requests wait, new ones are
 refused at once (:class:`QueueFull`, HTTP 503) instead of piling up latency.
@@ -79,8 +80,8 @@ class Batcher:
             deadline = loop.time() + self.max_delay
             while rows < self.max_batch_size:
                 timeout = deadline - loop.time()
-                if timeout <= 0 and self._queue.empty():
-                    break
+                if self._queue.empty() and (timeout <= 0 or self.in_flight <= len(batch)):
+                    break  # nothing else is on its way (a lone request never waits for company)
                 try:
                     nxt = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
                 except (TimeoutError, asyncio.QueueEmpty):

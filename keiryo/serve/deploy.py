@@ -30,6 +30,7 @@ SERVE_REQUIREMENTS = [
     "uvicorn",
     "prometheus-client",
     "model-signing",
+    "pyopenssl",  # model-signing imports OpenSSL without declaring it (model-signing 1.0.1)
 ]
 RUNTIME_REQUIREMENTS = {"onnxruntime": ["onnxruntime>=1.20"], "litert": ["ai-edge-litert>=2.3"]}
 

@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""Inference-server load figures (issue: ship), measured side by side in one run.
+
+Packages the demo's fp32 ONNX candidate, publishes it in a temporary registry and starts
+`keiryo serve` in its own process twice: with dynamic batching (max batch 32) and without (max
+batch 1). A closed-loop asyncio client on loopback keeps C requests in flight (C = 1, 8, 32) for
+a bounded time, with the binary tensor extension, and records p50/p95/p99 and throughput. The
+server's added latency is the p50 at C=1 minus a bare onnxruntime call on the same input.
+`--soak S` then runs C=32 with batching for S seconds and reports non-503 5xx and RSS growth.
+
+    .venv/bin/python bench/serve.py --reuse keiryo-demo                 # ~2 min
+    .venv/bin/python bench/serve.py --reuse keiryo-demo --soak 300      # + the 5-minute soak
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from _checks import report
+
+from keiryo.machine import cpu
+from keiryo.packages import keygen, package
+from keiryo.packages.store import PackageStore
+from keiryo.runtime import open_session
+
+KEY = "bench-key-0123456789abcdef"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(registry: Path, pub: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = _port()
+    cmd = [str(Path(sys.executable).with_name("keiryo")), "serve", "--registry", str(registry), "--model", "demo@production"]
+    cmd += ["--public-key", str(pub), "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue", "1024"]
+    cmd += ["--poll-s", "0"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "KEIRYO_API_KEYS": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    end = time.time() + 120
+    while time.time() < end:
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def binary_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+            ],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    headers = {"Authorization": f"Bearer {KEY}", "Inference-Header-Content-Length": str(len(head))}
+    return head + x.tobytes(), headers
+
+
+async def closed_loop(url: str, body: bytes, headers: dict[str, str], conc: int, seconds: float) -> dict[str, float]:
+    """C keep-alive connections, each sending its next request as soon as the previous answer is read.
+
+    A minimal HTTP/1.1 client on asyncio streams: a general-purpose Python client (httpx) costs
+    more CPU per request than the server does, and it shares the server's cores here.
+    """
+    host, port = url.split("//")[1].split(":")
+    head = f"POST /v2/models/demo/infer HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    request = head.encode() + body
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    end = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                writer.write(request)
+                status_line = await reader.readline()
+                length = 0
+                while True:
+                    line = await reader.readline()
+                    if line in (b"\r\n", b""):
+                        break
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+                lat.append(time.perf_counter() - t)
+                code = int(status_line.split()[1])
+                codes[code] = codes.get(code, 0) + 1
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(conc)))
+    wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1000
+    return {
+        "p50": float(np.percentile(ms, 50)),
+        "p95": float(np.percentile(ms, 95)),
+        "p99": float(np.percentile(ms, 99)),
+        "rps": len(lat) / wall,
+        "n": len(lat),
+        "5xx_not_503": sum(v for k, v in codes.items() if k >= 500 and k != 503),
+        "503": codes.get(503, 0),
+        "non_200": sum(v for k, v in codes.items() if k != 200),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reuse", type=Path, required=True, help="a `keiryo demo` output directory")
+    ap.add_argument("--candidate", default="fp32")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per concurrency level")
+    ap.add_argument("--soak", type=float, default=0.0, help="soak seconds at concurrency 32 with batching (0: skip)")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="keiryo-bench-serve-"))
+    priv, pub = keygen(work / "key.pem")
+    pkg = package(args.reuse, name="demo", version="1", private_key=priv, out=work / "pkg", candidate=args.candidate)
+    store = PackageStore(work / "registry")
+    store.push(pkg, pub)
+    store.promote("demo", "1", "production")
+    x = np.random.default_rng(0).uniform(0, 1, (1, 1, 16, 16)).astype(np.float32)
+    body, headers = binary_request(x)
+
+    with open_session("onnxruntime", pkg / "model.onnx", 1) as s:
+        for _ in range(200):
+            s.run(x)
+        ts = []
+        for _ in range(2000):
+            t = time.perf_counter()
+            s.run(x)
+            ts.append(time.perf_counter() - t)
+    bare = statistics.median(ts) * 1000
+
+    rows = {}
+    for label, max_batch in (("batching", 32), ("no batching", 1)):
+        proc, url = start_server(work / "registry", pub, max_batch)
+        try:
+            asyncio.run(closed_loop(url, body, headers, 8, 2.0))  # warm-up
+            for conc in (1, 8, 32):
+                rows[(label, conc)] = asyncio.run(closed_loop(url, body, headers, conc, args.seconds))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    c = cpu()
+    print(
+        f"\nCPU: {c['model']}, {os.cpu_count()} cores (client and server share them); model: demo {args.candidate} ONNX, "
+        f"1 session thread; binary tensor extension; {args.seconds:.0f} s per level, closed loop on loopback\n"
+    )
+    print(f"bare onnxruntime session call, batch 1: p50 {bare:.3f} ms\n")
+    print(f"{'server':12} {'conc':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'requests':>9} {'non-200':>8}")
+    for (label, conc), r in rows.items():
+        print(
+            f"{label:12} {conc:4d} {r['p50']:8.3f} {r['p95']:8.3f} {r['p99']:8.3f} {r['rps']:8.0f} {r['n']:9d} {r['non_200']:8d}"
+        )
+    added = rows[("batching", 1)]["p50"] - bare
+    ratio = rows[("batching", 32)]["rps"] / rows[("no batching", 32)]["rps"]
+    checks = [
+        ("added p50 over a bare onnxruntime call at concurrency 1 <= 1 ms (binary)", added <= 1.0, f"{added:.3f} ms"),
+        ("throughput at concurrency 32: batching >= 2.5x no batching", ratio >= 2.5, f"{ratio:.2f}x"),
+        (
+            "no 5xx in the sweep",
+            all(r["5xx_not_503"] == 0 for r in rows.values()),
+            str({k: r["5xx_not_503"] for k, r in rows.items()}),
+        ),
+    ]
+    if args.soak:
+        proc, url = start_server(work / "registry", pub, 32)
+        try:
+            asyncio.run(closed_loop(url, body, headers, 32, 5.0))
+            rss0 = _rss_mb(proc.pid)
+            soak = asyncio.run(closed_loop(url, body, headers, 32, args.soak))
+            rss1 = _rss_mb(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        growth = (rss1 - rss0) / rss0 * 100
+        print(
+            f"\nsoak {args.soak:.0f} s at concurrency 32 with batching: {soak['n']} requests, {soak['rps']:.0f} req/s, "
+            f"p99 {soak['p99']:.2f} ms, 503 {soak['503']}, other 5xx {soak['5xx_not_503']}, RSS {rss0:.1f} -> {rss1:.1f} MB"
+        )
+        checks += [
+            ("soak: no 5xx except intended 503s", soak["5xx_not_503"] == 0, f"{soak['5xx_not_503']} (503: {soak['503']})"),
+            ("soak: RSS growth < 10%", growth < 10, f"{growth:+.1f}%"),
+        ]
+    return report(checks, work)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Deploy assets: the Kubernetes manifests validate against the Kubernetes API schema (offline, strict),
+and the Docker build context holds a verified registry the server can start from."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from test_cli import one_line_error, run_cli
+
+from keiryo.packages import keygen, package
+from keiryo.packages.store import PackageStore
+
+
+@pytest.fixture(scope="module")
+def signed(tiny_results, tmp_path_factory):
+    out, _ = tiny_results
+    d = tmp_path_factory.mktemp("deploy")
+    priv, pub = keygen(d / "key.pem")
+    return package(out, name="tiny", version="1.0.0", private_key=priv, out=d / "pkg"), pub
+
+
+def test_k8s_manifests_validate_against_the_api_schema(signed, tmp_path, capsys):
+    import kubernetes_validate
+
+    pkg, _ = signed
+    code, out, err = run_cli("deploy", "k8s", str(pkg), "--out", str(tmp_path / "k8s"), "--cpu", "500m", capsys=capsys)
+    assert code == 0, err
+    docs = list(yaml.safe_load_all((tmp_path / "k8s" / "keiryo.yaml").read_text()))
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "HorizontalPodAutoscaler"]
+    for d in docs:
+        kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)  # raises on any schema error
+    c = docs[0]["spec"]["template"]["spec"]["containers"][0]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["resources"]["requests"]["cpu"] == "500m" and c["resources"]["limits"]["memory"] == "1Gi"
+    assert c["image"] == "keiryo-tiny:1.0.0" and c["securityContext"]["readOnlyRootFilesystem"]
+    hpa = docs[2]["spec"]
+    assert hpa["metrics"][0]["resource"]["name"] == "cpu" and hpa["scaleTargetRef"]["name"] == docs[0]["metadata"]["name"]
+
+
+def test_a_broken_manifest_is_caught_by_the_validator(signed):
+    import kubernetes_validate
+
+    from keiryo.packages import read_manifest
+    from keiryo.serve.deploy import k8s_manifests
+
+    dep = k8s_manifests(read_manifest(signed[0]))[0]
+    dep["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_docker_context_has_a_verified_registry_and_a_slim_cpu_image(signed, tmp_path, capsys):
+    pkg, pub = signed
+    out = tmp_path / "docker"
+    code, _, err = run_cli("deploy", "docker", str(pkg), "--public-key", str(pub), "--out", str(out), capsys=capsys)
+    assert code == 0, err
+    df = (out / "Dockerfile").read_text()
+    assert df.startswith("# keiryo inference server") and "FROM python:3.11-slim" in df
+    assert "--no-deps \"keiryo==" in df and "torch" not in df.replace("(torch)", "")  # the server does not need torch
+    assert "onnxruntime" in df and "USER 10001" in df and '"tiny@production"' in df
+    store = PackageStore(out / "registry")
+    assert store.resolve("tiny@production") == ("tiny", "1.0.0")
+    code, _, err = run_cli("deploy", "docker", str(pkg), "--out", str(tmp_path / "d2"), capsys=capsys)
+    assert code != 0 and "pass --public-key" in one_line_error(err)
+    code, _, err = run_cli("deploy", "docker", str(pkg), "--public-key", str(pub), "--out", str(out), capsys=capsys)
+    assert code != 0 and "exists" in one_line_error(err)
