@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Inference-server load figures (issue: ship), measured side by side in one run.
 
-Packages the demo's fp32 ONNX candidate, publishes it in a temporary registry and starts
+Packages the demo's int8 ONNX candidate (its best; --candidate fp32 for the other), publishes it in a temporary registry and starts
 `keiryo serve` in its own process twice: with dynamic batching (max batch 32) and without (max
 batch 1). A closed-loop asyncio client on loopback keeps C requests in flight (C = 1, 8, 32) for
 a bounded time, with the binary tensor extension, and records p50/p95/p99 and throughput. The
 server's added latency is the p50 at C=1 minus a bare onnxruntime call on the same input.
 `--soak S` then runs C=32 with batching for S seconds and reports non-503 5xx and RSS growth.
 
-    .venv/bin/python bench/serve.py --reuse keiryo-demo                 # ~2 min
+    .venv/bin/python bench/serve.py --reuse keiryo-demo                 # ~1 min
     .venv/bin/python bench/serve.py --reuse keiryo-demo --soak 300      # + the 5-minute soak
 """
 
@@ -51,11 +51,11 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(registry: Path, pub: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(registry: Path, pub: Path, max_batch: int, threads: int = 1) -> tuple[subprocess.Popen, str]:
     port = _port()
     cmd = [str(Path(sys.executable).with_name("keiryo")), "serve", "--registry", str(registry), "--model", "demo@production"]
     cmd += ["--public-key", str(pub), "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue", "1024"]
-    cmd += ["--poll-s", "0"]
+    cmd += ["--poll-s", "0", "--threads", str(threads)]
     proc = subprocess.Popen(cmd, env={**os.environ, "KEIRYO_API_KEYS": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     end = time.time() + 120
@@ -137,8 +137,9 @@ async def closed_loop(url: str, body: bytes, headers: dict[str, str], conc: int,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reuse", type=Path, required=True, help="a `keiryo demo` output directory")
-    ap.add_argument("--candidate", default="fp32")
+    ap.add_argument("--candidate", default="int8", help="the demo's candidate to serve (int8 is the demo's best)")
     ap.add_argument("--seconds", type=float, default=8.0, help="per concurrency level")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads of the served session")
     ap.add_argument("--soak", type=float, default=0.0, help="soak seconds at concurrency 32 with batching (0: skip)")
     args = ap.parse_args()
 
@@ -151,7 +152,7 @@ def main() -> int:
     x = np.random.default_rng(0).uniform(0, 1, (1, 1, 16, 16)).astype(np.float32)
     body, headers = binary_request(x)
 
-    with open_session("onnxruntime", pkg / "model.onnx", 1) as s:
+    with open_session("onnxruntime", pkg / "model.onnx", args.threads) as s:
         for _ in range(200):
             s.run(x)
         ts = []
@@ -163,7 +164,7 @@ def main() -> int:
 
     rows = {}
     for label, max_batch in (("batching", 32), ("no batching", 1)):
-        proc, url = start_server(work / "registry", pub, max_batch)
+        proc, url = start_server(work / "registry", pub, max_batch, args.threads)
         try:
             asyncio.run(closed_loop(url, body, headers, 8, 2.0))  # warm-up
             for conc in (1, 8, 32):
@@ -175,7 +176,7 @@ def main() -> int:
     c = cpu()
     print(
         f"\nCPU: {c['model']}, {os.cpu_count()} cores (client and server share them); model: demo {args.candidate} ONNX, "
-        f"1 session thread; binary tensor extension; {args.seconds:.0f} s per level, closed loop on loopback\n"
+        f"{args.threads} session thread(s); binary tensor extension; {args.seconds:.0f} s per level, closed loop on loopback\n"
     )
     print(f"bare onnxruntime session call, batch 1: p50 {bare:.3f} ms\n")
     print(f"{'server':12} {'conc':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'requests':>9} {'non-200':>8}")

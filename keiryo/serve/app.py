@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,77 @@ class Server:
         return served
 
 
+class Envelope:
+    """Pure ASGI middleware (cheaper than ``BaseHTTPMiddleware`` on every request): request id, body
+    limit (declared length and streamed bytes), in-flight gauge, request counter and latency, access log."""
+
+    def __init__(self, app: Any, server: "Server", limit: int):
+        self.app, self.server, self.limit = app, server, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from fastapi.responses import JSONResponse
+
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        t0 = time.perf_counter()
+        status = 500
+        seen = 0
+        limit = self.limit
+
+        async def counted_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPError(413, f"request body over the limit of {limit} bytes")
+            return message
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        metrics = self.server.metrics
+        metrics.in_flight.inc()
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                resp = JSONResponse({"error": f"request body over the limit of {limit} bytes"}, status_code=413)
+                await resp(scope, receive, send_with_id)
+            else:
+                await self.app(scope, counted_receive, send_with_id)
+        finally:
+            metrics.in_flight.dec()
+            dt = time.perf_counter() - t0
+            path = scope["path"]
+            parts = path.split("/")
+            model = parts[3] if len(parts) > 3 and parts[2] == "models" else ""
+            endpoint = "infer" if path.endswith("/infer") else "other"
+            metrics.requests.labels(model, endpoint, str(status)).inc()
+            if endpoint == "infer" and model:
+                metrics.latency.labels(model).observe(dt)
+            if access_log.isEnabledFor(logging.INFO):
+                client = scope.get("client")
+                access_log.info(
+                    json.dumps(
+                        {
+                            "request_id": rid,
+                            "method": scope["method"],
+                            "path": path,
+                            "status": status,
+                            "ms": round(dt * 1000, 3),
+                            "client": client[0] if client else None,
+                        }
+                    )
+                )
+
+
 def _key_ok(given: str | None, keys: list[str]) -> bool:
     if not given:
         return False
@@ -248,40 +319,7 @@ def create_app(store: PackageStore, settings: ServeSettings) -> Any:
             return error(500, "internal error")
         return error(status, str(e) or type(e).__name__, getattr(e, "headers", None))
 
-    @app.middleware("http")
-    async def _envelope(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        t0 = time.perf_counter()
-        server.metrics.in_flight.inc()
-        try:
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > settings.body_limit_bytes):
-                response = error(413, f"request body over the limit of {settings.body_limit_bytes} bytes")
-            else:
-                response = await call_next(request)
-        finally:
-            server.metrics.in_flight.dec()
-        dt = time.perf_counter() - t0
-        response.headers["x-request-id"] = rid
-        parts = request.url.path.split("/")
-        model = parts[3] if len(parts) > 3 and parts[2] == "models" else ""
-        endpoint = "infer" if request.url.path.endswith("/infer") else "other"
-        server.metrics.requests.labels(model, endpoint, str(response.status_code)).inc()
-        if endpoint == "infer" and model:
-            server.metrics.latency.labels(model).observe(dt)
-        access_log.info(
-            json.dumps(
-                {
-                    "request_id": rid,
-                    "method": request.method,
-                    "path": request.url.path,
-                    "status": response.status_code,
-                    "ms": round(dt * 1000, 3),
-                    "client": request.client.host if request.client else None,
-                }
-            )
-        )
-        return response
+    app.add_middleware(Envelope, server=server, limit=settings.body_limit_bytes)
 
     def need(request: Request, *, admin: bool = False) -> None:
         auth = request.headers.get("authorization", "")
@@ -334,7 +372,8 @@ def create_app(store: PackageStore, settings: ServeSettings) -> Any:
         if len(body) > settings.body_limit_bytes:
             raise HTTPError(413, f"request body over the limit of {settings.body_limit_bytes} bytes")
         req = parse_request(body, request.headers.get(HEADER), served.inputs)
-        outputs = await asyncio.wait_for(served.batcher.submit(req.inputs), settings.request_timeout_s)
+        async with asyncio.timeout(settings.request_timeout_s):  # no extra task, unlike wait_for
+            outputs = await served.batcher.submit(req.inputs)
         content, headers, media = build_response(served.name, served.version, req, outputs)
         return Response(content=content, media_type=media, headers=headers)
 
