@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ def _status_of(e: BaseException) -> int:
         return 400
     if isinstance(e, PackageNotFoundError):
         return 404
-    if isinstance(e, QueueFull | asyncio.TimeoutError):
+    if isinstance(e, QueueFull | TimeoutError):
         return 503
     if isinstance(e, KeiryoError):
         return 400
@@ -222,7 +222,7 @@ class Envelope:
                     raise HTTPError(413, f"request body over the limit of {limit} bytes")
             return message
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -311,13 +311,19 @@ def create_app(store: PackageStore, settings: ServeSettings) -> Any:
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
         return error(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
 
-    @app.exception_handler(Exception)
-    async def _any(request: Request, e: Exception) -> JSONResponse:
+    async def _mapped(request: Request, e: Exception) -> JSONResponse:
         status = _status_of(e)
-        if status >= 500 and not isinstance(e, QueueFull | asyncio.TimeoutError):
-            events_log.exception("internal error")
-            return error(500, "internal error")
-        return error(status, str(e) or type(e).__name__, getattr(e, "headers", None))
+        message = str(e) or ("request timed out" if isinstance(e, TimeoutError) else type(e).__name__)
+        return error(status, message, getattr(e, "headers", None))
+
+    # expected failures: handled by the exception middleware, answered with their status
+    for exc in (HTTPError, ProtocolError, KeiryoError, QueueFull, TimeoutError):
+        app.add_exception_handler(exc, _mapped)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception) -> JSONResponse:
+        events_log.exception("internal error")  # a bug: logged with its traceback, not shown to the caller
+        return error(500, "internal error")
 
     app.add_middleware(Envelope, server=server, limit=settings.body_limit_bytes)
 

@@ -57,7 +57,7 @@ def test_docker_context_has_a_verified_registry_and_a_slim_cpu_image(signed, tmp
     assert code == 0, err
     df = (out / "Dockerfile").read_text()
     assert df.startswith("# keiryo inference server") and "FROM python:3.11-slim" in df
-    assert "--no-deps \"keiryo==" in df and "torch" not in df.replace("(torch)", "")  # the server does not need torch
+    assert '--no-deps "keiryo==' in df and "torch" not in df.replace("(torch)", "")  # the server does not need torch
     assert "onnxruntime" in df and "USER 10001" in df and '"tiny@production"' in df
     store = PackageStore(out / "registry")
     assert store.resolve("tiny@production") == ("tiny", "1.0.0")
