@@ -55,7 +55,10 @@ __all__ = [
     "load_recipe",
     "open_session",
     "optimize",
+    "package",
+    "PackageStore",
     "train",
+    "verify",
 ]
 
 _LAZY = {
@@ -68,6 +71,9 @@ _LAZY = {
     "open_session": ("keiryo.runtime", "open_session"),
     "optimize": ("keiryo.search.optimize", "optimize"),
     "train": ("keiryo.train", "train"),
+    "package": ("keiryo.packages", "package"),
+    "verify": ("keiryo.packages", "verify"),
+    "PackageStore": ("keiryo.packages.store", "PackageStore"),
 }
 
 

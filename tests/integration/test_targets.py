@@ -229,3 +229,21 @@ def test_unknown_export_option_in_a_recipe_is_refused():
 
     with pytest.raises(ConfigError, match="export options"):
         load_recipe({"name": "x", "target": "coreml", "export": {"precision": "int3"}})
+
+
+@pytest.mark.slow
+def test_optimize_target_tflite_searches_on_the_interpreter(tmp_path, tiny_weights, capsys):
+    tiny = ["--model", "keiryo.testing:tiny_cnn", "--model-opt", "width=8", "--weights", str(tiny_weights)]
+    out = tmp_path / "search"
+    code, _, err = run_cli(
+        "optimize", *tiny, "--target", "tflite", "--trials", "2", "--iterations", "20", "--out", str(out), capsys=capsys
+    )
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert all(c["format"] == "tflite" and c["runtime"] == "litert" for c in res["candidates"])
+    steps = [s["type"] for c in res["candidates"] for s in c["recipe"]["steps"]]
+    assert "tflite.int8" in steps and not any(s.startswith("quantize.int8") for s in steps)
+    code, _, err = run_cli(
+        "optimize", *tiny, "--target", "tflite", "--template", "ptq_fallback", "--out", str(tmp_path / "x"), capsys=capsys
+    )
+    assert code != 0 and "not available for target tflite" in one_line_error(err)
