@@ -8,11 +8,10 @@ are the ``tflite.*`` passes in :mod:`keiryo.passes.quantize_tflite`.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from keiryo._atomic import write_atomic
 from keiryo.config import KeiryoConfig
 from keiryo.errors import BackendUnavailableError, ExportError
 from keiryo.export import Artifact, register_exporter
@@ -40,18 +39,6 @@ def _named(module: Any) -> Any:
             return {OUTPUT_NAME: self.inner(input)}
 
     return Named(module).eval()
-
-
-def write_atomic(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def tflite_info(path: Path) -> dict[str, Any]:
@@ -88,7 +75,7 @@ def export_tflite(handle: Any, out_path: Path, cfg: TfliteExportConfig) -> Artif
         raise conversion_error(e, handle.spec.source, "litert-torch", "register a lowering", module, x) from e
     if not blob:
         raise ExportError(f"{handle.spec.source}: litert-torch produced an empty model")
-    write_atomic(bytes(blob), out_path)
+    write_atomic(out_path, bytes(blob))
     try:
         info = tflite_info(out_path)
     except Exception:

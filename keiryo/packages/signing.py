@@ -8,7 +8,6 @@ changed, is missing, or was added since signing.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +105,3 @@ def verify_dir(path: str | Path, public_key: str | Path) -> dict[str, str]:
         parts = [f"{what}: {', '.join(fs)}" for what, fs in (("changed", changed), ("missing", missing), ("extra", extra)) if fs]
         raise IntegrityError(f"{p}: does not match its signature; " + "; ".join(parts))
     return want
-
-
-def write_json_atomic(data: bytes, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

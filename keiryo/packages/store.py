@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from keiryo._atomic import write_atomic
 from keiryo.errors import ConfigError, PackageNotFoundError
 from keiryo.packages.package import check_name, check_version, read_manifest, verify
 
@@ -44,16 +45,6 @@ def _check_alias(alias: str) -> str:
     if not re.match(r"^[a-z][a-z0-9_-]{0,31}$", alias):
         raise ConfigError(f"alias {alias!r}: expected {ALIAS_RE_DOC}, starting with a letter (at most 32)")
     return alias
-
-
-def _write_atomic(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class PackageStore:
@@ -169,7 +160,7 @@ class PackageStore:
             aliases = self.aliases(name)
             before = aliases.get(alias)
             aliases[alias] = version
-            _write_atomic(self.root / "aliases" / f"{name}.json", json.dumps(aliases, indent=2, sort_keys=True))
+            write_atomic(self.root / "aliases" / f"{name}.json", json.dumps(aliases, indent=2, sort_keys=True))
             self._log(name, {"action": "promote", "alias": alias, "from": before, "to": version, "by": by or getpass.getuser()})
         return before
 
@@ -188,6 +179,6 @@ class PackageStore:
             if target is None:
                 raise ConfigError(f"{name}@{alias} has no earlier version to roll back to (it points at {current})")
             aliases[alias] = target
-            _write_atomic(self.root / "aliases" / f"{name}.json", json.dumps(aliases, indent=2, sort_keys=True))
+            write_atomic(self.root / "aliases" / f"{name}.json", json.dumps(aliases, indent=2, sort_keys=True))
             self._log(name, {"action": "rollback", "alias": alias, "from": current, "to": target, "by": by or getpass.getuser()})
         return current, target

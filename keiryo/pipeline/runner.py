@@ -244,8 +244,9 @@ def export_variant(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as td:
-        ctx = PassContext(data=data, workdir=Path(td), seed=opts.seed, threads=opts.bench.threads, progress=opts.progress)
-        ctx.teacher = handle
+        ctx = PassContext(
+            data=data, workdir=Path(td), seed=opts.seed, threads=opts.bench.threads, progress=opts.progress, teacher=handle
+        )
         steps_cfg = recipe.step_configs()
         n_torch = sum(spec.stage == "torch" for spec, _ in steps_cfg)
         model = handle

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from keiryo._atomic import write_atomic
 from keiryo.errors import ConfigError
 from keiryo.packages.package import read_manifest
 
@@ -175,15 +176,8 @@ def write_k8s(pkg: str | Path, out: str | Path, **kw: Any) -> Path:
 
     manifest = read_manifest(pkg)
     docs = k8s_manifests(manifest, **kw)
-    dst = Path(out)
-    dst.mkdir(parents=True, exist_ok=True)
-    path = dst / "keiryo.yaml"
-    fd, tmp = tempfile.mkstemp(prefix=".keiryo.yaml.", dir=dst)
-    with open(fd, "w", encoding="utf-8") as f:
-        f.write(
-            f"# keiryo {manifest['name']} {manifest['version']}: create the secret first:\n"
-            f"#   kubectl create secret generic {docs[0]['metadata']['name']}-keys --from-literal=api-keys=<16+ chars>\n"
-        )
-        yaml.safe_dump_all(docs, f, sort_keys=False)
-    Path(tmp).replace(path)
-    return path
+    header = (
+        f"# keiryo {manifest['name']} {manifest['version']}: create the secret first:\n"
+        f"#   kubectl create secret generic {docs[0]['metadata']['name']}-keys --from-literal=api-keys=<16+ chars>\n"
+    )
+    return write_atomic(Path(out) / "keiryo.yaml", header + yaml.safe_dump_all(docs, sort_keys=False))
