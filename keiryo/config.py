@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from keiryo.errors import ConfigError, InputFileError
+from keiryo.errors import ConfigError, InputFileError, first_line
 
 C = TypeVar("C", bound="KeiryoConfig")
 
@@ -61,5 +61,5 @@ def load_structured_file(path: str | Path) -> Any:
             return json.loads(text)
         return yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        msg = str(e).splitlines()[0]
+        msg = first_line(e)
         raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({msg})") from e

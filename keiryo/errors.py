@@ -121,3 +121,9 @@ class ConstraintNotMetError(KeiryoError):
 
 class PackageNotFoundError(KeiryoError):
     """An unknown package, version or alias was requested."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when the message is empty), cut to ``limit``."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

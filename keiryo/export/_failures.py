@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from keiryo.errors import ExportError, KeiryoError, UnsupportedOpError
+from keiryo.errors import ExportError, KeiryoError, UnsupportedOpError, first_line
 
 _OP_PATTERNS = [
     re.compile(r"OpOverload\(op='([^']+)', overload='([^']+)'\)"),
@@ -81,5 +81,5 @@ def conversion_error(
         return UnsupportedOpError(
             f"{source}: {converter} cannot export op {op}{at}; replace it or {hint}", op=op, layer=layer or node
         )
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first_line(e)
     return ExportError(f"{source}: {converter} export failed: {type(e).__name__}: {first[:300]}")

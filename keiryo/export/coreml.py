@@ -10,7 +10,6 @@ runs on macOS (the ``coreml`` runtime) and is reported as skipped, with that rea
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -19,14 +18,13 @@ from typing import Any, Literal
 from pydantic import Field
 
 from keiryo.config import KeiryoConfig
-from keiryo.errors import BackendUnavailableError, ExportError, InputFileError
+from keiryo.errors import BackendUnavailableError, ExportError, InputFileError, first_line
 from keiryo.export import Artifact, register_exporter
 from keiryo.export._failures import conversion_error
+from keiryo.runtime.coreml import CAN_PREDICT
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-CAN_PREDICT = sys.platform == "darwin"
-NO_PREDICT_REASON = "Core ML runs models only on macOS/iOS; on this platform the package is validated structurally"
 
 # Program ops that carry compressed weights, by the compression they prove.
 COMPRESSION_OPS = {
@@ -96,7 +94,7 @@ def validate_mlpackage(
     try:
         spec = ct.models.MLModel(str(p), skip_model_load=True).get_spec()
     except Exception as e:
-        raise InputFileError(f"{p}: coremltools cannot load this package ({str(e).splitlines()[0][:300]})") from e
+        raise InputFileError(f"{p}: coremltools cannot load this package ({first_line(e, 300)})") from e
     if not spec.HasField("mlProgram"):
         raise ExportError(f"{p}: expected an ML program, got a {spec.WhichOneof('Type')} model")
     got_in, got_out = _features(spec.description.input), _features(spec.description.output)

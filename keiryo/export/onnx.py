@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import Field
 
 from keiryo.config import KeiryoConfig
-from keiryo.errors import ExportError, InputFileError
+from keiryo.errors import ExportError, InputFileError, first_line
 from keiryo.export import Artifact, register_exporter
 from keiryo.export._failures import conversion_error
 
@@ -68,7 +68,7 @@ def load_onnx(path: str | Path) -> Any:
         model = onnx.load(str(p))
         onnx.checker.check_model(model)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise InputFileError(f"{p}: not a valid ONNX model ({msg[:300]})") from e
     return model
 
@@ -126,7 +126,7 @@ def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        raise ExportError(f"{handle.spec.source}: exported ONNX graph is invalid: {str(e).splitlines()[0]}") from e
+        raise ExportError(f"{handle.spec.source}: exported ONNX graph is invalid: {first_line(e)}") from e
     save_onnx(model, out_path)
     ops = sorted({n.op_type for n in model.graph.node})
     return Artifact(out_path, "onnx", "onnxruntime", [INPUT_NAME], [OUTPUT_NAME], {"opset": cfg.opset, "op_types": ops})

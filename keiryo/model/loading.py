@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from keiryo.errors import ConfigError, DataError, InputFileError, ModelLoadError
+from keiryo.errors import ConfigError, DataError, InputFileError, ModelLoadError, first_line
 from keiryo.model.handle import ModelHandle, ModelSpec
 
 
@@ -80,7 +80,7 @@ def check_fits(handle: ModelHandle, where: str) -> None:
         with torch.no_grad():
             out = handle.module.eval()(x)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DataError(f"model {where} cannot take the data's input shape {tuple(x.shape)} (batch, *sample): {first}") from e
     if not isinstance(out, torch.Tensor):
         raise ModelLoadError(f"model {where} returned a {type(out).__name__}; expected one logits tensor")
@@ -115,12 +115,10 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         except pickle.UnpicklingError as e:
             raise ModelLoadError(
                 f"{p}: refused: the file contains pickled Python objects, not only tensors "
-                f"({str(e).splitlines()[0][:160]}); save model.state_dict() or use .safetensors"
+                f"({first_line(e, 160)}); save model.state_dict() or use .safetensors"
             ) from e
         except Exception as e:
-            raise InputFileError(
-                f"{p}: not a readable torch weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            ) from e
+            raise InputFileError(f"{p}: not a readable torch weights file ({type(e).__name__}: {first_line(e, 200)})") from e
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]

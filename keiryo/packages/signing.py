@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from keiryo.errors import BackendUnavailableError, InputFileError, IntegrityError
+from keiryo.errors import BackendUnavailableError, InputFileError, IntegrityError, first_line
 
 SIGNATURE = "model.sig"
 
@@ -63,7 +63,7 @@ def sign_dir(path: str | Path, private_key: str | Path) -> Path:
     try:
         signer = sign_ec_key.Signer(key)
     except (ValueError, TypeError) as e:
-        raise InputFileError(f"{key}: not a usable EC private key in PEM ({str(e).splitlines()[0][:200]})") from e
+        raise InputFileError(f"{key}: not a usable EC private key in PEM ({first_line(e, 200)})") from e
     manifest = _hashing(ms, p).hash(p)
     signer.sign(signing.Payload(manifest)).write(p / SIGNATURE)
     return p / SIGNATURE
@@ -91,7 +91,7 @@ def verify_dir(path: str | Path, public_key: str | Path) -> dict[str, str]:
         verifier = sign_ec_key.Verifier(key)
         signature = sign_sigstore_pb.Signature.read(p / SIGNATURE)
     except Exception as e:
-        raise IntegrityError(f"{p}: unreadable signature or key ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise IntegrityError(f"{p}: unreadable signature or key ({type(e).__name__}: {first_line(e, 200)})") from e
     try:
         expected = verifier.verify(signature)
     except Exception as e:

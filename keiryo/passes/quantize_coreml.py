@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from keiryo.config import KeiryoConfig
-from keiryo.errors import PassError
+from keiryo.errors import PassError, first_line
 from keiryo.export import Artifact
 from keiryo.passes import PassContext, PassResult, register_pass
 
@@ -55,7 +55,7 @@ def _compress(
     except PassError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise PassError(f"coreml.{tag} failed on {model.path.name}: {type(e).__name__}: {first[:300]}") from e
     try:
         info = validate_mlpackage(out, inputs=model.info.get("inputs"), outputs=model.info.get("outputs"))

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from keiryo._quiet import quiet
 from keiryo.config import KeiryoConfig
-from keiryo.errors import DataError, PassError
+from keiryo.errors import DataError, PassError, first_line
 from keiryo.export import Artifact
 from keiryo.passes import PassContext, PassResult, register_pass
 
@@ -126,9 +126,7 @@ def quantize_int8_static(
             )
         except Exception as e:
             out.unlink(missing_ok=True)
-            raise PassError(
-                f"int8 static quantization failed on {src.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            ) from e
+            raise PassError(f"int8 static quantization failed on {src.name}: {type(e).__name__}: {first_line(e, 300)}") from e
 
 
 def preprocess(src: Path, dst: Path) -> Path:
@@ -187,9 +185,7 @@ def int8_dynamic(model: Artifact, cfg: Int8DynamicConfig, ctx: PassContext) -> P
             )
         except Exception as e:
             out.unlink(missing_ok=True)
-            raise PassError(
-                f"quantize.int8_dynamic failed on {model.path.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            ) from e
+            raise PassError(f"quantize.int8_dynamic failed on {model.path.name}: {type(e).__name__}: {first_line(e, 300)}") from e
     census = _node_census(out)
     quantized = sum(
         v
@@ -216,9 +212,7 @@ def fp16(model: Artifact, cfg: Fp16Config, ctx: PassContext) -> PassResult:
                 onnx.load(str(model.path)), keep_io_types=cfg.keep_io_types, op_block_list=cfg.op_block_list or None
             )
         except Exception as e:
-            raise PassError(
-                f"quantize.fp16 failed on {model.path.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            ) from e
+            raise PassError(f"quantize.fp16 failed on {model.path.name}: {type(e).__name__}: {first_line(e, 300)}") from e
     toposort(m16)
     save_onnx(m16, out)
     return finish(model, out, {"keep_io_types": cfg.keep_io_types, "op_block_list": list(cfg.op_block_list)})

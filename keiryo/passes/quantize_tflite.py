@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from keiryo.config import KeiryoConfig
-from keiryo.errors import BackendUnavailableError, DataError, PassError
+from keiryo.errors import BackendUnavailableError, DataError, PassError, first_line
 from keiryo.export import Artifact
 from keiryo.passes import PassContext, PassResult, register_pass
 
@@ -70,7 +70,7 @@ def _run(src: Artifact, out: Path, what: str, configure: Any, calib: list[dict[s
         raise
     except Exception as e:
         out.unlink(missing_ok=True)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise PassError(f"{what} failed on {src.path.name}: {type(e).__name__}: {first[:300]}") from e
 
 

@@ -30,7 +30,7 @@ from keiryo.model import ModelHandle, save_weights
 from keiryo.passes import PassContext
 from keiryo.pipeline.cache import StepCache
 from keiryo.pipeline.recipe import Recipe
-from keiryo.runtime import open_session
+from keiryo.runtime import open_session, unavailable_reason
 from keiryo.search.constraints import Constraint, check_constraints, select_best
 
 
@@ -207,10 +207,9 @@ def _torch_stage(
 
 def export_parity(model: ModelHandle, artifact: Artifact, data: DataSplits, opts: RunOptions, what: str) -> dict[str, Any]:
     """Parity of a fresh export with its torch model, on the export's runtime; a partial file is removed on failure."""
-    from keiryo.export.coreml import CAN_PREDICT, NO_PREDICT_REASON
-
-    if artifact.runtime == "coreml" and not CAN_PREDICT:
-        return {"skipped": NO_PREDICT_REASON, "structure": artifact.info.get("validated")}
+    reason = unavailable_reason(artifact.runtime)
+    if reason:
+        return {"skipped": reason, "structure": artifact.info.get("validated")}
     try:
         with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
             return check_parity(model.module, s, data.test.x, opts.parity, what).to_dict()
@@ -239,7 +238,6 @@ def export_variant(
     exporter = get_exporter(recipe.target)
     if out.suffix != exporter.suffix:
         raise ConfigError(f"--out {out}: a {recipe.target} export is written to a {exporter.suffix} path")
-    from keiryo.export.coreml import CAN_PREDICT, NO_PREDICT_REASON
     from keiryo.passes import apply
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -264,9 +262,10 @@ def export_variant(
             artifact = res.model
             steps.append({"type": spec.name, "info": res.info})
         report: dict[str, Any] = {"parity": parity, "steps": steps, "info": artifact.info}
-        if artifact.runtime == "coreml" and not CAN_PREDICT:
+        reason = unavailable_reason(artifact.runtime)
+        if reason:
             report["accuracy"] = report["agreement"] = None
-            report["not_measured"] = NO_PREDICT_REASON
+            report["not_measured"] = reason
         else:
             with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
                 logits = predict(s, data.test.x)
@@ -287,14 +286,12 @@ def export_variant(
 
 def check_runnable(target: str) -> None:
     """Candidates are measured on their runtime; refuse a target whose runtime cannot run here."""
-    if target == "coreml":
-        from keiryo.export.coreml import CAN_PREDICT, NO_PREDICT_REASON
-
-        if not CAN_PREDICT:
-            raise ConfigError(
-                f"target coreml: candidates cannot be measured on this machine ({NO_PREDICT_REASON}); "
-                "use `keiryo export --format coreml --variant ...`, or compress on a Mac"
-            )
+    reason = unavailable_reason(get_exporter(target).runtime)
+    if reason:
+        raise ConfigError(
+            f"target {target}: candidates cannot be measured on this machine ({reason}); "
+            f"use `keiryo export --format {target} --variant ...`, or run this where the runtime works"
+        )
 
 
 def torch_step_effect(model: ModelHandle, data: DataSplits) -> dict[str, Any]:

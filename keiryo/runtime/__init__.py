@@ -15,7 +15,7 @@ import numpy as np
 
 from keiryo._registry import Registry
 
-__all__ = ["RUNTIMES", "Session", "SessionFactory", "open_session", "register_runtime"]
+__all__ = ["RUNTIMES", "Session", "SessionFactory", "open_session", "register_runtime", "unavailable_reason"]
 
 
 @runtime_checkable
@@ -40,8 +40,20 @@ SessionFactory = Callable[[Any, int], Session]
 RUNTIMES: Registry[SessionFactory] = Registry("runtime")
 
 
-def register_runtime(name: str) -> Callable[[SessionFactory], SessionFactory]:
+_UNAVAILABLE: dict[str, str] = {}
+
+
+def register_runtime(name: str, *, unavailable: str | None = None) -> Callable[[SessionFactory], SessionFactory]:
+    """Register a session factory; ``unavailable`` says why the runtime cannot run models on this machine."""
+    if unavailable:
+        _UNAVAILABLE[name] = unavailable
     return RUNTIMES.register(name)
+
+
+def unavailable_reason(runtime: str) -> str | None:
+    """Why ``runtime`` cannot run models here (Core ML off Apple platforms), or None when it can."""
+    _load_builtin()
+    return _UNAVAILABLE.get(runtime)
 
 
 def open_session(runtime: str, source: str | Path | Any, threads: int = 1) -> Session:

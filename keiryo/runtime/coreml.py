@@ -6,20 +6,24 @@ there (:func:`keiryo.export.coreml.validate_mlpackage`).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from keiryo.errors import InputFileError, RuntimeSessionError
+from keiryo.errors import InputFileError, RuntimeSessionError, first_line
 from keiryo.runtime import register_runtime
 from keiryo.runtime._base import SessionBase
+
+CAN_PREDICT = sys.platform == "darwin"
+NO_PREDICT_REASON = "Core ML runs models only on macOS/iOS; on this platform the package is validated structurally"
 
 
 class CoremlSession(SessionBase):
     runtime = "coreml"
 
     def __init__(self, path: str | Path, threads: int = 1):
-        from keiryo.export.coreml import CAN_PREDICT, NO_PREDICT_REASON, coremltools
+        from keiryo.export.coreml import coremltools
 
         p = Path(path)
         if not CAN_PREDICT:
@@ -30,7 +34,7 @@ class CoremlSession(SessionBase):
         try:
             self._m = ct.models.MLModel(str(p), compute_units=ct.ComputeUnit.CPU_ONLY)
         except Exception as e:
-            raise InputFileError(f"{p}: Core ML cannot load this package ({str(e).splitlines()[0][:300]})") from e
+            raise InputFileError(f"{p}: Core ML cannot load this package ({first_line(e, 300)})") from e
         spec = self._m.get_spec()
         self.path = p
         self.threads = threads  # Core ML chooses its own threads; recorded for the report
@@ -48,6 +52,6 @@ class CoremlSession(SessionBase):
         return [np.concatenate(o) for o in outs]
 
 
-@register_runtime("coreml")
+@register_runtime("coreml", unavailable=None if CAN_PREDICT else NO_PREDICT_REASON)
 def open_coreml(source: str | Path, threads: int) -> CoremlSession:
     return CoremlSession(source, threads)

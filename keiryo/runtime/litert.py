@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from keiryo.errors import BackendUnavailableError, InputFileError, RuntimeSessionError
+from keiryo.errors import BackendUnavailableError, InputFileError, RuntimeSessionError, first_line
 from keiryo.runtime import register_runtime
 from keiryo.runtime._base import SessionBase
 
@@ -36,7 +36,7 @@ def load_interpreter(path: str | Path, threads: int = 1, *, delegate: bool = Tru
             it = Interpreter(model_path=str(p), num_threads=threads, experimental_op_resolver_type=resolver)
             it.allocate_tensors()
     except Exception as e:  # the interpreter raises ValueError/RuntimeError with C++ text
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise InputFileError(f"{p}: the LiteRT interpreter cannot load this model ({msg[:300]})") from e
     return it
 
@@ -123,7 +123,7 @@ class LiteRTSession(SessionBase):
                 for i, t in enumerate(self._out):
                     outs[i].append(self._get(t))
         except Exception as e:
-            raise RuntimeSessionError(f"{self.path}: LiteRT invoke failed: {str(e).splitlines()[0][:300]}") from e
+            raise RuntimeSessionError(f"{self.path}: LiteRT invoke failed: {first_line(e, 300)}") from e
         return [np.concatenate(o) for o in outs]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keiryo.errors import InputFileError, RuntimeSessionError
+from keiryo.errors import InputFileError, RuntimeSessionError, first_line
 from keiryo.runtime import register_runtime
 from keiryo.runtime._base import SessionBase
 
@@ -29,7 +29,7 @@ class OrtSession(SessionBase):
         try:
             self._sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
         except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             raise InputFileError(f"{p}: onnxruntime cannot load this model ({msg[:300]})") from e
         self.threads = threads
         self.path = p
@@ -41,7 +41,7 @@ class OrtSession(SessionBase):
         try:
             return list(self._sess.run(None, feed))
         except Exception as e:
-            raise RuntimeSessionError(f"{self.path}: onnxruntime run failed: {str(e).splitlines()[0][:300]}") from e
+            raise RuntimeSessionError(f"{self.path}: onnxruntime run failed: {first_line(e, 300)}") from e
 
 
 @register_runtime("onnxruntime")

@@ -7,11 +7,11 @@ import pytest
 
 from keiryo.errors import PassError
 from keiryo.export import Artifact, export
-from keiryo.export.coreml import CAN_PREDICT
 from keiryo.model import ModelHandle
 from keiryo.passes import PassContext, all_passes, apply
 from keiryo.passes.quantize_ort import Int8StaticConfig
 from keiryo.runtime import open_session
+from keiryo.runtime.coreml import CAN_PREDICT
 
 
 @pytest.fixture(scope="module")
