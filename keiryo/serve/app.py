@@ -374,9 +374,7 @@ def create_app(store: PackageStore, settings: ServeSettings) -> Any:
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         need(request)
         served = server.get(name, version)
-        body = await request.body()
-        if len(body) > settings.body_limit_bytes:
-            raise HTTPError(413, f"request body over the limit of {settings.body_limit_bytes} bytes")
+        body = await request.body()  # the Envelope middleware enforces the body limit while it streams in
         req = parse_request(body, request.headers.get(HEADER), served.inputs)
         async with asyncio.timeout(settings.request_timeout_s):  # no extra task, unlike wait_for
             outputs = await served.batcher.submit(req.inputs)
