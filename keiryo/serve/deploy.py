@@ -31,6 +31,7 @@ SERVE_REQUIREMENTS = [
     "uvicorn[standard]",  # uvloop + httptools: cheaper HTTP per request
     "prometheus-client",
     "model-signing",
+    "sigstore>=3.6",  # older sigstore breaks on cryptography>=47 at import
     "pyopenssl",  # model-signing imports OpenSSL without declaring it (model-signing 1.0.1)
 ]
 RUNTIME_REQUIREMENTS = {"onnxruntime": ["onnxruntime>=1.20"], "litert": ["ai-edge-litert>=2.3"]}
