@@ -96,6 +96,20 @@ class Metrics:
         )
         self.in_flight = Gauge("keiryo_in_flight_requests", "requests being served", registry=r)
         self.loads = Counter("keiryo_model_load_events", "model loads", ["model", "version", "result"], registry=r)
+        self._children: dict[Any, Any] = {}
+
+    def request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
+        """Count a request (and time an inference); label children are cached, this runs on every request."""
+        key = (model, endpoint, status)
+        counter = self._children.get(key)
+        if counter is None:
+            counter = self._children[key] = self.requests.labels(model, endpoint, str(status))
+        counter.inc()
+        if endpoint == "infer" and model:
+            hist = self._children.get(model)
+            if hist is None:
+                hist = self._children[model] = self.latency.labels(model)
+            hist.observe(seconds)
 
     def batch_hooks(self, model: str) -> dict[str, Callable[..., None]]:
         return {"on_queue_time": self.queue.labels(model).observe, "on_batch": self.batch.labels(model).observe}
@@ -245,9 +259,7 @@ class Envelope:
             parts = path.split("/")
             model = parts[3] if len(parts) > 3 and parts[2] == "models" else ""
             endpoint = "infer" if path.endswith("/infer") else "other"
-            metrics.requests.labels(model, endpoint, str(status)).inc()
-            if endpoint == "infer" and model:
-                metrics.latency.labels(model).observe(dt)
+            metrics.request(model, endpoint, status, dt)
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client")
                 access_log.info(
@@ -380,6 +392,17 @@ def create_app(store: PackageStore, settings: ServeSettings) -> Any:
             outputs = await served.batcher.submit(req.inputs)
         content, headers, media = build_response(served.name, served.version, req, outputs)
         return Response(content=content, media_type=media, headers=headers)
+
+    # The inference path is served by plain Starlette routes placed first: FastAPI's dependency
+    # resolution costs per request and infer has nothing to resolve (the routes above stay for the
+    # OpenAPI document).
+    from starlette.routing import Route
+
+    async def infer_fast(request: Request) -> Response:
+        return await infer(request, request.path_params["name"], request.path_params.get("version"))
+
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        app.router.routes.insert(0, Route(path, infer_fast, methods=["POST"]))
 
     # -- model repository extension (admin) ----------------------------------------------------
     @app.post("/v2/repository/index")
