@@ -16,7 +16,7 @@ from keiryo.errors import ConfigError, KeiryoError
 app = typer.Typer(
     name="keiryo",
     help="Make a trained PyTorch model lightweight for the machine it must run on: compress, measure on the "
-    "target runtime, export.",
+    "target runtime, export, ship.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
