@@ -51,7 +51,7 @@ def tflite_info(path: Path) -> dict[str, Any]:
         "op_types": sorted(census),
         "op_census": census,
         "input_dtypes": s.input_dtypes,
-        "batch": s._in[0].shape[0],
+        "batch": s.batch,
     }
 
 

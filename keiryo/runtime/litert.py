@@ -91,6 +91,11 @@ class LiteRTSession(SessionBase):
     def input_dtypes(self) -> list[str]:
         return [t.dtype.name for t in self._in]
 
+    @property
+    def batch(self) -> int:
+        """The batch the file was exported at (-1: any)."""
+        return self._in[0].shape[0]
+
     def _set(self, t: _Tensor, x: np.ndarray) -> None:
         if t.quantized:
             info = np.iinfo(t.dtype)
@@ -112,7 +117,7 @@ class LiteRTSession(SessionBase):
             if a.shape[1:] != t.shape[1:]:
                 raise RuntimeSessionError(f"{self.path}: input {t.name} has shape {a.shape}, the model expects {t.shape}")
         n = arrays[0].shape[0]
-        fixed = self._in[0].shape[0]
+        fixed = self.batch
         rows = range(0, n, fixed) if fixed > 0 else range(0, 1)
         outs: list[list[np.ndarray]] = [[] for _ in self._out]
         try:
