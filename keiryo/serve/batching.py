@@ -29,6 +29,7 @@ class _Item:
     rows: int
     future: asyncio.Future[dict[str, np.ndarray]]
     enqueued: float = field(default_factory=time.perf_counter)
+    settled: bool = False  # counted out of ``in_flight`` (answered by the worker, or given up by its caller)
 
 
 class Batcher:
@@ -68,6 +69,11 @@ class Batcher:
             await self._queue.put(item)
             return await item.future
         finally:
+            self._settle(item)
+
+    def _settle(self, item: _Item) -> None:
+        if not item.settled:
+            item.settled = True
             self.in_flight -= 1
 
     async def _worker(self) -> None:
@@ -109,6 +115,7 @@ class Batcher:
             out = await asyncio.get_running_loop().run_in_executor(self._pool, self._run, feed)
         except Exception as e:  # the session failed: every request of the batch gets the error
             for b in live:
+                self._settle(b)
                 if not b.future.done():
                     b.future.set_exception(e)
             return
@@ -116,6 +123,7 @@ class Batcher:
         for b in live:
             part = {k: v[start : start + b.rows] for k, v in out.items()}
             start += b.rows
+            self._settle(b)  # answered: no longer "on its way" for the next batch's wait, whether or not its caller resumed
             if not b.future.done():
                 b.future.set_result(part)
 
