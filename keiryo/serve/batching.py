@@ -89,7 +89,11 @@ class Batcher:
                 if self._queue.empty() and (timeout <= 0 or self.in_flight <= len(batch)):
                     break  # nothing else is on its way (a lone request never waits for company)
                 try:
-                    nxt = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
+                    if timeout <= 0 or not self._queue.empty():
+                        nxt = self._queue.get_nowait()
+                    else:
+                        async with asyncio.timeout_at(deadline):  # no task per wait, unlike wait_for
+                            nxt = await self._queue.get()
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
                 if rows + nxt.rows > self.max_batch_size:

@@ -6,6 +6,7 @@ Pure functions over bytes and numpy arrays; the app maps :class:`ProtocolError` 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,8 @@ DATATYPES: dict[str, np.dtype] = {
     "FP32": np.dtype(np.float32),
     "FP64": np.dtype(np.float64),
 }
+
+_LITTLE = {k: v.newbyteorder("<") for k, v in DATATYPES.items()}  # the wire's byte order (binary extension)
 
 
 class ProtocolError(ValueError):
@@ -89,7 +92,7 @@ def parse_request(body: bytes, header_length: str | None, expected: dict[str, di
             raise ProtocolError(f"input {name!r}: shape {shape}, expected {wshape} (-1 = any)")
         if shape[0] == 0:
             raise ProtocolError(f"input {name!r}: empty batch")
-        count = int(np.prod(shape))
+        count = math.prod(shape)
         dtype = DATATYPES[dt]
         params = t.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
@@ -98,7 +101,7 @@ def parse_request(body: bytes, header_length: str | None, expected: dict[str, di
                 raise ProtocolError(f"input {name!r}: binary_data_size {size!r}, expected {count * dtype.itemsize} bytes")
             if offset + size > len(binary):
                 raise ProtocolError(f"input {name!r}: the body has {len(binary) - offset} binary bytes left, needs {size}")
-            arr = np.frombuffer(binary, dtype=dtype.newbyteorder("<"), count=count, offset=offset).astype(dtype)
+            arr = np.frombuffer(binary, dtype=_LITTLE[dt], count=count, offset=offset).astype(dtype)
             offset += size
         else:
             data = t.get("data")

@@ -295,6 +295,31 @@ def test_request_id_is_echoed_and_a_streamed_body_over_the_limit_is_refused(worl
     assert r.status_code == 413 and "over the limit" in r.json()["error"]
 
 
+def test_every_request_gets_one_json_access_log_line_with_its_id(world, digits, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="keiryo.access")
+    x = digits.test.x[:1].numpy()
+    assert _post(world, _good(x), headers={"X-Request-ID": 'log-"1"'}).status_code == 200
+    assert httpx.get(world["srv"].url + "/v2/models/nope", headers={**H, "X-Request-ID": "log-2"}).status_code == 404
+    end = time.time() + 5  # the line is written once the response is sent: wait for it
+    while time.time() < end:
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "keiryo.access"]
+        mine = {line["request_id"]: line for line in lines if line["request_id"] in ('log-"1"', "log-2")}
+        if len(mine) == 2:
+            break
+        time.sleep(0.02)
+    first = mine['log-"1"']
+    assert {k: first[k] for k in ("method", "path", "status", "client")} == {
+        "method": "POST",
+        "path": "/v2/models/tiny/infer",
+        "status": 200,
+        "client": "127.0.0.1",
+    }
+    assert isinstance(first["ms"], float) and first["ms"] > 0
+    assert mine["log-2"]["status"] == 404 and mine["log-2"]["method"] == "GET"
+
+
 def test_settings_refuse_a_server_without_keys(tmp_path):
     from keiryo.errors import ConfigError
 
