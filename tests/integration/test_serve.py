@@ -320,6 +320,41 @@ def test_every_request_gets_one_json_access_log_line_with_its_id(world, digits, 
     assert mine["log-2"]["status"] == 404 and mine["log-2"]["method"] == "GET"
 
 
+def test_keiryo_serve_exits_cleanly_on_sigterm_with_every_access_line_written(world, digits):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "keiryo"), "serve", "--registry", str(world["store"].root)]
+    cmd += ["--model", "tiny@production", "--public-key", str(world["pub"]), "--port", str(port), "--poll-s", "0"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "KEIRYO_API_KEYS": API}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        x = digits.test.x[:1].numpy()
+        ids = [f"term-{i}" for i in range(20)]
+        for rid in ids:
+            r = httpx.post(url + "/v2/models/tiny/infer", headers={**H, "X-Request-ID": rid}, content=json.dumps(_good(x)))
+            assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith('{"request_id"')]
+    assert [line["request_id"] for line in lines if line["request_id"].startswith("term-")] == ids
+    assert all(line["status"] == 200 for line in lines if line["request_id"] in ids)
+
+
 def test_settings_refuse_a_server_without_keys(tmp_path):
     from keiryo.errors import ConfigError
 
