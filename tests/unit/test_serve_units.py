@@ -56,6 +56,26 @@ def test_a_lone_request_does_not_wait_for_the_queue_delay():
     assert asyncio.run(main()) < 0.25  # not the 500 ms delay
 
 
+def test_a_request_queued_behind_a_batch_does_not_wait_for_requests_already_answered():
+    """Requests whose answers are set no longer count as "on their way": the next batch starts at once."""
+    calls: list[int] = []
+
+    async def main():
+        b = Batcher(_slow_double(0.05, calls), max_batch_size=32, max_queue_delay_ms=500)
+        b.start()
+        first = [asyncio.create_task(b.submit({"input": np.ones((1, 2), np.float32)})) for _ in range(2)]
+        await asyncio.sleep(0.02)  # the first two are running
+        t = time.perf_counter()
+        await b.submit({"input": np.ones((1, 2), np.float32)})
+        dt = time.perf_counter() - t
+        await asyncio.gather(*first)
+        await b.drain()
+        return dt
+
+    assert asyncio.run(main()) < 0.3  # its own run and the rest of the first: not the 500 ms delay
+    assert calls == [2, 1]
+
+
 def test_a_full_queue_refuses_at_once_and_drain_answers_everyone():
     calls: list[int] = []
 
