@@ -355,6 +355,27 @@ def test_keiryo_serve_exits_cleanly_on_sigterm_with_every_access_line_written(wo
     assert all(line["status"] == 200 for line in lines if line["request_id"] in ids)
 
 
+def test_a_client_that_leaves_before_its_body_arrives_is_counted_as_499_and_gets_nothing(world):
+    import asyncio
+
+    front = world["app"]
+    sample = {"model": "tiny", "endpoint": "infer", "status": "499"}
+    before = front.server.metrics.registry.get_sample_value("keiryo_requests_total", sample) or 0.0
+    sent = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/tiny/infer", "client": ("127.0.0.1", 1)}
+    scope["headers"] = [(b"authorization", f"Bearer {API}".encode())]
+    asyncio.run(front(scope, receive, send))
+    assert sent == []
+    assert front.server.metrics.registry.get_sample_value("keiryo_requests_total", sample) == before + 1
+
+
 def test_settings_refuse_a_server_without_keys(tmp_path):
     from keiryo.errors import ConfigError
 
