@@ -376,6 +376,28 @@ def test_a_client_that_leaves_before_its_body_arrives_is_counted_as_499_and_gets
     assert front.server.metrics.registry.get_sample_value("keiryo_requests_total", sample) == before + 1
 
 
+def test_the_documented_fastapi_infer_route_answers_like_the_front(world, digits):
+    """``Front`` serves infer itself; the FastAPI routes behind it document it and answer the same when the
+    FastAPI app runs alone."""
+    from fastapi.testclient import TestClient
+
+    settings = ServeSettings(models=["tiny@1.0.0"], public_key=str(world["pub"]), api_keys=[API], poll_s=None)
+    front = create_app(world["store"], settings)
+    x = digits.test.x[:2].numpy()
+    answers = []
+    for app in (front, front.api):
+        with TestClient(app) as c:
+            r = c.post("/v2/models/tiny/versions/1.0.0/infer", headers=H, content=json.dumps(_good(x)))
+            assert r.status_code == 200, r.text
+            answers.append(r.json()["outputs"])
+            bad = c.post("/v2/models/tiny/infer", headers={"Authorization": "Bearer wrong-key-0123456789"}, content=b"{}")
+            assert bad.status_code == 401 and "API key" in bad.json()["error"]
+    assert answers[0] == answers[1]
+    np.testing.assert_allclose(np.array(answers[0][0]["data"]).reshape(2, 10), _expected(world, x), atol=1e-5)
+    paths = front.api.openapi()["paths"]
+    assert "post" in paths["/v2/models/{name}/infer"] and "post" in paths["/v2/models/{name}/versions/{version}/infer"]
+
+
 def test_settings_refuse_a_server_without_keys(tmp_path):
     from keiryo.errors import ConfigError
 
