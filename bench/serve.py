@@ -175,12 +175,12 @@ def main() -> int:
             ts.append(time.perf_counter() - t)
     bare = statistics.median(ts) * 1000
 
-    servers = {
-        label: start_server(work / "registry", pub, mb, args.threads) for label, mb in (("batching", 32), ("no batching", 1))
-    }
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
     rows: dict[tuple[str, int], dict[str, float]] = {}
     ratios: list[float] = []
     try:
+        for label, max_batch in (("batching", 32), ("no batching", 1)):
+            servers[label] = start_server(work / "registry", pub, max_batch, args.threads)
         for label, (_, url) in servers.items():
             run(closed_loop(url, body, headers, 8, 2.0))  # warm-up
             for conc in (1, 8):
