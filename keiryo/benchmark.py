@@ -75,12 +75,24 @@ def _peak_rss_mb() -> float | None:
         return None
 
 
-def run_benchmark(session: Any, sample: np.ndarray, cfg: BenchConfig | None = None, *, rss: bool = False) -> BenchResult:
-    """Time ``session`` on ``sample`` (input rows, batch dim included) at ``cfg.latency_batch``."""
+def _rows(sample: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """``n`` rows made by repeating ``sample``'s rows, for every input."""
+    out = {}
+    for k, v in sample.items():
+        reps = -(-n // len(v))
+        out[k] = np.ascontiguousarray(np.concatenate([v] * reps)[:n])
+    return out
+
+
+def run_benchmark(
+    session: Any, sample: dict[str, np.ndarray] | np.ndarray, cfg: BenchConfig | None = None, *, rss: bool = False
+) -> BenchResult:
+    """Time ``session`` on ``sample`` (named input rows, batch dim included) at ``cfg.latency_batch``."""
     cfg = cfg or BenchConfig()
-    x1 = np.ascontiguousarray(np.repeat(sample[:1], cfg.latency_batch, axis=0))
-    reps = -(-cfg.throughput_batch // len(sample))
-    xb = np.ascontiguousarray(np.concatenate([sample] * reps)[: cfg.throughput_batch])
+    if isinstance(sample, np.ndarray):
+        sample = {session.input_names[0]: sample}
+    x1 = _rows({k: v[:1] for k, v in sample.items()}, cfg.latency_batch)
+    xb = _rows(sample, cfg.throughput_batch)
     for _ in range(cfg.warmup):
         session.run(x1)
     times = np.empty(cfg.iterations)
@@ -126,7 +138,11 @@ def machine_lock(path: str | Path | None) -> Iterator[None]:
 
 
 def measure_file(
-    path: str | Path, runtime: str, sample: np.ndarray, cfg: BenchConfig | None = None, lock: str | Path | None = None
+    path: str | Path,
+    runtime: str,
+    sample: dict[str, np.ndarray],
+    cfg: BenchConfig | None = None,
+    lock: str | Path | None = None,
 ) -> BenchResult:
     """Benchmark a model file in a fresh child process (isolated; peak RSS is the child's).
 
@@ -137,11 +153,11 @@ def measure_file(
         return _measure_file(path, runtime, sample, cfg)
 
 
-def _measure_file(path: str | Path, runtime: str, sample: np.ndarray, cfg: BenchConfig | None = None) -> BenchResult:
+def _measure_file(path: str | Path, runtime: str, sample: dict[str, np.ndarray], cfg: BenchConfig | None = None) -> BenchResult:
     cfg = cfg or BenchConfig()
     with tempfile.TemporaryDirectory() as td:
-        npy = os.path.join(td, "sample.npy")
-        np.save(npy, np.ascontiguousarray(sample.astype(np.float32)))
+        npy = os.path.join(td, "sample.npz")
+        np.savez(npy, **{k: np.ascontiguousarray(v) for k, v in sample.items()})
         job = {"path": str(path), "runtime": runtime, "sample": npy, "config": cfg.model_dump()}
         env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
         proc = subprocess.run(
@@ -163,7 +179,8 @@ def _worker() -> None:
     from keiryo.runtime import open_session
 
     cfg = BenchConfig(**job["config"])
-    sample = np.load(job["sample"])
+    with np.load(job["sample"], allow_pickle=False) as z:
+        sample = {k: z[k] for k in z.files}
     with open_session(job["runtime"], job["path"], cfg.threads) as s:
         res = run_benchmark(s, sample, cfg, rss=True)
     print(json.dumps(res.to_dict()))

@@ -25,7 +25,7 @@ def _channels(m: Any) -> int:
 
 def technique_coverage(handle: Any) -> dict[str, dict[str, Any]]:
     layers = prunable_layers(handle.module)
-    out = output_layer(handle.module, handle.num_classes)
+    out = output_layer(handle.module, handle.head_width)
     grouped = {n for n, m in layers.items() if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups > 1}
     other = sorted(
         {type(m).__name__ for m in handle.module.modules() if len(list(m.children())) == 0} - {"Conv1d", "Conv2d", "Linear"}
@@ -101,7 +101,7 @@ QUANTIZABLE_OPS = {
 def warnings_for(handle: Any, batch_size: int = 1) -> list[str]:
     w: list[str] = []
     layers = prunable_layers(handle.module)
-    out = output_layer(handle.module, handle.num_classes)
+    out = output_layer(handle.module, handle.head_width)
     odd = [f"{n} ({_channels(m)})" for n, m in layers.items() if n != out and _channels(m) % 8]
     if odd:
         w.append(

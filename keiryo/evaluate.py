@@ -1,4 +1,4 @@
-"""Task metric, fidelity and size of a model, run on its own runtime."""
+"""Running a model on a split: outputs per output, size of a file. The task turns outputs into metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -23,20 +22,22 @@ class SizeInfo:
         return asdict(self)
 
 
-def predict(session: Any, x: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits for every row of ``x``, in batches."""
-    arr = x.numpy() if isinstance(x, torch.Tensor) else x
-    return np.concatenate([session.run(np.ascontiguousarray(arr[i : i + batch_size]))[0] for i in range(0, len(arr), batch_size)])
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray | torch.Tensor) -> float:
-    y = labels.numpy() if isinstance(labels, torch.Tensor) else labels
-    return float((logits.argmax(1) == y).mean())
-
-
-def fidelity(logits: np.ndarray, reference_pred: np.ndarray) -> float:
-    """Share of samples whose top-1 prediction equals the fp32 baseline's."""
-    return float((logits.argmax(1) == reference_pred).mean())
+def predict(session: Any, inputs: Any, batch_size: int = 256) -> list[np.ndarray]:
+    """Every output of ``session`` for every row of ``inputs`` (a split, a dict of arrays or one array), in batches."""
+    if hasattr(inputs, "numpy") and hasattr(inputs, "inputs"):  # a MemorySplit
+        arrays = inputs.numpy()
+    elif isinstance(inputs, dict):
+        arrays = {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in inputs.items()}
+    else:
+        arr = inputs.numpy() if hasattr(inputs, "numpy") else np.asarray(inputs)
+        arrays = {session.input_names[0]: arr}
+    n = len(next(iter(arrays.values())))
+    parts: list[list[np.ndarray]] = []
+    for i in range(0, n, batch_size):
+        parts.append(session.run({k: np.ascontiguousarray(v[i : i + batch_size]) for k, v in arrays.items()}))
+    if not parts:
+        return []
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
 def size_of(path: str | Path) -> SizeInfo:

@@ -1,4 +1,10 @@
-"""Supervised training: AdamW, cosine schedule with warm-up, early stopping on val accuracy."""
+"""Supervised training with the task's loss: AdamW, cosine schedule with warm-up, early stopping on
+the task's primary metric on the validation split; train batches stream from the data's DataLoader.
+
+``--device auto|cpu|cuda|mps``: ``auto`` takes CUDA, then MPS, then the CPU. On CUDA the
+forward pass runs under autocast (bf16 where the GPU supports it, else fp16 with a gradient
+scaler); on the CPU training stays fp32.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,19 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
-from torch import nn
-from torch.nn import functional as F
 
 from keiryo._console import progress_bar
 from keiryo.config import KeiryoConfig
-from keiryo.data import DataSplits, Split
-from keiryo.errors import DataError
+from keiryo.errors import ConfigError, DataError
+from keiryo.model.io import Batch, call_module, flatten_outputs
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+LossFn = Callable[[list[torch.Tensor], "torch.Tensor | None", Batch], torch.Tensor]
 
 
 class TrainConfig(KeiryoConfig):
@@ -25,62 +34,106 @@ class TrainConfig(KeiryoConfig):
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    patience: int = Field(5, ge=1, description="stop after this many epochs without a better val accuracy")
+    patience: int = Field(5, ge=1, description="stop after this many epochs without a better validation metric")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
+    device: Device = "cpu"
+    amp: bool = Field(True, description="mixed precision where the device supports it (CUDA)")
 
 
 @dataclass(frozen=True)
 class TrainResult:
     epochs_run: int
     best_epoch: int
-    best_val_accuracy: float
-    test_accuracy: float
+    best_val: float
+    metric: str
+    test_metrics: dict[str, Any]
     seconds: float
     history: list[dict[str, float]]
+    device: str
+
+    @property
+    def best_val_accuracy(self) -> float:  # the name results and older callers read
+        return self.best_val
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps: no Apple GPU (MPS) is available here")
+    return torch.device(name)
 
 
 @torch.no_grad()
-def accuracy(module: nn.Module, split: Split, batch_size: int = 256) -> float:
+def outputs_on(handle: Any, split: Any, batch_size: int = 256, device: torch.device | None = None) -> list[np.ndarray]:
+    """The torch model's outputs on every row of an in-memory split (eval mode)."""
+    module = handle.module
     was = module.training
     module.eval()
-    correct = 0
-    for x, y in split.batches(batch_size):
-        correct += int((module(x).argmax(1) == y).sum())
+    parts: list[list[np.ndarray]] = []
+    for x, _ in split.batches(batch_size):
+        if device is not None:
+            x = {k: v.to(device) for k, v in x.items()}
+        outs, _ = flatten_outputs(call_module(module, x, handle.input_names))
+        parts.append([o.float().cpu().numpy() if o.dtype in (torch.float16, torch.bfloat16) else o.cpu().numpy() for o in outs])
     module.train(was)
-    return correct / max(1, len(split))
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
+def evaluate_torch(handle: Any, split: Any, task: Any, reference: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """The task's metrics of the torch model on ``split`` (fidelity against ``reference``, or itself)."""
+    outs = outputs_on(handle, split)
+    y = split.targets.numpy() if split.targets is not None else None
+    return task.metrics(outs, y, reference if reference is not None else outs)
 
 
 def train(
-    module: nn.Module,
-    data: DataSplits,
+    handle: Any,
+    data: Any,
+    task: Any,
     cfg: TrainConfig | None = None,
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
     after_step: Callable[[], None] | None = None,
     progress: bool = True,
     description: str = "train",
+    reference: dict[str, list[np.ndarray]] | None = None,
 ) -> TrainResult:
-    """Train ``module`` in place on ``data.train``; the best val-accuracy weights are kept.
+    """Train ``handle.module`` in place on ``data.train``; the best validation weights are kept.
 
-    ``loss_fn(logits, targets, inputs)`` replaces cross-entropy (distillation uses it);
-    ``after_step()`` runs after every optimizer step (compression constraints re-apply
-    there: pruned zeros stay zero, clustered weights stay on their centroids).
-    Reproducible for a given seed and thread count.
+    ``loss_fn(outputs, targets, inputs)`` replaces the task's loss (distillation uses it);
+    ``after_step()`` runs after every optimizer step (compression constraints re-apply there).
+    ``reference`` holds the teacher's outputs on ``val``/``test`` for tasks scored only by
+    fidelity (embeddings). Reproducible for a given seed, thread count and device.
     """
     cfg = cfg or TrainConfig()
     if len(data.train) == 0:
         raise DataError("training split is empty")
+    if loss_fn is None and not task.needs_targets:
+        raise ConfigError(f"task {task.name} has no labels to train on; use a distill step (it learns from the original model)")
+    module = handle.module
+    device = resolve_device(cfg.device)
     prev_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    steps_per_epoch = max(1, math.ceil(len(data.train) / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    module.to(device)
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    amp_dtype = None
+    if cfg.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -89,46 +142,63 @@ def train(
         return 0.5 * (1 + math.cos(math.pi * t))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    ce = loss_fn or (lambda logits, y, _x: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
-    best_acc, best_epoch, best_state = -1.0, 0, copy.deepcopy(module.state_dict())
+    names = handle.input_names
+
+    def val_metrics() -> dict[str, Any]:
+        outs = outputs_on(handle, data.val, device=device)
+        y = data.val.targets.numpy() if data.val.targets is not None else None
+        ref = reference["val"] if reference else outs
+        return task.metrics(outs, y, ref)
+
+    best_score, best_epoch, best_state = -math.inf, 0, copy.deepcopy(module.state_dict())
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     bar = progress_bar("epochs") if progress else None
+    epoch = 0
     try:
-        task = bar.add_task(description, total=cfg.epochs, status="") if bar else None
-        epoch = 0
+        bar_task = bar.add_task(description, total=cfg.epochs, status="") if bar else None
         for epoch in range(1, cfg.epochs + 1):
             module.train()
-            perm = torch.randperm(len(data.train), generator=gen)
-            total_loss = 0.0
-            for i in range(0, len(perm), cfg.batch_size):
-                idx = perm[i : i + cfg.batch_size]
-                if len(idx) < 2 and i > 0:
+            total_loss, seen = 0.0, 0
+            for x, y in data.train.batches(cfg.batch_size, shuffle=True, generator=gen):
+                n = len(next(iter(x.values())))
+                if n < 2 and seen > 0:
                     continue  # a batch of one breaks BatchNorm
-                x, y = data.train.x[idx], data.train.y[idx]
-                loss = ce(module(x), y, x)
+                x = {k: v.to(device) for k, v in x.items()}
+                yt = task.targets(y).to(device) if y is not None and task.needs_targets else None
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outs, _ = flatten_outputs(call_module(module, x, names))
+                    loss = loss_fn(outs, yt, x) if loss_fn is not None else task.loss(outs, yt)
                 if not torch.isfinite(loss):
                     raise DataError(f"training diverged at epoch {epoch}: loss is {loss.item()}; lower the learning rate")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 if after_step is not None:
                     with torch.no_grad():
                         after_step()
                 sched.step()
-                total_loss += loss.item() * len(idx)
-            val_acc = accuracy(module, data.val)
-            history.append({"epoch": epoch, "loss": total_loss / len(data.train), "val_accuracy": val_acc})
-            if val_acc > best_acc:
-                best_acc, best_epoch, best_state = val_acc, epoch, copy.deepcopy(module.state_dict())
-            if bar and task is not None:
-                bar.update(task, advance=1, status=f"loss {history[-1]['loss']:.3f} val {val_acc:.2%}")
+                total_loss += loss.item() * n
+                seen += n
+            vm = val_metrics()
+            score = task.selection_score(vm)
+            history.append({"epoch": epoch, "loss": total_loss / max(1, seen), f"val_{task.primary}": vm.get(task.primary)})
+            if score > best_score:
+                best_score, best_epoch, best_state = score, epoch, copy.deepcopy(module.state_dict())
+            if bar and bar_task is not None:
+                bar.update(
+                    bar_task, advance=1, status=f"loss {history[-1]['loss']:.3f} val {task.primary} {vm.get(task.primary):.4g}"
+                )
             if epoch - best_epoch >= cfg.patience:
                 break
     finally:
         if bar:
             bar.stop()
         torch.set_num_threads(prev_threads)
+        module.to("cpu")
     module.load_state_dict(best_state)
     module.eval()
-    return TrainResult(epoch, best_epoch, best_acc, accuracy(module, data.test), time.perf_counter() - t0, history)
+    test = evaluate_torch(handle, data.test, task, reference["test"] if reference else None)
+    best_val = best_score if task.higher_is_better else -best_score
+    return TrainResult(epoch, best_epoch, best_val, task.primary, test, time.perf_counter() - t0, history, str(device))

@@ -33,6 +33,27 @@ DataOpt = Annotated[str, typer.Option("--data", "-d", help="digits | file.npz | 
 DataOpts = Annotated[Optional[list[str]], typer.Option("--data-opt", help="data option key=value (repeatable), e.g. size=16")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed for the split and training")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="intra-op threads for measurement")]
+TaskOpt = Annotated[
+    str,
+    typer.Option(
+        "--task",
+        "-t",
+        help="auto | classification | multilabel | regression | embedding | sequence-classification | "
+        "token-classification | outputs | module:Class",
+    ),
+]
+TaskOpts = Annotated[Optional[list[str]], typer.Option("--task-opt", help="task option key=value, e.g. output=logits")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="where training runs: auto | cpu | cuda | mps")]
+EvalSizeOpt = Annotated[int, typer.Option("--eval-size", min=1, help="test samples held in memory and evaluated")]
+CalibSizeOpt = Annotated[int, typer.Option("--calib-size", min=1, help="calibration samples drawn from train")]
+MaxDropOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-drop",
+        "--max-accuracy-drop",
+        help="budget: how much worse than the baseline, in the task's unit (accuracy points; MAE increase in %; cosine points)",
+    ),
+]
 
 
 def _console() -> Any:
@@ -47,35 +68,61 @@ def _err(msg: str) -> None:
     stderr_console().print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
 
 
-@app.callback()
-def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False,
-    version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
-) -> None:
-    _state["debug"] = debug
-    if version:
+def _version(value: bool) -> None:
+    if value:
         from keiryo import __version__
 
-        typer.echo(__version__)
+        typer.echo(f"keiryo {__version__}")
         raise typer.Exit()
 
 
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="print the version and exit", is_eager=True, callback=_version)
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
 def _load(
-    model: str, model_opt: list[str] | None, weights: Path | None, data: str, data_opt: list[str] | None, seed: int
-) -> tuple[Any, Any]:
+    model: str,
+    model_opt: list[str] | None,
+    weights: Path | None,
+    data: str,
+    data_opt: list[str] | None,
+    seed: int,
+    task: str = "auto",
+    task_opt: list[str] | None = None,
+    eval_size: int | None = None,
+    calib_size: int | None = None,
+) -> tuple[Any, Any, Any]:
+    """Data, then the task (named or inferred from the data), then the model, checked against both before any work."""
     from keiryo.data import DataSpec, load_data
     from keiryo.data.splits import parse_options
     from keiryo.model import ModelSpec, load_model
+    from keiryo.tasks import get_task, infer_task
 
-    dspec = DataSpec.parse({"source": data, "options": parse_options(data_opt), "seed": seed}, where="--data")
+    sizes = {k: v for k, v in (("eval_size", eval_size), ("calib_size", calib_size)) if v is not None}
+    dspec = DataSpec.parse({"source": data, "options": parse_options(data_opt), "seed": seed, **sizes}, where="--data")
     splits = load_data(dspec)
+    t = get_task(infer_task(splits) if task == "auto" else task, **parse_options(task_opt))
     mspec = ModelSpec(source=model, options=parse_options(model_opt), weights=str(weights) if weights else None)
-    handle = load_model(mspec, splits.input_shape, splits.num_classes, seed=seed)
-    return handle, splits
+    handle = load_model(mspec, splits, seed=seed, output_name=t.default_output)
+    t.bind(handle.output_names)
+    t.check(handle.io.outputs, splits)
+    return handle, splits, t
 
 
 def _bench_opts(
-    threads: int, iterations: int, parity_tolerance: float | None, no_parity_check: bool, seed: int, batch_size: int = 1
+    threads: int,
+    iterations: int,
+    parity_tolerance: float | None,
+    no_parity_check: bool,
+    seed: int,
+    batch_size: int = 1,
+    device: str = "cpu",
 ) -> Any:
     from keiryo.benchmark import BenchConfig
     from keiryo.export import ParityConfig
@@ -88,6 +135,7 @@ def _bench_opts(
         bench=BenchConfig(threads=threads, iterations=iterations, latency_batch=batch_size),
         parity=ParityConfig.parse(parity, where="parity options"),
         seed=seed,
+        device=device,
     )
 
 
@@ -97,8 +145,21 @@ def _constraint(metric: str, op: str, bound: float) -> Any:
     return Constraint.parse({"metric": metric, "op": op, "bound": bound}, where=f"budget {metric}")
 
 
-def _budget(max_accuracy_drop: float | None) -> list[Any]:
-    return [] if max_accuracy_drop is None else [_constraint("accuracy_drop", "<=", max_accuracy_drop)]
+def _budget(max_drop: float | None, task: str, task_opt: list[str] | None) -> list[Any]:
+    """``--max-drop`` as a constraint on the task's drop metric (accuracy_drop for classification)."""
+    if max_drop is None:
+        return []
+    from keiryo.data.splits import parse_options
+    from keiryo.tasks import get_task
+
+    name = "classification" if task == "auto" else task  # auto: resolved against the data in _retarget_budget
+    return [_constraint(get_task(name, **parse_options(task_opt)).drop_name, "<=", max_drop)]
+
+
+def _retarget_budget(cons: list[Any], task: Any) -> list[Any]:
+    """An ``auto`` task is known only once the data is read: move a drop budget onto its drop metric."""
+    drops = {"accuracy_drop", "token_accuracy_drop", "f1_drop", "mae_increase_pct", "cosine_drop", "fidelity_drop"}
+    return [c.model_copy(update={"metric": task.drop_name}) if c.metric in drops else c for c in cons]
 
 
 def _print_results(results: dict[str, Any], out: Path) -> None:
@@ -120,32 +181,37 @@ def train(
     model_opt: ModelOpts = None,
     weights: WeightsOpt = None,
     data_opt: DataOpts = None,
+    task: TaskOpt = "auto",
+    task_opt: TaskOpts = None,
     epochs: Annotated[int, typer.Option(min=1)] = 20,
     lr: Annotated[float, typer.Option(min=0)] = 3e-3,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    patience: Annotated[int, typer.Option(min=1, help="early stopping: epochs without a better val accuracy")] = 5,
+    patience: Annotated[int, typer.Option(min=1, help="early stopping: epochs without a better validation metric")] = 5,
+    device: DeviceOpt = "cpu",
     seed: SeedOpt = 0,
 ) -> None:
-    """Train a model on the data's train split (AdamW, cosine schedule, early stopping on val)."""
+    """Train a model on the data's train split with the task's loss (AdamW, cosine schedule, early stopping on val)."""
     from keiryo.model import save_weights
     from keiryo.train import TrainConfig
     from keiryo.train import train as run_train
 
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: weights are written as .safetensors; give a path ending in .safetensors")
-    handle, splits = _load(model, model_opt, weights, data, data_opt, seed)
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, seed=seed)
-    res = run_train(handle.module, splits, cfg)
+    handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt)
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, seed=seed, device=device)  # type: ignore[arg-type]
+    res = run_train(handle, splits, t, cfg)
+    test = res.test_metrics.get(t.primary)
     meta = {
         "model": handle.spec.model_dump_json(exclude={"weights"}),
         "data": json.dumps(splits.summary()),
-        "test_accuracy": f"{res.test_accuracy:.6f}",
-        "val_accuracy": f"{res.best_val_accuracy:.6f}",
+        "task": t.name,
+        f"test_{t.primary}": f"{test:.6f}",
+        f"val_{t.primary}": f"{res.best_val:.6f}",
     }
     save_weights(handle.module, out, meta)
     _console().print(
-        f"trained {handle.spec.source}: best val {res.best_val_accuracy:.2%} at epoch {res.best_epoch}/{res.epochs_run}, "
-        f"test {res.test_accuracy:.2%}, {res.seconds:.0f}s -> {out}",
+        f"trained {handle.spec.source} ({t.name}) on {res.device}: best val {t.primary} {res.best_val:.4g} at epoch "
+        f"{res.best_epoch}/{res.epochs_run}, test {test:.4g}, {res.seconds:.0f}s -> {out}",
         highlight=False,
     )
 
@@ -164,7 +230,13 @@ def compress(
     target: Annotated[
         str, typer.Option(help="onnx | tflite: the format candidates ship in and are measured on (recipes that name none)")
     ] = "onnx",
-    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="budget in accuracy points used to pick the best")] = 1.0,
+    max_drop: MaxDropOpt = 1.0,
+    constraint: Annotated[Optional[list[str]], typer.Option(help="extra constraint 'metric<=bound' (repeatable)")] = None,
+    task: TaskOpt = "auto",
+    task_opt: TaskOpts = None,
+    device: DeviceOpt = "cpu",
+    eval_size: EvalSizeOpt = 2000,
+    calib_size: CalibSizeOpt = 256,
     threads: ThreadsOpt = 1,
     iterations: Annotated[int, typer.Option(min=5, help="timed runs for the latency percentiles")] = 200,
     batch_size: Annotated[int, typer.Option(min=1, help="batch size the latency is measured at")] = 1,
@@ -176,21 +248,29 @@ def compress(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the recipes, do nothing")] = False,
     seed: SeedOpt = 0,
 ) -> None:
-    """Run recipes on a model and measure every result on the target runtime; writes DIR/results.json."""
+    """Run recipes on a model and measure every result on the target runtime; writes DIR/results.json.
+
+    A recipe that fails is recorded with its reason and the others are kept; the exit code is then 3."""
     import yaml
 
+    from keiryo.budget import parse_constraint
     from keiryo.pipeline import compress as run_compress
     from keiryo.pipeline import load_recipe
 
     recipes = [load_recipe(r, target=target) for r in recipe]
-    constraints = _budget(max_accuracy_drop)
-    opts = _bench_opts(threads, iterations, parity_tolerance, no_parity_check, seed, batch_size)
+    constraints = _budget(max_drop, task, task_opt) + [parse_constraint(c) for c in constraint or []]
+    opts = _bench_opts(threads, iterations, parity_tolerance, no_parity_check, seed, batch_size, device)
     if dry_run:
         typer.echo(yaml.safe_dump([r.to_dict() for r in recipes], sort_keys=False).rstrip())
         return
-    handle, splits = _load(model, model_opt, weights, data, data_opt, seed)
-    results = run_compress(handle, splits, recipes, out, constraints=constraints, opts=opts, overwrite=overwrite)
+    handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt, eval_size, calib_size)
+    constraints = _retarget_budget(constraints, t)
+    results = run_compress(handle, splits, recipes, out, constraints=constraints, opts=opts, overwrite=overwrite, task=t)
     _print_results(results, out)
+    if results.get("failed"):
+        n = len(results["candidates"])
+        _err(f"{results['failed']} of {n} candidates failed (see 'failed_step' and 'error' in {out / 'results.json'})")
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -205,7 +285,12 @@ def optimize(
         str,
         typer.Option(help="onnx (onnxruntime) | tflite (LiteRT interpreter): the format candidates ship in and are measured on"),
     ] = "onnx",
-    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="budget: accuracy points below the baseline")] = 1.0,
+    max_drop: MaxDropOpt = 1.0,
+    task: TaskOpt = "auto",
+    task_opt: TaskOpts = None,
+    device: DeviceOpt = "cpu",
+    eval_size: EvalSizeOpt = 2000,
+    calib_size: CalibSizeOpt = 256,
     max_latency_ms: Annotated[Optional[float], typer.Option(help="budget: p95 latency (ms) at --batch-size (default 1)")] = None,
     max_size_mb: Annotated[Optional[float], typer.Option(help="budget: model file size (MB)")] = None,
     min_fidelity: Annotated[Optional[float], typer.Option(help="budget: agreement with the baseline's predictions (0-1)")] = None,
@@ -227,11 +312,11 @@ def optimize(
     seed: SeedOpt = 0,
 ) -> None:
     """Search the compression recipe that meets a budget, every candidate measured on the target runtime."""
-    from keiryo.search.constraints import parse_constraint
+    from keiryo.budget import parse_constraint
     from keiryo.search.optimize import OptimizeConfig
     from keiryo.search.optimize import optimize as run_optimize
 
-    cons = _budget(max_accuracy_drop)
+    cons = _budget(max_drop, task, task_opt)
     for metric, bound, op in (
         ("latency_p95_ms", max_latency_ms, "<="),
         ("size_mb", max_size_mb, "<="),
@@ -256,9 +341,10 @@ def optimize(
         },
         where="optimize options",
     )
-    opts = _bench_opts(threads, iterations, None, False, seed, batch_size)
-    handle, splits = _load(model, model_opt, weights, data, data_opt, seed)
-    results = run_optimize(handle, splits, out, cfg, opts, resume=resume, overwrite=overwrite, require_met=require_met)
+    opts = _bench_opts(threads, iterations, None, False, seed, batch_size, device)
+    handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt, eval_size, calib_size)
+    cfg = cfg.model_copy(update={"constraints": _retarget_budget(list(cfg.constraints), t)})
+    results = run_optimize(handle, splits, out, cfg, opts, resume=resume, overwrite=overwrite, require_met=require_met, task=t)
     _print_results(results, out)
     _console().print(f"report: {out / 'report.html'}", highlight=False)
 
@@ -280,7 +366,9 @@ def export(
     model_opt: ModelOpts = None,
     weights: WeightsOpt = None,
     data_opt: DataOpts = None,
-    parity_tolerance: Annotated[Optional[float], typer.Option(help="max abs logit difference allowed")] = None,
+    task: TaskOpt = "auto",
+    task_opt: TaskOpts = None,
+    parity_tolerance: Annotated[Optional[float], typer.Option(help="max abs output difference allowed")] = None,
     no_parity_check: Annotated[
         bool, typer.Option("--no-parity-check", help="report a parity failure instead of stopping")
     ] = False,
@@ -299,8 +387,8 @@ def export(
     if recipe.target != format:
         raise ConfigError(f"--variant {variant}: the recipe targets {recipe.target}, not --format {format}")
     opts = _bench_opts(1, 5, parity_tolerance, no_parity_check, seed)
-    handle, splits = _load(model, model_opt, weights, data, data_opt, seed)
-    rep = export_variant(recipe, handle, splits, out, opts)
+    handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt)
+    rep = export_variant(recipe, handle, splits, out, opts, task=t)
     art = rep["artifact"]
     from keiryo.evaluate import size_of
 
@@ -309,16 +397,20 @@ def export(
         check = f"[yellow]structure validated[/] (prediction parity skipped: {par['skipped']})"
     else:
         status = "[green]parity ok[/]" if par["passed"] else "[red]PARITY FAILED[/]"
+        agree = "" if par.get("top1_agreement") is None else f", top-1 agreement {par['top1_agreement']:.2%}"
         check = (
-            f"{status}: max abs diff {par['max_abs_diff']:.2e}, top-1 agreement {par['top1_agreement']:.2%} "
-            f"on {par['samples']} test samples"
+            f"{status}: max abs diff {par['max_abs_diff']:.2e}{agree} on {par['samples']} test samples, "
+            f"{len(par.get('outputs') or [1])} output(s)"
         )
     con = _console()
     con.print(f"{out}: {size_of(art.path).size_bytes / 1e6:.2f} MB ({format}, {recipe.name}); export {check}", highlight=False)
-    if rep.get("accuracy") is not None and rep["steps"]:
+    fmt_steps = [s["type"] for s in rep["steps"] if s.get("stage") not in ("torch", "export")]
+    if rep.get("metrics") is not None:
+        m, tm = rep["metrics"], rep["torch_metrics"]
+        val, ref = m.get(t.primary), tm.get(t.primary)
         con.print(
-            f"  after {', '.join(s['type'] for s in rep['steps'])}: test accuracy {rep['accuracy']:.2%} on {art.runtime} "
-            f"(torch {rep['torch_accuracy']:.2%}), top-1 agreement with torch {rep['agreement']:.2%}",
+            f"  {' + '.join(fmt_steps) or 'fp32'} on {art.runtime}: test {t.primary} {val:.4g} (torch {ref:.4g}), "
+            f"fidelity to torch {m['fidelity']:.4g}, {m['samples']} samples",
             highlight=False,
         )
     if "compressed_weight_ops" in art.info:
@@ -561,7 +653,16 @@ def demo(
 @app.command()
 def doctor(
     model: ModelOpt,
-    data: DataOpt = "digits",
+    data: Annotated[
+        Optional[str], typer.Option("--data", "-d", help="data to take the inputs from (or give --input instead)")
+    ] = None,
+    input: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--input", help="an input without data: NAME:DTYPE[d1,d2,...] per sample, e.g. input_ids:int64[128] (repeatable)"
+        ),
+    ] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="outputs to build a zoo model with (with --input)")] = None,
     model_opt: ModelOpts = None,
     weights: WeightsOpt = None,
     data_opt: DataOpts = None,
@@ -575,7 +676,17 @@ def doctor(
 
     from keiryo.doctor import diagnose
 
-    handle, _ = _load(model, model_opt, weights, data, data_opt, seed)
+    if input:
+        if data is not None:
+            raise ConfigError("doctor: give --data or --input, not both")
+        from keiryo.data.splits import parse_options
+        from keiryo.model import ModelSpec, load_model
+        from keiryo.model.io import parse_input_spec
+
+        mspec = ModelSpec(source=model, options=parse_options(model_opt), weights=str(weights) if weights else None)
+        handle = load_model(mspec, [parse_input_spec(s) for s in input], num_classes, seed=seed)
+    else:
+        handle, _, _ = _load(model, model_opt, weights, data or "digits", data_opt, seed)
     rep = diagnose(handle, batch_size)
     if as_json:
         typer.echo(json.dumps(rep, indent=2))

@@ -1,7 +1,18 @@
-"""The in-memory split container and the source dispatcher."""
+"""Splits of named input arrays plus targets, streamed or held in memory.
+
+A source adapter returns :class:`RawData`: a dataset of items ``({name: array}, target)``
+and, when it can give them without reading every item, the targets for stratified
+splitting. ``load_data`` splits it deterministically into train / val / test and a
+calibration subset drawn from train. **Train streams** through a DataLoader (batches,
+workers); val, test and calib are held in memory, each capped by an option
+(``val_size``, ``eval_size``, ``calib_size``), so a folder of 10,000 large images costs
+no more memory than one of 1,000.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,54 +22,169 @@ from pydantic import Field
 
 from keiryo.config import KeiryoConfig
 from keiryo.errors import ConfigError, DataError
+from keiryo.model.io import Batch, TensorSpec, dtype_name
 
 
 class DataSpec(KeiryoConfig):
     """Where the data comes from and how it is split. Recorded in results.json."""
 
-    source: str = Field("digits", description="digits | file.npz | image dir | file.csv | module:function")
+    source: str = Field(
+        "digits", description="digits | sensors | tokens | file.npz | file.safetensors | image dir | file.csv | module:function"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="source options, e.g. size=16")
     seed: int = 0
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
-    calib_size: int = Field(256, ge=1, description="calibration samples drawn from train")
+    calib_size: int = Field(256, ge=1, description="calibration samples drawn from train (held in memory)")
+    eval_size: int = Field(2000, ge=1, description="test samples evaluated (held in memory; the rest are not read)")
+    val_size: int = Field(2000, ge=1, description="validation samples (held in memory)")
+    workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes for the streamed train split")
 
 
 @dataclass(frozen=True)
+class TargetInfo:
+    """What the targets are: dtype and per-sample shape; ``label_count`` = max label + 1 for integer labels."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    label_count: int | None = None
+
+    @property
+    def is_integer(self) -> bool:
+        return self.dtype.startswith("int") or self.dtype.startswith("uint")
+
+
 class Split:
-    x: torch.Tensor
-    y: torch.Tensor
+    """A split: ``len()``, ``batches()`` of (named inputs, targets) and ``take(n)`` into memory."""
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        raise NotImplementedError
 
-    def batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(self.x[i : i + batch_size], self.y[i : i + batch_size]) for i in range(0, len(self), batch_size)]
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+        raise NotImplementedError
+
+    def take(self, n: int | None = None) -> MemorySplit:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class MemorySplit(Split):
+    inputs: dict[str, torch.Tensor]
+    targets: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    @property
+    def y(self) -> torch.Tensor | None:
+        return self.targets
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self.inputs.items()}
+
+    def __getitem__(self, idx: slice | np.ndarray | torch.Tensor) -> MemorySplit:
+        return MemorySplit({k: v[idx] for k, v in self.inputs.items()}, None if self.targets is None else self.targets[idx])
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else None
+        for i in range(0, n, batch_size):
+            b = self[order[i : i + batch_size]] if order is not None else self[i : i + batch_size]
+            yield b.inputs, b.targets
+
+    def take(self, n: int | None = None) -> MemorySplit:
+        return self if n is None or n >= len(self) else self[:n]
+
+
+class StreamSplit(Split):
+    """Items of a dataset read as they are needed, through a DataLoader."""
+
+    def __init__(self, dataset: Any, indices: np.ndarray, workers: int = 0):
+        self.dataset, self.indices, self.workers = dataset, indices, workers
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+        from torch.utils.data import DataLoader, Subset
+
+        loader = DataLoader(
+            Subset(self.dataset, self.indices.tolist()),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.workers,
+            collate_fn=collate,
+        )
+        yield from loader
+
+    def take(self, n: int | None = None) -> MemorySplit:
+        idx = self.indices if n is None else self.indices[:n]
+        return StreamSplit(self.dataset, idx, self.workers).materialize()
+
+    def materialize(self) -> MemorySplit:
+        parts = list(self.batches(256))
+        if not parts:
+            raise DataError("cannot hold an empty split in memory")
+        inputs = {k: torch.cat([b[0][k] for b in parts]) for k in parts[0][0]}
+        targets = None if parts[0][1] is None else torch.cat([b[1] for b in parts])  # type: ignore[misc]
+        return MemorySplit(inputs, targets)
+
+
+def collate(items: list[tuple[Mapping[str, Any], Any]]) -> tuple[Batch, torch.Tensor | None]:
+    first = items[0][0]
+    inputs = {k: torch.stack([torch.as_tensor(np.asarray(it[0][k])) for it in items]) for k in first}
+    if items[0][1] is None:
+        return inputs, None
+    return inputs, torch.as_tensor(np.stack([np.asarray(it[1]) for it in items]))
 
 
 @dataclass(frozen=True)
 class DataSplits:
     train: Split
-    val: Split
-    test: Split
-    calib: Split
-    num_classes: int
+    val: MemorySplit
+    test: MemorySplit
+    calib: MemorySplit
+    inputs: list[TensorSpec]
+    target: TargetInfo | None
     spec: DataSpec
     class_names: list[str] = field(default_factory=list)
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    total: int = 0
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
+        """The per-sample shape of the first input (what zoo models are built for)."""
+        return self.inputs[0].sample_shape
+
+    @property
+    def label_count(self) -> int | None:
+        return self.target.label_count if self.target else None
 
     def fingerprint(self) -> str:
-        """sha256 over the split tensors: equal data, equal fingerprint."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for split in (self.train, self.val, self.test, self.calib):
-            h.update(split.x.numpy().tobytes())
-            h.update(split.y.numpy().tobytes())
+        """sha256 over the spec and the in-memory splits (and the train indices): equal data, equal fingerprint."""
+        h = hashlib.sha256(self.spec.model_dump_json().encode())
+        if isinstance(self.train, MemorySplit):
+            parts: list[MemorySplit] = [self.train]
+        else:
+            h.update(np.asarray(self.train.indices).tobytes())  # type: ignore[attr-defined]
+            parts = []
+        for split in (*parts, self.val, self.test, self.calib):
+            for k, v in split.inputs.items():
+                h.update(k.encode())
+                h.update(v.numpy().tobytes())
+            if split.targets is not None:
+                h.update(split.targets.numpy().tobytes())
         return h.hexdigest()
 
     def summary(self) -> dict[str, Any]:
@@ -66,63 +192,137 @@ class DataSplits:
             "source": self.spec.source,
             "options": dict(self.spec.options),
             "seed": self.spec.seed,
-            "input_shape": list(self.input_shape),
-            "num_classes": self.num_classes,
+            "inputs": [t.model_dump(mode="json") for t in self.inputs],
+            "target": None
+            if self.target is None
+            else {"dtype": self.target.dtype, "shape": list(self.target.shape), "label_count": self.target.label_count},
             "class_names": self.class_names,
-            "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test), "calib": len(self.calib)},
+            "sizes": {
+                "total": self.total,
+                "train": len(self.train),
+                "val": len(self.val),
+                "test": len(self.test),
+                "calib": len(self.calib),
+            },
+            "streamed": not isinstance(self.train, MemorySplit),
             "preprocessing": self.preprocessing,
         }
 
 
+class ArrayDataset:
+    """Named arrays of equal length (and optional targets) as a map-style dataset."""
+
+    def __init__(self, inputs: dict[str, np.ndarray], targets: np.ndarray | None):
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    def __getitem__(self, i: int) -> tuple[dict[str, np.ndarray], Any]:
+        return {k: v[i] for k, v in self.inputs.items()}, None if self.targets is None else self.targets[i]
+
+    def split(self, idx: np.ndarray) -> MemorySplit:
+        inputs = {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in self.inputs.items()}
+        return MemorySplit(inputs, None if self.targets is None else torch.from_numpy(np.ascontiguousarray(self.targets[idx])))
+
+
 @dataclass
 class RawData:
-    """What a source adapter returns: arrays plus metadata; pre-split parts are optional."""
+    """What a source adapter returns.
 
-    x: np.ndarray
-    y: np.ndarray
+    ``dataset`` yields ``({name: array}, target or None)``; an :class:`ArrayDataset` is held in
+    memory, anything else is streamed. ``targets`` (all of them, in order) drive stratified
+    splitting when known without reading the inputs. ``presplit`` maps train/val/test to
+    datasets when the source is already split.
+    """
+
+    dataset: Any
+    targets: np.ndarray | None
     class_names: list[str]
     preprocessing: dict[str, Any]
-    presplit: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    presplit: dict[str, Any] | None = None
 
 
-def check_arrays(x: np.ndarray, y: np.ndarray, where: str) -> None:
-    """Validate sample/label arrays with one-line errors naming the source."""
-    if x.ndim < 2:
-        raise DataError(f"{where}: x must have a batch dimension plus at least one feature dimension, got shape {x.shape}")
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise DataError(f"{where}: y must be 1-D with one label per sample ({x.shape[0]}), got shape {y.shape}")
-    if not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"{where}: x must be numeric, got dtype {x.dtype}")
-    bad = ~np.isfinite(x.astype(np.float64, copy=False))
-    if bad.any():
-        idx = int(np.argwhere(bad.reshape(x.shape[0], -1).any(axis=1))[0][0])
-        raise DataError(f"{where}: x contains {int(bad.sum())} NaN/Inf values (first in sample {idx}); expected finite numbers")
-    if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-            return
-        raise DataError(f"{where}: labels y must be integers 0..K-1, got dtype {y.dtype}")
-    if y.size and y.min() < 0:
-        raise DataError(f"{where}: labels y must be integers 0..K-1, found {int(y.min())}")
+def check_arrays(inputs: Mapping[str, np.ndarray], y: np.ndarray | None, where: str) -> None:
+    """Validate named input arrays and targets with one-line errors naming the source."""
+    if not inputs:
+        raise DataError(f"{where}: no input arrays")
+    n = None
+    for name, x in inputs.items():
+        if x.ndim < 1:
+            raise DataError(f"{where}: input {name!r} must have a batch dimension, got shape {x.shape}")
+        if n is None:
+            n = x.shape[0]
+        elif x.shape[0] != n:
+            raise DataError(f"{where}: input {name!r} has {x.shape[0]} samples but the others have {n}")
+        if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise DataError(f"{where}: input {name!r} must be numeric, got dtype {x.dtype}")
+        if np.issubdtype(x.dtype, np.floating):
+            bad = ~np.isfinite(x)
+            if bad.any():
+                idx = int(np.argwhere(bad.reshape(x.shape[0], -1).any(axis=1))[0][0])
+                raise DataError(
+                    f"{where}: {name} contains {int(bad.sum())} NaN/Inf values (first in sample {idx}); expected finite numbers"
+                )
+    if y is None:
+        return
+    if y.shape[:1] != (n,):
+        raise DataError(f"{where}: targets must hold one entry per sample ({n}), got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.number) and y.dtype != np.bool_:
+        raise DataError(f"{where}: targets must be numeric, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
+        raise DataError(f"{where}: targets contain NaN/Inf; expected finite numbers")
 
 
-def _stratified_split(y: np.ndarray, fractions: tuple[float, float], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _normalise_targets(y: np.ndarray) -> np.ndarray:
+    """Integer targets become int64, float64 becomes float32; the task decides what they mean."""
+    if np.issubdtype(y.dtype, np.integer) and y.dtype != np.int64:
+        return y.astype(np.int64)
+    if y.dtype == np.float64:
+        return y.astype(np.float32)
+    return y
+
+
+def _split_indices(n: int, y: np.ndarray | None, spec: DataSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
-    idx = np.arange(len(y))
-    val_f, test_f = fractions
-    counts = np.bincount(y)
-    strat = y if counts[counts > 0].min() >= 3 else None
+    idx = np.arange(n)
+    strat = None
+    if y is not None and y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and y.min() >= 0:
+        counts = np.bincount(y)
+        strat = y if counts[counts > 0].min() >= 3 else None
     try:
-        rest, test = train_test_split(idx, test_size=test_f, random_state=seed, stratify=strat)
-        strat_rest = y[rest] if strat is not None else None
-        train, val = train_test_split(rest, test_size=val_f / (1 - test_f), random_state=seed, stratify=strat_rest)
+        rest, test = train_test_split(idx, test_size=spec.test_fraction, random_state=spec.seed, stratify=strat)
+        strat_rest = strat[rest] if strat is not None else None
+        val_f = spec.val_fraction / (1 - spec.test_fraction)
+        train, val = train_test_split(rest, test_size=val_f, random_state=spec.seed, stratify=strat_rest)
     except ValueError as e:
-        raise DataError(f"cannot split {len(y)} samples into train/val/test: {e}") from e
+        raise DataError(f"{spec.source}: cannot split {n} samples into train/val/test: {e}") from e
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-def _as_split(x: np.ndarray, y: np.ndarray) -> Split:
-    return Split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64)))
+def _subsample(idx: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    if len(idx) <= cap:
+        return idx
+    return np.sort(np.random.default_rng(seed).choice(idx, size=cap, replace=False))
+
+
+def _part(ds: Any, idx: np.ndarray, workers: int, stream: bool) -> Split:
+    if isinstance(ds, ArrayDataset):
+        return ds.split(idx)
+    s = StreamSplit(ds, idx, workers)
+    return s if stream else s.materialize()
+
+
+def _describe(split: MemorySplit, where: str) -> tuple[list[TensorSpec], TargetInfo | None]:
+    specs = []
+    for name, t in split.inputs.items():
+        shape: list[int | str] = ["batch", *t.shape[1:]]
+        specs.append(TensorSpec(name=name, dtype=dtype_name(t.dtype), shape=shape))  # type: ignore[arg-type]
+    if split.targets is None:
+        return specs, None
+    y = split.targets
+    return specs, TargetInfo(dtype_name(y.dtype), tuple(y.shape[1:]))
 
 
 def load_data(spec: DataSpec | str | None = None, **options: Any) -> DataSplits:
@@ -133,33 +333,53 @@ def load_data(spec: DataSpec | str | None = None, **options: Any) -> DataSplits:
         spec = DataSpec(source=spec or "digits", options=options)
     raw = sources.read_source(spec)
     where = spec.source
+    rng_seed = spec.seed + 1
     if raw.presplit is not None:
-        parts = {k: v for k, v in raw.presplit.items()}
-        for k, (xa, ya) in parts.items():
-            check_arrays(xa, ya, f"{where} [{k}]")
-        if "val" not in parts or "test" not in parts:
-            raise DataError(f"{where}: a pre-split source must provide train, val and test")
-        train, val, test = (_as_split(*parts[k]) for k in ("train", "val", "test"))
-        y_all = np.concatenate([parts[k][1] for k in ("train", "val", "test")]).astype(np.int64)
+        missing = {"train", "val", "test"} - set(raw.presplit)
+        if missing:
+            raise DataError(f"{where}: a pre-split source must provide train, val and test (missing {sorted(missing)})")
+        ds = raw.presplit
+        train_ds = ds["train"]
+        train = _part(train_ds, np.arange(len(train_ds)), spec.workers, stream=True)
+        val = _part(ds["val"], _subsample(np.arange(len(ds["val"])), spec.val_size, rng_seed), 0, stream=False)
+        test = _part(ds["test"], _subsample(np.arange(len(ds["test"])), spec.eval_size, rng_seed), 0, stream=False)
+        total = sum(len(d) for d in ds.values())
+        cal_idx = _subsample(np.arange(len(train_ds)), spec.calib_size, rng_seed)
+        calib = _part(train_ds, cal_idx, 0, stream=False)
     else:
-        check_arrays(raw.x, raw.y, where)
-        y_all = raw.y.astype(np.int64)
-        tr, va, te = _stratified_split(y_all, (spec.val_fraction, spec.test_fraction), spec.seed)
-        train, val, test = _as_split(raw.x[tr], y_all[tr]), _as_split(raw.x[va], y_all[va]), _as_split(raw.x[te], y_all[te])
-    num_classes = int(y_all.max()) + 1
-    if num_classes < 2:
-        raise DataError(f"{where}: found {num_classes} class; expected at least 2")
-    shapes = {tuple(s.x.shape[1:]) for s in (train, val, test)}
-    if len(shapes) != 1:
-        raise DataError(f"{where}: train/val/test sample shapes differ: {sorted(shapes)}")
-    rng = np.random.default_rng(spec.seed + 1)
-    n_cal = min(spec.calib_size, len(train))
-    cal_idx = np.sort(rng.choice(len(train), size=n_cal, replace=False))
-    calib = Split(train.x[cal_idx], train.y[cal_idx])
-    names = raw.class_names or [str(i) for i in range(num_classes)]
-    if len(names) != num_classes:
-        raise DataError(f"{where}: {len(names)} class names for {num_classes} classes")
-    return DataSplits(train, val, test, calib, num_classes, spec, names, raw.preprocessing)
+        n = len(raw.dataset)
+        if n < 3:
+            raise DataError(f"{where}: found {n} sample(s); expected at least 3 to split into train/val/test")
+        tr, va, te = _split_indices(n, raw.targets, spec)
+        train = _part(raw.dataset, tr, spec.workers, stream=True)
+        val = _part(raw.dataset, _subsample(va, spec.val_size, rng_seed), 0, stream=False)
+        test = _part(raw.dataset, _subsample(te, spec.eval_size, rng_seed), 0, stream=False)
+        calib = _part(raw.dataset, _subsample(tr, spec.calib_size, rng_seed), 0, stream=False)
+        total = n
+    assert isinstance(val, MemorySplit) and isinstance(test, MemorySplit) and isinstance(calib, MemorySplit)
+    inputs, target = _describe(test, where)
+    for name, part in (("val", val), ("calib", calib)):
+        other, _ = _describe(part, where)
+        if [(t.name, t.dtype, t.shape) for t in other] != [(t.name, t.dtype, t.shape) for t in inputs]:
+            raise DataError(f"{where}: {name} and test samples differ in names, dtypes or shapes")
+    if target is not None and target.is_integer and target.shape == ():
+        ys = [s.targets for s in (val, test, calib) if s.targets is not None]
+        known = raw.targets if raw.targets is not None else torch.cat(ys).numpy()
+        if known.min() < 0:
+            raise DataError(f"{where}: labels must be integers 0..K-1, found {int(known.min())}")
+        target = TargetInfo(target.dtype, target.shape, int(known.max()) + 1)
+    names = raw.class_names
+    if names and target is not None and target.label_count is not None and len(names) < target.label_count:
+        raise DataError(f"{where}: {len(names)} class names for labels up to {target.label_count - 1}")
+    return DataSplits(train, val, test, calib, inputs, target, spec, names, raw.preprocessing, total)
+
+
+def arrays_dataset(inputs: dict[str, np.ndarray], y: np.ndarray | None, where: str) -> tuple[ArrayDataset, np.ndarray | None]:
+    """Check and wrap named arrays (float64 inputs and targets become float32, integer targets int64)."""
+    check_arrays(inputs, y, where)
+    y = None if y is None else _normalise_targets(y)
+    fixed = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in inputs.items()}
+    return ArrayDataset(fixed, y), y
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:

@@ -54,8 +54,14 @@ def locate(module: Any, example: Any, op: str) -> str | None:
     import torch
 
     short = op.split(".")[1] if op.startswith("aten.") else op
+    if isinstance(example, dict):
+        from keiryo.model.io import call_args
+
+        args, kwargs = call_args(module, example, list(example))
+    else:
+        args, kwargs = (example,), {}
     try:
-        graph = torch.export.export(module, (example,)).graph
+        graph = torch.export.export(module, args, kwargs or None).graph
     except Exception:
         return None
     for node in graph.nodes:

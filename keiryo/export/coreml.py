@@ -21,10 +21,8 @@ from keiryo.config import KeiryoConfig
 from keiryo.errors import BackendUnavailableError, ExportError, InputFileError, first_line
 from keiryo.export import Artifact, register_exporter
 from keiryo.export._failures import conversion_error
+from keiryo.model.io import call_args
 from keiryo.runtime.coreml import CAN_PREDICT
-
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 
 # Program ops that carry compressed weights, by the compression they prove.
 COMPRESSION_OPS = {
@@ -140,7 +138,7 @@ def export_coreml(handle: Any, out_path: Path, cfg: CoremlExportConfig) -> Artif
     from keiryo._quiet import quiet, silence_native_output
 
     module = handle.module.eval()
-    x = handle.example_input(1)
+    ex = handle.example_inputs(1)
     palettes = handle.metadata.get("compression", {}).get("palettes", {})
     pipeline = ct.PassPipeline.DEFAULT
     if palettes:
@@ -150,25 +148,29 @@ def export_coreml(handle: Any, out_path: Path, cfg: CoremlExportConfig) -> Artif
         pipeline.remove_passes(["common::fuse_conv_batchnorm"])
     try:
         with quiet("coremltools"), silence_native_output(), torch.no_grad():
-            program = torch.export.export(module, (x,)).run_decompositions({})
+            args, kwargs = call_args(module, ex, handle.io.input_names)
+            program = torch.export.export(module, args, kwargs or None).run_decompositions({})
             ml = ct.convert(
                 program,
-                inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(x.shape), dtype=np.float32)],
-                outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+                inputs=[
+                    ct.TensorType(name=t.name, shape=tuple(ex[t.name].shape), dtype=np.dtype(_coreml_dtype(t.dtype)))
+                    for t in handle.io.inputs
+                ],
+                outputs=[ct.TensorType(name=t.name, dtype=np.float32) for t in handle.io.outputs],
                 convert_to="mlprogram",
                 compute_precision=ct.precision.FLOAT16 if cfg.precision == "fp16" else ct.precision.FLOAT32,
                 minimum_deployment_target=getattr(ct.target, cfg.deployment_target),
                 pass_pipeline=pipeline,
             )
     except Exception as e:
-        raise conversion_error(e, handle.spec.source, "coremltools", "register a MIL op translation", module, x) from e
+        raise conversion_error(e, handle.spec.source, "coremltools", "register a MIL op translation", module, ex) from e
     save_package(ml, out_path)
     dtype = "float32"  # fp16 compute keeps fp32 inputs and outputs
     try:
         info = validate_mlpackage(
             out_path,
-            inputs=[{"name": INPUT_NAME, "shape": list(x.shape), "dtype": dtype}],
-            outputs=[{"name": OUTPUT_NAME, "shape": [1, handle.num_classes], "dtype": dtype}],
+            inputs=[{"name": t.name, "shape": list(ex[t.name].shape), "dtype": _coreml_dtype(t.dtype)} for t in handle.io.inputs],
+            outputs=[{"name": t.name, "shape": list(t.concrete(1)), "dtype": dtype} for t in handle.io.outputs],
         )
     except Exception:
         shutil.rmtree(out_path, ignore_errors=True)
@@ -176,4 +178,10 @@ def export_coreml(handle: Any, out_path: Path, cfg: CoremlExportConfig) -> Artif
     info["precision"] = cfg.precision
     if palettes:  # the clustering pass's centroids: coreml.palettize stores exactly these
         info["clustered"] = {name: int(len(c)) for name, c in palettes.items()}
-    return Artifact(out_path, "coreml", "coreml", [INPUT_NAME], [OUTPUT_NAME], info)
+    info["fixed_shapes"] = {t.name: list(ex[t.name].shape) for t in handle.io.inputs}
+    return Artifact(out_path, "coreml", "coreml", handle.io.input_names, handle.io.output_names, info)
+
+
+def _coreml_dtype(dtype: str) -> str:
+    """Core ML takes float32/float16/int32 inputs: int64 token ids travel as int32."""
+    return {"int64": "int32", "float64": "float32", "bool": "int32", "uint8": "int32", "int8": "int32"}.get(dtype, dtype)

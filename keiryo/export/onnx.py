@@ -1,4 +1,9 @@
-"""PyTorch -> ONNX through ``torch.onnx.export`` (the dynamo exporter), batch dimension dynamic.
+"""PyTorch -> ONNX through ``torch.onnx.export`` (the dynamo exporter), with the model's IOSpec.
+
+Every input and output keeps its name; the batch axis is dynamic, and so is the sequence
+axis of token inputs (integer inputs of shape (batch, seq)) when the model allows it: if
+``torch.export`` cannot keep ``seq`` dynamic, the export is retried at the data's sequence
+length and the fixed axis is recorded in the artifact's info.
 
 The exporter's per-node stack-trace metadata is stripped (it is ~200 KB of
 source paths on a small CNN and would distort size figures); the graph is
@@ -19,13 +24,11 @@ from keiryo.errors import ExportError, InputFileError, first_line
 from keiryo.export import Artifact, register_exporter
 from keiryo.export._failures import conversion_error
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-
 
 class OnnxExportConfig(KeiryoConfig):
     opset: int = Field(18, ge=13, le=23)
     dynamic_batch: bool = True
+    dynamic_seq: bool = Field(True, description="keep the seq axis of token inputs dynamic when the model allows it")
 
 
 def strip_metadata(model: Any) -> None:
@@ -87,39 +90,85 @@ def save_onnx(model: Any, path: Path) -> None:
         raise
 
 
-@register_exporter("onnx", runtime="onnxruntime", suffix=".onnx", config=OnnxExportConfig)
-def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
+def dynamic_shapes(handle: Any, batch: bool, seq: bool) -> tuple[Any, dict[str, dict[int, str]]]:
+    """torch.export dynamic_shapes for ``handle``'s call convention, and the named dynamic axes per input."""
+    import torch
+
+    from keiryo.model.io import call_args
+
+    axes: dict[str, dict[int, str]] = {}
+    dims: dict[str, Any] = {}
+    for t in handle.io.inputs:
+        a: dict[int, str] = {}
+        if batch:
+            a[0] = "batch"
+        if seq and len(t.shape) == 2 and t.dtype in ("int64", "int32"):
+            a[1] = "seq"
+        axes[t.name] = a
+    if not any(axes.values()):
+        return None, axes
+    dims["batch"] = torch.export.Dim("batch", min=1, max=4096)
+    seq_len = max((int(t.shape[1]) for t in handle.io.inputs if 1 in axes[t.name]), default=0)
+    if seq_len:
+        dims["seq"] = torch.export.Dim("seq", min=2, max=max(seq_len, 2))
+    per_input = {n: {i: dims[name] for i, name in a.items()} for n, a in axes.items()}
+    args, kwargs = call_args(handle.module, per_input, handle.io.input_names)
+    if kwargs:
+        return kwargs, axes
     import inspect
 
-    import onnx
+    params = [p for p in inspect.signature(handle.module.forward).parameters][: len(args)]
+    return dict(zip(params, args, strict=False)), axes
+
+
+def _torch_export(handle: Any, tmp: Path, cfg: OnnxExportConfig, seq: bool) -> dict[str, dict[int, str]]:
     import torch
 
     from keiryo._quiet import quiet
+    from keiryo.model.io import call_args
 
-    module = handle.module.eval()
-    x = handle.example_input(2)
-    dyn = None
-    if cfg.dynamic_batch:  # torch.export keys dynamic shapes by forward()'s first parameter name
-        first = next(iter(inspect.signature(module.forward).parameters), "x")
-        dyn = {first: {0: torch.export.Dim("batch", min=1, max=4096)}}
+    ex = handle.example_inputs(2)
+    for t in handle.io.inputs:  # token ids of 1 are valid for any vocabulary; masks of 1 keep every token
+        if t.dtype in ("int64", "int32"):
+            ex[t.name] = torch.ones_like(ex[t.name])
+    args, kwargs = call_args(handle.module, ex, handle.io.input_names)
+    dyn, axes = dynamic_shapes(handle, cfg.dynamic_batch, seq)
+    with quiet("torch.onnx"):
+        torch.onnx.export(
+            handle.module.eval(),
+            args,
+            str(tmp),
+            kwargs=kwargs or None,
+            dynamo=True,
+            external_data=False,
+            opset_version=cfg.opset,
+            input_names=handle.io.input_names,
+            output_names=handle.io.output_names,
+            dynamic_shapes=dyn,
+            verbose=False,
+        )
+    return axes
+
+
+@register_exporter("onnx", runtime="onnxruntime", suffix=".onnx", config=OnnxExportConfig)
+def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
+    import onnx
+
+    info: dict[str, Any] = {"opset": cfg.opset}
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td) / "model.onnx"
+        wants_seq = cfg.dynamic_seq and any(len(t.shape) == 2 and t.dtype in ("int64", "int32") for t in handle.io.inputs)
         try:
-            with quiet("torch.onnx"):
-                torch.onnx.export(
-                    module,
-                    (x,),
-                    str(tmp),
-                    dynamo=True,
-                    external_data=False,
-                    opset_version=cfg.opset,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_shapes=dyn,
-                    verbose=False,
-                )
+            try:
+                axes = _torch_export(handle, tmp, cfg, wants_seq)
+            except Exception as first:
+                if not wants_seq:
+                    raise
+                axes = _torch_export(handle, tmp, cfg, False)
+                info["fixed_axes"] = {"seq": int(handle.io.inputs[0].shape[1]), "why": first_line(first, 200)}
         except Exception as e:
-            raise conversion_error(e, handle.spec.source, "torch.onnx", "register an ONNX translation", module, x) from e
+            ex = handle.example_inputs(2)
+            raise conversion_error(e, handle.spec.source, "torch.onnx", "register an ONNX translation", handle.module, ex) from e
         model = onnx.load(str(tmp))
     strip_metadata(model)
     model.producer_name = "keiryo"
@@ -127,6 +176,15 @@ def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
         onnx.checker.check_model(model)
     except Exception as e:
         raise ExportError(f"{handle.spec.source}: exported ONNX graph is invalid: {first_line(e)}") from e
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if got_in != handle.io.input_names or got_out != handle.io.output_names:
+        raise ExportError(
+            f"{handle.spec.source}: the ONNX graph has inputs {got_in} and outputs {got_out}; "
+            f"expected {handle.io.input_names} -> {handle.io.output_names} "
+            "(an input the model ignores is dropped by the exporter)"
+        )
     save_onnx(model, out_path)
-    ops = sorted({n.op_type for n in model.graph.node})
-    return Artifact(out_path, "onnx", "onnxruntime", [INPUT_NAME], [OUTPUT_NAME], {"opset": cfg.opset, "op_types": ops})
+    info["op_types"] = sorted({n.op_type for n in model.graph.node})
+    info["dynamic_axes"] = {k: {str(i): n for i, n in a.items()} for k, a in axes.items()}
+    return Artifact(out_path, "onnx", "onnxruntime", handle.io.input_names, handle.io.output_names, info)

@@ -17,28 +17,29 @@ from keiryo.errors import BackendUnavailableError, ExportError
 from keiryo.export import Artifact, register_exporter
 from keiryo.export._failures import conversion_error
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-
 
 class TfliteExportConfig(KeiryoConfig):
-    """No options yet: batch 1, float32 input and output, NCHW as in PyTorch."""
+    """No options yet. What TFLite fixes: batch 1 and every other axis at the data's size (the
+    sequence length of token inputs included); input and output names and dtypes are kept."""
 
 
-def _named(module: Any) -> Any:
+def _named(handle: Any) -> Any:
     import torch
 
+    from keiryo.model.io import call_module, flatten_outputs
+
     class Named(torch.nn.Module):
-        """Gives the signature keiryo's tensor names: forward(input) -> {"logits": ...}."""
+        """Gives the signature the model's tensor names: forward(**inputs) -> {output name: tensor}."""
 
         def __init__(self, inner: torch.nn.Module):
             super().__init__()
             self.inner = inner
 
-        def forward(self, input: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: A002 (the tensor's public name)
-            return {OUTPUT_NAME: self.inner(input)}
+        def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+            outs, _ = flatten_outputs(call_module(self.inner, inputs, handle.io.input_names))
+            return dict(zip(handle.io.output_names, outs, strict=True))
 
-    return Named(module).eval()
+    return Named(handle.module).eval()
 
 
 def tflite_info(path: Path) -> dict[str, Any]:
@@ -66,10 +67,10 @@ def export_tflite(handle: Any, out_path: Path, cfg: TfliteExportConfig) -> Artif
         raise BackendUnavailableError("TFLite export (litert-torch)", "tflite") from e
 
     module = handle.module.eval()
-    x = handle.example_input(1)
+    x = handle.example_inputs(1)
     try:
         with quiet("litert_torch", "absl", "torch._export", "torch.export"), silence_native_output():
-            edge = litert_torch.convert(_named(module), sample_kwargs={INPUT_NAME: x})
+            edge = litert_torch.convert(_named(handle), sample_kwargs=x)
             blob = edge.model_content()
     except Exception as e:
         raise conversion_error(e, handle.spec.source, "litert-torch", "register a lowering", module, x) from e
@@ -81,4 +82,5 @@ def export_tflite(handle: Any, out_path: Path, cfg: TfliteExportConfig) -> Artif
     except Exception:
         out_path.unlink(missing_ok=True)
         raise
-    return Artifact(out_path, "tflite", "litert", [INPUT_NAME], [OUTPUT_NAME], info)
+    info["fixed_shapes"] = {t.name: list(t.concrete(1)) for t in handle.io.inputs}
+    return Artifact(out_path, "tflite", "litert", handle.io.input_names, handle.io.output_names, info)

@@ -12,6 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from keiryo.config import KeiryoConfig
+from keiryo.model.io import Batch, IOSpec, call_module
 
 
 class ModelSpec(KeiryoConfig):
@@ -24,14 +25,38 @@ class ModelSpec(KeiryoConfig):
 
 @dataclass
 class ModelHandle:
+    """A module with its I/O description (named inputs and outputs) and how to rebuild it."""
+
     module: nn.Module
-    input_shape: tuple[int, ...]
-    num_classes: int
+    io: IOSpec
     spec: ModelSpec
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def example_input(self, batch: int = 1) -> torch.Tensor:
-        return torch.zeros((batch, *self.input_shape), dtype=torch.float32)
+    @property
+    def input_names(self) -> list[str]:
+        return self.io.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.io.output_names
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of the first input (what zoo architectures are built for)."""
+        return self.io.inputs[0].sample_shape
+
+    @property
+    def head_width(self) -> int | None:
+        """Last dimension of the first output (the class count of a classifier), if fixed."""
+        last = self.io.outputs[0].shape[-1] if self.io.outputs and len(self.io.outputs[0].shape) > 1 else None
+        return last if isinstance(last, int) else None
+
+    def example_inputs(self, batch: int = 1) -> Batch:
+        return self.io.example_inputs(batch)
+
+    def __call__(self, inputs: Batch) -> Any:
+        """Call the module with named inputs (positionally or by keyword, see keiryo.model.io)."""
+        return call_module(self.module, inputs, self.io.input_names)
 
     def clone(self) -> ModelHandle:
         """A deep copy whose module can be changed without touching this one."""
@@ -41,7 +66,7 @@ class ModelHandle:
         """sha256 over the architecture and every parameter and buffer."""
         h = hashlib.sha256()
         h.update(repr(self.module).encode())
-        h.update(repr(self.input_shape).encode())
+        h.update(self.io.model_dump_json().encode())
         for name, t in self.module.state_dict().items():
             h.update(name.encode())
             h.update(str(t.dtype).encode())
@@ -60,7 +85,7 @@ class ModelHandle:
         self.module.eval()
         try:
             with torch.no_grad(), FlopCounterMode(display=False) as fc:
-                self.module(self.example_input(1))
+                self(self.example_inputs(1))
         finally:
             self.module.train(was_training)
         return int(fc.get_total_flops() // 2)

@@ -18,9 +18,11 @@ from torch import nn
 
 from keiryo.errors import ConfigError, DataError, InputFileError, ModelLoadError, first_line
 from keiryo.model.handle import ModelHandle, ModelSpec
+from keiryo.model.io import IOSpec, TensorSpec, infer_outputs
 
 
-def build_module(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def build_module(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int | None) -> nn.Module:
+    """Build the module: a zoo entry, or a user factory given ``input_shape`` / ``num_classes`` if it takes them."""
     if spec.source.startswith("zoo:"):
         from keiryo.model import zoo
 
@@ -34,12 +36,12 @@ def build_module(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int
     except (TypeError, ValueError):
         params = {}  # type: ignore[assignment]
     for key, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes)):
-        if key in params and key not in kwargs:
+        if key in params and key not in kwargs and value is not None:
             kwargs[key] = value
     try:
         module = fn(**kwargs)
     except Exception as e:
-        raise ModelLoadError(f"model factory {spec.source!r} raised {type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"model factory {spec.source!r} raised {type(e).__name__}: {first_line(e)}") from e
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"model factory {spec.source!r} returned a {type(module).__name__}; expected a torch.nn.Module")
     return module
@@ -47,49 +49,67 @@ def build_module(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int
 
 def load_model(
     spec: ModelSpec | str,
-    input_shape: tuple[int, ...],
-    num_classes: int,
+    inputs: Any,
+    num_classes: int | None = None,
     *,
     options: dict[str, Any] | None = None,
     weights: str | Path | None = None,
     seed: int = 0,
+    output_name: str = "output",
 ) -> ModelHandle:
-    """Build the model for ``input_shape``/``num_classes``, load weights and check that it fits.
+    """Build the model for ``inputs``, load weights and describe its outputs with one forward pass.
 
-    The initial weights are drawn from ``seed`` (without touching the global RNG), so
-    training from scratch is reproducible.
+    ``inputs``: the data (:class:`~keiryo.data.DataSplits`), an :class:`IOSpec`, a list of
+    :class:`TensorSpec`, or a per-sample shape tuple for one float32 input named ``input``.
+    ``num_classes`` (the class or value count) is what a zoo model or a factory that asks
+    for it is built with; by default the data's label count or target size. The outputs are
+    taken from the model, named after its dict keys or ``output_name``. The initial weights
+    are drawn from ``seed`` (without touching the global RNG), so training from scratch is
+    reproducible.
     """
     if isinstance(spec, str):
         spec = ModelSpec(source=spec, options=options or {}, weights=str(weights) if weights else None)
+    specs = input_specs(inputs)
+    if num_classes is None:
+        num_classes = outputs_hint(inputs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = build_module(spec, tuple(input_shape), num_classes)
+        try:
+            first_shape = specs[0].sample_shape
+        except DataError:
+            first_shape = tuple(d if isinstance(d, int) else 1 for d in specs[0].shape[1:])
+        module = build_module(spec, first_shape, num_classes)
     if spec.weights:
         state = load_weights(spec.weights)
         apply_state_dict(module, state, spec.weights)
     module.eval()
-    handle = ModelHandle(module, tuple(input_shape), num_classes, spec)
-    check_fits(handle, where=spec.source)
-    return handle
+    outputs = infer_outputs(module, specs, output_name, f"model {spec.source}")
+    return ModelHandle(module, IOSpec(inputs=specs, outputs=outputs), spec)
 
 
-def check_fits(handle: ModelHandle, where: str) -> None:
-    """One forward pass at batch 2: the output must be (2, num_classes) and finite."""
-    x = handle.example_input(2)
-    try:
-        with torch.no_grad():
-            out = handle.module.eval()(x)
-    except Exception as e:
-        first = first_line(e)
-        raise DataError(f"model {where} cannot take the data's input shape {tuple(x.shape)} (batch, *sample): {first}") from e
-    if not isinstance(out, torch.Tensor):
-        raise ModelLoadError(f"model {where} returned a {type(out).__name__}; expected one logits tensor")
-    if out.ndim != 2 or out.shape[0] != 2:
-        raise DataError(f"model {where} returned shape {tuple(out.shape)} for a batch of 2; expected (2, {handle.num_classes})")
-    if out.shape[1] != handle.num_classes:
-        raise DataError(f"model {where} outputs {out.shape[1]} classes but the data has {handle.num_classes} classes")
-    if not torch.isfinite(out).all():
-        raise ModelLoadError(f"model {where} produced NaN/Inf outputs on a zero input; check its weights")
+def input_specs(inputs: Any) -> list[TensorSpec]:
+    if isinstance(inputs, IOSpec):
+        return list(inputs.inputs)
+    if isinstance(inputs, tuple) and all(isinstance(d, int) for d in inputs):
+        return [TensorSpec(name="input", dtype="float32", shape=["batch", *inputs])]
+    if isinstance(inputs, list) and all(isinstance(t, TensorSpec) for t in inputs):
+        return inputs
+    if hasattr(inputs, "inputs") and isinstance(inputs.inputs, list):
+        return list(inputs.inputs)
+    raise ConfigError(f"model inputs: expected data splits, an IOSpec, TensorSpecs or a shape tuple, got {type(inputs).__name__}")
+
+
+def outputs_hint(inputs: Any) -> int | None:
+    """The data's label count (integer labels) or target size (numeric targets), if any."""
+    target = getattr(inputs, "target", None)
+    if target is None:
+        return None
+    if target.label_count is not None:
+        return max(2, target.label_count)
+    size = 1
+    for d in target.shape:
+        size *= d
+    return size
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

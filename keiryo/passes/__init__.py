@@ -34,6 +34,22 @@ class PassContext:
     progress: bool = False
     step_index: int = 0
     teacher: Any = None  # the recipe's input model (ModelHandle): the teacher for distillation
+    task: Any = None  # keiryo.tasks.Task: the losses training passes use, the metric fallback budgets
+    device: str = "cpu"  # where training passes run (auto | cpu | cuda | mps)
+
+    def require_data(self, what: str) -> Any:
+        if self.data is None:
+            from keiryo.errors import DataError
+
+            raise DataError(f"{what} needs data; pass --data")
+        return self.data
+
+    def get_task(self) -> Any:
+        if self.task is None:
+            from keiryo.tasks import get_task, infer_task
+
+            self.task = get_task(infer_task(self.require_data("a training pass")))
+        return self.task
 
     def out_path(self, tag: str, suffix: str) -> Path:
         """Where a format-level pass writes its file: the work folder, numbered by step."""

@@ -83,32 +83,40 @@ def nearest(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 def finetune(
     handle: Any,
-    data: Any,
+    ctx: Any,
     cfg: FinetuneConfig,
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    seed: int = 0,
-    progress: bool = False,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
     description: str = "fine-tune",
+    reference: dict[str, Any] | None = None,
 ) -> Any:
-    """Train ``handle.module`` in place with the compression constraints applied after every step."""
-    from keiryo.errors import DataError
+    """Train ``handle.module`` in place with the task's loss (or ``loss_fn``) and the compression
+    constraints applied after every step. ``ctx`` is the pass context (data, task, seed, device)."""
     from keiryo.train import TrainConfig, train
 
     if cfg.epochs == 0:
         constrain(handle)
         return None
-    if data is None:
-        raise DataError(f"{description} needs training data; pass --data")
-    tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, patience=cfg.patience, seed=seed, warmup_epochs=0)
+    data = ctx.require_data(description)
+    tcfg = TrainConfig(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        patience=cfg.patience,
+        seed=ctx.seed,
+        warmup_epochs=0,
+        device=ctx.device,
+    )
     res = train(
-        handle.module,
+        handle,
         data,
+        ctx.get_task(),
         tcfg,
         loss_fn=loss_fn,
         after_step=lambda: constrain(handle),
-        progress=progress,
+        progress=ctx.progress,
         description=description,
+        reference=reference,
     )
     constrain(handle)  # restored best weights sit on their centroids, so this only re-checks
     return res
@@ -118,10 +126,12 @@ def prunable_layers(module: nn.Module, types: tuple[type, ...] = (nn.Conv1d, nn.
     return {n: m for n, m in module.named_modules() if isinstance(m, types)}
 
 
-def output_layer(module: nn.Module, num_classes: int) -> str | None:
-    """Name of the last Linear producing ``num_classes`` outputs (never pruned structurally)."""
-    last = None
+def output_layer(module: nn.Module, width: int | None) -> str | None:
+    """Name of the last Linear producing ``width`` outputs (the head: never pruned structurally), else the last Linear."""
+    last = last_any = None
     for n, m in module.named_modules():
-        if isinstance(m, nn.Linear) and m.out_features == num_classes:
-            last = n
-    return last
+        if isinstance(m, nn.Linear):
+            last_any = n
+            if m.out_features == width:
+                last = n
+    return last or last_any

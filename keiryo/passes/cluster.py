@@ -81,7 +81,7 @@ def cluster(handle: Any, cfg: ClusterConfig, ctx: PassContext) -> PassResult:
         raise PassError(f"cluster: no layer has at least min_params={cfg.min_params} weights to cluster")
     constrain(handle)
     if cfg.finetune.epochs:
-        finetune(handle, ctx.data, cfg.finetune, seed=ctx.seed, progress=ctx.progress, description="cluster fine-tune")
+        finetune(handle, ctx, cfg.finetune, description="cluster fine-tune")
     bits = math.ceil(math.log2(cfg.clusters))
     n_weights = sum(v["weights"] for v in clustered.values())
     palette_bytes = sum(v["clusters"] * 2 for v in clustered.values())  # fp16 palette entries

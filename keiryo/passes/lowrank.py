@@ -82,7 +82,7 @@ def _set(module: nn.Module, name: str, new: nn.Module) -> None:
 def lowrank(handle: Any, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
     handle = handle.clone()
     layers = prunable_layers(handle.module)
-    out_name = output_layer(handle.module, handle.num_classes)
+    out_name = output_layer(handle.module, handle.head_width)
     names = cfg.layers if cfg.layers is not None else [n for n in layers if n != out_name]
     unknown = [n for n in names if n not in layers]
     if unknown:
@@ -114,5 +114,5 @@ def lowrank(handle: Any, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
     if not replaced:
         raise PassError(f"factorize.lowrank: no layer gets cheaper at this rank; skipped: {skipped}")
     if cfg.finetune.epochs:
-        finetune(handle, ctx.data, cfg.finetune, seed=ctx.seed, progress=ctx.progress, description="lowrank fine-tune")
+        finetune(handle, ctx, cfg.finetune, description="lowrank fine-tune")
     return PassResult(handle, {"replaced": replaced, "skipped": skipped})

@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 from pydantic import Field
 from torch import nn
-from torch.nn import functional as F
 
 from keiryo.config import KeiryoConfig
 from keiryo.errors import PassError
@@ -63,7 +62,7 @@ def prune_structured(handle: Any, cfg: StructuredPruneConfig, ctx: PassContext) 
     unknown = [n for n in cfg.exclude if n not in layers]
     if unknown:
         raise PassError(f"prune.structured: exclude names unknown layers {unknown}")
-    out_name = output_layer(model, handle.num_classes)
+    out_name = output_layer(model, handle.head_width)
     ignored_names = set(cfg.exclude) | ({out_name} if out_name else set())
     ignored = [layers[n] for n in ignored_names if n in layers]
     attn = _attention_modules(model)
@@ -72,7 +71,10 @@ def prune_structured(handle: Any, cfg: StructuredPruneConfig, ctx: PassContext) 
         for lin in (a.q, a.k, a.v):
             num_heads[lin] = a.num_heads
     before = {n: (m.out_channels if hasattr(m, "out_channels") else m.out_features) for n, m in layers.items()}
-    example = handle.example_input(2)
+    from keiryo.model.io import call_args
+
+    args, kwargs = call_args(model, handle.example_inputs(2), handle.input_names)
+    example: Any = kwargs or (args[0] if len(args) == 1 else args)
     try:
         pruner = tp.pruner.MetaPruner(
             model,
@@ -92,9 +94,16 @@ def prune_structured(handle: Any, cfg: StructuredPruneConfig, ctx: PassContext) 
     if cfg.importance == "taylor":
         if ctx.data is None:
             raise PassError("prune.structured with importance=taylor needs data for gradients; pass --data")
+        from keiryo.model.io import flatten_outputs
+
+        task = ctx.get_task()
+        if not task.needs_targets:
+            raise PassError(f"prune.structured: importance=taylor needs labels; task {task.name} has none (use l1 or l2)")
         model.zero_grad()
-        for x, y in ctx.data.calib.batches(64)[: cfg.taylor_batches]:
-            F.cross_entropy(model(x), y).backward()
+        for i, (x, y) in enumerate(ctx.data.calib.batches(64)):
+            if i >= cfg.taylor_batches:
+                break
+            task.loss(flatten_outputs(handle(x))[0], task.targets(y)).backward()
     try:
         pruner.step()
     except Exception as e:
@@ -117,12 +126,14 @@ def prune_structured(handle: Any, cfg: StructuredPruneConfig, ctx: PassContext) 
             else:
                 not_pruned[n] = "kept: its dependency group was too small to prune after rounding"
     handle.module = model
-    from keiryo.model.loading import check_fits
+    from keiryo.model.io import infer_outputs
 
-    check_fits(handle, where="prune.structured result")
+    outs = infer_outputs(model, handle.io, "output", "prune.structured result")
+    if [o.shape for o in outs] != [o.shape for o in handle.io.outputs]:
+        raise PassError(f"prune.structured changed the model's output shapes: {[o.shape for o in outs]}")
     constrain(handle)
     if cfg.finetune.epochs:
-        finetune(handle, ctx.data, cfg.finetune, seed=ctx.seed, progress=ctx.progress, description="prune.structured fine-tune")
+        finetune(handle, ctx, cfg.finetune, description="prune.structured fine-tune")
     info = {
         "ratio": cfg.ratio,
         "importance": cfg.importance,

@@ -115,8 +115,7 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 @register_pass("quantize.qat", QatConfig, stage="torch", summary="quantization-aware fine-tuning (then int8 static)")
 def qat(handle: Any, cfg: QatConfig, ctx: PassContext) -> PassResult:
-    if ctx.data is None:
-        raise PassError("quantize.qat needs training data; pass --data")
+    ctx.require_data("quantize.qat")
     handle = handle.clone()
     layers = prunable_layers(handle.module)
     if not layers:
@@ -131,7 +130,7 @@ def qat(handle: Any, cfg: QatConfig, ctx: PassContext) -> PassResult:
             if layer in layers:
                 comp[kind][f"{layer}.inner.{leaf}"] = comp[kind].pop(pname)
     try:
-        res = finetune(handle, ctx.data, cfg.train, seed=ctx.seed, progress=ctx.progress, description="quantize.qat")
+        res = finetune(handle, ctx, cfg.train, description="quantize.qat")
     finally:
         ranges = {}
         for name in layers:
@@ -149,5 +148,5 @@ def qat(handle: Any, cfg: QatConfig, ctx: PassContext) -> PassResult:
         "activation_ranges": {n: [round(a, 4), round(b, 4)] for n, (a, b) in ranges.items()},
     }
     if res is not None:
-        info.update(epochs=res.epochs_run, best_val_accuracy=res.best_val_accuracy)
+        info.update(epochs=res.epochs_run, best_val=res.best_val, metric=res.metric)
     return PassResult(handle, info)

@@ -1,7 +1,8 @@
 """``quantize.int8_fallback``: int8 static PTQ with per-layer sensitivity analysis and float fallback.
 
-1. Quantize everything; measure the accuracy drop on the **validation** split
-   (never test) against the fp32 file, both run on onnxruntime.
+1. Quantize everything; measure the task's drop (accuracy points for classification, MAE
+   increase for regression, cosine for embeddings) on the **validation** split (never test)
+   against the fp32 file, both run on onnxruntime.
 2. If it exceeds ``max_accuracy_drop``: measure each layer's sensitivity (the drop
    when only that layer is quantized; calibration ranges are computed once and cached),
 3. and keep the most sensitive layers in float, one at a time, until the budget is met
@@ -26,17 +27,21 @@ QUANTIZABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
 
 class Int8FallbackConfig(KeiryoConfig):
-    max_accuracy_drop: float = Field(0.5, ge=0.0, description="budget in accuracy points on the validation split")
+    max_accuracy_drop: float = Field(
+        0.5, ge=0.0, description="budget on the validation split, in the task's drop unit (accuracy points for classification)"
+    )
     max_float_layers: int = Field(8, ge=0, description="stop after keeping this many layers in float")
     quant: Int8StaticConfig = Field(default_factory=Int8StaticConfig)
 
 
-def _val_accuracy(path: Path, x: np.ndarray, y: np.ndarray, threads: int) -> float:
-    from keiryo.evaluate import accuracy, predict
+def _val_metrics(path: Path, val: Any, task: Any, reference: list[np.ndarray] | None, threads: int) -> tuple[dict[str, Any], Any]:
+    from keiryo.evaluate import predict
     from keiryo.runtime import open_session
 
     with open_session("onnxruntime", path, threads) as s:
-        return accuracy(predict(s, x), y)
+        outs = predict(s, val)
+    y = val.targets.numpy() if val.targets is not None else None
+    return task.metrics(outs, y, reference if reference is not None else outs), outs
 
 
 def quantizable_nodes(path: Path) -> list[str]:
@@ -53,19 +58,18 @@ def quantizable_nodes(path: Path) -> list[str]:
 )
 def int8_fallback(model: Artifact, cfg: Int8FallbackConfig, ctx: PassContext) -> PassResult:
     x_cal = calibration_data(ctx, cfg.quant, "quantize.int8_fallback")
-    xv, yv = ctx.data.val.x.numpy(), ctx.data.val.y.numpy()
+    val, task = ctx.data.val, ctx.get_task()
     out = ctx.out_path("int8_fallback", ".onnx")
-    name = model.input_names[0]
     with tempfile.TemporaryDirectory() as td:
         tdp = Path(td)
         src = preprocess(model.path, tdp / "pre.onnx") if cfg.quant.preprocess else model.path
         cache = tdp / "calib.json"
-        ref = _val_accuracy(src, xv, yv, ctx.threads)
+        ref, ref_outs = _val_metrics(src, val, task, None, ctx.threads)
 
         def drop_with(exclude: list[str] | None = None, include: list[str] | None = None, tag: str = "q") -> float:
             dst = tdp / f"{tag}.onnx"
-            quantize_int8_static(src, dst, name, x_cal, cfg.quant, exclude=exclude, include=include, cache=cache)
-            return (ref - _val_accuracy(dst, xv, yv, ctx.threads)) * 100
+            quantize_int8_static(src, dst, x_cal, cfg.quant, exclude=exclude, include=include, cache=cache)
+            return float(task.drop(ref, _val_metrics(dst, val, task, ref_outs, ctx.threads)[0]))
 
         full_drop = drop_with(tag="full")
         float_layers: list[str] = []
@@ -82,9 +86,10 @@ def int8_fallback(model: Artifact, cfg: Int8FallbackConfig, ctx: PassContext) ->
                 trail.append({"float_layers": len(float_layers), "added": node, "val_drop_pt": round(drop, 3)})
                 if drop <= cfg.max_accuracy_drop:
                     break
-        quantize_int8_static(src, out, name, x_cal, cfg.quant, exclude=float_layers, cache=cache)
+        quantize_int8_static(src, out, x_cal, cfg.quant, exclude=float_layers, cache=cache)
     info: dict[str, Any] = {
         "max_accuracy_drop": cfg.max_accuracy_drop,
+        "drop_metric": task.drop_name,
         "val_drop_all_int8_pt": round(full_drop, 3),
         "val_drop_pt": round(drop, 3),
         "float_layers": float_layers,

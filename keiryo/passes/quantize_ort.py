@@ -81,20 +81,20 @@ def finish(src: Artifact, out: Path, info: dict[str, Any]) -> PassResult:
 def quantize_int8_static(
     src: Path,
     out: Path,
-    input_name: str,
-    x: np.ndarray,
+    x: dict[str, np.ndarray],
     cfg: Int8StaticConfig,
     *,
     exclude: list[str] | None = None,
     include: list[str] | None = None,
     cache: Path | None = None,
 ) -> None:
-    """int8 static quantization of ``src`` into ``out`` (QDQ); ``cache`` reuses calibration ranges."""
+    """int8 static quantization of ``src`` into ``out`` (QDQ); ``x`` feeds every named input; ``cache`` reuses ranges."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._it = iter([{input_name: x[i : i + cfg.calib_batch]} for i in range(0, len(x), cfg.calib_batch)])
+            n = len(next(iter(x.values())))
+            self._it = iter([{k: v[i : i + cfg.calib_batch] for k, v in x.items()} for i in range(0, n, cfg.calib_batch)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
@@ -141,11 +141,12 @@ def preprocess(src: Path, dst: Path) -> Path:
     return dst
 
 
-def calibration_data(ctx: PassContext, cfg: Int8StaticConfig, what: str) -> np.ndarray:
+def calibration_data(ctx: PassContext, cfg: Int8StaticConfig, what: str) -> dict[str, np.ndarray]:
+    """The calibration split's named inputs (every input the model takes), up to ``cfg.calib_samples`` rows."""
     if ctx.data is None:
         raise DataError(f"{what} needs calibration data; pass --data")
-    x = ctx.data.calib.x.numpy()
-    return x[: cfg.calib_samples] if cfg.calib_samples else x
+    x = ctx.data.calib.numpy()
+    return {k: v[: cfg.calib_samples] for k, v in x.items()} if cfg.calib_samples else x
 
 
 @register_pass("quantize.int8_static", Int8StaticConfig, stage="onnx", summary="int8 static PTQ (QDQ, per-channel, calibrated)")
@@ -154,10 +155,10 @@ def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> Pas
     out = ctx.out_path("int8_static", ".onnx")
     with tempfile.TemporaryDirectory() as td:
         src = preprocess(model.path, Path(td) / "pre.onnx") if cfg.preprocess else model.path
-        quantize_int8_static(src, out, model.input_names[0], x, cfg)
+        quantize_int8_static(src, out, x, cfg)
     info = {
         "calibration": cfg.calibration,
-        "calib_samples": int(len(x)),
+        "calib_samples": int(len(next(iter(x.values())))),
         "per_channel": cfg.per_channel,
         "activation_type": cfg.activation_type,
         "weight_type": cfg.weight_type,

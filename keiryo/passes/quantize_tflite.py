@@ -126,20 +126,21 @@ def tflite_int8_dynamic(model: Artifact, cfg: TfliteInt8DynamicConfig, ctx: Pass
     )
 
 
-def representative_data(ctx: PassContext, n: int | None, input_name: str, what: str) -> list[dict[str, np.ndarray]]:
-    """The calibration split as batch-1 samples keyed by the model's input name."""
+def representative_data(ctx: PassContext, n: int | None, what: str) -> list[dict[str, np.ndarray]]:
+    """The calibration split as batch-1 samples keyed by the model's input names."""
     if ctx.data is None:
         raise DataError(f"{what} needs a representative dataset; pass --data")
-    x = ctx.data.calib.x.numpy().astype(np.float32)
-    x = x[:n] if n else x
-    return [{input_name: x[i : i + 1]} for i in range(len(x))]
+    x = ctx.data.calib.numpy()
+    rows = len(next(iter(x.values())))
+    rows = min(rows, n) if n else rows
+    return [{k: v[i : i + 1] for k, v in x.items()} for i in range(rows)]
 
 
 @register_pass("tflite.int8", TfliteInt8Config, stage="tflite", summary="TFLite full-integer int8 (calibrated, int8 I/O)")
 def tflite_int8(model: Artifact, cfg: TfliteInt8Config, ctx: PassContext) -> PassResult:
     from ai_edge_quantizer import qtyping
 
-    calib = representative_data(ctx, cfg.calib_samples, model.input_names[0], "tflite.int8")
+    calib = representative_data(ctx, cfg.calib_samples, "tflite.int8")
 
     def configure(qt: Any) -> None:
         qt.add_static_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 8, 8, _granularity(cfg.granularity))

@@ -63,11 +63,11 @@ def slim(handle: Any, cfg: SlimConfig, ctx: PassContext) -> PassResult:
         inner_shape = (shape[0], max(2, round(shape[1] * cfg.resolution)), max(2, round(shape[2] * cfg.resolution)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)
-        net = build(name, inner_shape, handle.num_classes, opts)
+        net = build(name, inner_shape, handle.head_width, opts)
     module = ResizeInput(net, inner_shape[1:]) if inner_shape != shape else net
-    student = ModelHandle(module, shape, handle.num_classes, ModelSpec(source=f"zoo:{name}", options=opts))
+    student = ModelHandle(module, handle.io, ModelSpec(source=f"zoo:{name}", options=opts))
     teacher = ctx.teacher or handle
-    res = distill_into(student, teacher, ctx.data, cfg.distill, ctx.seed, ctx.progress, "slim distill")
+    res = distill_into(student, teacher, ctx, cfg.distill, "slim distill")
     info = {
         "student": f"zoo:{name}",
         "options": opts,
@@ -75,5 +75,5 @@ def slim(handle: Any, cfg: SlimConfig, ctx: PassContext) -> PassResult:
         "params": [handle.num_params(), student.num_params()],
     }
     if res is not None:
-        info["best_val_accuracy"] = res.best_val_accuracy
+        info["best_val"] = res.best_val
     return PassResult(student, info)

@@ -1,8 +1,11 @@
-"""Run recipes: torch-level steps -> export (parity-checked) -> format-level steps -> measure.
+"""Run recipes: torch-level steps -> export (parity-checked per output) -> format-level steps -> measure.
 
-``compress`` measures the torch baseline and every recipe as a candidate on the
-target runtime, and writes the output folder atomically: it is built in a
-temporary sibling and renamed into place only when ``results.json`` is complete.
+:func:`run_steps` is the one step loop (used by ``compress``, ``optimize`` and
+``export --variant``). :func:`run_recipe` runs it and measures the result on its
+runtime (:mod:`keiryo.measure`), returning a typed :class:`Candidate`. ``compress``
+measures the torch baseline and every recipe; a recipe that fails (a calibrator crash,
+an export error, NaN outputs) is recorded with its reason and step, the others are kept,
+and the output folder is written atomically.
 """
 
 from __future__ import annotations
@@ -17,21 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import Field
 
-from keiryo.benchmark import BenchConfig, measure_file, run_benchmark
+from keiryo.benchmark import BenchConfig
+from keiryo.budget import Constraint, check_constraints, select_best
 from keiryo.config import KeiryoConfig
 from keiryo.data import DataSplits
-from keiryo.errors import ConfigError
-from keiryo.evaluate import accuracy, fidelity, predict, size_of
+from keiryo.errors import ConfigError, KeiryoError, first_line
 from keiryo.export import Artifact, ParityConfig, check_parity, export, get_exporter
+from keiryo.measure import Baseline, measure_artifact, measure_baseline, torch_metrics
 from keiryo.model import ModelHandle, save_weights
-from keiryo.passes import PassContext
+from keiryo.passes import PassContext, apply
 from keiryo.pipeline.cache import StepCache
+from keiryo.pipeline.candidate import Candidate
 from keiryo.pipeline.recipe import Recipe
 from keiryo.runtime import open_session, unavailable_reason
-from keiryo.search.constraints import Constraint, check_constraints, select_best
+
+__all__ = ["Baseline", "RunOptions", "StepsOutput", "compress", "export_variant", "run_recipe", "run_steps"]
 
 
 class RunOptions(KeiryoConfig):
@@ -39,33 +44,7 @@ class RunOptions(KeiryoConfig):
     parity: ParityConfig = Field(default_factory=ParityConfig)
     seed: int = 0
     progress: bool = True
-
-
-@dataclass
-class Baseline:
-    """The fp32 torch model's predictions on the test split, which every candidate is compared to."""
-
-    handle: ModelHandle
-    pred: np.ndarray
-    accuracy: float
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def measure_baseline(handle: ModelHandle, data: DataSplits, opts: RunOptions) -> Baseline:
-    with open_session("torch", handle, opts.bench.threads) as s:
-        logits = predict(s, data.test.x)
-        bench = run_benchmark(s, data.test.x[:1].numpy(), opts.bench)
-    acc = accuracy(logits, data.test.y)
-    metrics = {
-        "accuracy": acc,
-        "fidelity": 1.0,
-        "accuracy_drop": 0.0,
-        "params": handle.num_params(),
-        "macs": handle.macs(),
-        **{k: v for k, v in bench.to_dict().items() if k != "peak_rss_mb"},
-        "peak_rss_mb": None,
-    }
-    return Baseline(handle, logits.argmax(1), acc, metrics)
+    device: str = Field("cpu", pattern="^(auto|cpu|cuda|mps)$", description="where training passes run")
 
 
 def _log(opts: RunOptions, msg: str) -> None:
@@ -73,6 +52,154 @@ def _log(opts: RunOptions, msg: str) -> None:
         from keiryo._console import stderr_console
 
         stderr_console().print(msg, highlight=False)
+
+
+def resolve_task(task: Any, data: DataSplits, handle: ModelHandle | None = None) -> Any:
+    """A bound Task object from a name, ``module:Class``, a Task, or None (inferred from the data)."""
+    from keiryo.tasks import get_task, infer_task
+
+    t = get_task(task if task is not None else infer_task(data))
+    if handle is not None:
+        t.bind(handle.output_names)
+    return t
+
+
+@dataclass
+class StepsOutput:
+    model: ModelHandle
+    artifact: Artifact
+    parity: dict[str, Any]
+    effects: list[dict[str, Any]] = field(default_factory=list)
+    params: int = 0
+    macs: int = 0
+
+
+class StepFailure(KeiryoError):
+    """A step of a recipe failed; ``step`` names it (the original error is chained)."""
+
+    def __init__(self, message: str, step: str):
+        super().__init__(message)
+        self.step = step
+
+
+def _context(handle: ModelHandle, data: DataSplits, task: Any, workdir: Path, opts: RunOptions) -> PassContext:
+    return PassContext(
+        data=data,
+        workdir=workdir,
+        seed=opts.seed,
+        threads=opts.bench.threads,
+        progress=opts.progress,
+        teacher=handle,
+        task=task,
+        device=opts.device,
+    )
+
+
+def run_steps(
+    recipe: Recipe,
+    handle: ModelHandle,
+    data: DataSplits,
+    ctx: PassContext,
+    opts: RunOptions,
+    *,
+    memo: dict[str, tuple[ModelHandle, dict[str, Any]]] | None = None,
+    cache: StepCache | None = None,
+    baseline: Baseline | None = None,
+) -> StepsOutput:
+    """Torch-level steps, the export with its parity check, then format-level steps.
+
+    ``memo`` (shared across recipes of one run) holds torch-stage results by a hash of the
+    input model and the steps so far; ``cache`` (on disk, across runs and processes) holds
+    the exported file after all torch-stage steps. Either way a recipe sharing a prefix
+    (the same pruning and distillation) does not compute it again. A failing step raises
+    :class:`StepFailure` naming it.
+    """
+    steps_cfg = recipe.step_configs()
+    n_torch = sum(spec.stage == "torch" for spec, _ in steps_cfg)  # validated: torch-level steps come first
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    exporter = get_exporter(recipe.target)
+    out = ctx.workdir / f"export{exporter.suffix}"
+    key = None
+    if cache is not None and n_torch:
+        steps = [s.model_dump(mode="json") for s in recipe.steps[:n_torch]]
+        target = recipe.target + (f":{sorted(recipe.export.items())}" if recipe.export else "")
+        key = StepCache.key(handle.content_hash(), data.fingerprint(), steps, target, opts.seed)
+    hit = cache.get(key) if cache is not None and key is not None else None
+    model = handle
+    if hit is not None:
+        _log(opts, f"  [{recipe.name}] torch-level steps found in the step cache: reused")
+        shutil.copy2(hit[0], out)
+        meta = hit[1]
+        artifact = Artifact(out, exporter.format, exporter.runtime, meta["input_names"], meta["output_names"], meta["info"])
+        res = StepsOutput(
+            handle, artifact, meta["parity"], [{**e, "cached": True} for e in meta["effects"]], meta["params"], meta["macs"]
+        )
+        res.model = None  # type: ignore[assignment]  # not rebuilt: only the file is needed
+    else:
+        effects: list[dict[str, Any]] = []
+        prefix_key = handle.content_hash()
+        for i, (spec, cfg) in enumerate(steps_cfg[:n_torch], start=1):
+            ctx.step_index = i
+            if memo is not None:
+                prefix_key = hashlib.sha256(f"{prefix_key}|{spec.name}|{cfg.to_json()}|{opts.seed}".encode()).hexdigest()
+                if prefix_key in memo:
+                    cached, effect = memo[prefix_key]
+                    model = cached.clone()
+                    effects.append({**effect, "cached": True})
+                    _log(opts, f"  [{recipe.name}] step {i}: {spec.name} (same as an earlier recipe: reused)")
+                    continue
+            _log(opts, f"  [{recipe.name}] step {i}/{len(steps_cfg)}: {spec.name}")
+            result = _step(spec.name, lambda model=model, cfg=cfg: apply(model, cfg, ctx))
+            model = result.model
+            effects.append(
+                {"type": spec.name, "stage": "torch", **torch_metrics(model, data, ctx.task, baseline), "info": result.info}
+            )
+            if memo is not None:
+                memo[prefix_key] = (model.clone(), effects[-1])
+        what = f"{recipe.name}: {recipe.target} export"
+        artifact = _step(f"export.{recipe.target}", lambda: export(model, recipe.target, out, recipe.export))
+        parity = _step(f"export.{recipe.target}", lambda: export_parity(model, artifact, data, opts, what))
+        from keiryo.evaluate import size_of
+
+        effects.append(
+            {"type": f"export.{recipe.target}", "stage": "export", **size_of(artifact.path).to_dict(), "parity": parity}
+        )
+        res = StepsOutput(model, artifact, parity, effects, model.num_params(), model.macs())
+        if key is not None and cache is not None:
+            cache.put(
+                key,
+                artifact.path,
+                {
+                    "input_names": artifact.input_names,
+                    "output_names": artifact.output_names,
+                    "info": artifact.info,
+                    "parity": parity,
+                    "effects": effects,
+                    "params": res.params,
+                    "macs": res.macs,
+                },
+            )
+    from keiryo.evaluate import size_of
+
+    for i, (spec, cfg) in enumerate(steps_cfg[n_torch:], start=n_torch + 1):
+        _log(opts, f"  [{recipe.name}] step {i}/{len(steps_cfg)}: {spec.name}")
+        ctx.step_index = i
+        art = res.artifact
+        result = _step(spec.name, lambda art=art, cfg=cfg: apply(art, cfg, ctx))
+        res.artifact = result.model
+        res.effects.append({"type": spec.name, "stage": spec.stage, **size_of(res.artifact.path).to_dict(), "info": result.info})
+    return res
+
+
+def _step(name: str, fn: Any) -> Any:
+    try:
+        return fn()
+    except StepFailure:
+        raise
+    except KeiryoError as e:
+        raise StepFailure(str(e), name) from e
+    except Exception as e:  # a backend's crash inside one step (a calibrator, a converter) fails that recipe only
+        raise StepFailure(f"{name}: {type(e).__name__}: {first_line(e, 300)}", name) from e
 
 
 def run_recipe(
@@ -85,124 +212,34 @@ def run_recipe(
     memo: dict[str, tuple[ModelHandle, dict[str, Any]]] | None = None,
     cache: StepCache | None = None,
     bench_lock: str | Path | None = None,
-) -> dict[str, Any]:
-    """Apply ``recipe`` to a copy of ``handle``; return the candidate's record (artifact inside ``workdir``).
+    task: Any = None,
+) -> Candidate:
+    """Apply ``recipe`` to a copy of ``handle`` and measure the result; never raises for a failing recipe.
 
-    ``memo`` (shared across recipes of one run) holds torch-stage results by a hash of the
-    input model and the steps so far; ``cache`` (on disk, across runs and processes) holds
-    the exported file after all torch-stage steps. Either way a recipe sharing a prefix
-    (the same pruning and distillation) does not compute it again.
+    The returned :class:`Candidate` is ``ok`` (its ``artifact_path`` inside ``workdir``) or
+    ``failed`` with the error and the step that failed.
     """
     opts = opts or RunOptions()
-    workdir.mkdir(parents=True, exist_ok=True)
+    task = task or resolve_task(None, data, handle)
     t0 = time.perf_counter()
-    ctx = PassContext(
-        data=data, workdir=workdir, seed=opts.seed, threads=opts.bench.threads, progress=opts.progress, teacher=handle
+    ctx = _context(handle, data, task, workdir, opts)
+    try:
+        res = run_steps(recipe, handle, data, ctx, opts, memo=memo, cache=cache, baseline=baseline)
+        art = res.artifact
+        metrics = _step("measure", lambda: measure_artifact(art.path, art.runtime, data, task, baseline, opts.bench, bench_lock))
+    except StepFailure as e:
+        return Candidate.failed(recipe.name, recipe.to_dict(), str(e), e.step, time.perf_counter() - t0)
+    metrics.update(params=res.params, macs=res.macs, export_parity=res.parity)
+    return Candidate.succeeded(
+        recipe.name,
+        recipe.to_dict(),
+        format=art.format,
+        runtime=art.runtime,
+        artifact_path=art.path,
+        metrics=metrics,
+        steps=res.effects,
+        seconds=time.perf_counter() - t0,
     )
-    steps_cfg = recipe.step_configs()
-    n_torch = sum(spec.stage == "torch" for spec, _ in steps_cfg)  # validated: torch-level steps come first
-    artifact, parity, effects, params, macs = _torch_stage(recipe, steps_cfg[:n_torch], handle, data, ctx, opts, memo, cache)
-    from keiryo.passes import apply
-
-    for i, (spec, cfg) in enumerate(steps_cfg[n_torch:], start=n_torch + 1):
-        _log(opts, f"  [{recipe.name}] step {i}/{len(steps_cfg)}: {spec.name}")
-        ctx.step_index = i
-        res = apply(artifact, cfg, ctx)
-        artifact = res.model
-        effects.append({"type": spec.name, "stage": spec.stage, **size_of(artifact.path).to_dict(), "info": res.info})
-    with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
-        logits = predict(s, data.test.x)
-    acc = accuracy(logits, data.test.y)
-    bench = measure_file(artifact.path, artifact.runtime, data.test.x[:1].numpy(), opts.bench, lock=bench_lock)
-    metrics = {
-        "accuracy": acc,
-        "accuracy_drop": round((baseline.accuracy - acc) * 100, 4),
-        "fidelity": fidelity(logits, baseline.pred),
-        **size_of(artifact.path).to_dict(),
-        "params": params,
-        "macs": macs,
-        **bench.to_dict(),
-        "export_parity": parity,
-    }
-    metrics["size_mb"] = metrics["size_bytes"] / 1e6
-    return {
-        "name": recipe.name,
-        "recipe": recipe.to_dict(),
-        "format": artifact.format,
-        "runtime": artifact.runtime,
-        "artifact_path": artifact.path,
-        "metrics": metrics,
-        "steps": effects,
-        "status": "ok",
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-
-
-def _torch_stage(
-    recipe: Recipe,
-    torch_steps: list[tuple[Any, Any]],
-    handle: ModelHandle,
-    data: DataSplits,
-    ctx: PassContext,
-    opts: RunOptions,
-    memo: dict[str, tuple[ModelHandle, dict[str, Any]]] | None,
-    cache: StepCache | None,
-) -> tuple[Artifact, dict[str, Any], list[dict[str, Any]], int, int]:
-    """Torch-level steps then the export with its parity check: (artifact, parity, effects, params, MACs)."""
-    from keiryo.passes import apply
-
-    exporter = get_exporter(recipe.target)
-    out = ctx.workdir / f"export{exporter.suffix}"
-    key = None
-    if cache is not None and torch_steps:
-        steps = [s.model_dump(mode="json") for s in recipe.steps[: len(torch_steps)]]
-        target = recipe.target + (f":{sorted(recipe.export.items())}" if recipe.export else "")
-        key = StepCache.key(handle.content_hash(), data.fingerprint(), steps, target, opts.seed)
-        hit = cache.get(key)
-        if hit is not None:
-            _log(opts, f"  [{recipe.name}] torch-level steps found in the step cache: reused")
-            shutil.copy2(hit[0], out)
-            meta = hit[1]
-            art = Artifact(out, exporter.format, exporter.runtime, meta["input_names"], meta["output_names"], meta["info"])
-            return art, meta["parity"], [{**e, "cached": True} for e in meta["effects"]], meta["params"], meta["macs"]
-    model = handle
-    effects: list[dict[str, Any]] = []
-    prefix_key = handle.content_hash()
-    for i, (spec, cfg) in enumerate(torch_steps, start=1):
-        ctx.step_index = i
-        if memo is not None:
-            prefix_key = hashlib.sha256(f"{prefix_key}|{spec.name}|{cfg.to_json()}|{opts.seed}".encode()).hexdigest()
-            if prefix_key in memo:
-                cached, effect = memo[prefix_key]
-                model = cached.clone()
-                effects.append({**effect, "cached": True})
-                _log(opts, f"  [{recipe.name}] step {i}: {spec.name} (same as an earlier recipe: reused)")
-                continue
-        _log(opts, f"  [{recipe.name}] step {i}: {spec.name}")
-        res = apply(model, cfg, ctx)
-        model = res.model
-        effects.append({"type": spec.name, "stage": "torch", **torch_step_effect(model, data), "info": res.info})
-        if memo is not None:
-            memo[prefix_key] = (model.clone(), effects[-1])
-    artifact = export(model, recipe.target, out, recipe.export)
-    parity = export_parity(model, artifact, data, opts, f"{recipe.name}: {recipe.target} export")
-    effects.append({"type": f"export.{recipe.target}", "stage": "export", **size_of(artifact.path).to_dict(), "parity": parity})
-    params, macs = model.num_params(), model.macs()
-    if key is not None and cache is not None:
-        cache.put(
-            key,
-            artifact.path,
-            {
-                "input_names": artifact.input_names,
-                "output_names": artifact.output_names,
-                "info": artifact.info,
-                "parity": parity,
-                "effects": effects,
-                "params": params,
-                "macs": macs,
-            },
-        )
-    return artifact, parity, effects, params, macs
 
 
 def export_parity(model: ModelHandle, artifact: Artifact, data: DataSplits, opts: RunOptions, what: str) -> dict[str, Any]:
@@ -212,7 +249,7 @@ def export_parity(model: ModelHandle, artifact: Artifact, data: DataSplits, opts
         return {"skipped": reason, "structure": artifact.info.get("validated")}
     try:
         with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
-            return check_parity(model.module, s, data.test.x, opts.parity, what).to_dict()
+            return check_parity(model, s, data.test, opts.parity, what).to_dict()
     except BaseException:
         _remove(artifact.path)
         raise
@@ -226,55 +263,42 @@ def _remove(path: Path) -> None:
 
 
 def export_variant(
-    recipe: Recipe, handle: ModelHandle, data: DataSplits, out: str | Path, opts: RunOptions | None = None
+    recipe: Recipe, handle: ModelHandle, data: DataSplits, out: str | Path, opts: RunOptions | None = None, task: Any = None
 ) -> dict[str, Any]:
     """Run ``recipe`` (torch steps, export with parity, format steps) and write the final file to ``out`` atomically.
 
-    Returns ``{artifact, parity, steps, accuracy, agreement}``; ``accuracy`` (test split) and
-    ``agreement`` (top-1 agreement with the torch model) are measured on the runtime when it runs here.
+    Returns ``{artifact, parity, steps, metrics, torch_metrics}``: the task's metrics of the final file
+    on its runtime (fidelity against the torch model after the torch steps), when the runtime runs here.
     """
     opts = opts or RunOptions()
+    task = task or resolve_task(None, data, handle)
     out = Path(out)
     exporter = get_exporter(recipe.target)
     if out.suffix != exporter.suffix:
         raise ConfigError(f"--out {out}: a {recipe.target} export is written to a {exporter.suffix} path")
-    from keiryo.passes import apply
-
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as td:
-        ctx = PassContext(
-            data=data, workdir=Path(td), seed=opts.seed, threads=opts.bench.threads, progress=opts.progress, teacher=handle
-        )
-        steps_cfg = recipe.step_configs()
-        n_torch = sum(spec.stage == "torch" for spec, _ in steps_cfg)
-        model = handle
-        for i, (spec, cfg) in enumerate(steps_cfg[:n_torch], start=1):
-            ctx.step_index = i
-            _log(opts, f"  step {i}: {spec.name}")
-            model = apply(model, cfg, ctx).model
-        artifact = export(model, recipe.target, Path(td) / f"export{exporter.suffix}", recipe.export)
-        parity = export_parity(model, artifact, data, opts, f"{recipe.target} export")
-        steps = []
-        for i, (spec, cfg) in enumerate(steps_cfg[n_torch:], start=n_torch + 1):
-            ctx.step_index = i
-            _log(opts, f"  step {i}: {spec.name}")
-            res = apply(artifact, cfg, ctx)
-            artifact = res.model
-            steps.append({"type": spec.name, "info": res.info})
-        report: dict[str, Any] = {"parity": parity, "steps": steps, "info": artifact.info}
+        ctx = _context(handle, data, task, Path(td), opts)
+        try:
+            res = run_steps(recipe, handle, data, ctx, opts)
+        except StepFailure as e:
+            raise e.__cause__ if isinstance(e.__cause__, KeiryoError) else e  # noqa: B904
+        artifact = res.artifact
+        report: dict[str, Any] = {"parity": res.parity, "steps": res.effects, "info": artifact.info}
         reason = unavailable_reason(artifact.runtime)
         if reason:
-            report["accuracy"] = report["agreement"] = None
+            report["metrics"] = None
             report["not_measured"] = reason
         else:
-            with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
-                logits = predict(s, data.test.x)
-            from keiryo.train import accuracy as torch_accuracy
+            from keiryo.evaluate import predict
+            from keiryo.measure import task_metrics
+            from keiryo.train import evaluate_torch, outputs_on
 
-            report["accuracy"] = accuracy(logits, data.test.y)
-            report["torch_accuracy"] = torch_accuracy(model.module, data.test)
-            with open_session("torch", model, opts.bench.threads) as s:
-                report["agreement"] = fidelity(logits, predict(s, data.test.x).argmax(1))
+            ref = outputs_on(res.model, data.test)
+            with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
+                outs = predict(s, data.test)
+            report["metrics"] = task_metrics(task, outs, data, ref, artifact.path.name)
+            report["torch_metrics"] = evaluate_torch(res.model, data.test, task)
         if out.exists():
             _remove(out)
         os.replace(artifact.path, out)
@@ -294,24 +318,6 @@ def check_runnable(target: str) -> None:
         )
 
 
-def torch_step_effect(model: ModelHandle, data: DataSplits) -> dict[str, Any]:
-    """params, MACs, weight-file size (raw and gzip) and test accuracy of a torch-stage result."""
-    import gzip
-
-    from safetensors.torch import save
-
-    from keiryo.train import accuracy as torch_accuracy
-
-    blob = save({k: v.detach().contiguous() for k, v in model.module.state_dict().items()})
-    return {
-        "params": model.num_params(),
-        "macs": model.macs(),
-        "size_bytes": len(blob),
-        "size_gzip_bytes": len(gzip.compress(blob, 9)),
-        "accuracy": torch_accuracy(model.module, data.test),
-    }
-
-
 def compress(
     handle: ModelHandle,
     data: DataSplits,
@@ -322,11 +328,18 @@ def compress(
     opts: RunOptions | None = None,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    task: Any = None,
 ) -> dict[str, Any]:
-    """Measure the baseline and every recipe; write ``out_dir`` (results.json, artifacts) atomically."""
+    """Measure the baseline and every recipe; write ``out_dir`` (results.json, artifacts) atomically.
+
+    A recipe that fails is recorded (``status: failed``, ``error``, ``failed_step``); the others
+    are kept. ``results["failed"]`` counts the failures.
+    """
+    from keiryo._atomic import atomic_dir
     from keiryo.report.results import build_results, write_results
 
     opts = opts or RunOptions()
+    task = resolve_task(task, data, handle)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out}: output directory exists and is not empty; pass --overwrite or choose another --out")
@@ -345,32 +358,28 @@ def compress(
 
             references.append(load_recipe("fp32", target=t).model_copy(update={"name": name}))
     recipes = [*references, *recipes]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        _log(opts, f"measuring baseline (torch, {opts.bench.threads} thread(s))")
-        baseline = measure_baseline(handle, data, opts)
+    with atomic_dir(out) as tmp:
+        _log(opts, f"measuring baseline (torch, {opts.bench.threads} thread(s)); task {task.name}")
+        baseline = measure_baseline(handle, data, task, opts.bench)
         save_weights(handle.module, tmp / "baseline.safetensors", {"source": handle.spec.source})
-        candidates = []
+        candidates: list[Candidate] = []
         memo: dict[str, tuple[ModelHandle, dict[str, Any]]] = {}
         for r in recipes:
             _log(opts, f"candidate {r.name}: target {r.target}, {len(r.steps)} step(s)")
-            cand = run_recipe(r, handle, data, tmp / "work" / r.name, baseline, opts, memo)
-            final = tmp / "candidates" / r.name / f"model{cand['artifact_path'].suffix}"
-            final.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(cand.pop("artifact_path")), final)
-            cand["artifact"] = str(final.relative_to(tmp))
+            cand = run_recipe(r, handle, data, tmp / "work" / r.name, baseline, opts, memo, task=task)
+            if cand.ok:
+                assert cand.artifact_path is not None
+                final = tmp / "candidates" / r.name / f"model{cand.artifact_path.suffix}"
+                final.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(cand.artifact_path), final)
+                cand.artifact = str(final.relative_to(tmp))
+                cand.constraints_violated = check_constraints(constraints, cand.metrics)
+            else:
+                _log(opts, f"[yellow]  candidate {r.name} failed at {cand.failed_step}: {cand.error}[/]")
             candidates.append(cand)
         shutil.rmtree(tmp / "work", ignore_errors=True)
-        for c in candidates:
-            c["constraints_violated"] = check_constraints(constraints, c["metrics"])
-        best = select_best(candidates, constraints)
-        results = build_results(handle, data, baseline.metrics, candidates, best, constraints, opts, extra or {})
+        records = [c.record() for c in candidates]
+        best = select_best(records, constraints)
+        results = build_results(handle, data, task, baseline.metrics, records, best, constraints, opts, extra or {})
         write_results(results, tmp / "results.json")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return results

@@ -14,7 +14,7 @@ from typing import Any
 from keiryo.errors import InputFileError
 from keiryo.machine import machine_info
 
-RESULTS_SCHEMA_VERSION = 1
+RESULTS_SCHEMA_VERSION = 2  # 2: model.io, task, metrics with *_ci95 and samples, failed candidates
 
 
 def _ratios(candidates: list[dict[str, Any]]) -> None:
@@ -35,6 +35,7 @@ def _ratios(candidates: list[dict[str, Any]]) -> None:
 def build_results(
     handle: Any,
     data: Any,
+    task: Any,
     baseline_metrics: dict[str, Any],
     candidates: list[dict[str, Any]],
     best: str | None,
@@ -48,12 +49,12 @@ def build_results(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": {
             **handle.spec.model_dump(mode="json"),
-            "input_shape": list(handle.input_shape),
-            "num_classes": handle.num_classes,
+            "io": handle.io.model_dump(mode="json"),
             "content_hash": handle.content_hash(),
         },
         "data": data.summary(),
-        "task_metric": "accuracy",
+        "task": task.describe(),
+        "task_metric": task.primary,
         "baseline": {
             "name": "baseline",
             "format": "torch",
@@ -63,6 +64,7 @@ def build_results(
         },
         "candidates": candidates,
         "best": best,
+        "failed": sum(1 for c in candidates if c.get("status") == "failed"),
         "constraints": [c.model_dump() for c in constraints],
         "bench": opts.bench.model_dump(),
         "machine": machine_info(opts.bench.threads),

@@ -1,5 +1,5 @@
 """Search over recipes under a budget. Constraints are plain data."""
 
-from keiryo.search.constraints import Constraint, check_constraints, select_best
+from keiryo.budget import Constraint, check_constraints, select_best
 
 __all__ = ["Constraint", "check_constraints", "select_best"]

@@ -20,9 +20,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
+from keiryo.budget import Constraint, check_constraints, select_best, violation
 from keiryo.config import KeiryoConfig
 from keiryo.errors import ConfigError, ConstraintNotMetError
-from keiryo.search.constraints import Constraint, check_constraints, select_best, violation
 from keiryo.search.space import TEMPLATES, templates_for
 
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from keiryo.budget import Constraint, violation
 from keiryo.errors import BackendUnavailableError
 from keiryo.pipeline.recipe import Recipe
-from keiryo.search.constraints import Constraint, violation
 from keiryo.search.space import TEMPLATES, first_trials
 
 OBJECTIVES = (("latency_p95_ms", "minimize"), ("size_bytes", "minimize"), ("accuracy", "maximize"))
