@@ -157,7 +157,7 @@ def _measure_file(path: str | Path, runtime: str, sample: dict[str, np.ndarray],
     cfg = cfg or BenchConfig()
     with tempfile.TemporaryDirectory() as td:
         npy = os.path.join(td, "sample.npz")
-        np.savez(npy, **{k: np.ascontiguousarray(v) for k, v in sample.items()})
+        np.savez(npy, **{k: np.ascontiguousarray(v) for k, v in sample.items()})  # type: ignore[arg-type]
         job = {"path": str(path), "runtime": runtime, "sample": npy, "config": cfg.model_dump()}
         env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
         proc = subprocess.run(

@@ -10,6 +10,7 @@ from keiryo.data import DataSpec, load_data
 from keiryo.model import ModelSpec, load_model
 from keiryo.pipeline import RunOptions, compress, load_recipe
 from keiryo.search import Constraint
+from keiryo.tasks import get_task
 from keiryo.train import TrainConfig, train
 
 DEMO_DATA = DataSpec(source="digits", options={"size": 16, "channels": 1})
@@ -23,11 +24,12 @@ def demo_model(
     """(data, handle, training result or None): the demo model, loaded from ``weights`` or trained now."""
     data = load_data(DEMO_DATA.model_copy(update={"seed": seed}))
     spec = DEMO_MODEL.model_copy(update={"weights": str(weights) if weights else None})
-    handle = load_model(spec, data.input_shape, data.num_classes, seed=seed)
+    handle = load_model(spec, data, seed=seed, output_name="logits")
     res = None
     if weights is None:
         cfg = TrainConfig(epochs=epochs, seed=seed, lr=3e-3, patience=5)
-        res = train(handle.module, data, cfg, progress=progress, description="train mobilenetv2 on digits")
+        task = get_task("classification").bind(handle.output_names)
+        res = train(handle, data, task, cfg, progress=progress, description="train mobilenetv2 on digits")
     return data, handle, res
 
 
@@ -57,7 +59,7 @@ def run_demo(
             "training": {
                 "epochs_run": res.epochs_run,
                 "best_epoch": res.best_epoch,
-                "best_val_accuracy": res.best_val_accuracy,
+                "best_val_accuracy": res.best_val,
                 "seconds": round(res.seconds, 1),
             }
         },

@@ -183,7 +183,7 @@ def train(
                 seen += n
             vm = val_metrics()
             score = task.selection_score(vm)
-            history.append({"epoch": epoch, "loss": total_loss / max(1, seen), f"val_{task.primary}": vm.get(task.primary)})
+            history.append({"epoch": epoch, "loss": total_loss / max(1, seen), f"val_{task.primary}": float(vm[task.primary])})
             if score > best_score:
                 best_score, best_epoch, best_state = score, epoch, copy.deepcopy(module.state_dict())
             if bar and bar_task is not None:

@@ -9,7 +9,12 @@ import torch
 
 from keiryo.data import DataSpec, load_data
 from keiryo.model import ModelHandle, ModelSpec, load_model
+from keiryo.tasks import get_task
 from keiryo.train import TrainConfig, train
+
+
+def classification(handle: ModelHandle):
+    return get_task("classification").bind(handle.output_names)
 
 
 @pytest.fixture(scope="session")
@@ -21,8 +26,8 @@ def digits():
 @pytest.fixture(scope="session")
 def tiny_trained(digits) -> ModelHandle:
     """keiryo.testing.tiny_cnn trained for a few epochs on digits (~5 s)."""
-    h = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", options={"width": 8}), digits.input_shape, digits.num_classes)
-    train(h.module, digits, TrainConfig(epochs=15, lr=1e-2, patience=15), progress=False)
+    h = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", options={"width": 8}), digits, output_name="logits")
+    train(h, digits, classification(h), TrainConfig(epochs=15, lr=1e-2, patience=15), progress=False)
     return h
 
 
@@ -64,6 +69,6 @@ def _threads():
 @pytest.fixture(scope="session")
 def tiny_zoo_trained(digits) -> ModelHandle:
     """A small zoo MobileNetV2 (width 0.25) trained briefly on digits 8x8."""
-    h = load_model(ModelSpec(source="zoo:mobilenetv2", options={"width": 0.25, "last_channel": 32}), digits.input_shape, 10)
-    train(h.module, digits, TrainConfig(epochs=3), progress=False)
+    h = load_model(ModelSpec(source="zoo:mobilenetv2", options={"width": 0.25, "last_channel": 32}), digits, 10, output_name="logits")
+    train(h, digits, classification(h), TrainConfig(epochs=3), progress=False)
     return h

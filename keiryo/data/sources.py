@@ -267,8 +267,8 @@ def load_image(path: Path, opts: FolderOptions) -> np.ndarray:
 
     mode = "L" if opts.channels == 1 else "RGB"
     try:
-        with Image.open(path) as im:
-            im = im.convert(mode)
+        with Image.open(path) as f:
+            im: Image.Image = f.convert(mode)
             w, h = im.size
             scale = opts.size / min(w, h)
             if opts.crop is None:

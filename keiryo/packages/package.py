@@ -28,7 +28,7 @@ from keiryo.errors import ConfigError, InputFileError, IntegrityError
 from keiryo.packages.signing import SIGNATURE, sign_dir, verify_dir
 
 MANIFEST = "keiryo.json"
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2  # 2: inputs/outputs from the model's IOSpec (any names and datatypes), task, named golden vectors
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.+-]{0,62}$")
 GOLDEN_ROWS = 4
@@ -57,28 +57,66 @@ def _candidate(results: dict[str, Any], name: str | None, where: Path) -> dict[s
     return cands[pick]
 
 
-def golden_vectors(model_file: Path, runtime: str, input_shape: list[int], seed: int = 0) -> dict[str, Any]:
+def golden_inputs(inputs: list[dict[str, Any]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded valid inputs for every named input of a manifest: floats in [0, 1), integers and bools in {0, 1}
+    (a token id of 0 or 1 and a mask of 0 or 1 are valid for any text model)."""
+    from keiryo.serve.protocol import DATATYPES
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in inputs:
+        dtype = DATATYPES[t["datatype"]]
+        shape = (GOLDEN_ROWS, *[d if d > 0 else 8 for d in t["shape"][1:]])
+        if dtype.kind == "f":
+            out[t["name"]] = rng.uniform(0, 1, size=shape).astype(dtype)
+        else:
+            out[t["name"]] = rng.integers(0, 2, size=shape).astype(dtype)
+    return out
+
+
+def golden_vectors(model_file: Path, runtime: str, inputs: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
     """Seeded inputs and the outputs the shipped file gives on its runtime: a server or device must reproduce them."""
     from keiryo.runtime import open_session
 
-    x = np.random.default_rng(seed).uniform(0, 1, size=(GOLDEN_ROWS, *input_shape)).astype(np.float32)
+    x = golden_inputs(inputs, seed)
     with open_session(runtime, model_file, 1) as s:
-        y = s.run(x)[0]
-    return {"inputs": x.tolist(), "outputs": y.astype(np.float32).tolist(), "atol": GOLDEN_ATOL, "seed": seed}
+        ys = s.run(x)
+        names = list(s.output_names)
+    return {
+        "inputs": {k: v.tolist() for k, v in x.items()},
+        "outputs": {n: np.asarray(y).tolist() for n, y in zip(names, ys, strict=True)},
+        "atol": GOLDEN_ATOL,
+        "seed": seed,
+    }
 
 
-def check_golden(model_file: Path, runtime: str, golden: dict[str, Any], session: Any = None) -> float:
-    """Max abs difference between the golden outputs and what ``model_file`` gives now; raises past ``atol``."""
+def check_golden(model_file: Path, runtime: str, golden: dict[str, Any], session: Any = None, inputs: Any = None) -> float:
+    """Max abs difference between the golden outputs and what ``model_file`` gives now; raises past ``atol``.
+
+    ``inputs``: the manifest's input descriptions (datatypes); golden vectors of manifest schema 1
+    (one unnamed float input and output) are read too.
+    """
     from keiryo.runtime import open_session
+    from keiryo.serve.protocol import DATATYPES
 
-    x = np.asarray(golden["inputs"], dtype=np.float32)
-    want = np.asarray(golden["outputs"], dtype=np.float32)
+    def check(s: Any) -> float:
+        if isinstance(golden["inputs"], dict):
+            types = {t["name"]: DATATYPES[t["datatype"]] for t in inputs or []}
+            x = {k: np.asarray(v, dtype=types.get(k, np.float32)) for k, v in golden["inputs"].items()}
+            want = [np.asarray(v) for v in golden["outputs"].values()]
+        else:
+            x = {s.input_names[0]: np.asarray(golden["inputs"], dtype=np.float32)}
+            want = [np.asarray(golden["outputs"], dtype=np.float32)]
+        got = s.run(x)
+        if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want, strict=False)):
+            return float("inf")
+        return max((float(np.abs(g.astype(np.float64) - w).max()) if g.size else 0.0) for g, w in zip(got, want, strict=True))
+
     if session is None:
         with open_session(runtime, model_file, 1) as s:
-            got = s.run(x)[0]
+            diff = check(s)
     else:
-        got = session.run(x)[0]
-    diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+        diff = check(session)
     if not diff <= golden["atol"]:
         raise IntegrityError(f"{model_file}: golden vectors do not reproduce (max abs diff {diff:.3g} > {golden['atol']:g})")
     return diff
@@ -87,10 +125,16 @@ def check_golden(model_file: Path, runtime: str, golden: dict[str, Any], session
 def build_manifest(results: dict[str, Any], cand: dict[str, Any], name: str, version: str, model_file: str) -> dict[str, Any]:
     from keiryo import __version__
     from keiryo.machine import library_versions
+    from keiryo.model.io import IOSpec
 
     data = results.get("data", {})
-    shape = list(data.get("input_shape") or results.get("model", {}).get("input_shape", []))
-    classes = int(data.get("num_classes") or results.get("model", {}).get("num_classes", 0))
+    io = IOSpec.parse(results.get("model", {}).get("io"), where="results.json model.io")
+
+    def oip(t: Any) -> dict[str, Any]:
+        return {"name": t.name, "datatype": t.oip_datatype, "shape": [d if isinstance(d, int) else -1 for d in t.shape]}
+
+    head = io.outputs[0].shape[-1] if io.outputs and len(io.outputs[0].shape) == 2 else None
+    labels = data.get("class_names") or ([str(i) for i in range(head)] if isinstance(head, int) else [])
     return {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "name": name,
@@ -98,9 +142,10 @@ def build_manifest(results: dict[str, Any], cand: dict[str, Any], name: str, ver
         "format": cand["format"],
         "runtime": cand.get("runtime"),
         "model_file": model_file,
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *shape]}],
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, classes]}],
-        "labels": data.get("class_names") or [str(i) for i in range(classes)],
+        "inputs": [oip(t) for t in io.inputs],
+        "outputs": [oip(t) for t in io.outputs],
+        "task": results.get("task", {}),
+        "labels": labels,
         "preprocessing": data.get("preprocessing", {}),
         "metrics": cand.get("metrics", {}),
         "recipe": cand.get("recipe", {}),
@@ -149,7 +194,7 @@ def package(
         manifest = build_manifest(results, cand, name, version, model_file)
         runtime = manifest["runtime"]
         if runtime != "coreml":
-            manifest["golden"] = golden_vectors(pkg / model_file, runtime, manifest["inputs"][0]["shape"][1:])
+            manifest["golden"] = golden_vectors(pkg / model_file, runtime, manifest["inputs"])
         (pkg / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         sign_dir(pkg, private_key)
         with tarfile.open(tmp / tgz.name, "w:gz") as tar:

@@ -82,10 +82,8 @@ def prune_unstructured(handle: Any, cfg: UnstructuredPruneConfig, ctx: PassConte
         if cfg.finetune.epochs:
             finetune(
                 handle,
-                ctx.data,
+                ctx,
                 cfg.finetune,
-                seed=ctx.seed,
-                progress=ctx.progress,
                 description=f"prune.unstructured step {k}/{steps} -> {target:.0%}",
             )
         history.append({"step": k, "target_sparsity": round(target, 4)})

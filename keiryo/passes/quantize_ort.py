@@ -91,10 +91,18 @@ def quantize_int8_static(
     """int8 static quantization of ``src`` into ``out`` (QDQ); ``x`` feeds every named input; ``cache`` reuses ranges."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
 
+    n = len(next(iter(x.values())))
+    # onnxruntime's histogram calibrators (entropy, percentile) pool every batch's outputs with
+    # np.asarray(list_of_batches) (calibrate.py, HistogramCollector.collect_value), so a shorter last
+    # batch raises "inhomogeneous shape" (onnxruntime#18792). Give them batches of one size: the largest
+    # divisor of n not above calib_batch. The ranges are the same: the outputs are pooled anyway.
+    batch = min(cfg.calib_batch, n)
+    if cfg.calibration != "minmax":
+        batch = max(d for d in range(1, batch + 1) if n % d == 0)
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            n = len(next(iter(x.values())))
-            self._it = iter([{k: v[i : i + cfg.calib_batch] for k, v in x.items()} for i in range(0, n, cfg.calib_batch)])
+            self._it = iter([{k: v[i : i + batch] for k, v in x.items()} for i in range(0, n, batch)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)

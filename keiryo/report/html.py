@@ -12,18 +12,31 @@ from typing import Any
 import yaml
 
 
+def task_of(results: dict[str, Any]) -> tuple[str, str, float]:
+    """(primary metric, its drop metric, display scale: 100 for fractions shown in %, else 1)."""
+    t = results.get("task") or {"primary": "accuracy", "drop": "accuracy_drop", "higher_is_better": True}
+    base = results["baseline"]["metrics"].get(t["primary"])
+    scale = 100.0 if t.get("higher_is_better", True) and isinstance(base, float) and 0 <= base <= 1 else 1.0
+    return t["primary"], t["drop"], scale
+
+
 def _budget(results: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(lowest accuracy allowed, highest p95 allowed) from the constraints, for the plot's budget lines."""
-    acc_floor = lat_ceiling = None
-    base = results["baseline"]["metrics"]["accuracy"]
+    """(the task metric's budget line, highest p95 allowed) from the constraints, for the plot."""
+    floor = lat_ceiling = None
+    primary, drop, scale = task_of(results)
+    base = results["baseline"]["metrics"][primary]
+    higher = (results.get("task") or {}).get("higher_is_better", True)
     for c in results.get("constraints", []):
-        if c["metric"] == "accuracy_drop":
-            acc_floor = base - c["bound"] / 100
-        elif c["metric"] == "accuracy" and c["op"] in (">=", ">"):
-            acc_floor = c["bound"]
+        if c["metric"] == drop:
+            if drop.endswith("_pct"):
+                floor = base * (1 + c["bound"] / 100)
+            else:
+                floor = base - c["bound"] / 100 if higher else base + c["bound"] / 100
+        elif c["metric"] == primary:
+            floor = c["bound"]
         elif c["metric"] == "latency_p95_ms":
             lat_ceiling = c["bound"]
-    return acc_floor, lat_ceiling
+    return (None if floor is None else floor * scale), lat_ceiling
 
 
 def pareto_png(results: dict[str, Any]) -> bytes:
@@ -32,7 +45,8 @@ def pareto_png(results: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [c for c in results["candidates"] if c.get("status") == "ok"]
+    primary, _, scale = task_of(results)
+    ok = [c for c in results["candidates"] if c.get("status") == "ok" and c["metrics"].get(primary) is not None]
     front = set(results.get("search", {}).get("pareto_front", []))
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     sizes = [c["metrics"]["size_bytes"] for c in ok] or [1]
@@ -44,7 +58,7 @@ def pareto_png(results: dict[str, Any]) -> bytes:
         marker = "*" if c["name"] == results.get("best") else ("D" if c["name"] in front else "o")
         ax.scatter(
             m["latency_p95_ms"],
-            m["accuracy"] * 100,
+            m[primary] * scale,
             s=40 + 400 * m["size_bytes"] / smax,
             c=color,
             marker=marker,
@@ -54,17 +68,17 @@ def pareto_png(results: dict[str, Any]) -> bytes:
         )
         if c["name"] in front or c["name"] in ("fp32", results.get("best")):
             ax.annotate(
-                c["name"], (m["latency_p95_ms"], m["accuracy"] * 100), fontsize=7, xytext=(4, 4), textcoords="offset points"
+                c["name"], (m["latency_p95_ms"], m[primary] * scale), fontsize=7, xytext=(4, 4), textcoords="offset points"
             )
     acc_floor, lat_ceiling = _budget(results)
     if acc_floor is not None:
-        ax.axhline(acc_floor * 100, color="#d73027", linestyle="--", linewidth=1, label="accuracy budget")
+        ax.axhline(acc_floor, color="#d73027", linestyle="--", linewidth=1, label=f"{primary} budget")
     if lat_ceiling is not None:
         ax.axvline(lat_ceiling, color="#4575b4", linestyle="--", linewidth=1, label="latency budget")
     cpu = results["machine"]["cpu"]
     batch = results.get("bench", {}).get("latency_batch", 1)
     ax.set_xlabel(f"p95 latency at batch {batch} (ms), {results['machine'].get('threads', 1)} thread(s)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"test {primary}" + (" (%)" if scale == 100 else ""))
     ax.set_title(f"candidates on {cpu['model']} (marker size = file size; * best, diamond = Pareto front)", fontsize=9)
     if acc_floor is not None or lat_ceiling is not None:
         ax.legend(fontsize=8, loc="lower right")
@@ -98,19 +112,28 @@ pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px} .note{color:#55
 """
 
 
-def _pct(v: float | None) -> str:
-    return "" if v is None else f"{v * 100:.2f}"
+def _ci(m: dict[str, Any], name: str, scale: float) -> str:
+    v, ci = m.get(name), m.get(f"{name}_ci95")
+    if v is None:
+        return "-"
+    text = f"{v * scale:.2f}" if scale == 100 else f"{v:.4g}"
+    if ci and None not in ci:
+        text += f" [{ci[0] * scale:.2f}, {ci[1] * scale:.2f}]" if scale == 100 else f" [{ci[0]:.4g}, {ci[1]:.4g}]"
+    return text
 
 
-def _row(c: dict[str, Any], best: str | None) -> str:
+def _row(c: dict[str, Any], best: str | None, results: dict[str, Any]) -> str:
     e = html.escape
     if c.get("status") != "ok":
-        return f'<tr class="failed"><td>{e(c["name"])}</td><td colspan="9" style="text-align:left">failed: {e(str(c.get("error")))}</td></tr>'
+        why = f"failed at {c.get('failed_step') or '?'}: {c.get('error')}"
+        return f'<tr class="failed"><td>{e(c["name"])}</td><td colspan="9" style="text-align:left">{e(why)}</td></tr>'
+    primary, drop, scale = task_of(results)
     m = c["metrics"]
+    fid_scale = 100.0 if isinstance(m.get("fidelity"), float) and m["fidelity"] <= 1 else 1.0
     cells = [
-        (f"{m['accuracy'] * 100:.2f}", m["accuracy"]),
-        (f"{m['accuracy_drop']:.2f}", m["accuracy_drop"]),
-        (f"{m['fidelity'] * 100:.2f}", m["fidelity"]),
+        (_ci(m, primary, scale), m.get(primary)),
+        (f"{m.get(drop, float('nan')):.2f}", m.get(drop)),
+        (_ci(m, "fidelity", fid_scale), m.get("fidelity")),
         (f"{m['size_bytes'] / 1e6:.3f}", m["size_bytes"]),
         (f"{m['size_gzip_bytes'] / 1e6:.3f}", m["size_gzip_bytes"]),
         (f"{m['latency_p50_ms']:.3f}", m["latency_p50_ms"]),
@@ -128,7 +151,8 @@ def render_html(results: dict[str, Any], png: bytes) -> str:
     best = results.get("best")
     cands = results["candidates"]
     b = next((c for c in cands if c["name"] == best), None)
-    rows = "".join(_row(c, best) for c in cands)
+    rows = "".join(_row(c, best, results) for c in cands)
+    primary, drop, scale = task_of(results)
     cons = ", ".join(f"{c['metric']} {c['op']} {c['bound']:g}" for c in results.get("constraints", [])) or "none"
     search = results.get("search", {})
     best_html = "<p><b>No candidate meets the budget.</b> Closest: " + e(json.dumps(search.get("closest", []))) + "</p>"
@@ -136,22 +160,24 @@ def render_html(results: dict[str, Any], png: bytes) -> str:
         steps = "".join(
             f"<tr><td>{e(s['type'])}</td><td>{e(s.get('stage', ''))}</td><td>{s.get('params', '')}</td>"
             f"<td>{s.get('macs', '')}</td><td>{s.get('size_bytes', '')}</td><td>{s.get('size_gzip_bytes', '')}</td>"
-            f"<td>{_pct(s.get('accuracy'))}</td></tr>"
+            f"<td>{_ci(s, primary, scale)}</td></tr>"
             for s in b.get("steps", [])
         )
         best_html = (
             f"<h2>Chosen: {e(best or '')}</h2><pre>{e(yaml.safe_dump(b['recipe'], sort_keys=False))}</pre>"
             "<h3>Effect of each step</h3><table><tr><th>step</th><th>stage</th><th>params</th><th>MACs</th>"
-            f"<th>size bytes</th><th>gzip bytes</th><th>accuracy %</th></tr>{steps}</table>"
+            f"<th>size bytes</th><th>gzip bytes</th><th>{e(primary)}</th></tr>{steps}</table>"
         )
     cfg = search.get("config", {})
-    cmd = ["keiryo optimize", f"--model {results['model']['source']}"]
+    cmd = ["keiryo optimize", f"--model {results['model']['source']}", "--weights DIR/baseline.safetensors"]
     cmd += [f"--model-opt {k}={v}" for k, v in results["model"].get("options", {}).items()]
+    if results.get("task"):
+        cmd += [f"--task {results['task'].get('name')}"]
     cmd += [f"--data {results['data']['source']}"] + [
         f"--data-opt {k}={v}" for k, v in results["data"].get("options", {}).items()
     ]
     flag = {
-        "accuracy_drop": "--max-accuracy-drop",
+        drop: "--max-drop",
         "latency_p95_ms": "--max-latency-ms",
         "size_mb": "--max-size-mb",
         "fidelity": "--min-fidelity",
@@ -163,14 +189,15 @@ def render_html(results: dict[str, Any], png: bytes) -> str:
     machine = results["machine"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>keiryo report</title><style>{_CSS}</style></head><body>
 <h1>keiryo: {e(results["model"]["source"])} on {e(results["data"]["source"])}</h1>
-<p class="note">Budget: {e(cons)}. Baseline (torch) accuracy {results["baseline"]["metrics"]["accuracy"] * 100:.2f}%.
+<p class="note">Budget: {e(cons)}. Baseline (torch) {e(primary)} {_ci(results["baseline"]["metrics"], primary, scale)}
+on {results["baseline"]["metrics"].get("samples", "?")} test samples (95% intervals in brackets).
 Every figure was measured by running the exported file on its runtime ({e(machine["cpu"]["model"])},
 int8 dot-product: {e(", ".join(machine["cpu"]["int8_isa"]) or "none")}, {machine.get("threads", 1)} thread(s)).
 {("Trials: " + str(search.get("trials_finished")) + ", failed: " + str(search.get("trials_failed")) + ", " + str(search.get("seconds")) + " s.") if search else ""}</p>
-<img alt="Pareto plot: accuracy against p95 latency" src="data:image/png;base64,{base64.b64encode(png).decode()}">
+<img alt="Pareto plot: task metric against p95 latency" src="data:image/png;base64,{base64.b64encode(png).decode()}">
 {best_html}
 <h2>All candidates</h2><p class="note">Click a column to sort.</p>
-<table class="sortable"><thead><tr><th>name</th><th>acc %</th><th>drop pt</th><th>fidelity %</th><th>size MB</th>
+<table class="sortable"><thead><tr><th>name</th><th>{e(primary)}</th><th>{e(drop)}</th><th>fidelity</th><th>size MB</th>
 <th>gzip MB</th><th>p50 ms</th><th>p95 ms</th><th>MMACs</th><th>meets budget</th></tr></thead><tbody>{rows}</tbody></table>
 <h2>Reproduce</h2><pre>{e(" ".join(cmd))}</pre>
 <h2>Machine and libraries</h2><pre>{e(json.dumps(machine, indent=2))}</pre>

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from keiryo.errors import BackendUnavailableError, KeiryoError
 
 
@@ -31,36 +29,48 @@ class Job:
     model_spec: dict[str, Any]
     data_spec: dict[str, Any]
     options: dict[str, Any]  # RunOptions as JSON
-    baseline_pred: list[int]
-    baseline_accuracy: float
+    task: dict[str, Any]  # {"ref": name or module:Class, "options": {...}}
+    baseline_metrics: dict[str, Any]
     cache_dir: str | None = None
     bench_lock: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def run_job(job: Job, handle: Any = None, data: Any = None) -> dict[str, Any]:
-    """Evaluate one trial; never raises: a failure comes back as ``{"status": "failed", "error": ...}``."""
+def run_job(job: Job, handle: Any = None, data: Any = None, baseline: Any = None) -> dict[str, Any]:
+    """Evaluate one trial; never raises: a failure comes back as ``{"status": "failed", "error": ...}``.
+
+    On another node the model, data and the baseline's reference outputs are rebuilt from
+    the job's specs (deterministic), so only plain data travels.
+    """
     try:
         from keiryo.data import DataSpec, load_data
+        from keiryo.measure import Baseline
         from keiryo.model import ModelSpec, load_model
         from keiryo.pipeline.cache import StepCache
         from keiryo.pipeline.recipe import Recipe
-        from keiryo.pipeline.runner import Baseline, RunOptions, run_recipe
+        from keiryo.pipeline.runner import RunOptions, run_recipe
+        from keiryo.tasks import get_task
 
+        task = get_task(job.task["ref"], **job.task.get("options", {}))
         if data is None:
             data = load_data(DataSpec(**job.data_spec))
         if handle is None:
-            handle = load_model(ModelSpec(**job.model_spec), data.input_shape, data.num_classes)
+            handle = load_model(ModelSpec(**job.model_spec), data, output_name=task.default_output)
+        task.bind(handle.output_names)
         opts = RunOptions(**job.options)
-        baseline = Baseline(handle, np.asarray(job.baseline_pred), job.baseline_accuracy)
+        if baseline is None:
+            from keiryo.train import outputs_on
+
+            baseline = Baseline(handle, outputs_on(handle, data.test), job.baseline_metrics)
         recipe = Recipe(**job.recipe)
         cache = StepCache(job.cache_dir) if job.cache_dir else None
         with tempfile.TemporaryDirectory(prefix="keiryo-trial-") as td:
-            cand = run_recipe(recipe, handle, data, Path(td), baseline, opts, cache=cache, bench_lock=job.bench_lock)
-            path = cand.pop("artifact_path")
-            cand["artifact_bytes"] = path.read_bytes()
-            cand["artifact_suffix"] = path.suffix
-        return cand
+            cand = run_recipe(recipe, handle, data, Path(td), baseline, opts, cache=cache, bench_lock=job.bench_lock, task=task)
+            rec = cand.record()
+            if cand.ok and cand.artifact_path is not None:
+                rec["artifact_bytes"] = cand.artifact_path.read_bytes()
+                rec["artifact_suffix"] = cand.artifact_path.suffix
+        return rec
     except KeiryoError as e:
         return {"name": job.recipe.get("name"), "recipe": job.recipe, "status": "failed", "error": str(e)}
     except Exception as e:  # a crashing trial is recorded, the search goes on
@@ -76,8 +86,8 @@ def run_job(job: Job, handle: Any = None, data: Any = None) -> dict[str, Any]:
 class LocalExecutor:
     """Runs trials one at a time in this process (the model and data are already in memory)."""
 
-    def __init__(self, handle: Any, data: Any):
-        self.handle, self.data = handle, data
+    def __init__(self, handle: Any, data: Any, baseline: Any = None):
+        self.handle, self.data, self.baseline = handle, data, baseline
         self._done: deque[tuple[Job, dict[str, Any]]] = deque()
 
     @property
@@ -85,7 +95,7 @@ class LocalExecutor:
         return 1
 
     def submit(self, job: Job) -> None:
-        self._done.append((job, run_job(job, self.handle, self.data)))
+        self._done.append((job, run_job(job, self.handle, self.data, self.baseline)))
 
     def next_done(self) -> tuple[Job, dict[str, Any]]:
         return self._done.popleft()

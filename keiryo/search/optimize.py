@@ -10,7 +10,6 @@ written at the end, so a folder without ``results.json`` is visibly unfinished, 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -62,13 +61,14 @@ def check_contradictions(constraints: list[Constraint]) -> None:
                 raise ValueError(f"contradictory budget: {b} and {a} cannot both hold")
 
 
-def pareto_front(cands: list[dict[str, Any]]) -> list[str]:
-    """Names of the candidates no other candidate beats on p95, size and accuracy at once."""
-    ok = [c for c in cands if c.get("status") == "ok"]
+def pareto_front(cands: list[dict[str, Any]], metric: str = "accuracy", higher_is_better: bool = True) -> list[str]:
+    """Names of the candidates no other candidate beats on p95, size and the task's metric at once."""
+    ok = [c for c in cands if c.get("status") == "ok" and c["metrics"].get(metric) is not None]
+    sign = -1.0 if higher_is_better else 1.0
 
     def key(c: dict[str, Any]) -> tuple[float, float, float]:
         m = c["metrics"]
-        return (m["latency_p95_ms"], m["size_bytes"], -m["accuracy"])
+        return (m["latency_p95_ms"], m["size_bytes"], sign * m[metric])
 
     front = []
     for c in ok:
@@ -79,20 +79,11 @@ def pareto_front(cands: list[dict[str, Any]]) -> list[str]:
 
 
 def _write_atomic_dir(final: Path, files: dict[str, bytes]) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    from keiryo._atomic import atomic_dir
+
+    with atomic_dir(final) as tmp:
         for name, data in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (tmp / name).write_bytes(data)
 
 
 def _load_trials(out: Path) -> list[dict[str, Any]]:
@@ -113,17 +104,20 @@ def optimize(
     overwrite: bool = False,
     require_met: bool = False,
     progress: bool = True,
+    task: Any = None,
 ) -> dict[str, Any]:
     from keiryo.benchmark import measure_file
+    from keiryo.measure import bench_sample, measure_baseline
     from keiryo.model import save_weights
     from keiryo.pipeline.recipe import load_recipe
-    from keiryo.pipeline.runner import RunOptions, _log, check_runnable, measure_baseline, run_recipe
+    from keiryo.pipeline.runner import RunOptions, _log, check_runnable, resolve_task, run_recipe
     from keiryo.report.html import write_report
     from keiryo.report.results import build_results, write_results
     from keiryo.search.executors import Job, LocalExecutor, RayExecutor
     from keiryo.search.strategy import OptunaStrategy
 
     opts = opts or RunOptions(progress=progress)
+    task = resolve_task(task, data, handle)
     check_runnable(cfg.target)
     if not cfg.templates:
         cfg = cfg.model_copy(update={"templates": templates_for(cfg.target)})
@@ -147,7 +141,7 @@ def optimize(
         state.write_text(json.dumps({"model_hash": handle.content_hash(), "config": cfg.model_dump(mode="json")}, indent=2))
     t_start = time.monotonic()
     _log(opts, f"measuring baseline (torch, {opts.bench.threads} thread(s))")
-    baseline = measure_baseline(handle, data, opts)
+    baseline = measure_baseline(handle, data, task, opts.bench)
     lock = str(out / ".bench.lock")
     ref_file = out / "reference" / "candidate.json"
     if ref_file.is_file():
@@ -155,10 +149,13 @@ def optimize(
     else:
         _log(opts, "measuring the fp32 reference on the target runtime")
         with tempfile.TemporaryDirectory() as td:
-            reference = run_recipe(
-                load_recipe("fp32", target=cfg.target), handle, data, Path(td), baseline, opts, bench_lock=lock
+            ref = run_recipe(
+                load_recipe("fp32", target=cfg.target), handle, data, Path(td), baseline, opts, bench_lock=lock, task=task
             )
-            path = reference.pop("artifact_path")
+            if not ref.ok or ref.artifact_path is None:
+                raise ConfigError(f"the fp32 reference failed at {ref.failed_step}: {ref.error}")
+            path = ref.artifact_path
+            reference = ref.record()
             reference["artifact"] = f"reference/model{path.suffix}"
             _write_atomic_dir(
                 out / "reference",
@@ -170,7 +167,7 @@ def optimize(
         return json.loads(f.read_text()) if f.is_file() else None
 
     strategy = OptunaStrategy(
-        out / "study.db", cfg.templates, cfg.constraints, cfg.target, cfg.sampler, cfg.seed, resume, recorded
+        out / "study.db", cfg.templates, cfg.constraints, cfg.target, cfg.sampler, cfg.seed, resume, recorded, task
     )
     done_before = len(list(out.glob("trials/*/candidate.json")))  # interrupted trials without a record do not count
     if resume:
@@ -180,12 +177,12 @@ def optimize(
         "model_spec": model_spec,
         "data_spec": data.spec.model_dump(mode="json"),
         "options": opts.model_dump(mode="json"),
-        "baseline_pred": baseline.pred.tolist(),
-        "baseline_accuracy": baseline.accuracy,
+        "task": {"ref": getattr(task, "ref", task.name), "options": getattr(task, "options", {})},
+        "baseline_metrics": baseline.metrics,
         "cache_dir": str(out / "cache"),
         "bench_lock": lock,
     }
-    executor: Any = LocalExecutor(handle, data) if cfg.executor == "local" else RayExecutor(cfg.address, cfg.workers)
+    executor: Any = LocalExecutor(handle, data, baseline) if cfg.executor == "local" else RayExecutor(cfg.address, cfg.workers)
     pending: dict[int, Any] = {}
     finished = done_before
     submitted = done_before
@@ -233,7 +230,7 @@ def optimize(
                 _log(opts, f"trial {job.number} failed: {res.get('error')}")
             finished += 1
             if bar:
-                bar.update(0, advance=1, status=_status(res))
+                bar.update(0, advance=1, status=_status(res, task.primary))
             if (met and cfg.stop_when_met) or timed_out():
                 if not pending:
                     break
@@ -245,17 +242,17 @@ def optimize(
     for c in cands:
         if c.get("status") == "ok":
             c["constraints_violated"] = check_constraints(cfg.constraints, c["metrics"])
-    front = pareto_front(cands)
+    front = pareto_front(cands, task.primary, task.higher_is_better)
     if cfg.remeasure_front and front:
         _log(opts, f"re-measuring the Pareto front ({len(front)} candidates) one after another on this machine")
-        sample = data.test.x[:1].numpy()
+        sample = bench_sample(data)
         for c in cands:
             if c["name"] in front:
                 r = measure_file(out / c["artifact"], c["runtime"], sample, opts.bench, lock=lock)
                 c["metrics"]["search_latency_p95_ms"] = c["metrics"]["latency_p95_ms"]
                 c["metrics"].update({k: v for k, v in r.to_dict().items() if k.startswith("latency") or k == "throughput_per_s"})
                 c["constraints_violated"] = check_constraints(cfg.constraints, c["metrics"])
-        front = pareto_front(cands)
+        front = pareto_front(cands, task.primary, task.higher_is_better)
     best = select_best(cands, cfg.constraints)
     closest = []
     if best is None:
@@ -272,7 +269,7 @@ def optimize(
         "closest": closest,
         "met": best is not None,
     }
-    results = build_results(handle, data, baseline.metrics, cands, best, cfg.constraints, opts, {"search": search_info})
+    results = build_results(handle, data, task, baseline.metrics, cands, best, cfg.constraints, opts, {"search": search_info})
     if best is not None:
         b = next(c for c in cands if c["name"] == best)
         src = out / b["artifact"]
@@ -291,8 +288,9 @@ def optimize(
     return results
 
 
-def _status(res: dict[str, Any]) -> str:
+def _status(res: dict[str, Any], metric: str) -> str:
     if res.get("status") != "ok":
         return f"trial {res['trial']} failed"
     m = res["metrics"]
-    return f"trial {res['trial']}: {m['accuracy']:.2%}, p95 {m['latency_p95_ms']:.3f} ms, {m['size_bytes'] / 1e6:.2f} MB"
+    value = m.get(metric, float("nan"))
+    return f"trial {res['trial']}: {metric} {value:.4g}, p95 {m['latency_p95_ms']:.3f} ms, {m['size_bytes'] / 1e6:.2f} MB"

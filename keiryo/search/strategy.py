@@ -1,7 +1,8 @@
 """Ask/tell search strategy over recipes, driven by Optuna (multi-objective NSGA-II, or TPE).
 
 ``suggest() -> Candidate`` and ``report(candidate, metrics | error)``. Objectives:
-minimize p95 latency and file size, maximize accuracy. Constraints (the budget) are
+minimize p95 latency and file size, and the task's primary metric in its direction (maximize
+accuracy, minimize MAE, maximize cosine). Constraints (the budget) are
 given to the sampler as feasibility, so infeasible trials steer the search away.
 Trials live in Optuna's storage on disk: a resumed search skips completed trials.
 """
@@ -19,7 +20,11 @@ from keiryo.errors import BackendUnavailableError
 from keiryo.pipeline.recipe import Recipe
 from keiryo.search.space import TEMPLATES, first_trials
 
-OBJECTIVES = (("latency_p95_ms", "minimize"), ("size_bytes", "minimize"), ("accuracy", "maximize"))
+
+def objectives(task: Any = None) -> tuple[tuple[str, str], ...]:
+    """(metric, direction) pairs; the last is the task's primary metric (accuracy when no task is given)."""
+    last = ("accuracy", "maximize") if task is None else (task.primary, "maximize" if task.higher_is_better else "minimize")
+    return (("latency_p95_ms", "minimize"), ("size_bytes", "minimize"), last)
 
 
 @dataclass
@@ -53,12 +58,14 @@ class OptunaStrategy:
         seed: int = 0,
         resume: bool = False,
         recorded: Callable[[int], dict[str, Any] | None] | None = None,
+        task: Any = None,
     ):
         optuna = _optuna()
         self.optuna = optuna
         self.templates = templates
         self.constraints = constraints
         self.target = target
+        self.objectives = objectives(task)
 
         def constraints_func(trial: Any) -> list[float]:
             return list(trial.user_attrs.get("violations", [1.0] * max(1, len(constraints))))
@@ -73,10 +80,10 @@ class OptunaStrategy:
             study_name="keiryo",
             storage=storage,
             sampler=s,
-            directions=[d for _, d in OBJECTIVES],
+            directions=[d for _, d in self.objectives],
             load_if_exists=resume,
         )
-        self.study.set_metric_names([m for m, _ in OBJECTIVES])
+        self.study.set_metric_names([m for m, _ in self.objectives])
         if not exists or not resume:
             for params in first_trials(templates):
                 self.study.enqueue_trial(params, skip_if_exists=True)
@@ -116,7 +123,7 @@ class OptunaStrategy:
             cand.trial.set_user_attr("error", error or "unknown error")
             self.study.tell(cand.trial, state=self.optuna.trial.TrialState.FAIL)
             return
-        values = [float(metrics[m]) for m, _ in OBJECTIVES]
+        values = [float(metrics[m]) if metrics.get(m) is not None else math.nan for m, _ in self.objectives]
         if not all(math.isfinite(v) for v in values):
             self.report(cand, None, f"non-finite objective values {values}")
             return

@@ -43,7 +43,7 @@ class ServedModel:
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.session.run(feed)
-        return {o["name"]: np.asarray(v, dtype=np.float32) for o, v in zip(self.manifest["outputs"], outs, strict=True)}
+        return {o["name"]: np.asarray(v) for o, v in zip(self.manifest["outputs"], outs, strict=True)}
 
 
 def load_served(
@@ -58,7 +58,9 @@ def load_served(
     session = open_session(manifest["runtime"], path / manifest["model_file"], threads)
     try:
         if "golden" in manifest:
-            check_golden(path / manifest["model_file"], manifest["runtime"], manifest["golden"], session=session)
+            check_golden(
+                path / manifest["model_file"], manifest["runtime"], manifest["golden"], session=session, inputs=manifest["inputs"]
+            )
     except BaseException:
         session.close()
         raise

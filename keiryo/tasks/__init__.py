@@ -54,7 +54,9 @@ def get_task(ref: str | Task, **options: Any) -> Task:
             cls.name = ref
     else:
         cls = TASKS.get(ref)
-    return cls(**options)
+    task = cls(**options)
+    task.ref, task.options = ref, dict(options)
+    return task
 
 
 def infer_task(data: Any) -> str:

@@ -83,6 +83,8 @@ class Task:
     """
 
     name: ClassVar[str] = ""
+    ref: str = ""  # how get_task was called (name or module:Class) and with which options
+    options: dict[str, Any] = {}  # noqa: RUF012 (replaced per instance by get_task)
     primary: ClassVar[str] = "fidelity"
     higher_is_better: ClassVar[bool] = True
     needs_targets: ClassVar[bool] = True

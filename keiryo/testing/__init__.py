@@ -68,3 +68,11 @@ def inject_activation_outliers(first: nn.Linear, second: nn.Linear, channels: in
         first.bias[c] *= factor
         second.weight[:, c] /= factor
     return idx
+
+
+def top1_accuracy(session: object, split: object) -> float:
+    """Top-1 accuracy of a runtime session (or torch handle via open_session) on an in-memory split, for tests."""
+    from keiryo.evaluate import predict
+
+    outputs = predict(session, split)
+    return float((outputs[0].argmax(1) == split.targets.numpy()).mean())  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ __all__ = ["ZooEntry", "ZOO", "build", "register_zoo"]
 class ZooEntry:
     name: str
     options: type[KeiryoConfig]
-    builder: Callable[[tuple[int, ...], int, Any], nn.Module]
+    builder: Callable[[tuple[int, ...], int | None, Any], nn.Module]
     input_ranks: tuple[int, ...]  # accepted len(input_shape) without the batch dim
     summary: str
     needs_outputs: bool = True  # False: builds without an output count (an embedding encoder, a 1-value regressor)
