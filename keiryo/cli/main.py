@@ -250,7 +250,7 @@ def compress(
 ) -> None:
     """Run recipes on a model and measure every result on the target runtime; writes DIR/results.json.
 
-    A recipe that fails is recorded with its reason and the others are kept; the exit code is then 3."""
+    A recipe that fails is recorded with its reason and the others are kept; the exit code is then 4."""
     import yaml
 
     from keiryo.budget import parse_constraint
@@ -270,7 +270,7 @@ def compress(
     if results.get("failed"):
         n = len(results["candidates"])
         _err(f"{results['failed']} of {n} candidates failed (see 'failed_step' and 'error' in {out / 'results.json'})")
-        raise typer.Exit(3)
+        raise typer.Exit(4)
 
 
 @app.command()
@@ -771,7 +771,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     _state["debug"] = "--debug" in args
     try:
-        app(args=args, standalone_mode=False)
+        rv = app(args=args, standalone_mode=False)
+        if isinstance(rv, int) and rv:  # typer.Exit(code) inside a command comes back as the return value here
+            return rv
     except KeiryoError as e:
         if _state["debug"]:
             raise

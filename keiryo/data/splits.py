@@ -291,11 +291,18 @@ def _split_indices(n: int, y: np.ndarray | None, spec: DataSpec) -> tuple[np.nda
     if y is not None and y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and y.min() >= 0:
         counts = np.bincount(y)
         strat = y if counts[counts > 0].min() >= 3 else None
+    val_f = spec.val_fraction / (1 - spec.test_fraction)
     try:
-        rest, test = train_test_split(idx, test_size=spec.test_fraction, random_state=spec.seed, stratify=strat)
-        strat_rest = strat[rest] if strat is not None else None
-        val_f = spec.val_fraction / (1 - spec.test_fraction)
-        train, val = train_test_split(rest, test_size=val_f, random_state=spec.seed, stratify=strat_rest)
+        try:
+            rest, test = train_test_split(idx, test_size=spec.test_fraction, random_state=spec.seed, stratify=strat)
+            strat_rest = strat[rest] if strat is not None else None
+            train, val = train_test_split(rest, test_size=val_f, random_state=spec.seed, stratify=strat_rest)
+        except ValueError:
+            if strat is None:
+                raise
+            # more classes than a split has samples: stratification is impossible, split at random
+            rest, test = train_test_split(idx, test_size=spec.test_fraction, random_state=spec.seed)
+            train, val = train_test_split(rest, test_size=val_f, random_state=spec.seed)
     except ValueError as e:
         raise DataError(f"{spec.source}: cannot split {n} samples into train/val/test: {e}") from e
     return np.sort(train), np.sort(val), np.sort(test)

@@ -91,13 +91,10 @@ def save_onnx(model: Any, path: Path) -> None:
 
 
 def dynamic_shapes(handle: Any, batch: bool, seq: bool) -> tuple[Any, dict[str, dict[int, str]]]:
-    """torch.export dynamic_shapes for ``handle``'s call convention, and the named dynamic axes per input."""
+    """torch.export dynamic_shapes (one entry per input, in the IOSpec's order) and the named axes per input."""
     import torch
 
-    from keiryo.model.io import call_args
-
     axes: dict[str, dict[int, str]] = {}
-    dims: dict[str, Any] = {}
     for t in handle.io.inputs:
         a: dict[int, str] = {}
         if batch:
@@ -107,43 +104,79 @@ def dynamic_shapes(handle: Any, batch: bool, seq: bool) -> tuple[Any, dict[str, 
         axes[t.name] = a
     if not any(axes.values()):
         return None, axes
-    dims["batch"] = torch.export.Dim("batch", min=1, max=4096)
+    dims: dict[str, Any] = {"batch": torch.export.Dim("batch", min=1, max=4096)}
     seq_len = max((int(t.shape[1]) for t in handle.io.inputs if 1 in axes[t.name]), default=0)
     if seq_len:
         dims["seq"] = torch.export.Dim("seq", min=2, max=max(seq_len, 2))
-    per_input = {n: {i: dims[name] for i, name in a.items()} for n, a in axes.items()}
-    args, kwargs = call_args(handle.module, per_input, handle.io.input_names)
-    if kwargs:
-        return kwargs, axes
-    import inspect
+    per_input = tuple({i: dims[name] for i, name in axes[t.name].items()} or None for t in handle.io.inputs)
+    return (per_input,), axes  # one entry: the *inputs varargs of flat_module
 
-    params = [p for p in inspect.signature(handle.module.forward).parameters][: len(args)]
-    return dict(zip(params, args, strict=False)), axes
+
+def flat_module(handle: Any) -> Any:
+    """The model as ``forward(*inputs) -> tuple of outputs`` in the IOSpec's order (dict outputs flattened),
+    so every exporter sees one calling convention and names tensors from the IOSpec alone."""
+    import torch
+
+    from keiryo.model.io import call_module, flatten_outputs
+
+    names = list(handle.io.input_names)
+
+    class Flat(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            outs, _ = flatten_outputs(call_module(self.inner, dict(zip(names, inputs, strict=True)), names))
+            return tuple(outs)
+
+    return Flat(handle.module).eval()
+
+
+def rename_values(model: Any, mapping: dict[str, str]) -> None:
+    """Rename graph values (inputs, outputs, node I/O) in place; a value that already holds a wanted name
+    (the exporter names values after their op, e.g. ``embedding``) is moved aside first."""
+    g = model.graph
+    used = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+    full = dict(mapping)
+    for new in mapping.values():
+        if new in used and new not in mapping:
+            k = 1
+            while f"{new}__{k}" in used:
+                k += 1
+            full[new] = f"{new}__{k}"
+
+    def r(name: str) -> str:
+        return full.get(name, name)
+
+    for coll in (g.input, g.output, g.value_info):
+        for v in coll:
+            v.name = r(v.name)
+    for init in g.initializer:
+        init.name = r(init.name)
+    for n in g.node:
+        n.input[:] = [r(x) for x in n.input]
+        n.output[:] = [r(x) for x in n.output]
 
 
 def _torch_export(handle: Any, tmp: Path, cfg: OnnxExportConfig, seq: bool) -> dict[str, dict[int, str]]:
     import torch
 
     from keiryo._quiet import quiet
-    from keiryo.model.io import call_args
 
     ex = handle.example_inputs(2)
     for t in handle.io.inputs:  # token ids of 1 are valid for any vocabulary; masks of 1 keep every token
         if t.dtype in ("int64", "int32"):
             ex[t.name] = torch.ones_like(ex[t.name])
-    args, kwargs = call_args(handle.module, ex, handle.io.input_names)
     dyn, axes = dynamic_shapes(handle, cfg.dynamic_batch, seq)
     with quiet("torch.onnx"):
         torch.onnx.export(
-            handle.module.eval(),
-            args,
+            flat_module(handle),
+            tuple(ex[n] for n in handle.io.input_names),
             str(tmp),
-            kwargs=kwargs or None,
             dynamo=True,
             external_data=False,
             opset_version=cfg.opset,
-            input_names=handle.io.input_names,
-            output_names=handle.io.output_names,
             dynamic_shapes=dyn,
             verbose=False,
         )
@@ -170,20 +203,23 @@ def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
             ex = handle.example_inputs(2)
             raise conversion_error(e, handle.spec.source, "torch.onnx", "register an ONNX translation", handle.module, ex) from e
         model = onnx.load(str(tmp))
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if len(got_in) != len(handle.io.inputs) or len(got_out) != len(handle.io.outputs):
+        raise ExportError(
+            f"{handle.spec.source}: the ONNX graph has {len(got_in)} input(s) and {len(got_out)} output(s); expected "
+            f"{handle.io.input_names} -> {handle.io.output_names} (an input the model ignores is dropped by the exporter)"
+        )
+    rename_values(
+        model,
+        {**dict(zip(got_in, handle.io.input_names, strict=True)), **dict(zip(got_out, handle.io.output_names, strict=True))},
+    )
     strip_metadata(model)
     model.producer_name = "keiryo"
     try:
         onnx.checker.check_model(model)
     except Exception as e:
         raise ExportError(f"{handle.spec.source}: exported ONNX graph is invalid: {first_line(e)}") from e
-    got_in = [i.name for i in model.graph.input]
-    got_out = [o.name for o in model.graph.output]
-    if got_in != handle.io.input_names or got_out != handle.io.output_names:
-        raise ExportError(
-            f"{handle.spec.source}: the ONNX graph has inputs {got_in} and outputs {got_out}; "
-            f"expected {handle.io.input_names} -> {handle.io.output_names} "
-            "(an input the model ignores is dropped by the exporter)"
-        )
     save_onnx(model, out_path)
     info["op_types"] = sorted({n.op_type for n in model.graph.node})
     info["dynamic_axes"] = {k: {str(i): n for i, n in a.items()} for k, a in axes.items()}

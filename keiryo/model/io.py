@@ -184,7 +184,10 @@ def infer_outputs(
             raw = call_module(module.eval(), ex, [t.name for t in specs])
     except Exception as e:
         shapes = ", ".join(f"{k} {tuple(v.shape)} {dtype_name(v.dtype)}" for k, v in ex.items())
-        raise DataError(f"{where} cannot take the data's inputs ({shapes}, batch first): {first_line(e)}") from e
+        params = _forward_params(module)
+        raise DataError(
+            f"{where} cannot take the data's inputs ({shapes}, batch first) as forward({', '.join(params)}): {first_line(e)}"
+        ) from e
     outs, named = flatten_outputs(raw, where)
     names = output_names_for(len(outs), named, default_name)
     result = []

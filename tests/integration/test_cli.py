@@ -62,6 +62,7 @@ def test_compress_results_contract(tiny_results):
         "peak_rss_mb",
     }
     for c in on_disk["candidates"]:
+        assert c["status"] == "ok", c
         assert {"name", "recipe", "format", "artifact", "metrics"} <= set(c)
         assert required <= set(c["metrics"]), required - set(c["metrics"])
         assert (out / c["artifact"]).is_file()
@@ -111,13 +112,15 @@ def test_train_then_compress_from_the_cli(tmp_path, capsys):
 
 
 def test_training_is_reproducible(digits):
+    from conftest import classification
+
     from keiryo.model import load_model
     from keiryo.train import TrainConfig, train
 
     def once():
-        h = load_model("keiryo.testing:tiny_cnn", (1, 8, 8), 10)
-        r = train(h.module, digits, TrainConfig(epochs=2, seed=3, threads=1), progress=False)
-        return h.content_hash(), r.test_accuracy
+        h = load_model("keiryo.testing:tiny_cnn", digits, output_name="logits")
+        r = train(h, digits, classification(h), TrainConfig(epochs=2, seed=3, threads=1), progress=False)
+        return h.content_hash(), r.best_val, r.test_metrics["accuracy"]
 
     assert once() == once()
 
@@ -169,7 +172,7 @@ def _assert_no_output(path: Path) -> None:
         (["--model", "zoo:nope"], "unknown zoo model 'nope'"),
         (["--model", "missing_file.py:make"], "missing_file.py not found"),
         (["--model", "keiryo.testing:not_a_module"], "returned a dict; expected a torch.nn.Module"),
-        (["--model", "keiryo.testing:tiny_cnn", "--model-opt", "num_classes=4"], "outputs 4 classes but the data has 10 classes"),
+        (["--model", "keiryo.testing:tiny_cnn", "--model-opt", "num_classes=4"], "is outside the model's output range 0..3"),
         (["--model", "zoo:conv1d"], "zoo:conv1d takes inputs of rank 2"),
         (["--model", "zoo:mlp", "--model-opt", "hiden=3"], "unknown field 'hiden'"),
         (["--model", "zoo:mlp", "--recipe", "int9"], "recipe 'int9': not a built-in"),
@@ -229,7 +232,7 @@ def test_bad_files(tmp_path, capsys, tiny_weights):
         str(out),
         capsys=capsys,
     )
-    assert code != 0 and "cannot take the data's input shape (2, 20)" in one_line_error(err)
+    assert code != 0 and "cannot take the data's inputs (x (2, 20) float32, batch first)" in one_line_error(err)
     # unknown recipe step and unknown field in a recipe file
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps:\n  - type: quantize.int4_magic\n")
@@ -251,21 +254,41 @@ def test_unexportable_model_names_the_op(tmp_path, capsys):
         "def make():\n    return M()\n"
     )
     out = tmp_path / "out"
-    code, _, err = run_cli("compress", "--model", f"{f}:make", "--recipe", "int8", "--out", str(out), capsys=capsys)
-    assert code != 0 and "cannot export op aten.histc.default" in one_line_error(err)
-    _assert_no_output(out)
+    code, _, err = run_cli(
+        "compress", "--model", f"{f}:make", "--recipe", "int8", "--iterations", "5", "--out", str(out), capsys=capsys
+    )
+    # every recipe fails at the export: each is recorded with its reason, and the exit code says so
+    assert code == 3, err
+    assert "2 of 2 candidates failed" in one_line_error(err)
+    res = json.loads((out / "results.json").read_text())
+    assert res["failed"] == 2 and res["best"] is None
+    assert [c["name"] for c in res["candidates"]] == ["fp32", "int8"]
+    for c in res["candidates"]:
+        assert c["status"] == "failed" and c["failed_step"] == "export.onnx" and "artifact" not in c
+        assert "cannot export op aten.histc.default" in c["error"]
+    assert not (out / "candidates").exists() and not (out / "work").exists()
 
 
 def test_parity_failure_is_an_error_unless_overridden(tmp_path, capsys, tiny_weights):
     out = tmp_path / "out"
     args = ["compress", *TINY, "--weights", str(tiny_weights), "--recipe", "fp32", "--iterations", "5"]
     code, _, err = run_cli(*args, "--parity-tolerance", "1e-12", "--out", str(out), capsys=capsys)
-    assert code != 0 and "export does not match torch" in one_line_error(err)
-    _assert_no_output(out)
+    # the recipe whose export does not match is recorded as failed at the export step, with no artifact
+    assert code == 3, err
+    assert "1 of 1 candidates failed" in one_line_error(err)
+    res = json.loads((out / "results.json").read_text())
+    (fp32,) = res["candidates"]
+    assert res["failed"] == 1 and res["best"] is None
+    assert fp32["status"] == "failed" and fp32["failed_step"] == "export.onnx" and "artifact" not in fp32
+    assert "export does not match torch" in fp32["error"] and "output 'logits'" in fp32["error"]
+    assert not (out / "candidates").exists()
+    out = tmp_path / "out2"
     code, _, err = run_cli(*args, "--parity-tolerance", "1e-12", "--no-parity-check", "--out", str(out), capsys=capsys)
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
-    assert res["candidates"][0]["metrics"]["export_parity"]["passed"] is False
+    parity = res["candidates"][0]["metrics"]["export_parity"]
+    assert res["failed"] == 0 and parity["passed"] is False and parity["max_abs_diff_tolerance"] == 1e-12
+    assert set(parity["outputs"]) == {"logits"} and parity["top1_agreement"] >= 0.99
 
 
 def test_existing_output_is_not_clobbered(tmp_path, capsys):
@@ -319,6 +342,7 @@ def test_recipes_sharing_a_torch_prefix_compute_it_once(tmp_path, capsys, tiny_w
     assert "reused" in err
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     pq = next(c for c in res["candidates"] if c["name"] == "pq")
+    assert res["failed"] == 0 and pq["status"] == "ok", pq
     assert pq["steps"][0]["cached"] is True and pq["steps"][0]["type"] == "prune.structured"
     assert {"params", "macs", "size_bytes", "size_gzip_bytes", "accuracy"} <= set(pq["steps"][0])
     assert pq["metrics"]["macs"] < res["baseline"]["metrics"]["macs"]

@@ -37,12 +37,13 @@ def test_package_layout_manifest_and_tarball(pkg, tiny_results, keys):
     m = read_manifest(pkg)
     best = next(c for c in results["candidates"] if c["name"] == results["best"])
     assert (m["name"], m["version"], m["format"], m["runtime"]) == ("tiny", "1.0.0", "onnx", "onnxruntime")
-    assert m["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert m["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert m["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
     assert m["labels"] == [str(i) for i in range(10)] and m["preprocessing"]
     assert m["metrics"]["accuracy"] == best["metrics"]["accuracy"] and m["recipe"] == best["recipe"]
     assert "onnxruntime" in m["library_versions"] and m["keiryo_version"]
-    assert len(m["golden"]["inputs"]) == len(m["golden"]["outputs"]) == 4
+    assert list(m["golden"]["inputs"]) == ["image"] and list(m["golden"]["outputs"]) == ["logits"]
+    assert len(m["golden"]["inputs"]["image"]) == len(m["golden"]["outputs"]["logits"]) == 4
     with tarfile.open(pkg.with_name(pkg.name + ".tar.gz")) as t:
         assert sorted(t.getnames()) == sorted(
             [pkg.name] + [f"{pkg.name}/{n}" for n in ("keiryo.json", "model.onnx", "model.sig")]
@@ -81,7 +82,7 @@ def test_golden_vectors_that_do_not_reproduce_fail_even_when_resigned(pkg, keys,
 
     p = _copy(pkg, tmp_path)
     m = json.loads((p / "keiryo.json").read_text())
-    m["golden"]["outputs"][0][0] += 1.0
+    m["golden"]["outputs"]["logits"][0][0] += 1.0
     (p / "keiryo.json").write_text(json.dumps(m))
     (p / "model.sig").unlink()
     sign_dir(p, keys[0])

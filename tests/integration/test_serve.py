@@ -113,12 +113,12 @@ def test_tritonclient_binary_and_json(world, digits):
     assert c.is_server_live() and c.is_server_ready(headers=dict(H))
     assert c.is_model_ready("tiny", headers=dict(H))
     meta = c.get_model_metadata("tiny", headers=dict(H))
-    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
-    x = digits.test.x[:3].numpy()
+    x = digits.test.inputs["image"][:3].numpy()
     want = _expected(world, x)
     for binary in (True, False):
-        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp = httpclient.InferInput("image", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=binary)
         out = httpclient.InferRequestedOutput("logits", binary_data=binary)
         res = c.infer("tiny", [inp], outputs=[out], headers=dict(H), request_id="r-1")
@@ -136,7 +136,7 @@ def _post(world, body, *, headers=None, path="/v2/models/tiny/infer", content=No
 
 
 def _good(x):
-    return {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    return {"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
 
 
 @pytest.mark.parametrize(
@@ -153,14 +153,14 @@ def _good(x):
     ],
 )
 def test_bad_requests_get_a_4xx_json_error(world, digits, mutate, status, message):
-    body = mutate(_good(digits.test.x[:1].numpy()))
+    body = mutate(_good(digits.test.inputs["image"][:1].numpy()))
     r = _post(world, None, content=body if isinstance(body, str) else json.dumps(body))
     assert r.status_code == status and message in r.json()["error"]
 
 
 def test_limits_auth_and_unknown_models(world, digits):
     url = world["srv"].url
-    x = digits.test.x[:1].numpy()
+    x = digits.test.inputs["image"][:1].numpy()
     big = np.zeros((400, 1, 8, 8), np.float32)  # ~128 KB of JSON, limit 64 KB
     r = _post(world, _good(big))
     assert r.status_code == 413 and "over the limit" in r.json()["error"]
@@ -178,7 +178,7 @@ def test_limits_auth_and_unknown_models(world, digits):
 
 
 def test_dynamic_batching_runs_concurrent_requests_together(world, digits):
-    x = digits.test.x[:1].numpy()
+    x = digits.test.inputs["image"][:1].numpy()
     want = _expected(world, x)
 
     def one(_):
@@ -206,7 +206,7 @@ def test_dynamic_batching_runs_concurrent_requests_together(world, digits):
 
 
 def test_hot_reload_on_alias_move_and_refusal_of_a_bad_version(world, digits):
-    store, x = world["store"], digits.test.x[:2].numpy()
+    store, x = world["store"], digits.test.inputs["image"][:2].numpy()
     store.promote("tiny", "2.0.0", "production")
     assert _wait_version(world, "2.0.0")
     r = _post(world, _good(x))
@@ -230,7 +230,7 @@ def test_hot_reload_on_alias_move_and_refusal_of_a_bad_version(world, digits):
 
 
 def test_in_flight_requests_survive_a_reload(world, digits):
-    x = digits.test.x[:1].numpy()
+    x = digits.test.inputs["image"][:1].numpy()
     admin = {"Authorization": f"Bearer {ADMIN}"}
     stop = threading.Event()
     codes: list[int] = []
@@ -281,7 +281,7 @@ def schemathesis_given(operation):
 
 
 def test_request_id_is_echoed_and_a_streamed_body_over_the_limit_is_refused(world, digits):
-    x = digits.test.x[:1].numpy()
+    x = digits.test.inputs["image"][:1].numpy()
     r = _post(world, _good(x), headers={"X-Request-ID": "abc-123"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123"
     generated = {_post(world, _good(x)).headers["x-request-id"] for _ in range(3)}  # generated when absent
@@ -299,7 +299,7 @@ def test_every_request_gets_one_json_access_log_line_with_its_id(world, digits, 
     import logging
 
     caplog.set_level(logging.INFO, logger="keiryo.access")
-    x = digits.test.x[:1].numpy()
+    x = digits.test.inputs["image"][:1].numpy()
     assert _post(world, _good(x), headers={"X-Request-ID": 'log-"1"'}).status_code == 200
     assert httpx.get(world["srv"].url + "/v2/models/nope", headers={**H, "X-Request-ID": "log-2"}).status_code == 404
     end = time.time() + 5  # the line is written once the response is sent: wait for it
@@ -340,7 +340,7 @@ def test_keiryo_serve_exits_cleanly_on_sigterm_with_every_access_line_written(wo
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        x = digits.test.x[:1].numpy()
+        x = digits.test.inputs["image"][:1].numpy()
         ids = [f"term-{i}" for i in range(20)]
         for rid in ids:
             r = httpx.post(url + "/v2/models/tiny/infer", headers={**H, "X-Request-ID": rid}, content=json.dumps(_good(x)))
@@ -383,7 +383,7 @@ def test_the_documented_fastapi_infer_route_answers_like_the_front(world, digits
 
     settings = ServeSettings(models=["tiny@1.0.0"], public_key=str(world["pub"]), api_keys=[API], poll_s=None)
     front = create_app(world["store"], settings)
-    x = digits.test.x[:2].numpy()
+    x = digits.test.inputs["image"][:2].numpy()
     answers = []
     for app in (front, front.api):
         with TestClient(app) as c:
@@ -439,7 +439,7 @@ def test_a_request_over_its_timeout_gets_503_and_the_server_keeps_serving(world,
     settings = ServeSettings(
         models=["tiny@1.0.0"], public_key=str(world["pub"]), api_keys=[API], poll_s=None, request_timeout_s=1e-9
     )
-    x = digits.test.x[:1].numpy()
+    x = digits.test.inputs["image"][:1].numpy()
     with TestClient(create_app(world["store"], settings)) as c:
         r = c.post("/v2/models/tiny/infer", headers=H, content=json.dumps(_good(x)))
         assert r.status_code == 503 and "error" in r.json()

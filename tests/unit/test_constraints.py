@@ -1,7 +1,7 @@
 import pytest
 
 from keiryo.errors import ConfigError
-from keiryo.search import Constraint, check_constraints, select_best
+from keiryo.budget import Constraint, check_constraints, parse_constraint, select_best
 
 
 def test_constraints_are_data_and_validated():
@@ -12,6 +12,9 @@ def test_constraints_are_data_and_validated():
         Constraint.parse({"metric": "speed", "op": "<=", "bound": 1})
     with pytest.raises(ConfigError, match="bound must be >= 0"):
         Constraint.parse({"metric": "accuracy_drop", "op": "<=", "bound": -1})
+    assert parse_constraint(" latency_p95_ms <= 2.5 ") == Constraint(metric="latency_p95_ms", op="<=", bound=2.5)
+    with pytest.raises(ConfigError, match="expected METRIC<=BOUND"):
+        parse_constraint("latency_p95_ms == 2")
 
 
 def test_select_best_is_fastest_meeting_the_budget():
@@ -20,6 +23,7 @@ def test_select_best_is_fastest_meeting_the_budget():
         {"name": "b", "metrics": {"accuracy_drop": 2.0, "latency_p95_ms": 1.0, "size_bytes": 5}},
         {"name": "c", "metrics": {"accuracy_drop": 0.5, "latency_p95_ms": 2.0, "size_bytes": 8}},
         {"name": "d", "status": "failed", "metrics": {"accuracy_drop": 0.0, "latency_p95_ms": 0.1, "size_bytes": 1}},
+        {"name": "e", "status": "failed", "error": "PassError: boom", "failed_step": "quantize.int8_static"},  # no metrics
     ]
     budget = [Constraint(metric="accuracy_drop", op="<=", bound=1.0)]
     assert select_best(cands, budget) == "c"

@@ -2,37 +2,60 @@ import numpy as np
 import pytest
 import torch
 
-from keiryo.data import DataSpec, load_data
-from keiryo.data.splits import parse_options
+from keiryo.data import DataSpec, MemorySplit, load_data
+from keiryo.data.splits import StreamSplit, parse_options
 from keiryo.errors import ConfigError, DataError, InputFileError
 
 
 def test_digits_split_is_deterministic_stratified_and_disjoint(digits):
+    assert digits.input_names == ["image"] and digits.label_count == 10
     again = load_data(DataSpec(source="digits", calib_size=64))
-    assert torch.equal(digits.test.x, again.test.x) and torch.equal(digits.train.y, again.train.y)
+    assert torch.equal(digits.test.inputs["image"], again.test.inputs["image"]) and torch.equal(digits.train.y, again.train.y)
     sizes = {k: len(getattr(digits, k)) for k in ("train", "val", "test")}
-    assert sum(sizes.values()) == 1797
+    assert sum(sizes.values()) == 1797 == digits.total
     # stratified: every class is in every split in about the same share
     for split in (digits.train, digits.val, digits.test):
         counts = np.bincount(split.y.numpy(), minlength=10) / len(split)
         assert counts.min() > 0.07 and counts.max() < 0.13
     # disjoint: no test image appears in train
-    train_rows = {r.tobytes() for r in digits.train.x.numpy()}
-    assert sum(r.tobytes() in train_rows for r in digits.test.x.numpy()) < 5  # digits has a few exact duplicates
+    train_rows = {r.tobytes() for r in digits.train.numpy()["image"]}
+    assert sum(r.tobytes() in train_rows for r in digits.test.numpy()["image"]) < 5  # digits has a few exact duplicates
     other = load_data(DataSpec(source="digits", seed=1))
     assert not torch.equal(other.test.y, digits.test.y)
 
 
 def test_calibration_subset_comes_from_train(digits):
     assert len(digits.calib) == 64
-    train_rows = {r.tobytes() for r in digits.train.x.numpy()}
-    assert all(r.tobytes() in train_rows for r in digits.calib.x.numpy())
+    train_rows = {r.tobytes() for r in digits.train.numpy()["image"]}
+    assert all(r.tobytes() in train_rows for r in digits.calib.numpy()["image"])
+
+
+def test_memory_split_slices_and_batches_named_inputs(digits):
+    part = digits.test[:10]
+    assert isinstance(part, MemorySplit) and len(part) == 10
+    assert torch.equal(part.inputs["image"], digits.test.inputs["image"][:10]) and torch.equal(part.targets, digits.test.y[:10])
+    batches = list(digits.test.batches(7))
+    assert [len(y) for _, y in batches[:-1]] == [7] * (len(batches) - 1)
+    assert torch.equal(torch.cat([x["image"] for x, _ in batches]), digits.test.inputs["image"])
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    shuffled = [y for _, y in digits.test.batches(7, shuffle=True, generator=g1)]
+    again = [y for _, y in digits.test.batches(7, shuffle=True, generator=g2)]
+    assert all(torch.equal(a, b) for a, b in zip(shuffled, again, strict=True))
+    assert not torch.equal(torch.cat(shuffled), digits.test.y)  # shuffled, yet every row once
+    assert torch.equal(torch.cat(shuffled).sort().values, digits.test.y.sort().values)
+
+
+def test_eval_and_val_sizes_cap_the_in_memory_splits():
+    d = load_data(DataSpec(source="digits", eval_size=50, val_size=40, calib_size=30))
+    assert (len(d.test), len(d.val), len(d.calib)) == (50, 40, 30)
+    assert d.total == 1797 and len(d.train) > 1000
 
 
 def test_digits_resize_and_channels():
     d = load_data("digits", size=16, channels=3)
     assert d.input_shape == (3, 16, 16)
-    assert 0.0 <= float(d.train.x.min()) and float(d.train.x.max()) <= 1.0
+    x = d.train.inputs["image"]
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     with pytest.raises(ConfigError, match="channels must be 1 or 3"):
         load_data("digits", channels=2)
     with pytest.raises(ConfigError, match="unknown field 'colour'"):
@@ -45,19 +68,36 @@ def test_npz_source_and_its_errors(tmp_path):
     x, y = blobs(200, 6, 3)
     np.savez(tmp_path / "ok.npz", x=x, y=y)
     d = load_data(str(tmp_path / "ok.npz"))
-    assert d.input_shape == (6,) and d.num_classes == 3
+    assert d.input_names == ["x"] and d.input_shape == (6,) and d.label_count == 3
     x[5, 2] = np.nan
     np.savez(tmp_path / "nan.npz", x=x, y=y)
     with pytest.raises(DataError, match=r"nan.npz: x contains 1 NaN/Inf values \(first in sample 5\)"):
         load_data(str(tmp_path / "nan.npz"))
     np.savez(tmp_path / "noy.npz", x=x)
-    with pytest.raises(DataError, match=r"missing array\(s\) \['y'\]"):
+    with pytest.raises(DataError, match=r"label array 'y' not found; arrays are \['x'\]"):
         load_data(str(tmp_path / "noy.npz"))
     with pytest.raises(InputFileError, match="file not found"):
         load_data(str(tmp_path / "missing.npz"))
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(InputFileError, match="bad.npz"):
         load_data(str(tmp_path / "bad.npz"))
+
+
+def test_npz_with_several_named_inputs_and_a_label_option(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, size=(90, 12)).astype(np.int64)
+    mask = np.ones((90, 12), np.int64)
+    cls = rng.integers(0, 3, size=90)
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask, cls=cls)
+    d = load_data(DataSpec(source=str(tmp_path / "t.npz"), options={"label": "cls"}))
+    assert sorted(d.input_names) == ["attention_mask", "input_ids"]
+    assert {t.name: t.dtype for t in d.inputs} == {"input_ids": "int64", "attention_mask": "int64"}
+    assert d.label_count == 3
+    # every row of every input stays with its label
+    row = {r.tobytes(): int(c) for r, c in zip(ids, cls, strict=True)}
+    assert all(row[r.tobytes()] == int(c) for r, c in zip(d.test.numpy()["input_ids"], d.test.y, strict=True))
+    no_labels = load_data(DataSpec(source=str(tmp_path / "t.npz"), options={"label": None}))
+    assert no_labels.target is None and no_labels.test.targets is None and len(no_labels.inputs) == 3
 
 
 def test_csv_source(tmp_path):
@@ -67,7 +107,7 @@ def test_csv_source(tmp_path):
     lines = ["a,b,species,c,d"] + [f"{r[0]},{r[1]},{'abc'[t]},{r[2]},{r[3]}" for r, t in zip(x, y, strict=False)]
     (tmp_path / "d.csv").write_text("\n".join(lines))
     d = load_data(DataSpec(source=str(tmp_path / "d.csv"), options={"label": "species"}))
-    assert d.input_shape == (4,) and d.class_names == ["a", "b", "c"]
+    assert d.input_names == ["features"] and d.input_shape == (4,) and d.class_names == ["a", "b", "c"]
     with pytest.raises(DataError, match="label column 'label' not found"):
         load_data(str(tmp_path / "d.csv"))
 
@@ -80,22 +120,46 @@ def test_image_folder_source(tmp_path):
         (tmp_path / cls).mkdir()
         for i in range(12):
             Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
-    d = load_data(DataSpec(source=str(tmp_path), options={"size": 8, "channels": 3}, val_fraction=0.2, test_fraction=0.2))
-    assert d.input_shape == (3, 8, 8) and d.class_names == ["cat", "dog"]
+    d = load_data(DataSpec(source=str(tmp_path), options={"size": 8}, val_fraction=0.2, test_fraction=0.2))
+    assert d.input_names == ["image"] and d.input_shape == (3, 8, 8) and d.class_names == ["cat", "dog"]  # RGB by default
+    assert isinstance(d.train, StreamSplit)  # read lazily, batch by batch
+    x, y = next(d.train.batches(4))
+    assert x["image"].shape == (4, 3, 8, 8) and x["image"].dtype == torch.float32 and y.shape == (4,)
+    assert d.preprocessing["channels"] == 3 and d.preprocessing["size"] == 8
     (tmp_path / "cat" / "broken.png").write_bytes(b"nope")
     with pytest.raises(InputFileError, match="broken.png: not a readable image"):
         load_data(str(tmp_path))
 
 
+def test_image_folder_preprocessing_is_declared_and_applied(tmp_path):
+    from PIL import Image
+
+    for cls, value in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            Image.new("RGB", (20, 10), value).save(tmp_path / cls / f"{i}.png")
+    opts = {"size": 8, "crop": 6, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "channel_order": "BGR"}
+    d = load_data(DataSpec(source=str(tmp_path), options=opts, val_fraction=0.2, test_fraction=0.2))
+    assert d.input_shape == (3, 6, 6)
+    assert d.preprocessing["crop"] == "center 6x6" and d.preprocessing["channel_order"] == "BGR"
+    x, y = d.test.inputs["image"], d.test.y
+    red = x[y == 0][0]  # BGR: red is the last channel; (v - 0.5) / 0.5 maps 0..1 to -1..1
+    assert torch.allclose(red[2], torch.ones(6, 6)) and torch.allclose(red[0], -torch.ones(6, 6))
+    grey = load_data(DataSpec(source=str(tmp_path), options={"size": 8, "channels": 1}, val_fraction=0.2, test_fraction=0.2))
+    assert grey.input_shape == (1, 8, 8)
+    with pytest.raises(ConfigError, match="mean needs 3 value"):
+        load_data(DataSpec(source=str(tmp_path), options={"mean": [0.5]}))
+
+
 def test_factory_source():
     d = load_data("keiryo.testing:blob_datasets")
-    assert d.input_shape == (8,) and d.num_classes == 3
+    assert d.input_names == ["input"] and d.input_shape == (8,) and d.label_count == 3
     with pytest.raises(ConfigError, match="has no attribute 'nope'"):
         load_data("keiryo.testing:nope")
 
 
 def test_unknown_source_is_a_clear_error():
-    with pytest.raises(ConfigError, match="expected 'digits', a .npz or .csv file"):
+    with pytest.raises(ConfigError, match=r"data 'imagenet': expected digits, .*a \.npz/\.safetensors/\.csv file, an image folder"):
         load_data("imagenet")
 
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from keiryo.errors import ConfigError, DataError, InputFileError, ModelLoadError
-from keiryo.model import ModelSpec, load_model, load_weights, save_weights
+from keiryo.model import IOSpec, ModelSpec, TensorSpec, load_model, load_weights, save_weights
+from keiryo.tasks import get_task
 
 FACTORY = """
 import torch
@@ -11,6 +12,31 @@ def make(input_shape, num_classes, hidden=16):
                                torch.nn.ReLU(), torch.nn.Linear(hidden, num_classes))
 def broken():
     return 42
+"""
+
+
+MULTI = """
+import torch
+class Pair(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.lin, self.kind = torch.nn.Linear(4, 3), kind
+    def forward(self, x):
+        y = self.lin(x)
+        if self.kind == "pair":
+            return y, y[:, :2]
+        if self.kind == "named":
+            return {"scores": y, "embedding": y[:, :2], "unused": None}
+        if self.kind == "text":
+            return "nope"
+        if self.kind == "unbatched":
+            return y[0]
+        return y * float("nan")
+def pair(): return Pair("pair")
+def named(): return Pair("named")
+def text(): return Pair("text")
+def unbatched(): return Pair("unbatched")
+def nan(): return Pair("nan")
 """
 
 
@@ -44,12 +70,15 @@ def test_safetensors_and_state_dict_weights_round_trip(tiny_trained, tmp_path, d
     st = save_weights(tiny_trained.module, tmp_path / "w.safetensors")
     pt = tmp_path / "w.pt"
     torch.save(tiny_trained.module.state_dict(), pt)
-    x = digits.test.x[:8]
-    ref = tiny_trained.module(x)
+    x = digits.test[:8].inputs
+    ref = tiny_trained(x)
     for w in (st, pt):
-        h = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", weights=str(w)), (1, 8, 8), 10)
-        assert torch.allclose(h.module(x), ref, atol=1e-6)
+        h = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", weights=str(w)), digits, output_name="logits")
+        assert torch.allclose(h(x), ref, atol=1e-6)
         assert h.content_hash() == tiny_trained.content_hash()
+    # the hash covers the I/O description too: same weights, other input name -> another model
+    renamed = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", weights=str(st)), (1, 8, 8), 10, output_name="logits")
+    assert renamed.content_hash() != tiny_trained.content_hash()
 
 
 def test_pickle_payload_is_refused_not_executed(tmp_path):
@@ -87,9 +116,60 @@ def test_nan_weights_corrupt_and_missing_files(tmp_path):
         load_weights(tmp_path / "none.safetensors")
 
 
-def test_data_that_does_not_fit_the_model():
-    # a fixed-architecture factory that ignores num_classes
-    with pytest.raises(DataError, match="outputs 10 classes but the data has 3 classes"):
-        load_model(ModelSpec(source="keiryo.testing:tiny_cnn", options={"num_classes": 10}), (1, 8, 8), 3)
-    with pytest.raises(DataError, match=r"cannot take the data's input shape \(2, 20\)"):
+def test_data_that_does_not_fit_the_model(digits):
+    # a fixed-architecture factory (input shape and class count set by options, not by the data)
+    with pytest.raises(DataError, match=r"cannot take the data's inputs \(input \(2, 20\) float32, batch first\)"):
         load_model(ModelSpec(source="keiryo.testing:tiny_cnn", options={"input_shape": (1, 8, 8)}), (20,), 10)
+    # the class count is checked by the task: labels 0..9 do not fit 3 logits
+    h = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", options={"num_classes": 3}), digits, output_name="logits")
+    assert h.head_width == 3
+    first = next(i for i, label in enumerate(digits.val.y.tolist()) if label >= 3)
+    label = int(digits.val.y[first])
+    with pytest.raises(DataError, match=rf"digits \[val\]: label {label} \(sample {first}\) is outside the model's output range 0\.\.2"):
+        get_task("classification").bind(h.output_names).check(h.io.outputs, digits)
+    # more logits than labels is fine: the labels may cover a subset of the classes
+    wide = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", options={"num_classes": 12}), digits, output_name="logits")
+    get_task("classification").bind(wide.output_names).check(wide.io.outputs, digits)
+    # and an output that is not (batch, classes) logits is not a classifier
+    flat = load_model(ModelSpec(source="zoo:sensor", options={"width": 4, "blocks": 1}), (3, 16), None)
+    with pytest.raises(DataError, match=r"output 'output' has shape \['batch'\]; expected \(batch, classes\) logits"):
+        get_task("classification").check(flat.io.outputs, digits)
+
+
+def test_load_model_describes_inputs_and_outputs(digits):
+    h = load_model("keiryo.testing:tiny_cnn", digits, output_name="logits")
+    assert h.io.describe() == "(image:float32[batch,1,8,8]) -> (logits:float32[batch,10])"
+    assert h.input_names == ["image"] and h.output_names == ["logits"]
+    assert h.input_shape == (1, 8, 8) and h.head_width == 10  # the data's label count by default
+    ex = h.example_inputs(3)
+    assert list(ex) == ["image"] and ex["image"].shape == (3, 1, 8, 8) and ex["image"].dtype == torch.float32
+    assert h(ex).shape == (3, 10)
+    # a per-sample shape tuple is one float32 input named "input"; output_name defaults to "output"
+    t = load_model("keiryo.testing:tiny_cnn", (1, 8, 8), 4)
+    assert t.io.describe() == "(input:float32[batch,1,8,8]) -> (output:float32[batch,4])"
+    # an IOSpec or a list of TensorSpecs keeps the given names and dtypes
+    specs = [TensorSpec(name="pixels", shape=["batch", 1, 8, 8])]
+    assert load_model("keiryo.testing:tiny_cnn", IOSpec(inputs=specs), 5).input_names == ["pixels"]
+    assert load_model("keiryo.testing:tiny_cnn", specs, 5).head_width == 5
+
+
+def test_load_model_with_named_token_inputs_and_several_outputs(tmp_path):
+    ids = TensorSpec(name="input_ids", dtype="int64", shape=["batch", 12])
+    mask = TensorSpec(name="attention_mask", dtype="int64", shape=["batch", 12])
+    h = load_model(ModelSpec(source="zoo:text_encoder", options={"vocab": 40, "dim": 16, "heads": 2, "layers": 1}), [mask, ids], 3)
+    assert h.input_names == ["attention_mask", "input_ids"] and h.head_width == 3
+    ex = h.example_inputs(2)
+    assert ex["input_ids"].dtype == torch.int64 and h(ex).shape == (2, 3)  # called by keyword: order does not matter
+    emb = load_model("zoo:text_encoder", [ids, mask], None, options={"vocab": 40, "dim": 16, "heads": 2, "embedding": True})
+    assert emb.io.outputs[0].shape == ["batch", 16]
+    (tmp_path / "multi.py").write_text(MULTI)
+    two = load_model(f"{tmp_path}/multi.py:pair", (4,), output_name="head")
+    assert two.output_names == ["head_0", "head_1"] and two.head_width == 3
+    named = load_model(f"{tmp_path}/multi.py:named", (4,))
+    assert named.output_names == ["scores", "embedding"] and [o.shape for o in named.io.outputs] == [["batch", 3], ["batch", 2]]
+    with pytest.raises(ModelLoadError, match="returned a str; expected a tensor"):
+        load_model(f"{tmp_path}/multi.py:text", (4,))
+    with pytest.raises(ModelLoadError, match=r"output 'output' has shape \(3,\) for a batch of 2; expected batch first"):
+        load_model(f"{tmp_path}/multi.py:unbatched", (4,))
+    with pytest.raises(ModelLoadError, match="produced NaN/Inf in output 'output'"):
+        load_model(f"{tmp_path}/multi.py:nan", (4,))

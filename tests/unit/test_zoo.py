@@ -10,6 +10,8 @@ SHAPES = {
     "mlp": [(1, 8, 8), (20,)],
     "conv1d": [(3, 64), (1, 16)],
     "transformer": [(1, 8, 8), (16, 6)],
+    "sensor": [(3, 64), (1, 16)],
+    "text_encoder": [(16,), (8,)],
 }
 SMALL = {
     "mobilenetv2": {"width": 0.25, "last_channel": 64},
@@ -17,7 +19,19 @@ SMALL = {
     "mlp": {},
     "conv1d": {},
     "transformer": {"dim": 16, "heads": 2, "layers": 1, "ffn": 32},
+    "sensor": {"width": 8, "blocks": 2},
+    "text_encoder": {"vocab": 50, "dim": 16, "heads": 2, "layers": 1, "ffn": 32},
 }
+
+
+def example(name, shape, batch=2):
+    """Positional inputs for zoo model ``name``: token ids + mask for the text encoder, floats otherwise."""
+    if name == "text_encoder":
+        ids = torch.randint(1, 50, (batch, *shape), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(batch, *shape, dtype=torch.int64)
+        mask[0, shape[0] // 2 :] = 0  # one padded sequence
+        return ids, mask
+    return (torch.randn(batch, *shape),)
 
 
 @pytest.mark.parametrize("name", ZOO.names())
@@ -26,9 +40,42 @@ def test_every_zoo_model_builds_for_its_shapes_and_classes(name):
     for shape in SHAPES[name]:
         m = build(name, shape, 7, SMALL[name]).eval()
         with torch.no_grad():
-            out = m(torch.randn(2, *shape))
+            out = m(*example(name, shape))
         assert out.shape == (2, 7)
         assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["sensor", "text_encoder"])
+def test_models_that_need_no_output_count_build_without_one(name):
+    shape = SHAPES[name][0]
+    m = build(name, shape, None, SMALL[name]).eval()
+    with torch.no_grad():
+        out = m(*example(name, shape))
+    # the sensor regressor gives one value per sample; the text encoder its pooled embedding
+    assert out.shape == ((2,) if name == "sensor" else (2, SMALL[name]["dim"]))
+    assert torch.isfinite(out).all()
+
+
+def test_text_encoder_ignores_padded_tokens():
+    m = build("text_encoder", (16,), 3, SMALL["text_encoder"]).eval()
+    ids, mask = example("text_encoder", (16,))
+    other = ids.clone()
+    other[0, 8:] = 7  # change only the padding of sequence 0
+    with torch.no_grad():
+        a, b = m(ids, mask), m(other, mask)
+    assert torch.allclose(a, b, atol=1e-5)
+    other[0, 3] = ids[0, 3] % 49 + 1  # a real token (a different id) does matter
+    with torch.no_grad():
+        assert not torch.allclose(m(other, mask)[0], a[0])
+
+
+def test_classifiers_need_an_output_count_and_the_text_encoder_its_max_len():
+    with pytest.raises(ConfigError, match="zoo:mlp needs the number of outputs"):
+        build("mlp", (20,), None)
+    with pytest.raises(ConfigError, match="must be >= 1, got 0"):
+        build("sensor", (3, 64), 0)
+    with pytest.raises(ConfigError, match="sequences of 200 tokens exceed max_len=128"):
+        build("text_encoder", (200,), 2)
 
 
 def test_mobilenetv2_width_multiplier_shrinks_the_model_and_uses_depthwise_convs():
