@@ -24,6 +24,7 @@ from keiryo.benchmark import BenchConfig, measure_file
 from keiryo.data import load_data
 from keiryo.demo import DEMO_DATA, run_demo
 from keiryo.machine import cpu
+from keiryo.measure import bench_sample
 
 
 def main() -> int:
@@ -36,9 +37,19 @@ def main() -> int:
 
     out = args.reuse or Path(tempfile.mkdtemp(prefix="keiryo-bench-core-")) / "demo"
     results = json.loads((out / "results.json").read_text()) if args.reuse else run_demo(out)
-    sample = load_data(DEMO_DATA).test.x[:1].numpy()
-    cands = {c["name"]: c for c in results["candidates"]}
-    names = [n for n in ("fp32", "int8", "fp16") if n in cands]
+    if results.get("schema_version", 1) < 2:
+        print(f"{out}: results.json schema {results.get('schema_version', 1)} is older than 2; rerun `keiryo demo`")
+        return 2
+    sample = bench_sample(load_data(DEMO_DATA))
+    cands = {c["name"]: c for c in results["candidates"] if c.get("status", "ok") == "ok"}
+    for c in results["candidates"]:
+        if c.get("status") == "failed":
+            print(f"candidate {c['name']} failed at {c.get('failed_step')}: {c.get('error')}")
+    missing = [n for n in ("fp32", "int8", "fp16") if n not in cands]
+    if missing:
+        print(f"{out}: no successful {', '.join(missing)} candidate(s) to measure")
+        return 2
+    names = ["fp32", "int8", "fp16"]
     cfg = BenchConfig(threads=args.threads, iterations=args.iterations, warmup=50)
     p50: dict[str, list[float]] = {n: [] for n in names}
     p95: dict[str, list[float]] = {n: [] for n in names}
@@ -55,15 +66,22 @@ def main() -> int:
     base = results["baseline"]["metrics"]
     ref = cands["fp32"]["metrics"]
     ref_p50 = statistics.median(p50["fp32"])
-    cols = ("acc %", 7), ("drop pt", 8), ("fidelity %", 10), ("size MB", 8), ("x smaller", 9), ("p50 ms", 8), ("p95 ms", 8)
+
+    def ci(m: dict, key: str) -> str:
+        lo, hi = m.get(f"{key}_ci95") or (float("nan"), float("nan"))
+        return f"{lo * 100:.1f}-{hi * 100:.1f}"
+
+    print(f"test samples: {base.get('samples', '?')}; accuracy 95% intervals (Wilson) in the 'acc CI95' column\n")
+    cols = ("acc %", 7), ("acc CI95", 11), ("drop pt", 8), ("fidelity %", 10), ("size MB", 8), ("x smaller", 9)
+    cols += ("p50 ms", 8), ("p95 ms", 8)
     print(f"{'model':8} " + " ".join(f"{c:>{w}}" for c, w in cols) + f" {'x faster p50':>12}")
-    print(f"{'torch':8} {base['accuracy'] * 100:7.2f}")
+    print(f"{'torch':8} {base['accuracy'] * 100:7.2f} {ci(base, 'accuracy'):>11}")
     for n in names:
         m = cands[n]["metrics"]
         print(
-            f"{n:8} {m['accuracy'] * 100:7.2f} {(ref['accuracy'] - m['accuracy']) * 100:8.2f} {m['fidelity'] * 100:10.2f} "
-            f"{m['size_bytes'] / 1e6:8.2f} {ref['size_bytes'] / m['size_bytes']:9.2f} {statistics.median(p50[n]):8.3f} "
-            f"{statistics.median(p95[n]):8.3f} {ref_p50 / statistics.median(p50[n]):12.2f}"
+            f"{n:8} {m['accuracy'] * 100:7.2f} {ci(m, 'accuracy'):>11} {(ref['accuracy'] - m['accuracy']) * 100:8.2f} "
+            f"{m['fidelity'] * 100:10.2f} {m['size_bytes'] / 1e6:8.2f} {ref['size_bytes'] / m['size_bytes']:9.2f} "
+            f"{statistics.median(p50[n]):8.3f} {statistics.median(p95[n]):8.3f} {ref_p50 / statistics.median(p50[n]):12.2f}"
         )
     i8, f16 = cands["int8"]["metrics"], cands["fp16"]["metrics"]
     checks = [

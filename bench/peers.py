@@ -15,6 +15,8 @@ All ONNX files run on onnxruntime in isolated processes, interleaved over severa
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import statistics
 import tempfile
 import time
@@ -28,9 +30,10 @@ from _checks import report
 
 from keiryo.benchmark import BenchConfig, measure_file, run_benchmark
 from keiryo.demo import demo_model
-from keiryo.evaluate import accuracy, predict, size_of
+from keiryo.evaluate import predict, size_of
 from keiryo.export import export
 from keiryo.machine import cpu, library_versions
+from keiryo.measure import bench_sample
 from keiryo.pipeline import RunOptions
 from keiryo.runtime import open_session
 from keiryo.search import Constraint
@@ -39,9 +42,30 @@ from keiryo.search.optimize import OptimizeConfig, optimize
 warnings.simplefilter("ignore")
 
 
+def top1(session: Any, data: Any) -> float:
+    """Top-1 accuracy of a session on the test split (the logits are the model's first output)."""
+    logits = predict(session, data.test)[0]
+    return float((logits.argmax(1) == data.test.targets.numpy()).mean())
+
+
 def ort_accuracy(path: Path, data: Any) -> float:
     with open_session("onnxruntime", path) as s:
-        return accuracy(predict(s, data.test.x), data.test.y)
+        return top1(s, data)
+
+
+def calib_feeds(src: Path, data: Any) -> list[dict[str, np.ndarray]]:
+    """One feed per calibration sample, keyed by the ONNX file's input names (digits: ``image``)."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    calib = data.calib.numpy()
+    if set(names) != set(calib):
+        if len(names) != len(calib):
+            raise SystemExit(f"{src}: ONNX inputs {names} do not match the calibration arrays {sorted(calib)}")
+        calib = dict(zip(names, calib.values(), strict=True))  # same order as the model's IOSpec
+    return [{k: calib[k][i : i + 1] for k in names} for i in range(len(data.calib))]
 
 
 def ort_default_static(src: Path, dst: Path, data: Any) -> None:
@@ -49,7 +73,7 @@ def ort_default_static(src: Path, dst: Path, data: Any) -> None:
 
     class R(CalibrationDataReader):
         def __init__(self) -> None:
-            self.it = iter({"input": data.calib.x[i : i + 1].numpy()} for i in range(len(data.calib)))
+            self.it = iter(calib_feeds(src, data))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.it, None)
@@ -57,12 +81,16 @@ def ort_default_static(src: Path, dst: Path, data: Any) -> None:
     quantize_static(str(src), str(dst), R())  # every other argument at its default
 
 
+def nncf_available() -> bool:
+    return importlib.util.find_spec("nncf") is not None
+
+
 def nncf_quantize(src: Path, dst: Path, data: Any) -> None:
     import nncf
     import onnx
 
     model = onnx.load(str(src))
-    ds = nncf.Dataset([{"input": data.calib.x[i : i + 1].numpy()} for i in range(len(data.calib))])
+    ds = nncf.Dataset(calib_feeds(src, data))
     onnx.save(nncf.quantize(model, ds), str(dst))
 
 
@@ -73,7 +101,12 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=840.0, help="search time limit in seconds")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--md", type=Path, help="also write the markdown table here")
+    ap.add_argument("--skip-nncf", action="store_true", help="leave out the NNCF row (needs `pip install nncf`)")
     args = ap.parse_args()
+    use_nncf = not args.skip_nncf
+    if use_nncf and not nncf_available():
+        print("NNCF is not installed (`.venv/bin/pip install nncf`); its row is left out of this run")
+        use_nncf = False
     work = Path(tempfile.mkdtemp(prefix="keiryo-bench-peers-"))
     data, handle, _ = demo_model(args.reuse / "baseline.safetensors" if args.reuse else None)
     fp32 = export(handle, "onnx", work / "fp32.onnx").path
@@ -87,7 +120,11 @@ def main() -> int:
     )
     res = optimize(handle, data, work / "search", cfg, RunOptions(bench=BenchConfig(threads=1)))
     search_s = time.monotonic() - t0
-    cands = {c["name"]: c for c in res["candidates"]}
+    cands = {c["name"]: c for c in res["candidates"] if c.get("status") == "ok"}
+    if "t0000-ptq" not in cands or res.get("best") is None:
+        why = "no search candidate met the budget" if res.get("best") is None else "trial t0000-ptq did not succeed"
+        print(f"{why}; see {work / 'search' / 'results.json'}")
+        return 2
     files: dict[str, Path] = {
         "fp32 onnxruntime": fp32,
         "keiryo PTQ (int8 recipe)": work / "search" / cands["t0000-ptq"]["artifact"],
@@ -95,10 +132,11 @@ def main() -> int:
     }
     ort_default_static(fp32, work / "ort_default.onnx", data)
     files["onnxruntime quantize_static (defaults)"] = work / "ort_default.onnx"
-    nncf_quantize(fp32, work / "nncf.onnx", data)
-    files["NNCF nncf.quantize (defaults)"] = work / "nncf.onnx"
+    if use_nncf:
+        nncf_quantize(fp32, work / "nncf.onnx", data)
+        files["NNCF nncf.quantize (defaults)"] = work / "nncf.onnx"
 
-    sample = data.test.x[:1].numpy()
+    sample = bench_sample(data)
     bench = BenchConfig(threads=1, iterations=300, warmup=50)
     p50: dict[str, list[float]] = {n: [] for n in files}
     p95: dict[str, list[float]] = {n: [] for n in files}
@@ -116,17 +154,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as td:
         torch.save(dyn.state_dict(), Path(td) / "dyn.pt")
         dyn_size = (Path(td) / "dyn.pt").stat().st_size
-    with open_session("torch", dyn, 1) as s:
-        dyn_acc = accuracy(predict(s, data.test.x), data.test.y)
+    # the handle's I/O (input named "image" for digits) with the quantized module
+    with open_session("torch", dataclasses.replace(handle, module=dyn), 1) as s:
+        dyn_acc = top1(s, data)
         r = run_benchmark(s, sample, bench)
     rows["PyTorch quantize_dynamic (Linear, torch runtime)"] = (dyn_acc, dyn_size, r.latency_p50_ms, r.latency_p95_ms)
 
     base_acc, base_size, base_p50, base_p95 = rows["fp32 onnxruntime"]
     c = cpu()
+    versions = library_versions(("nncf",))
+    nncf_version = f"NNCF {versions.get('nncf')}" if use_nncf else "NNCF not installed (no row)"
     lines = [
         f"Demo model (zoo MobileNetV2 on digits 16x16), measured on {c['model']} (int8 dot-product: "
-        f"{', '.join(c['int8_isa']) or 'none'}), 1 thread, batch 1; onnxruntime {library_versions(('nncf',)).get('onnxruntime')}, "
-        f"NNCF {library_versions(('nncf',)).get('nncf')}, torch {torch.__version__}. Ratios vs fp32 onnxruntime "
+        f"{', '.join(c['int8_isa']) or 'none'}), 1 thread, batch 1; onnxruntime {versions.get('onnxruntime')}, "
+        f"{nncf_version}, torch {torch.__version__}. Ratios vs fp32 onnxruntime "
         f"(p50 {base_p50:.3f} ms). keiryo's search took {search_s / 60:.1f} min ({res['search']['trials_finished']} trials).",
         "",
         "| method | accuracy % | drop pt | size ratio | p50 ms | p50 speed-up | p95 speed-up |",

@@ -33,7 +33,7 @@ import numpy as np
 from _checks import report
 
 from keiryo.machine import cpu
-from keiryo.packages import keygen, package
+from keiryo.packages import keygen, package, read_manifest
 from keiryo.packages.store import PackageStore
 from keiryo.runtime import open_session
 
@@ -72,13 +72,13 @@ def start_server(registry: Path, pub: Path, max_batch: int, threads: int = 1) ->
     raise RuntimeError("server did not start")
 
 
-def binary_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+def binary_request(x: np.ndarray, input_name: str, output_name: str) -> tuple[bytes, dict[str, str]]:
     head = json.dumps(
         {
             "inputs": [
-                {"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+                {"name": input_name, "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
             ],
-            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+            "outputs": [{"name": output_name, "parameters": {"binary_data": True}}],
         }
     ).encode()
     headers = {"Authorization": f"Bearer {KEY}", "Inference-Header-Content-Length": str(len(head))}
@@ -162,16 +162,23 @@ def main() -> int:
     store = PackageStore(work / "registry")
     store.push(pkg, pub)
     store.promote("demo", "1", "production")
-    x = np.random.default_rng(0).uniform(0, 1, (1, 1, 16, 16)).astype(np.float32)
-    body, headers = binary_request(x)
+    # the package's I/O, as the model describes it (digits: one FP32 input "image" -> "logits")
+    manifest = read_manifest(pkg)
+    inp, outp = manifest["inputs"], manifest["outputs"]
+    if len(inp) != 1 or inp[0]["datatype"] != "FP32":
+        raise SystemExit(f"this load test sends one FP32 input; the package takes {[(t['name'], t['datatype']) for t in inp]}")
+    shape = [1, *(d if d > 0 else 1 for d in inp[0]["shape"][1:])]
+    x = np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)
+    body, headers = binary_request(x, inp[0]["name"], outp[0]["name"])
+    feed = {inp[0]["name"]: x}
 
-    with open_session("onnxruntime", pkg / "model.onnx", args.threads) as s:
+    with open_session("onnxruntime", pkg / manifest["model_file"], args.threads) as s:
         for _ in range(200):
-            s.run(x)
+            s.run(feed)
         ts = []
         for _ in range(2000):
             t = time.perf_counter()
-            s.run(x)
+            s.run(feed)
             ts.append(time.perf_counter() - t)
     bare = statistics.median(ts) * 1000
 

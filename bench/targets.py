@@ -22,6 +22,7 @@ from _checks import report
 from keiryo.benchmark import BenchConfig, measure_file
 from keiryo.demo import demo_model
 from keiryo.machine import cpu
+from keiryo.measure import bench_sample
 from keiryo.pipeline import RunOptions, load_recipe
 from keiryo.pipeline.runner import export_variant
 
@@ -56,7 +57,7 @@ def main() -> int:
         files[(fmt, v)] = rep
         print(f"exported {fmt} {v}", flush=True)
 
-    sample = data.test.x[:1].numpy()
+    sample = bench_sample(data)
     cfg = BenchConfig(threads=args.threads, iterations=args.iterations, warmup=50)
     p50: dict[tuple[str, str], list[float]] = {k: [] for k in RUNTIME_VARIANTS}
     for _ in range(args.rounds):
@@ -70,7 +71,7 @@ def main() -> int:
         f"\nCPU: {c['model']} ({c['arch']}), int8 dot-product: {', '.join(c['int8_isa']) or 'none'}; "
         f"{args.threads} thread(s); median of {args.rounds} interleaved rounds x {args.iterations} runs at batch 1\n"
     )
-    torch_acc = files[("onnx", "fp32")]["torch_accuracy"]
+    torch_acc = files[("onnx", "fp32")]["torch_metrics"]["accuracy"]
     print(f"torch fp32 test accuracy {torch_acc:.2%}\n")
     print(
         f"{'format':7} {'variant':16} {'acc %':>7} {'drop pt':>8} {'size MB':>8} {'x smaller':>9} {'p50 ms':>8} {'x faster':>9}"
@@ -79,9 +80,9 @@ def main() -> int:
     for k in RUNTIME_VARIANTS:
         fmt, v = k
         ref = (fmt, "fp32")
-        acc = files[k]["accuracy"]
+        acc = files[k]["metrics"]["accuracy"]
         print(
-            f"{fmt:7} {v:16} {acc * 100:7.2f} {(files[ref]['accuracy'] - acc) * 100:8.2f} {size[k] / 1e6:8.2f} "
+            f"{fmt:7} {v:16} {acc * 100:7.2f} {(files[ref]['metrics']['accuracy'] - acc) * 100:8.2f} {size[k] / 1e6:8.2f} "
             f"{size[ref] / size[k]:9.2f} {med[k]:8.3f} {med[ref] / med[k]:9.2f}"
         )
     print(f"\n{'Core ML':16} {'weights MB':>10} {'x smaller':>9}  compressed weight ops (validated structurally)")
@@ -98,7 +99,7 @@ def main() -> int:
     t32, t8c, t8t = (("tflite", "fp32"), ("tflite", "int8"), ("tflite", "int8-tensorwise"))
 
     def drop(k: tuple[str, str]) -> float:
-        return (files[(k[0], "fp32")]["accuracy"] - files[k]["accuracy"]) * 100
+        return (files[(k[0], "fp32")]["metrics"]["accuracy"] - files[k]["metrics"]["accuracy"]) * 100
 
     best8 = t8t if size[t32] / size[t8t] >= size[t32] / size[t8c] else t8c
     checks = [

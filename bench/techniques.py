@@ -29,16 +29,17 @@ from _checks import report
 from keiryo.benchmark import BenchConfig, measure_file
 from keiryo.data import load_data
 from keiryo.demo import demo_model
-from keiryo.evaluate import accuracy, predict
+from keiryo.evaluate import predict
 from keiryo.export import export
 from keiryo.machine import cpu
+from keiryo.measure import bench_sample
 from keiryo.model import ModelSpec, load_model
 from keiryo.passes import PassContext, apply, get_pass
 from keiryo.passes._state import FinetuneConfig, finetune
 from keiryo.pipeline import RunOptions, compress, load_recipe
 from keiryo.runtime import open_session
-from keiryo.train import TrainConfig, train
-from keiryo.train import accuracy as torch_accuracy
+from keiryo.tasks import get_task
+from keiryo.train import TrainConfig, evaluate_torch, train
 
 warnings.simplefilter("ignore")
 
@@ -73,6 +74,18 @@ RECIPES: list[dict[str, Any]] = [
 ]
 
 
+def classification(handle: Any) -> Any:
+    """The classification task bound to the model's outputs (the logits are its first output)."""
+    return get_task("classification").bind(handle.output_names)
+
+
+def ort_accuracy(path: Path, data: Any) -> float:
+    """Top-1 accuracy of an ONNX file on onnxruntime, on the test split."""
+    with open_session("onnxruntime", path) as s:
+        logits = predict(s, data.test)[0]
+    return float((logits.argmax(1) == data.test.targets.numpy()).mean())
+
+
 def latency_rounds(out: Path, cands: dict[str, Any], names: list[str], sample: Any, rounds: int) -> dict[str, float]:
     cfg = BenchConfig(threads=1, iterations=300, warmup=50)
     p50: dict[str, list[float]] = {n: [] for n in names}
@@ -102,14 +115,16 @@ def distill_vs_labels(
                 torch.manual_seed(seed)
                 net = build("mobilenetv2", inner, 10, {"width": 0.25})
             module = ResizeInput(net, inner[1:]) if inner != data.input_shape else net
-            s = ModelHandle(module, data.input_shape, 10, ModelSpec(source="zoo:mobilenetv2", options={"width": 0.25}))
+            s = ModelHandle(module, teacher.io, ModelSpec(source="zoo:mobilenetv2", options={"width": 0.25}))
+            task = classification(s)
+            ctx = PassContext(data=data, teacher=teacher, seed=seed, task=task)
             if kind == "labels":
-                finetune(s, data, sched, seed=seed, description="student from labels")
-                labels.append(torch_accuracy(s.module, data.test))
+                finetune(s, ctx, sched, description="student from labels")
+                labels.append(evaluate_torch(s, data.test, task)["accuracy"])
             else:
                 cfg = get_pass("distill").config.parse({"train": sched.model_dump(), "alpha": 0.9, "temperature": 4.0})
-                r = apply(s, cfg, PassContext(data=data, teacher=teacher, seed=seed))
-                distilled.append(torch_accuracy(r.model.module, data.test))
+                r = apply(s, cfg, ctx)
+                distilled.append(evaluate_torch(r.model, data.test, task)["accuracy"])
     return labels, distilled
 
 
@@ -119,14 +134,14 @@ def qat_vs_ptq(seeds: int, work: Path) -> list[tuple[float, float, float]]:
     data = load_data("digits")
     rows = []
     for seed in range(seeds):
-        h = load_model("zoo:mlp", data.input_shape, 10, options={"hidden": [256, 128], "dropout": 0.0}, seed=seed)
-        train(h.module, data, TrainConfig(epochs=20, seed=seed), progress=False)
+        h = load_model("zoo:mlp", data, options={"hidden": [256, 128], "dropout": 0.0}, seed=seed, output_name="logits")
+        task = classification(h)
+        train(h, data, task, TrainConfig(epochs=20, seed=seed), progress=False)
         inject_activation_outliers(h.module.net[1], h.module.net[4], channels=2, factor=500.0)
-        ctx = PassContext(data=data, workdir=work / f"qat{seed}", seed=seed)
+        ctx = PassContext(data=data, workdir=work / f"qat{seed}", seed=seed, task=task)
 
         def ort(path: Path) -> float:
-            with open_session("onnxruntime", path) as s:
-                return accuracy(predict(s, data.test.x), data.test.y)
+            return ort_accuracy(path, data)
 
         fp32 = export(h, "onnx", ctx.workdir / "fp32.onnx")
         ptq = apply(fp32, get_pass("quantize.int8_static").config(), ctx).model
@@ -148,10 +163,14 @@ def main() -> int:
     data, handle, _ = demo_model(args.reuse / "baseline.safetensors" if args.reuse else None)
     out = work / "compress"
     results = compress(handle, data, [load_recipe(r) for r in RECIPES], out, opts=RunOptions(bench=BenchConfig(threads=1)))
+    failed = [c for c in results["candidates"] if c.get("status") == "failed"]
+    for c in failed:
+        print(f"candidate {c['name']} failed at {c.get('failed_step')}: {c.get('error')}")
+    if failed:
+        print(f"{len(failed)} candidate(s) failed; the figures need all of {[r['name'] for r in RECIPES]} (artefacts: {out})")
+        return 2
     cands = {c["name"]: c for c in results["candidates"]}
-    lat = latency_rounds(
-        out, cands, ["fp32", "prune-distill", "prune-distill-int8", "int8"], data.test.x[:1].numpy(), args.rounds
-    )
+    lat = latency_rounds(out, cands, ["fp32", "prune-distill", "prune-distill-int8", "int8"], bench_sample(data), args.rounds)
     labels, distilled = distill_vs_labels(data, handle, args.seeds, args.student_epochs)
     labels_half, distilled_half = distill_vs_labels(data, handle, args.seeds, args.student_epochs, resolution=0.5)
     qat = qat_vs_ptq(args.seeds, work)

@@ -22,8 +22,25 @@ class SizeInfo:
         return asdict(self)
 
 
-def predict(session: Any, inputs: Any, batch_size: int = 256) -> list[np.ndarray]:
-    """Every output of ``session`` for every row of ``inputs`` (a split, a dict of arrays or one array), in batches."""
+def predict(session: Any, inputs: Any, batch_size: int = 32) -> list[np.ndarray]:
+    """Every output of ``session`` for every row of ``inputs`` (a split, a dict of arrays or one array), in batches.
+
+    Small batches keep a runtime's activation memory bounded on large inputs (224x224 images)."""
+    return predict_with_targets(session, inputs, batch_size)[0]
+
+
+def predict_with_targets(session: Any, inputs: Any, batch_size: int = 32) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Outputs (as :func:`predict`) and the split's targets, read in one pass (a streamed split is read once)."""
+    if hasattr(inputs, "batches") and not hasattr(inputs, "numpy"):  # a streamed split
+        chunks: list[list[np.ndarray]] = []
+        ys = []
+        for x, y in inputs.batches(batch_size):
+            chunks.append(session.run({k: np.ascontiguousarray(v.numpy()) for k, v in x.items()}))
+            if y is not None:
+                ys.append(y.numpy())
+        outs = [np.concatenate([p[j] for p in chunks]) for j in range(len(chunks[0]))] if chunks else []
+        return outs, (np.concatenate(ys) if ys else None)
+    targets = inputs.targets.numpy() if getattr(inputs, "targets", None) is not None else None
     if hasattr(inputs, "numpy") and hasattr(inputs, "inputs"):  # a MemorySplit
         arrays = inputs.numpy()
     elif isinstance(inputs, dict):
@@ -36,8 +53,8 @@ def predict(session: Any, inputs: Any, batch_size: int = 256) -> list[np.ndarray
     for i in range(0, n, batch_size):
         parts.append(session.run({k: np.ascontiguousarray(v[i : i + batch_size]) for k, v in arrays.items()}))
     if not parts:
-        return []
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+        return [], targets
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))], targets
 
 
 def size_of(path: str | Path) -> SizeInfo:

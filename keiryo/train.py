@@ -72,25 +72,35 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def outputs_on(handle: Any, split: Any, batch_size: int = 256, device: torch.device | None = None) -> list[np.ndarray]:
-    """The torch model's outputs on every row of an in-memory split (eval mode)."""
+def outputs_on(handle: Any, split: Any, batch_size: int = 64, device: torch.device | None = None) -> list[np.ndarray]:
+    """The torch model's outputs on every row of a split (eval mode)."""
+    return outputs_and_targets(handle, split, batch_size, device)[0]
+
+
+@torch.no_grad()
+def outputs_and_targets(
+    handle: Any, split: Any, batch_size: int = 64, device: torch.device | None = None
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The torch model's outputs and the split's targets in one pass (a streamed split is read once)."""
     module = handle.module
     was = module.training
     module.eval()
     parts: list[list[np.ndarray]] = []
-    for x, _ in split.batches(batch_size):
+    ys: list[np.ndarray] = []
+    for x, y in split.batches(batch_size):
+        if y is not None:
+            ys.append(y.numpy())
         if device is not None:
             x = {k: v.to(device) for k, v in x.items()}
-        outs, _ = flatten_outputs(call_module(module, x, handle.input_names))
-        parts.append([o.float().cpu().numpy() if o.dtype in (torch.float16, torch.bfloat16) else o.cpu().numpy() for o in outs])
+        got, _ = flatten_outputs(call_module(module, x, handle.input_names))
+        parts.append([o.float().cpu().numpy() if o.dtype in (torch.float16, torch.bfloat16) else o.cpu().numpy() for o in got])
     module.train(was)
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))], (np.concatenate(ys) if ys else None)
 
 
 def evaluate_torch(handle: Any, split: Any, task: Any, reference: list[np.ndarray] | None = None) -> dict[str, Any]:
     """The task's metrics of the torch model on ``split`` (fidelity against ``reference``, or itself)."""
-    outs = outputs_on(handle, split)
-    y = split.targets.numpy() if split.targets is not None else None
+    outs, y = outputs_and_targets(handle, split)
     return task.metrics(outs, y, reference if reference is not None else outs)
 
 
@@ -145,8 +155,7 @@ def train(
     names = handle.input_names
 
     def val_metrics() -> dict[str, Any]:
-        outs = outputs_on(handle, data.val, device=device)
-        y = data.val.targets.numpy() if data.val.targets is not None else None
+        outs, y = outputs_and_targets(handle, data.val, device=device)
         ref = reference["val"] if reference else outs
         return task.metrics(outs, y, ref)
 

@@ -37,7 +37,7 @@ class DataSpec(KeiryoConfig):
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     calib_size: int = Field(256, ge=1, description="calibration samples drawn from train (held in memory)")
     eval_size: int = Field(2000, ge=1, description="test samples evaluated (held in memory; the rest are not read)")
-    val_size: int = Field(2000, ge=1, description="validation samples (held in memory)")
+    val_size: int = Field(1000, ge=1, description="validation samples (read batch by batch when a pass scores on them)")
     workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes for the streamed train split")
 
 
@@ -147,8 +147,11 @@ def collate(items: list[tuple[Mapping[str, Any], Any]]) -> tuple[Batch, torch.Te
 
 @dataclass(frozen=True)
 class DataSplits:
+    """train and val stream (val is read batch by batch when a training pass or the per-layer fallback
+    scores on it); test and calib are held in memory, each capped by an option."""
+
     train: Split
-    val: MemorySplit
+    val: Split
     test: MemorySplit
     calib: MemorySplit
     inputs: list[TensorSpec]
@@ -179,7 +182,7 @@ class DataSplits:
         else:
             h.update(np.asarray(self.train.indices).tobytes())  # type: ignore[attr-defined]
             parts = []
-        for split in (*parts, self.val, self.test, self.calib):
+        for split in (*parts, self.test, self.calib):
             for k, v in split.inputs.items():
                 h.update(k.encode())
                 h.update(v.numpy().tobytes())
@@ -348,7 +351,7 @@ def load_data(spec: DataSpec | str | None = None, **options: Any) -> DataSplits:
         ds = raw.presplit
         train_ds = ds["train"]
         train = _part(train_ds, np.arange(len(train_ds)), spec.workers, stream=True)
-        val = _part(ds["val"], _subsample(np.arange(len(ds["val"])), spec.val_size, rng_seed), 0, stream=False)
+        val = _part(ds["val"], _subsample(np.arange(len(ds["val"])), spec.val_size, rng_seed), 0, stream=True)
         test = _part(ds["test"], _subsample(np.arange(len(ds["test"])), spec.eval_size, rng_seed), 0, stream=False)
         total = sum(len(d) for d in ds.values())
         cal_idx = _subsample(np.arange(len(train_ds)), spec.calib_size, rng_seed)
@@ -359,18 +362,18 @@ def load_data(spec: DataSpec | str | None = None, **options: Any) -> DataSplits:
             raise DataError(f"{where}: found {n} sample(s); expected at least 3 to split into train/val/test")
         tr, va, te = _split_indices(n, raw.targets, spec)
         train = _part(raw.dataset, tr, spec.workers, stream=True)
-        val = _part(raw.dataset, _subsample(va, spec.val_size, rng_seed), 0, stream=False)
+        val = _part(raw.dataset, _subsample(va, spec.val_size, rng_seed), 0, stream=True)
         test = _part(raw.dataset, _subsample(te, spec.eval_size, rng_seed), 0, stream=False)
         calib = _part(raw.dataset, _subsample(tr, spec.calib_size, rng_seed), 0, stream=False)
         total = n
-    assert isinstance(val, MemorySplit) and isinstance(test, MemorySplit) and isinstance(calib, MemorySplit)
+    assert isinstance(test, MemorySplit) and isinstance(calib, MemorySplit)
     inputs, target = _describe(test, where)
-    for name, part in (("val", val), ("calib", calib)):
+    for name, part in (("calib", calib),):
         other, _ = _describe(part, where)
         if [(t.name, t.dtype, t.shape) for t in other] != [(t.name, t.dtype, t.shape) for t in inputs]:
             raise DataError(f"{where}: {name} and test samples differ in names, dtypes or shapes")
     if target is not None and target.is_integer and target.shape == ():
-        ys = [s.targets for s in (val, test, calib) if s.targets is not None]
+        ys = [s.targets for s in (test, calib) if s.targets is not None]
         known = raw.targets if raw.targets is not None else torch.cat(ys).numpy()
         if known.min() < 0:
             raise DataError(f"{where}: labels must be integers 0..K-1, found {int(known.min())}")

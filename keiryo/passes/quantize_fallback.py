@@ -35,12 +35,11 @@ class Int8FallbackConfig(KeiryoConfig):
 
 
 def _val_metrics(path: Path, val: Any, task: Any, reference: list[np.ndarray] | None, threads: int) -> tuple[dict[str, Any], Any]:
-    from keiryo.evaluate import predict
+    from keiryo.evaluate import predict_with_targets
     from keiryo.runtime import open_session
 
     with open_session("onnxruntime", path, threads) as s:
-        outs = predict(s, val)
-    y = val.targets.numpy() if val.targets is not None else None
+        outs, y = predict_with_targets(s, val)
     return task.metrics(outs, y, reference if reference is not None else outs), outs
 
 

@@ -42,7 +42,10 @@ class Int8StaticConfig(KeiryoConfig):
 class Int8DynamicConfig(KeiryoConfig):
     per_channel: bool = False
     weight_type: Literal["int8", "uint8"] = "int8"
-    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Attention", "LSTM", "GRU"])
+    op_types: list[str] = Field(
+        default_factory=lambda: ["MatMul", "Gemm", "Attention", "LSTM", "GRU", "Gather"],
+        description="op types quantized; Gather quantizes embedding tables (int8 rows, dequantized after the lookup)",
+    )
     exclude_nodes: list[str] = Field(default_factory=list)
 
 
@@ -199,7 +202,7 @@ def int8_dynamic(model: Artifact, cfg: Int8DynamicConfig, ctx: PassContext) -> P
     quantized = sum(
         v
         for k, v in census.items()
-        if k in {"MatMulInteger", "DynamicQuantizeLinear", "ConvInteger", "QAttention", "DynamicQuantizeLSTM"}
+        if k in {"MatMulInteger", "DynamicQuantizeLinear", "ConvInteger", "QAttention", "DynamicQuantizeLSTM", "DequantizeLinear"}
     )
     info: dict[str, Any] = {"op_types": list(cfg.op_types), "per_channel": cfg.per_channel}
     if quantized == 0:

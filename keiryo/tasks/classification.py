@@ -60,7 +60,7 @@ class Classification(Task):
                 f"task {self.name}: targets have shape {list(data.target.shape)} per sample; expected one class label "
                 "(for several labels use --task multilabel, for numeric targets --task regression)"
             )
-        for split_name in ("val", "test", "calib"):
+        for split_name in ("test", "calib"):
             y = getattr(data, split_name).targets
             labels = integer_labels(y.numpy(), f"{data.spec.source} [{split_name}]")
             bad = np.argwhere((labels < 0) | (labels >= classes)).reshape(-1)
@@ -69,6 +69,10 @@ class Classification(Task):
                     f"{data.spec.source} [{split_name}]: label {int(labels[bad[0]])} (sample {int(bad[0])}) is outside "
                     f"the model's output range 0..{classes - 1}"
                 )
+        if data.target.label_count is not None and data.target.label_count > classes:  # all targets, when the source knows them
+            raise DataError(
+                f"{data.spec.source}: label {data.target.label_count - 1} is outside the model's output range 0..{classes - 1}"
+            )
 
     def targets(self, y: torch.Tensor | np.ndarray) -> torch.Tensor:
         t = torch.as_tensor(y)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,17 @@ def test_compress_results_contract(tiny_results):
     out, results = tiny_results
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["best"] == results["best"]
-    for key in ("baseline", "candidates", "best", "constraints", "machine", "model", "data"):
+    for key in ("baseline", "candidates", "best", "constraints", "machine", "model", "data", "task", "failed"):
         assert key in on_disk
+    assert on_disk["schema_version"] == 2 and on_disk["failed"] == 0
+    assert on_disk["task"]["name"] == "classification" and on_disk["task"]["drop"] == "accuracy_drop"
+    io = on_disk["model"]["io"]
+    assert [(t["name"], t["dtype"], t["shape"]) for t in io["inputs"]] == [("image", "float32", ["batch", 1, 8, 8])]
+    assert [(t["name"], t["shape"]) for t in io["outputs"]] == [("logits", ["batch", 10])]
+    base = on_disk["baseline"]["metrics"]
+    assert base["samples"] == on_disk["data"]["sizes"]["test"] and base["accuracy_drop"] == 0.0
+    lo, hi = base["accuracy_ci95"]
+    assert 0 <= lo <= base["accuracy"] <= hi <= 1
     cpu = on_disk["machine"]["cpu"]
     assert {"model", "int8_dot_product", "int8_isa"} <= set(cpu) and on_disk["machine"]["threads"] == 1
     assert {"torch", "onnxruntime", "numpy"} <= set(on_disk["machine"]["libraries"])
@@ -65,6 +75,8 @@ def test_compress_results_contract(tiny_results):
         assert c["status"] == "ok", c
         assert {"name", "recipe", "format", "artifact", "metrics"} <= set(c)
         assert required <= set(c["metrics"]), required - set(c["metrics"])
+        assert {"accuracy_ci95", "fidelity_ci95", "accuracy_drop"} <= set(c["metrics"])
+        assert c["metrics"]["samples"] == base["samples"]
         assert (out / c["artifact"]).is_file()
         assert c["metrics"]["size_bytes"] == (out / c["artifact"]).stat().st_size
         assert c["metrics"]["latency_p50_ms"] <= c["metrics"]["latency_p95_ms"] <= c["metrics"]["latency_p99_ms"]
@@ -107,6 +119,8 @@ def test_train_then_compress_from_the_cli(tmp_path, capsys):
     )
     assert code == 0, err
     assert "int8" in out and "results:" in out
+    for column in ("accuracy % ±95%", "accuracy_drop pt", "fidelity ±95%"):
+        assert column in out
     res = json.loads((tmp_path / "c" / "results.json").read_text())
     assert res["model"]["weights"] == str(w)
 
@@ -142,6 +156,10 @@ def test_export_command_checks_parity(tmp_path, tiny_weights, capsys):
     )
     assert code == 0, err
     assert "parity ok" in out and (tmp_path / "m.onnx").is_file()
+    # the fp32 file on onnxruntime predicts what torch predicts, on the whole test split
+    m = re.search(r"fp32 on onnxruntime: test accuracy ([\d.]+) \(torch ([\d.]+)\), fidelity to torch ([\d.]+), (\d+) samples", out)
+    assert m, out
+    assert m[1] == m[2] and float(m[3]) == 1.0 and int(m[4]) == 360
 
 
 def test_zoo_recipes_machine_listings(capsys):
@@ -156,6 +174,8 @@ def test_installed_console_script_runs():
     exe = Path(sys.executable).parent / "keiryo"
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "compress" in proc.stdout
+    proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "keiryo 0.1.0"
 
 
 # ---------------------------------------------------------------- bad input
@@ -179,6 +199,10 @@ def _assert_no_output(path: Path) -> None:
         (["--model", "zoo:mlp", "--data", "nowhere.npz"], "nowhere.npz: file not found"),
         (["--model", "zoo:mlp", "--weights", "nowhere.safetensors"], "nowhere.safetensors: weights file not found"),
         (["--model", "zoo:mlp", "--max-accuracy-drop", "-1"], "bound must be >= 0"),
+        (["--model", "zoo:mlp", "--max-drop", "-1"], "budget accuracy_drop: bound: Value error, bound must be >= 0"),
+        (["--model", "zoo:mlp", "--constraint", "speed<=3"], "unknown metric 'speed'"),
+        (["--model", "zoo:mlp", "--task", "nonsense"], "unknown task 'nonsense'"),
+        (["--model", "zoo:mlp", "--task-opt", "output=probs"], "output 'probs' not among the model's outputs ['logits']"),
     ],
 )
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(args, expected, tmp_path, capsys, monkeypatch):
@@ -232,7 +256,7 @@ def test_bad_files(tmp_path, capsys, tiny_weights):
         str(out),
         capsys=capsys,
     )
-    assert code != 0 and "cannot take the data's inputs (x (2, 20) float32, batch first)" in one_line_error(err)
+    assert code != 0 and "cannot take the data's inputs (x (2, 20) float32, batch first) as forward(x)" in one_line_error(err)
     # unknown recipe step and unknown field in a recipe file
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps:\n  - type: quantize.int4_magic\n")
@@ -258,7 +282,7 @@ def test_unexportable_model_names_the_op(tmp_path, capsys):
         "compress", "--model", f"{f}:make", "--recipe", "int8", "--iterations", "5", "--out", str(out), capsys=capsys
     )
     # every recipe fails at the export: each is recorded with its reason, and the exit code says so
-    assert code == 3, err
+    assert code == 4, err
     assert "2 of 2 candidates failed" in one_line_error(err)
     res = json.loads((out / "results.json").read_text())
     assert res["failed"] == 2 and res["best"] is None
@@ -274,7 +298,7 @@ def test_parity_failure_is_an_error_unless_overridden(tmp_path, capsys, tiny_wei
     args = ["compress", *TINY, "--weights", str(tiny_weights), "--recipe", "fp32", "--iterations", "5"]
     code, _, err = run_cli(*args, "--parity-tolerance", "1e-12", "--out", str(out), capsys=capsys)
     # the recipe whose export does not match is recorded as failed at the export step, with no artifact
-    assert code == 3, err
+    assert code == 4, err
     assert "1 of 1 candidates failed" in one_line_error(err)
     res = json.loads((out / "results.json").read_text())
     (fp32,) = res["candidates"]
@@ -317,6 +341,60 @@ def test_doctor_reports_coverage_exports_and_warnings(capsys):
     assert rep["techniques"]["prune.structured"]["not"] == {"head": "output layer: the class count is fixed"}
     assert any("not multiples of 8" in w and "features.0 (6)" in w for w in rep["warnings"])
     assert any("no latency gain" in w for w in rep["warnings"])
+
+
+def test_doctor_takes_inputs_without_data(capsys):
+    code, out, err = run_cli("doctor", *TINY, "--model-opt", "width=6", "--json", capsys=capsys)
+    assert code == 0, err
+    from_data = json.loads(out)
+    args = ["doctor", *TINY, "--model-opt", "width=6", "--json"]
+    code, out, err = run_cli(*args, "--input", "image:float32[1,8,8]", capsys=capsys)
+    assert code == 0, err
+    rep = json.loads(out)
+    assert (rep["params"], rep["macs"]) == (from_data["params"], from_data["macs"])
+    assert rep["exports"]["onnx"]["ok"] and rep["exports"]["onnx"]["op_types"] == from_data["exports"]["onnx"]["op_types"]
+    # the model is built for the declared input, not for digits
+    code, out, err = run_cli(*args, "--input", "image:float32[3,16,16]", capsys=capsys)
+    assert code == 0, err
+    assert json.loads(out)["macs"] > 3 * rep["macs"]
+    code, _, err = run_cli(*args, "--input", "image:float33[1,8,8]", capsys=capsys)
+    assert code != 0 and "dtype float33 is not one of" in one_line_error(err)
+    code, _, err = run_cli(*args, "--input", "image:float32[1,8,8]", "--data", "digits", capsys=capsys)
+    assert code != 0 and "give --data or --input, not both" in one_line_error(err)
+
+
+@pytest.mark.parametrize("task", ["auto", "regression"])
+def test_max_drop_is_the_tasks_drop_metric(task, tmp_path, capsys):
+    x = np.random.default_rng(0).random((300, 8), dtype=np.float32)
+    np.savez(tmp_path / "reg.npz", x=x, y=x.sum(1))
+    out = tmp_path / "o"
+    code, stdout, err = run_cli(
+        "compress",
+        "--model",
+        "zoo:mlp",
+        "--data",
+        str(tmp_path / "reg.npz"),
+        "--task",
+        task,
+        "--max-drop",
+        "2",
+        "-r",
+        "fp16",
+        "--iterations",
+        "5",
+        "--out",
+        str(out),
+        capsys=capsys,
+    )
+    assert code == 0, err
+    assert "mae ±95%" in stdout and "mae_increase %" in stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["task"]["name"] == "regression" and res["task"]["drop"] == "mae_increase_pct"
+    assert res["constraints"] == [{"metric": "mae_increase_pct", "op": "<=", "bound": 2.0}]
+    fp16 = next(c for c in res["candidates"] if c["name"] == "fp16")
+    assert fp16["status"] == "ok" and abs(fp16["metrics"]["mae_increase_pct"]) < 2.0
+    assert fp16["metrics"]["export_parity"]["top1_agreement"] is None  # no classes: no top-1
+    assert res["best"] is not None
 
 
 def test_recipes_sharing_a_torch_prefix_compute_it_once(tmp_path, capsys, tiny_weights):

@@ -12,6 +12,8 @@ def test_demo_meets_the_core_figures(tmp_path):
     out = tmp_path / "demo"
     results = run_demo(out, progress=False)
     assert json.loads((out / "results.json").read_text())["best"] == results["best"]
+    assert results["failed"] == 0 and all(c["status"] == "ok" for c in results["candidates"])
+    assert results["task"]["name"] == "classification" and results["model"]["io"]["outputs"][0]["name"] == "logits"
     base = results["baseline"]["metrics"]
     by = {c["name"]: c["metrics"] for c in results["candidates"]}
     assert base["accuracy"] >= 0.97
@@ -19,6 +21,8 @@ def test_demo_meets_the_core_figures(tmp_path):
     assert by["int8"]["size_ratio_vs_fp32"] >= 3.5
     assert by["int8"]["size_ratio_vs_fp32"] <= 4.2  # above ~4x for plain int8 would mean a measuring error
     assert by["fp32"]["accuracy"] - by["int8"]["accuracy"] <= 0.005 + 1e-9
+    assert by["int8"]["accuracy_drop"] == round((base["accuracy"] - by["int8"]["accuracy"]) * 100, 4)
+    assert by["int8"]["samples"] == base["samples"] == results["data"]["sizes"]["test"]
     assert 1.8 <= by["fp16"]["size_ratio_vs_fp32"] <= 2.1
     assert by["fp16"]["fidelity"] >= 0.995
     assert results["best"] is not None

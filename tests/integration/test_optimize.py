@@ -19,11 +19,13 @@ KEIRYO = str(Path(sys.executable).parent / "keiryo")
 
 @pytest.fixture(scope="module")
 def tiny16(tmp_path_factory, digits):
+    from conftest import classification
+
     from keiryo.model import load_model, save_weights
     from keiryo.train import TrainConfig, train
 
-    h = load_model("keiryo.testing:tiny_cnn", (1, 8, 8), 10, options={"width": 16})
-    train(h.module, digits, TrainConfig(epochs=15, lr=1e-2), progress=False)
+    h = load_model("keiryo.testing:tiny_cnn", digits, options={"width": 16}, output_name="logits")
+    train(h, digits, classification(h), TrainConfig(epochs=15, lr=1e-2), progress=False)
     return save_weights(h.module, tmp_path_factory.mktemp("w") / "tiny16.safetensors")
 
 
@@ -81,9 +83,17 @@ def test_search_results_report_and_best(searched):
         assert {"accuracy", "fidelity", "latency_p50_ms", "latency_p95_ms", "size_bytes"} <= set(c["metrics"])
     assert res["constraints"] == [{"metric": "accuracy_drop", "op": "<=", "bound": 2.0}]
     assert res["search"]["pareto_front"] and res["best"] is not None
+    assert res["schema_version"] == 2 and res["task"]["primary"] == "accuracy" and res["failed"] == 0
+    ok_names = {c["name"] for c in res["candidates"] if c["status"] == "ok"}
+    assert set(res["search"]["pareto_front"]) <= ok_names and res["best"] in ok_names
+    for c in trials:
+        assert {"accuracy_ci95", "accuracy_drop", "samples"} <= set(c["metrics"])
     assert (searched / res["best_artifact"]).is_file() and (searched / "best" / "recipe.yaml").is_file()
     html = (searched / "report.html").read_text()
     assert "data:image/png;base64," in html and "sortable" in html and "keiryo optimize" in html
+    # the Reproduce command rebuilds the same model and task from the search folder
+    assert "--weights DIR/baseline.safetensors" in html and "--task classification" in html and "--max-drop 2" in html
+    assert (searched / "baseline.safetensors").is_file()
     assert "http://" not in html and "https://" not in html  # opens offline
     assert (searched / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     pd = next(c for c in trials if c["name"].endswith("prune_distill"))

@@ -7,12 +7,14 @@ prediction-parity test runs on macOS only.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import classification
 from test_cli import one_line_error, run_cli
 from torch import nn
 
@@ -20,12 +22,14 @@ from keiryo.errors import BackendUnavailableError, ConfigError, UnsupportedOpErr
 from keiryo.export import ParityConfig, check_parity, export
 from keiryo.export.coreml import validate_mlpackage
 from keiryo.model import ModelHandle, ModelSpec, load_model
+from keiryo.model.io import IOSpec, TensorSpec
 from keiryo.passes import PassContext, apply
 from keiryo.passes.cluster import ClusterConfig
 from keiryo.passes.prune_unstructured import UnstructuredPruneConfig
 from keiryo.passes.quantize_coreml import CoremlInt8Config, CoremlPalettizeConfig, CoremlSparseConfig
 from keiryo.passes.quantize_tflite import TfliteFp16Config, TfliteInt8Config, TfliteInt8DynamicConfig
 from keiryo.runtime import open_session
+from keiryo.testing import top1_accuracy
 from keiryo.train import TrainConfig, train
 
 on_macos = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predicts only on macOS; Linux validates structure")
@@ -34,8 +38,8 @@ on_macos = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predicts
 @pytest.fixture(scope="module")
 def mlp(digits) -> ModelHandle:
     """An MLP with 84k weights: big enough that file sizes are dominated by weights."""
-    h = load_model(ModelSpec(source="zoo:mlp", options={"hidden": [256, 256]}), digits.input_shape, 10)
-    train(h.module, digits, TrainConfig(epochs=6, lr=3e-3), progress=False)
+    h = load_model(ModelSpec(source="zoo:mlp", options={"hidden": [256, 256]}), digits, 10, output_name="logits")
+    train(h, digits, classification(h), TrainConfig(epochs=6, lr=3e-3), progress=False)
     return h
 
 
@@ -46,7 +50,7 @@ def mlp_tflite(mlp, tmp_path_factory):
 
 def _accuracy(path: Path, runtime: str, digits) -> float:
     with open_session(runtime, path) as s:
-        return float((s.run(digits.test.x.numpy())[0].argmax(1) == digits.test.y.numpy()).mean())
+        return top1_accuracy(s, digits.test)
 
 
 def test_tflite_export_names_batch_and_parity(tiny_trained, digits, tmp_path):
@@ -54,10 +58,11 @@ def test_tflite_export_names_batch_and_parity(tiny_trained, digits, tmp_path):
     assert art.runtime == "litert" and art.info["batch"] == 1 and art.info["input_dtypes"] == ["float32"]
     assert {"CONV_2D", "FULLY_CONNECTED"} <= set(art.info["op_types"])
     with open_session("litert", art.path, threads=2) as s:
-        assert (s.input_names, s.output_names, s.threads) == (["input"], ["logits"], 2)
-        assert s.run(digits.test.x[:5].numpy())[0].shape == (5, 10)  # a batch runs one row per invoke
-        rep = check_parity(tiny_trained.module, s, digits.test.x, ParityConfig(), "tflite")
+        assert (s.input_names, s.output_names, s.threads) == (["image"], ["logits"], 2)
+        assert s.run(digits.test[:5].numpy())[0].shape == (5, 10)  # a batch runs one row per invoke
+        rep = check_parity(tiny_trained, s, digits.test, ParityConfig(), "tflite")
     assert rep.passed and rep.max_abs_diff < 1e-4 and rep.top1_agreement == 1.0
+    assert set(rep.outputs) == {"logits"} and rep.outputs["logits"]["top1_agreement"] == 1.0
     assert [p.name for p in tmp_path.iterdir()] == ["m.tflite"]  # nothing else left behind
 
 
@@ -103,7 +108,10 @@ class _Histc(nn.Module):
 
 @pytest.mark.parametrize("target,suffix", [("tflite", ".tflite"), ("coreml", ".mlpackage"), ("onnx", ".onnx")])
 def test_unsupported_op_is_named_with_its_layer_and_nothing_is_left(target, suffix, tmp_path):
-    h = ModelHandle(_Histc(), (1, 8, 8), 10, ModelSpec(source="histc-model"))
+    io = IOSpec(
+        inputs=[TensorSpec(name="input", shape=["batch", 1, 8, 8])], outputs=[TensorSpec(name="logits", shape=["batch", 10])]
+    )
+    h = ModelHandle(_Histc(), io, ModelSpec(source="histc-model"))
     with pytest.raises(UnsupportedOpError, match=r"histc-model: .* cannot export op aten\.histc") as ei:
         export(h, target, tmp_path / f"m{suffix}")
     if target != "onnx":
@@ -122,7 +130,7 @@ def test_missing_extra_names_it(tiny_trained, tmp_path, monkeypatch):
 
 def test_coreml_structural_validation_and_compression(mlp, digits, tmp_path):
     art = export(mlp, "coreml", tmp_path / "fp32.mlpackage")
-    assert art.info["inputs"] == [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+    assert art.info["inputs"] == [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
     assert art.info["outputs"] == [{"name": "logits", "shape": [1, 10], "dtype": "float32"}]
     assert "linear" in art.info["op_types"] and not art.info["compressed_weight_ops"]
     fp32_weights = art.info["weights_bytes"]
@@ -158,7 +166,7 @@ def test_coreml_palettes_are_the_cluster_centroids_and_pruning_zeros_are_stored_
 def test_coreml_prediction_parity_on_macos(tiny_trained, digits, tmp_path):
     art = export(tiny_trained, "coreml", tmp_path / "m.mlpackage")
     with open_session("coreml", art.path) as s:
-        rep = check_parity(tiny_trained.module, s, digits.test.x, ParityConfig(max_abs_diff=1e-2), "coreml")
+        rep = check_parity(tiny_trained, s, digits.test, ParityConfig(max_abs_diff=1e-2), "coreml")
     assert rep.passed
 
 
@@ -168,7 +176,11 @@ def test_cli_export_variants(tmp_path, tiny_weights, capsys):
         "export", *tiny, "--format", "tflite", "--variant", "int8", "--out", str(tmp_path / "m.tflite"), capsys=capsys
     )
     assert code == 0, err
-    assert "parity ok" in out and "after tflite.int8: test accuracy" in out and "on litert" in out
+    assert "parity ok" in out and "top-1 agreement" in out and "1 output(s)" in out
+    m = re.search(r"tflite\.int8 on litert: test accuracy ([\d.]+) \(torch ([\d.]+)\), fidelity to torch ([\d.]+), (\d+) samples", out)
+    assert m, out
+    acc, torch_acc, fidelity, samples = float(m[1]), float(m[2]), float(m[3]), int(m[4])
+    assert samples == 360 and fidelity >= 0.9 and abs(acc - torch_acc) <= 0.05 and torch_acc > 0.5
     code, out, err = run_cli("export", *tiny, "--format", "coreml", "--out", str(tmp_path / "m.mlpackage"), capsys=capsys)
     assert code == 0, err
     assert "structure validated" in out and ("macOS" in out or sys.platform == "darwin")

@@ -1,7 +1,7 @@
 import pytest
 
-from keiryo.errors import ConfigError
 from keiryo.budget import Constraint, check_constraints, parse_constraint, select_best
+from keiryo.errors import ConfigError
 
 
 def test_constraints_are_data_and_validated():

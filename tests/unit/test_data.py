@@ -159,7 +159,9 @@ def test_factory_source():
 
 
 def test_unknown_source_is_a_clear_error():
-    with pytest.raises(ConfigError, match=r"data 'imagenet': expected digits, .*a \.npz/\.safetensors/\.csv file, an image folder"):
+    with pytest.raises(
+        ConfigError, match=r"data 'imagenet': expected digits, .*a \.npz/\.safetensors/\.csv file, an image folder"
+    ):
         load_data("imagenet")
 
 

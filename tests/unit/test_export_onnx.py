@@ -43,9 +43,7 @@ def test_parity_over_tolerance_is_an_error_unless_overridden(tiny_trained, digit
         return tiny_trained.module(torch.from_numpy(x)).detach().numpy() + np.float32(0.05)
 
     with open_session("fake", noisy) as s:
-        with pytest.raises(
-            ParityError, match=r"output 'logits' max abs diff 0.05 \(tolerance 0.001\), top-1 agreement 100.00%"
-        ):
+        with pytest.raises(ParityError, match=r"output 'logits' max abs diff 0.05 \(tolerance 0.001\), top-1 agreement 100.00%"):
             check_parity(h, s, x, ParityConfig(), "fake export")
         rep = check_parity(h, s, x, ParityConfig(enforce=False), "fake export")
     assert not rep.passed and abs(rep.max_abs_diff - 0.05) < 1e-3 and rep.top1_agreement == 1.0

@@ -125,7 +125,9 @@ def test_data_that_does_not_fit_the_model(digits):
     assert h.head_width == 3
     first = next(i for i, label in enumerate(digits.val.y.tolist()) if label >= 3)
     label = int(digits.val.y[first])
-    with pytest.raises(DataError, match=rf"digits \[val\]: label {label} \(sample {first}\) is outside the model's output range 0\.\.2"):
+    with pytest.raises(
+        DataError, match=rf"digits \[val\]: label {label} \(sample {first}\) is outside the model's output range 0\.\.2"
+    ):
         get_task("classification").bind(h.output_names).check(h.io.outputs, digits)
     # more logits than labels is fine: the labels may cover a subset of the classes
     wide = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", options={"num_classes": 12}), digits, output_name="logits")
@@ -156,7 +158,9 @@ def test_load_model_describes_inputs_and_outputs(digits):
 def test_load_model_with_named_token_inputs_and_several_outputs(tmp_path):
     ids = TensorSpec(name="input_ids", dtype="int64", shape=["batch", 12])
     mask = TensorSpec(name="attention_mask", dtype="int64", shape=["batch", 12])
-    h = load_model(ModelSpec(source="zoo:text_encoder", options={"vocab": 40, "dim": 16, "heads": 2, "layers": 1}), [mask, ids], 3)
+    h = load_model(
+        ModelSpec(source="zoo:text_encoder", options={"vocab": 40, "dim": 16, "heads": 2, "layers": 1}), [mask, ids], 3
+    )
     assert h.input_names == ["attention_mask", "input_ids"] and h.head_width == 3
     ex = h.example_inputs(2)
     assert ex["input_ids"].dtype == torch.int64 and h(ex).shape == (2, 3)  # called by keyword: order does not matter

@@ -12,6 +12,11 @@ from keiryo.passes import PassContext, all_passes, apply
 from keiryo.passes.quantize_ort import Int8StaticConfig
 from keiryo.runtime import open_session
 from keiryo.runtime.coreml import CAN_PREDICT
+from keiryo.tasks import get_task
+
+
+def classification(handle):
+    return get_task("classification").bind(handle.output_names)
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +54,16 @@ def _fast(spec):
 
 @pytest.mark.parametrize("spec", all_passes(), ids=lambda s: s.name)
 def test_every_pass_produces_a_valid_runnable_model(spec, fp32_by_format, tiny_zoo_trained, digits, tmp_path):
-    ctx = PassContext(data=digits, workdir=tmp_path, teacher=tiny_zoo_trained)
+    ctx = PassContext(data=digits, workdir=tmp_path, teacher=tiny_zoo_trained, task=classification(tiny_zoo_trained))
     if spec.stage == "torch":
         before = tiny_zoo_trained.content_hash()
         res = apply(tiny_zoo_trained, _fast(spec), ctx)
         assert isinstance(res.model, ModelHandle)
         assert tiny_zoo_trained.content_hash() == before, "a pass must not modify its input model"
         art = export(res.model, "onnx", tmp_path / "out.onnx")  # the result still exports and runs
+        assert res.model.io == tiny_zoo_trained.io  # same named inputs and outputs
         with open_session("onnxruntime", art.path) as s:
-            assert s.run(digits.test.x[:4].numpy())[0].shape == (4, 10)
+            assert s.input_names == ["image"] and s.run(digits.test[:4].numpy())[0].shape == (4, 10)
         json.dumps(res.info)  # info is plain data for results.json
         return
     src = fp32_by_format(spec.formats[0])
@@ -71,7 +77,7 @@ def test_every_pass_produces_a_valid_runnable_model(spec, fp32_by_format, tiny_z
         assert res.info["compressed_weight_ops"]  # validated structurally: the promised compression is there
         return
     with open_session(res.model.runtime, res.model.path) as s:
-        out = s.run(digits.test.x[:16].numpy())[0]
+        out = s.run(digits.test[:16].numpy()["image"])[0]
     assert out.shape == (16, 10)
 
 
@@ -95,3 +101,21 @@ def test_int8_static_exclude_nodes_keeps_them_float(fp32_artifact, digits, tmp_p
 def test_format_pass_on_wrong_input_is_refused(tiny_trained, digits, tmp_path):
     with pytest.raises(PassError, match="works on an exported onnx file; export first"):
         apply(tiny_trained, Int8StaticConfig(), PassContext(data=digits, workdir=tmp_path))
+
+
+def test_int8_static_feeds_every_named_input_in_uneven_batches(tmp_path):
+    """A two-input text model; 50 calibration rows in batches of 16 (the histogram calibrators once crashed on these)."""
+    from keiryo.data import DataSpec, load_data
+    from keiryo.evaluate import predict
+    from keiryo.model import load_model
+
+    data = load_data(DataSpec(source="tokens", options={"samples": 200, "seq": 12, "vocab": 64}, calib_size=50))
+    h = load_model("zoo:text_encoder", data, options={"vocab": 64, "dim": 16, "heads": 2, "layers": 1}, output_name="logits")
+    art = export(h, "onnx", tmp_path / "text.onnx")
+    assert art.input_names == ["input_ids", "attention_mask"]
+    for method in ("minmax", "entropy", "percentile"):
+        res = apply(art, Int8StaticConfig(calibration=method), PassContext(data=data, workdir=tmp_path / method))
+        assert res.info["calib_samples"] == 50 and res.info["op_census"].get("QuantizeLinear", 0) > 0
+        with open_session("onnxruntime", res.model.path) as s:
+            assert s.input_names == ["input_ids", "attention_mask"]
+            assert predict(s, data.test)[0].shape == (len(data.test), 2)

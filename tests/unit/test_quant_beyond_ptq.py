@@ -2,10 +2,11 @@
 
 import pytest
 
-from keiryo.evaluate import accuracy, predict
 from keiryo.export import export
 from keiryo.passes import PassContext, apply, get_pass
 from keiryo.runtime import open_session
+from keiryo.tasks import get_task
+from keiryo.testing import top1_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -15,15 +16,15 @@ def outlier_mlp(digits):
     from keiryo.testing import inject_activation_outliers
     from keiryo.train import TrainConfig, train
 
-    h = load_model("zoo:mlp", digits.input_shape, 10, options={"hidden": [256, 128], "dropout": 0.0})
-    train(h.module, digits, TrainConfig(epochs=20), progress=False)
+    h = load_model("zoo:mlp", digits, options={"hidden": [256, 128], "dropout": 0.0}, output_name="logits")
+    train(h, digits, get_task("classification").bind(h.output_names), TrainConfig(epochs=20), progress=False)
     inject_activation_outliers(h.module.net[1], h.module.net[4], channels=2, factor=500.0)
     return h
 
 
 def ort_accuracy(path, split):
     with open_session("onnxruntime", path) as s:
-        return accuracy(predict(s, split.x), split.y)
+        return top1_accuracy(s, split)
 
 
 def test_fallback_finds_the_sensitive_layers_and_meets_the_budget(outlier_mlp, digits, tmp_path):

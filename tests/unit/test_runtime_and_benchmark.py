@@ -63,7 +63,9 @@ def test_session_errors(tiny_onnx, tmp_path):
     with open_session("onnxruntime", tiny_onnx.path) as s:
         with pytest.raises(RuntimeSessionError, match="input names"):
             s.run({"wrong": np.zeros((1, 1, 8, 8), np.float32)})
-    two_inputs = load_model("zoo:text_encoder", [_ids("input_ids"), _ids("attention_mask")], 2, options={"vocab": 20, "dim": 8, "heads": 2})
+    two_inputs = load_model(
+        "zoo:text_encoder", [_ids("input_ids"), _ids("attention_mask")], 2, options={"vocab": 20, "dim": 8, "heads": 2}
+    )
     with open_session("torch", two_inputs) as s:
         assert s.input_names == ["input_ids", "attention_mask"]
         with pytest.raises(RuntimeSessionError, match="pass a dict, not one array"):
@@ -83,7 +85,9 @@ def _ids(name):
 
 def test_run_benchmark_reports_ordered_percentiles():
     with open_session("fake", None) as s:
-        r = run_benchmark(s, {"input": np.zeros((1, 4), np.float32)}, BenchConfig(iterations=50, warmup=2, throughput_iterations=2))
+        r = run_benchmark(
+            s, {"input": np.zeros((1, 4), np.float32)}, BenchConfig(iterations=50, warmup=2, throughput_iterations=2)
+        )
         assert s.calls == 2 + 50 + 1 + 2
     assert 0 < r.latency_p50_ms <= r.latency_p95_ms <= r.latency_p99_ms
     assert r.iterations == 50 and r.threads == 1 and r.throughput_per_s > 0
@@ -112,7 +116,9 @@ def test_latency_can_be_measured_at_a_larger_batch():
 
 def test_benchmark_feeds_every_named_input():
     """A model of two inputs is timed with both: rows of the sample repeated to the batch sizes."""
-    h = load_model("zoo:text_encoder", [_ids("input_ids"), _ids("attention_mask")], 2, options={"vocab": 20, "dim": 8, "heads": 2})
+    h = load_model(
+        "zoo:text_encoder", [_ids("input_ids"), _ids("attention_mask")], 2, options={"vocab": 20, "dim": 8, "heads": 2}
+    )
     sample = {"input_ids": np.ones((3, 6), np.int64), "attention_mask": np.ones((3, 6), np.int64)}
     with open_session("torch", h) as s:
         seen = []

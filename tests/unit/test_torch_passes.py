@@ -6,7 +6,13 @@ import torch
 from keiryo.errors import ConfigError, PassError
 from keiryo.passes import PassContext, apply, get_pass
 from keiryo.passes._state import state_of
-from keiryo.train import accuracy
+from keiryo.tasks import get_task
+from keiryo.train import evaluate_torch
+
+
+def accuracy(handle, split):
+    """Top-1 accuracy of the torch model on an in-memory split."""
+    return evaluate_torch(handle, split, get_task("classification").bind(handle.output_names))["accuracy"]
 
 
 def cfg(name, **params):
@@ -39,7 +45,7 @@ def test_gradual_pruning_with_finetuning_keeps_accuracy_better_than_oneshot(tiny
         PassContext(data=digits),
     )
     assert [h["step"] for h in grad.info["history"]] == [1, 2, 3]
-    assert accuracy(grad.model.module, digits.test) > accuracy(one.model.module, digits.test) + 0.1
+    assert accuracy(grad.model, digits.test) > accuracy(one.model, digits.test) + 0.1
 
 
 def test_sparsity_outside_0_1_is_rejected():
@@ -68,10 +74,10 @@ def test_structured_taylor_needs_and_uses_gradients(tiny_zoo_trained, digits):
 def test_structured_pruning_of_transformer_heads(digits):
     from keiryo.model import load_model
 
-    h = load_model("zoo:transformer", digits.input_shape, 10, options={"dim": 32, "heads": 4, "layers": 1, "ffn": 64})
+    h = load_model("zoo:transformer", digits, options={"dim": 32, "heads": 4, "layers": 1, "ffn": 64}, output_name="logits")
     r = apply(h, cfg("prune.structured", ratio=0.5, prune_heads=True, round_to=None), PassContext(data=digits))
     assert r.info["heads"] == {"attn0": 2}
-    assert r.model.module(digits.test.x[:2]).shape == (2, 10)
+    assert r.model.io == h.io and r.model(digits.test[:2].inputs).shape == (2, 10)
 
 
 def test_clustering_keeps_weights_on_centroids_through_finetuning(tiny_trained, digits):
@@ -80,7 +86,7 @@ def test_clustering_keeps_weights_on_centroids_through_finetuning(tiny_trained, 
         assert torch.unique(p).numel() <= 8, n
     pal = state_of(r.model)["palettes"]
     assert set(pal) == {"features.0.weight", "features.3.weight", "head.weight"}
-    assert accuracy(r.model.module, digits.test) > 0.8
+    assert accuracy(r.model, digits.test) > 0.8
     with pytest.raises(ConfigError, match="clusters"):
         cfg("cluster", clusters=1)
 
@@ -98,14 +104,14 @@ def test_lowrank_replaces_layers_and_rejects_a_rank_that_does_not_reduce(tiny_tr
 def test_distillation_checks_output_shapes_and_works_unlabeled(tiny_trained, digits):
     from keiryo.model import load_model
 
-    other = load_model("keiryo.testing:tiny_cnn", (1, 8, 8), 5)
-    with pytest.raises(PassError, match=r"teacher outputs \(2, 10\) but the student outputs \(2, 5\)"):
+    other = load_model("keiryo.testing:tiny_cnn", digits, 5, output_name="logits")
+    with pytest.raises(PassError, match=r"teacher outputs \[\(2, 10\)\] but the student outputs \[\(2, 5\)\]"):
         apply(other, cfg("distill"), PassContext(data=digits, teacher=tiny_trained))
-    student = load_model("keiryo.testing:tiny_cnn", (1, 8, 8), 10, options={"width": 4})
+    student = load_model("keiryo.testing:tiny_cnn", digits, options={"width": 4}, output_name="logits")
     r = apply(
         student, cfg("distill", unlabeled=True, train={"epochs": 8, "lr": 1e-2}), PassContext(data=digits, teacher=tiny_trained)
     )
-    assert accuracy(r.model.module, digits.test) > 0.4  # chance is 0.1: it learnt from the teacher's outputs alone
+    assert accuracy(r.model, digits.test) > 0.4  # chance is 0.1: it learnt from the teacher's outputs alone
     r = apply(student, cfg("distill", feature_weight=1.0, train={"epochs": 1}), PassContext(data=digits, teacher=tiny_trained))
     assert not hasattr(r.model.module, "_kd_bridge")
 
@@ -156,3 +162,23 @@ def test_lowrank_names_a_layer_it_cannot_handle(tiny_zoo_trained, digits):
     )
     with pytest.raises(PassError, match=f"{dw} is a grouped/depthwise conv"):
         apply(tiny_zoo_trained, cfg("factorize.lowrank", rank=1, layers=[dw]), PassContext(data=digits))
+
+
+def test_training_passes_use_the_contexts_task_on_a_regression_model():
+    """Fine-tuning and distillation train with the task in the context (here MSE on sensor windows, scored by MAE)."""
+    from keiryo.data import load_data
+    from keiryo.model import load_model
+    from keiryo.train import TrainConfig, train
+
+    data = load_data("sensors", samples=300, length=16)
+    h = load_model("zoo:sensor", data, options={"width": 8, "blocks": 2}, output_name="prediction")
+    task = get_task("regression").bind(h.output_names)
+    train(h, data, task, TrainConfig(epochs=5, lr=1e-2), progress=False)
+    ctx = PassContext(data=data, task=task, teacher=h)
+    r = apply(h, cfg("prune.unstructured", sparsity=0.5, finetune={"epochs": 2}), ctx)
+    assert r.info["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert all(float((p == 0).float().mean()) >= 0.5 - 1e-3 for p in weights(r.model).values())  # kept through fine-tuning
+    d = apply(r.model, cfg("distill", train={"epochs": 2}), ctx)
+    assert d.info["metric"] == "mae" and 0 < d.info["best_val"] < float("inf")
+    s = apply(h, cfg("prune.structured", ratio=0.5), ctx)
+    assert s.info["not_pruned"]["head"].startswith("output layer")  # the last Linear, though it has no class count
