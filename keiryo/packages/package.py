@@ -237,5 +237,5 @@ def verify(pkg: str | Path, public_key: str | Path, *, golden: bool = True) -> d
     model_file = p / manifest["model_file"]
     diff = None
     if golden and "golden" in manifest:
-        diff = check_golden(model_file, manifest["runtime"], manifest["golden"])
+        diff = check_golden(model_file, manifest["runtime"], manifest["golden"], inputs=manifest["inputs"])
     return {"manifest": manifest, "files": sorted(f for f in files if f != SIGNATURE), "golden_max_abs_diff": diff}

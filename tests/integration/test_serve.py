@@ -444,3 +444,55 @@ def test_a_request_over_its_timeout_gets_503_and_the_server_keeps_serving(world,
         r = c.post("/v2/models/tiny/infer", headers=H, content=json.dumps(_good(x)))
         assert r.status_code == 503 and "error" in r.json()
         assert c.get("/v2/health/ready").status_code == 200
+
+
+def test_a_text_model_with_int64_token_inputs_is_served(tmp_path):
+    """Several named inputs of datatype INT64 (token ids and a mask) through the OIP server with tritonclient."""
+    import tritonclient.http as httpclient
+
+    from keiryo.benchmark import BenchConfig
+    from keiryo.data import DataSpec, load_data
+    from keiryo.model import load_model
+    from keiryo.pipeline import RunOptions, compress, load_recipe
+
+    data = load_data(DataSpec(source="tokens", options={"samples": 120, "vocab": 50, "seq": 12}, calib_size=16))
+    h = load_model(
+        "zoo:text_encoder", data, output_name="logits", options={"vocab": 50, "dim": 16, "heads": 2, "layers": 1, "ffn": 32}
+    )
+    opts = RunOptions(bench=BenchConfig(iterations=5, warmup=1, throughput_iterations=1, throughput_batch=2), progress=False)
+    compress(h, data, [load_recipe("int8-dynamic")], tmp_path / "out", opts=opts)
+    priv, pub = keygen(tmp_path / "key.pem")
+    store = PackageStore(tmp_path / "registry")
+    pkg = package(
+        tmp_path / "out", name="text", version="1.0.0", private_key=priv, out=tmp_path / "pkg", candidate="int8-dynamic"
+    )
+    manifest = json.loads((pkg / "keiryo.json").read_text())
+    assert manifest["inputs"] == [
+        {"name": "input_ids", "datatype": "INT64", "shape": [-1, 12]},
+        {"name": "attention_mask", "datatype": "INT64", "shape": [-1, 12]},
+    ]
+    assert manifest["task"]["name"] == "sequence-classification" and list(manifest["golden"]["inputs"]) == [
+        "input_ids",
+        "attention_mask",
+    ]
+    store.push(pkg, pub)
+    store.promote("text", "1.0.0", "production")
+    app = create_app(store, ServeSettings(models=["text@production"], public_key=str(pub), api_keys=[API], poll_s=5))
+    x = {k: v[:3] for k, v in data.test.numpy().items()}
+    with open_session("onnxruntime", pkg / manifest["model_file"]) as s:
+        want = s.run(x)[0]
+    with LiveServer(app, _free_port()) as srv:
+        c = httpclient.InferenceServerClient(url=f"127.0.0.1:{srv.port}")
+        meta = c.get_model_metadata("text", headers=dict(H))
+        assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("input_ids", "INT64"), ("attention_mask", "INT64")]
+        inputs = []
+        for name in ("input_ids", "attention_mask"):
+            inp = httpclient.InferInput(name, list(x[name].shape), "INT64")
+            inp.set_data_from_numpy(x[name], binary_data=True)
+            inputs.append(inp)
+        res = c.infer("text", inputs, headers=dict(H))
+        np.testing.assert_allclose(res.as_numpy("logits"), want, atol=1e-5)
+        bad = httpclient.InferInput("input_ids", [3, 12], "FP32")
+        bad.set_data_from_numpy(x["input_ids"].astype(np.float32))
+        with pytest.raises(Exception, match="datatype 'FP32', expected INT64"):
+            c.infer("text", [bad, inputs[1]], headers=dict(H))
