@@ -27,6 +27,8 @@ class Candidate(BaseModel):
     constraints_violated: list[str] = Field(default_factory=list)
     trial: int | None = None
     params: dict[str, Any] | None = None
+    sha256: str | None = Field(None, description="of the final file: equal files are the same candidate")
+    duplicate_of: str | None = Field(None, description="an earlier candidate whose file is byte-identical (not measured again)")
     artifact_path: Path | None = Field(None, exclude=True, description="the file while the run is in progress")
 
     @classmethod

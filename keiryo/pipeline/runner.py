@@ -11,6 +11,7 @@ and the output folder is written atomically.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -213,11 +214,14 @@ def run_recipe(
     cache: StepCache | None = None,
     bench_lock: str | Path | None = None,
     task: Any = None,
+    measured: Path | None = None,
 ) -> Candidate:
     """Apply ``recipe`` to a copy of ``handle`` and measure the result; never raises for a failing recipe.
 
     The returned :class:`Candidate` is ``ok`` (its ``artifact_path`` inside ``workdir``) or
-    ``failed`` with the error and the step that failed.
+    ``failed`` with the error and the step that failed. ``measured``: a folder of ``SHA256.json``
+    records of files already measured in this search; a byte-identical file is not measured
+    again (its record is reused, with ``duplicate_of`` naming the original).
     """
     opts = opts or RunOptions()
     task = task or resolve_task(None, data, handle)
@@ -226,11 +230,19 @@ def run_recipe(
     try:
         res = run_steps(recipe, handle, data, ctx, opts, memo=memo, cache=cache, baseline=baseline)
         art = res.artifact
-        metrics = _step("measure", lambda: measure_artifact(art.path, art.runtime, data, task, baseline, opts.bench, bench_lock))
+        sha = file_sha256(art.path)
+        earlier = read_measured(measured, sha)
+        if earlier is None:
+            metrics = _step(
+                "measure", lambda: measure_artifact(art.path, art.runtime, data, task, baseline, opts.bench, bench_lock)
+            )
     except StepFailure as e:
         return Candidate.failed(recipe.name, recipe.to_dict(), str(e), e.step, time.perf_counter() - t0)
+    if earlier is not None:
+        _log(opts, f"  [{recipe.name}] the same file as {earlier['name']}: not measured again")
+        metrics = dict(earlier["metrics"])
     metrics.update(params=res.params, macs=res.macs, export_parity=res.parity)
-    return Candidate.succeeded(
+    cand = Candidate.succeeded(
         recipe.name,
         recipe.to_dict(),
         format=art.format,
@@ -240,6 +252,36 @@ def run_recipe(
         steps=res.effects,
         seconds=time.perf_counter() - t0,
     )
+    cand.sha256 = sha
+    cand.duplicate_of = earlier["name"] if earlier is not None else None
+    return cand
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, or of a directory's files (a Core ML package) in name order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        h.update(str(f.relative_to(path) if path.is_dir() else "").encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def read_measured(folder: Path | None, sha: str) -> dict[str, Any] | None:
+    if folder is None:
+        return None
+    f = folder / f"{sha}.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError):
+        return None  # a torn record: measure again
+
+
+def record_measured(folder: Path, sha: str, name: str, metrics: dict[str, Any]) -> None:
+    from keiryo._atomic import write_atomic
+
+    write_atomic(folder / f"{sha}.json", json.dumps({"name": name, "metrics": metrics}))
 
 
 def export_parity(model: ModelHandle, artifact: Artifact, data: DataSplits, opts: RunOptions, what: str) -> dict[str, Any]:

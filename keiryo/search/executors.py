@@ -65,7 +65,19 @@ def run_job(job: Job, handle: Any = None, data: Any = None, baseline: Any = None
         recipe = Recipe(**job.recipe)
         cache = StepCache(job.cache_dir) if job.cache_dir else None
         with tempfile.TemporaryDirectory(prefix="keiryo-trial-") as td:
-            cand = run_recipe(recipe, handle, data, Path(td), baseline, opts, cache=cache, bench_lock=job.bench_lock, task=task)
+            measured = Path(job.cache_dir) / "measured" if job.cache_dir else None
+            cand = run_recipe(
+                recipe,
+                handle,
+                data,
+                Path(td),
+                baseline,
+                opts,
+                cache=cache,
+                bench_lock=job.bench_lock,
+                task=task,
+                measured=measured,
+            )
             rec = cand.record()
             if cand.ok and cand.artifact_path is not None:
                 rec["artifact_bytes"] = cand.artifact_path.read_bytes()

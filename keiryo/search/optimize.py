@@ -110,7 +110,7 @@ def optimize(
     from keiryo.measure import bench_sample, measure_baseline
     from keiryo.model import save_weights
     from keiryo.pipeline.recipe import load_recipe
-    from keiryo.pipeline.runner import RunOptions, _log, check_runnable, resolve_task, run_recipe
+    from keiryo.pipeline.runner import RunOptions, _log, check_runnable, record_measured, resolve_task, run_recipe
     from keiryo.report.html import write_report
     from keiryo.report.results import build_results, write_results
     from keiryo.search.executors import Job, LocalExecutor, RayExecutor
@@ -157,6 +157,7 @@ def optimize(
             path = ref.artifact_path
             reference = ref.record()
             reference["artifact"] = f"reference/model{path.suffix}"
+            record_measured(out / "cache" / "measured", reference["sha256"], reference["name"], reference["metrics"])
             _write_atomic_dir(
                 out / "reference",
                 {f"model{path.suffix}": path.read_bytes(), "candidate.json": json.dumps(reference, indent=2).encode()},
@@ -169,7 +170,9 @@ def optimize(
     strategy = OptunaStrategy(
         out / "study.db", cfg.templates, cfg.constraints, cfg.target, cfg.sampler, cfg.seed, resume, recorded, task
     )
-    done_before = len(list(out.glob("trials/*/candidate.json")))  # interrupted trials without a record do not count
+    records = [json.loads(f.read_text()) for f in out.glob("trials/*/candidate.json")]
+    done_before = sum(1 for r in records if not r.get("duplicate_of"))  # interrupted trials without a record do not count
+    duplicates = len(records) - done_before
     if resume:
         _log(opts, f"resuming: {done_before} finished trial(s) kept ({len(strategy.completed())} completed)")
     model_spec = handle.spec.model_copy(update={"weights": str(weights)}).model_dump(mode="json")
@@ -200,7 +203,10 @@ def optimize(
     try:
         while finished < cfg.trials:
             while (
-                len(pending) < executor.slots and submitted < cfg.trials and not (met and cfg.stop_when_met) and not timed_out()
+                len(pending) < executor.slots
+                and submitted < cfg.trials + duplicates
+                and not (met and cfg.stop_when_met)
+                and not timed_out()
             ):
                 cand = strategy.suggest()
                 pending[cand.number] = cand
@@ -214,6 +220,17 @@ def optimize(
             cand = pending.pop(job.number)
             res["trial"] = job.number
             res["params"] = cand.params
+            if res.get("status") == "ok" and res.get("duplicate_of"):
+                # the same file as an earlier trial: told to the sampler, not counted, the trial is spent elsewhere
+                res.pop("artifact_bytes", None), res.pop("artifact_suffix", None)
+                _write_atomic_dir(out / "trials" / f"{job.number:04d}", {"candidate.json": json.dumps(res, indent=2).encode()})
+                strategy.report(cand, res["metrics"])
+                duplicates += 1
+                _log(opts, f"trial {job.number}: the same file as {res['duplicate_of']}; not counted")
+                if duplicates > cfg.trials:  # the space holds fewer distinct files than trials asked for
+                    _log(opts, "[yellow]most sampled recipes give files already measured: stopping[/]")
+                    break
+                continue
             if res.get("status") == "ok":
                 blob, suffix = res.pop("artifact_bytes"), res.pop("artifact_suffix")
                 res["artifact"] = f"trials/{job.number:04d}/model{suffix}"
@@ -222,6 +239,7 @@ def optimize(
                     out / "trials" / f"{job.number:04d}",
                     {f"model{suffix}": blob, "candidate.json": json.dumps(res, indent=2).encode()},
                 )
+                record_measured(out / "cache" / "measured", res["sha256"], res["name"], res["metrics"])  # after its record
                 strategy.report(cand, res["metrics"])
                 met = met or not res["constraints_violated"]
             else:
@@ -238,7 +256,9 @@ def optimize(
         if bar:
             bar.stop()
         executor.close()
-    cands = [reference] + _load_trials(out)
+    trials = _load_trials(out)
+    dupes = [{"trial": c.get("trial"), "of": c["duplicate_of"]} for c in trials if c.get("duplicate_of")]
+    cands = [reference] + [c for c in trials if not c.get("duplicate_of")]
     for c in cands:
         if c.get("status") == "ok":
             c["constraints_violated"] = check_constraints(cfg.constraints, c["metrics"])
@@ -263,6 +283,7 @@ def optimize(
         "config": cfg.model_dump(mode="json"),
         "trials_finished": finished,
         "trials_failed": sum(1 for c in cands if c.get("status") == "failed"),
+        "duplicates": dupes,
         "resumed_with": done_before,
         "seconds": round(time.monotonic() - t_start, 1),
         "pareto_front": front,
