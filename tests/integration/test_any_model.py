@@ -245,3 +245,30 @@ def test_doctor_without_data_from_input_specs(capsys):
 def test_version_flag(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("keiryo ")
+
+
+def test_a_byte_identical_file_is_measured_once(tmp_path, monkeypatch):
+    """Two recipes that end in the same file (a fallback that kept no layer in float, say): the second is not measured."""
+    import keiryo.pipeline.runner as runner
+    from keiryo.measure import measure_baseline
+    from keiryo.pipeline.runner import record_measured, run_recipe
+
+    data = load_data(DataSpec(source="digits", calib_size=32))
+    h = load_model("zoo:mlp", data, output_name="logits", options={"hidden": [16]})
+    task = get_task("classification").bind(h.output_names)
+    base = measure_baseline(h, data, task, FAST.bench)
+    measured = tmp_path / "measured"
+    first = run_recipe(load_recipe("int8"), h, data, tmp_path / "a", base, FAST, task=task, measured=measured)
+    assert first.ok and first.duplicate_of is None and first.sha256
+    record_measured(measured, first.sha256, "trial-1", first.metrics)
+
+    def no_second_measurement(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(runner, "measure_artifact", no_second_measurement)
+    same = load_recipe("int8").model_copy(update={"name": "int8-again"})
+    second = run_recipe(same, h, data, tmp_path / "b", base, FAST, task=task, measured=measured)
+    assert second.ok and second.duplicate_of == "trial-1" and second.sha256 == first.sha256
+    assert second.metrics["accuracy"] == first.metrics["accuracy"]
+    other = run_recipe(load_recipe("fp16"), h, data, tmp_path / "c", base, FAST, task=task, measured=measured)
+    assert not other.ok and other.failed_step == "measure"  # a different file is measured (here: the patched harness)
