@@ -234,8 +234,9 @@ def test_image_folder_streams_train_and_holds_only_eval_and_calib(tmp_path):
 
 
 def test_doctor_without_data_from_input_specs(capsys):
-    code = main(["doctor", "-m", "zoo:text_encoder", "--model-opt", "dim=32,heads=2,layers=1,ffn=64,vocab=100",
-                 "--input", "input_ids:int64[16]", "--input", "attention_mask:int64[16]", "--num-classes", "3", "--json"])  # fmt: skip
+    opts = "dim=32,heads=2,layers=1,ffn=64,vocab=100"
+    inputs = ["--input", "input_ids:int64[16]", "--input", "attention_mask:int64[16]"]
+    code = main(["doctor", "-m", "zoo:text_encoder", "--model-opt", opts, *inputs, "--num-classes", "3", "--json"])
     out = capsys.readouterr().out
     assert code == 0, out
     rep = json.loads(out)
