@@ -26,6 +26,19 @@ METRICS: dict[str, Literal["min", "max"]] = {
     "peak_rss_mb": "min",
     "throughput_per_s": "max",
 }
+
+
+def known_metrics() -> set[str]:
+    """The measurement's metrics and every registered task's metric and drop names."""
+    from keiryo.tasks import TASKS, task_names
+
+    names = set(METRICS)
+    for t in task_names():
+        cls = TASKS.get(t)
+        names |= {*cls.metric_names, cls.primary, cls.drop_name}
+    return names
+
+
 _OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
 
 
@@ -37,8 +50,9 @@ class Constraint(KeiryoConfig):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str) -> str:
-        if v not in METRICS:
-            raise ValueError(f"unknown metric {v!r}; expected one of {', '.join(sorted(METRICS))}")
+        known = known_metrics()
+        if v not in known:
+            raise ValueError(f"unknown metric {v!r}; expected one of {', '.join(sorted(known))}")
         return v
 
     @field_validator("bound")

@@ -57,7 +57,7 @@ def sign_dir(path: str | Path, private_key: str | Path) -> Path:
     ms = _ms()
     from model_signing._signing import sign_ec_key, signing
 
-    p, key = Path(path), Path(private_key)
+    p, key = Path(path).resolve(), Path(private_key)  # model_signing compares ignored paths resolved
     if not key.is_file():
         raise InputFileError(f"{key}: private key not found")
     try:
@@ -82,7 +82,7 @@ def verify_dir(path: str | Path, public_key: str | Path) -> dict[str, str]:
     ms = _ms()
     from model_signing._signing import sign_ec_key, sign_sigstore_pb
 
-    p, key = Path(path), Path(public_key)
+    p, key = Path(path).resolve(), Path(public_key)  # model_signing compares ignored paths resolved
     if not key.is_file():
         raise InputFileError(f"{key}: public key not found")
     if not (p / SIGNATURE).is_file():

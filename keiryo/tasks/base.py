@@ -92,6 +92,7 @@ class Task:
     drop_unit: ClassVar[str] = "pt"
     default_output: ClassVar[str] = "output"
     summary: ClassVar[str] = ""
+    metric_names: ClassVar[tuple[str, ...]] = ("fidelity",)  # what a budget (--constraint) may name
 
     def __init__(self, output: int | str = 0, **options: Any):
         if options:

@@ -32,6 +32,7 @@ def integer_labels(y: np.ndarray, where: str) -> np.ndarray:
 
 @register_task("classification")
 class Classification(Task):
+    metric_names: ClassVar[tuple[str, ...]] = ("accuracy", "top5_accuracy", "fidelity")
     primary: ClassVar[str] = "accuracy"
     drop_name: ClassVar[str] = "accuracy_drop"
     default_output: ClassVar[str] = "logits"
@@ -124,6 +125,7 @@ class SequenceClassification(Classification):
 
 @register_task("token-classification")
 class TokenClassification(Classification):
+    metric_names: ClassVar[tuple[str, ...]] = ("token_accuracy", "fidelity")
     """Per-token labels (batch, seq); label -100 (or any negative) marks tokens that are not scored."""
 
     primary: ClassVar[str] = "token_accuracy"

@@ -16,6 +16,7 @@ from keiryo.tasks.base import Metrics, Task, cosine_rows, mean_ci, proportion_ci
 
 @register_task("embedding")
 class Embedding(Task):
+    metric_names: ClassVar[tuple[str, ...]] = ("cosine", "recall_at_1", "recall_at_5", "fidelity")
     primary: ClassVar[str] = "cosine"
     needs_targets: ClassVar[bool] = False
     drop_name: ClassVar[str] = "cosine_drop"

@@ -31,6 +31,7 @@ def _map(scores: np.ndarray, y: np.ndarray) -> float:
 
 @register_task("multilabel")
 class MultiLabel(Task):
+    metric_names: ClassVar[tuple[str, ...]] = ("f1", "map", "fidelity")
     primary: ClassVar[str] = "f1"
     drop_name: ClassVar[str] = "f1_drop"
     default_output: ClassVar[str] = "logits"

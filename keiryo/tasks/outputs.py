@@ -12,6 +12,7 @@ from keiryo.tasks.base import Metrics, Task, cosine_rows, mean_ci, put, snr_db
 
 @register_task("outputs")
 class Outputs(Task):
+    metric_names: ClassVar[tuple[str, ...]] = ("cosine", "snr_db", "max_abs_diff_vs_fp32", "fidelity")
     primary: ClassVar[str] = "cosine"
     needs_targets: ClassVar[bool] = False
     drop_name: ClassVar[str] = "cosine_drop"

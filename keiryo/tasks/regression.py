@@ -23,6 +23,7 @@ def r2(pred: np.ndarray, y: np.ndarray) -> float:
 
 @register_task("regression")
 class Regression(Task):
+    metric_names: ClassVar[tuple[str, ...]] = ("mae", "rmse", "r2", "fidelity", "max_abs_diff_vs_fp32")
     primary: ClassVar[str] = "mae"
     higher_is_better: ClassVar[bool] = False
     drop_name: ClassVar[str] = "mae_increase_pct"

@@ -363,6 +363,15 @@ def test_doctor_takes_inputs_without_data(capsys):
     assert code != 0 and "give --data or --input, not both" in one_line_error(err)
 
 
+def test_error_messages_are_printed_verbatim(tmp_path, capsys):
+    """Brackets in a message (split names, shape syntax) are text, not console markup."""
+    code, _, err = run_cli("doctor", *TINY, "--input", "image-float32", capsys=capsys)
+    assert code != 0 and "expected NAME:DTYPE[d1,d2,...], e.g. input_ids:int64[128]" in one_line_error(err)
+    out = tmp_path / "o"
+    code, _, err = run_cli("compress", *TINY, "--model-opt", "num_classes=4", "-r", "int8", "--out", str(out), capsys=capsys)
+    assert code != 0 and "digits [val]: label" in one_line_error(err)
+
+
 @pytest.mark.parametrize("task", ["auto", "regression"])
 def test_max_drop_is_the_tasks_drop_metric(task, tmp_path, capsys):
     x = np.random.default_rng(0).random((300, 8), dtype=np.float32)

@@ -1,6 +1,9 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
+from keiryo.data import TargetInfo
 from keiryo.errors import ConfigError, DataError, InputFileError, ModelLoadError
 from keiryo.model import IOSpec, ModelSpec, TensorSpec, load_model, load_weights, save_weights
 from keiryo.tasks import get_task
@@ -123,12 +126,20 @@ def test_data_that_does_not_fit_the_model(digits):
     # the class count is checked by the task: labels 0..9 do not fit 3 logits
     h = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", options={"num_classes": 3}), digits, output_name="logits")
     assert h.head_width == 3
-    first = next(i for i, label in enumerate(digits.val.y.tolist()) if label >= 3)
-    label = int(digits.val.y[first])
+    task = get_task("classification").bind(h.output_names)
+    first = next(i for i, label in enumerate(digits.test.y.tolist()) if label >= 3)
+    label = int(digits.test.y[first])
     with pytest.raises(
-        DataError, match=rf"digits \[val\]: label {label} \(sample {first}\) is outside the model's output range 0\.\.2"
+        DataError, match=rf"digits \[test\]: label {label} \(sample {first}\) is outside the model's output range 0\.\.2"
     ):
-        get_task("classification").bind(h.output_names).check(h.io.outputs, digits)
+        task.check(h.io.outputs, digits)
+    # a label seen only outside the in-memory splits still counts (the source's label count)
+    ten = load_model(ModelSpec(source="keiryo.testing:tiny_cnn"), digits, output_name="logits")
+    task = get_task("classification").bind(ten.output_names)
+    task.check(ten.io.outputs, digits)
+    more = replace(digits, target=TargetInfo("int64", (), 11))
+    with pytest.raises(DataError, match=r"^digits: label 10 is outside the model's output range 0\.\.9"):
+        task.check(ten.io.outputs, more)
     # more logits than labels is fine: the labels may cover a subset of the classes
     wide = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", options={"num_classes": 12}), digits, output_name="logits")
     get_task("classification").bind(wide.output_names).check(wide.io.outputs, digits)
