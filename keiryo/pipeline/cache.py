@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +37,11 @@ class StepCache:
         final = self.root / key[:2] / key
         if final.exists():
             return
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:8]}-", dir=final.parent))
+        from keiryo._atomic import atomic_dir
+
         try:
-            shutil.copy2(artifact, tmp / artifact.name)
-            (tmp / "meta.json").write_text(json.dumps({**meta, "file": artifact.name}))
-            os.rename(tmp, final)  # atomic; a concurrent writer of the same key loses the race harmlessly
+            with atomic_dir(final, replace=False) as tmp:
+                shutil.copy2(artifact, tmp / artifact.name)
+                (tmp / "meta.json").write_text(json.dumps({**meta, "file": artifact.name}))
         except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+            pass  # a concurrent writer of the same key won the race: its entry is as good

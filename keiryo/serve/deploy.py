@@ -11,11 +11,10 @@ HorizontalPodAutoscaler.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from keiryo._atomic import write_atomic
+from keiryo._atomic import atomic_dir, write_atomic
 from keiryo.errors import ConfigError
 from keiryo.packages.package import read_manifest
 
@@ -70,19 +69,13 @@ def write_docker(pkg: str | Path, public_key: str | Path, out: str | Path, *, ke
     manifest = read_manifest(src)
     if dst.exists():
         raise ConfigError(f"{dst}: exists; choose another --out")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
+    with atomic_dir(dst, replace=False) as tmp:
         store = PackageStore(tmp / "registry")
         name, version = store.push(src, public_key, by="keiryo deploy")  # verifies the package
         store.promote(name, version, "production", by="keiryo deploy")
         shutil.copy2(public_key, tmp / "public.pem")
         (tmp / "Dockerfile").write_text(_dockerfile(manifest, keiryo_spec or f"keiryo=={__version__}"), encoding="utf-8")
         (tmp / ".dockerignore").write_text("**/.lock\n", encoding="utf-8")
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

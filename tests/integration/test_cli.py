@@ -157,7 +157,9 @@ def test_export_command_checks_parity(tmp_path, tiny_weights, capsys):
     assert code == 0, err
     assert "parity ok" in out and (tmp_path / "m.onnx").is_file()
     # the fp32 file on onnxruntime predicts what torch predicts, on the whole test split
-    m = re.search(r"fp32 on onnxruntime: test accuracy ([\d.]+) \(torch ([\d.]+)\), fidelity to torch ([\d.]+), (\d+) samples", out)
+    m = re.search(
+        r"fp32 on onnxruntime: test accuracy ([\d.]+) \(torch ([\d.]+)\), fidelity to torch ([\d.]+), (\d+) samples", out
+    )
     assert m, out
     assert m[1] == m[2] and float(m[3]) == 1.0 and int(m[4]) == 360
 

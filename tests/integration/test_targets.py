@@ -177,7 +177,9 @@ def test_cli_export_variants(tmp_path, tiny_weights, capsys):
     )
     assert code == 0, err
     assert "parity ok" in out and "top-1 agreement" in out and "1 output(s)" in out
-    m = re.search(r"tflite\.int8 on litert: test accuracy ([\d.]+) \(torch ([\d.]+)\), fidelity to torch ([\d.]+), (\d+) samples", out)
+    m = re.search(
+        r"tflite\.int8 on litert: test accuracy ([\d.]+) \(torch ([\d.]+)\), fidelity to torch ([\d.]+), (\d+) samples", out
+    )
     assert m, out
     acc, torch_acc, fidelity, samples = float(m[1]), float(m[2]), float(m[3]), int(m[4])
     assert samples == 360 and fidelity >= 0.9 and abs(acc - torch_acc) <= 0.05 and torch_acc > 0.5
