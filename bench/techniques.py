@@ -13,6 +13,7 @@ distilled vs trained from labels alone (3 seeds, same schedule), and QAT vs PTQ 
 with activation outliers (3 seeds). Prints the figures and which targets are met.
 
     .venv/bin/python bench/techniques.py --reuse keiryo-demo     # ~15 min on 2 cores
+    .venv/bin/python bench/techniques.py --reuse keiryo-demo --quick --seeds 1 --student-epochs 1 --rounds 1  # smoke test
 """
 
 from __future__ import annotations
@@ -74,6 +75,20 @@ RECIPES: list[dict[str, Any]] = [
 ]
 
 
+def quick(obj: Any) -> Any:
+    """A copy of recipe steps with one epoch per training step and at most two pruning steps (--quick)."""
+    if isinstance(obj, dict):
+        out = {k: quick(v) for k, v in obj.items()}
+        if "epochs" in out:
+            out["epochs"] = 1
+        if isinstance(out.get("steps"), int):
+            out["steps"] = min(out["steps"], 2)
+        return out
+    if isinstance(obj, list):
+        return [quick(v) for v in obj]
+    return obj
+
+
 def classification(handle: Any) -> Any:
     """The classification task bound to the model's outputs (the logits are its first output)."""
     return get_task("classification").bind(handle.output_names)
@@ -128,7 +143,7 @@ def distill_vs_labels(
     return labels, distilled
 
 
-def qat_vs_ptq(seeds: int, work: Path) -> list[tuple[float, float, float]]:
+def qat_vs_ptq(seeds: int, work: Path, epochs: int = 20, qat_epochs: int = 10) -> list[tuple[float, float, float]]:
     from keiryo.testing import inject_activation_outliers
 
     data = load_data("digits")
@@ -136,7 +151,7 @@ def qat_vs_ptq(seeds: int, work: Path) -> list[tuple[float, float, float]]:
     for seed in range(seeds):
         h = load_model("zoo:mlp", data, options={"hidden": [256, 128], "dropout": 0.0}, seed=seed, output_name="logits")
         task = classification(h)
-        train(h, data, task, TrainConfig(epochs=20, seed=seed), progress=False)
+        train(h, data, task, TrainConfig(epochs=epochs, seed=seed), progress=False)
         inject_activation_outliers(h.module.net[1], h.module.net[4], channels=2, factor=500.0)
         ctx = PassContext(data=data, workdir=work / f"qat{seed}", seed=seed, task=task)
 
@@ -145,7 +160,7 @@ def qat_vs_ptq(seeds: int, work: Path) -> list[tuple[float, float, float]]:
 
         fp32 = export(h, "onnx", ctx.workdir / "fp32.onnx")
         ptq = apply(fp32, get_pass("quantize.int8_static").config(), ctx).model
-        q = apply(h, get_pass("quantize.qat").config.parse({"train": {"epochs": 10, "lr": 2e-3}}), ctx).model
+        q = apply(h, get_pass("quantize.qat").config.parse({"train": {"epochs": qat_epochs, "lr": 2e-3}}), ctx).model
         ctx.step_index = 9
         qq = apply(export(q, "onnx", ctx.workdir / "qat.onnx"), get_pass("quantize.int8_static").config(), ctx).model
         rows.append((ort(fp32.path), ort(ptq.path), ort(qq.path)))
@@ -158,11 +173,13 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--student-epochs", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="smoke test: one epoch per training step (figures not meaningful)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="keiryo-bench-techniques-"))
     data, handle, _ = demo_model(args.reuse / "baseline.safetensors" if args.reuse else None)
     out = work / "compress"
-    results = compress(handle, data, [load_recipe(r) for r in RECIPES], out, opts=RunOptions(bench=BenchConfig(threads=1)))
+    recipes = [load_recipe(quick(r) if args.quick else r) for r in RECIPES]
+    results = compress(handle, data, recipes, out, opts=RunOptions(bench=BenchConfig(threads=1)))
     failed = [c for c in results["candidates"] if c.get("status") == "failed"]
     for c in failed:
         print(f"candidate {c['name']} failed at {c.get('failed_step')}: {c.get('error')}")
@@ -173,7 +190,7 @@ def main() -> int:
     lat = latency_rounds(out, cands, ["fp32", "prune-distill", "prune-distill-int8", "int8"], bench_sample(data), args.rounds)
     labels, distilled = distill_vs_labels(data, handle, args.seeds, args.student_epochs)
     labels_half, distilled_half = distill_vs_labels(data, handle, args.seeds, args.student_epochs, resolution=0.5)
-    qat = qat_vs_ptq(args.seeds, work)
+    qat = qat_vs_ptq(args.seeds, work, *((2, 1) if args.quick else (20, 10)))
 
     c = cpu()
     base = results["baseline"]["metrics"]

@@ -273,3 +273,20 @@ def test_a_byte_identical_file_is_measured_once(tmp_path, monkeypatch):
     assert second.metrics["accuracy"] == first.metrics["accuracy"]
     other = run_recipe(load_recipe("fp16"), h, data, tmp_path / "c", base, FAST, task=task, measured=measured)
     assert not other.ok and other.failed_step == "measure"  # a different file is measured (here: the patched harness)
+
+
+def test_tflite_export_of_a_two_input_token_model_fixes_batch_and_seq(tmp_path):
+    """TFLite states what it fixes (batch 1 and the data's sequence length), exports at it and matches torch per output."""
+    pytest.importorskip("litert_torch")
+    from keiryo.pipeline.runner import export_variant
+
+    data = load_data(DataSpec(source="tokens", options={"samples": 60, "vocab": 50, "seq": 12}, calib_size=8))
+    h = load_model(
+        "zoo:text_encoder", data, output_name="logits", options={"vocab": 50, "dim": 16, "heads": 2, "layers": 1, "ffn": 32}
+    )
+    rep = export_variant(load_recipe("fp32", target="tflite"), h, data, tmp_path / "t.tflite", FAST)
+    art = rep["artifact"]
+    assert art.input_names == ["input_ids", "attention_mask"] and art.output_names == ["logits"]
+    assert art.info["fixed_shapes"] == {"input_ids": [1, 12], "attention_mask": [1, 12]}
+    assert rep["parity"]["passed"] and rep["parity"]["outputs"]["logits"]["max_abs_diff"] < 1e-4
+    assert rep["metrics"]["fidelity"] == 1.0
