@@ -69,6 +69,8 @@ def _threads():
 @pytest.fixture(scope="session")
 def tiny_zoo_trained(digits) -> ModelHandle:
     """A small zoo MobileNetV2 (width 0.25) trained briefly on digits 8x8."""
-    h = load_model(ModelSpec(source="zoo:mobilenetv2", options={"width": 0.25, "last_channel": 32}), digits, 10, output_name="logits")
+    h = load_model(
+        ModelSpec(source="zoo:mobilenetv2", options={"width": 0.25, "last_channel": 32}), digits, 10, output_name="logits"
+    )
     train(h, digits, classification(h), TrainConfig(epochs=3), progress=False)
     return h

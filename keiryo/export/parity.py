@@ -60,7 +60,12 @@ def check_parity(model: Any, session: Any, inputs: Any, cfg: ParityConfig, what:
     from keiryo.evaluate import predict
     from keiryo.runtime import open_session
 
-    part = inputs[: cfg.samples] if hasattr(inputs, "inputs") else {k: v[: cfg.samples] for k, v in inputs.items()}
+    if hasattr(inputs, "take"):  # a split, in memory or streamed
+        part = inputs.take(cfg.samples)
+    elif isinstance(inputs, dict):
+        part = {k: v[: cfg.samples] for k, v in inputs.items()}
+    else:
+        part = {session.input_names[0]: np.asarray(inputs)[: cfg.samples]}
     with open_session("torch", model, session.threads) as ts:
         ref = predict(ts, part, 64)
     got = predict(session, part, 64)

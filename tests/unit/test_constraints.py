@@ -12,6 +12,9 @@ def test_constraints_are_data_and_validated():
         Constraint.parse({"metric": "speed", "op": "<=", "bound": 1})
     with pytest.raises(ConfigError, match="bound must be >= 0"):
         Constraint.parse({"metric": "accuracy_drop", "op": "<=", "bound": -1})
+    # every registered task's metric and drop names are budgets too
+    assert parse_constraint("mae_increase_pct<=5").metric == "mae_increase_pct"
+    assert Constraint(metric="cosine", op=">=", bound=0.99).holds({"cosine": 0.995})
     assert parse_constraint(" latency_p95_ms <= 2.5 ") == Constraint(metric="latency_p95_ms", op="<=", bound=2.5)
     with pytest.raises(ConfigError, match="expected METRIC<=BOUND"):
         parse_constraint("latency_p95_ms == 2")
