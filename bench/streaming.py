@@ -75,6 +75,7 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=None, help="where to write the image folders (kept for reuse)")
     args = ap.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="keiryo-bench-streaming-"))
+    root.mkdir(parents=True, exist_ok=True)
     recipe = root / "recipe.yaml"
     recipe.write_text(RECIPE)
     rows = []
