@@ -329,7 +329,7 @@ def export_variant(
         report: dict[str, Any] = {"parity": res.parity, "steps": res.effects, "info": artifact.info}
         reason = unavailable_reason(artifact.runtime)
         if reason:
-            report["metrics"] = None
+            report["metrics"] = report["torch_metrics"] = None
             report["not_measured"] = reason
         else:
             from keiryo.evaluate import predict
