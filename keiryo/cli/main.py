@@ -63,9 +63,11 @@ def _console() -> Any:
 
 
 def _err(msg: str) -> None:
+    from rich.text import Text
+
     from keiryo._console import stderr_console
 
-    stderr_console().print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    stderr_console().print(Text.assemble(("error:", "bold red"), " ", msg), highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:

@@ -48,11 +48,12 @@ class RunOptions(KeiryoConfig):
     device: str = Field("cpu", pattern="^(auto|cpu|cuda|mps)$", description="where training passes run")
 
 
-def _log(opts: RunOptions, msg: str) -> None:
+def _log(opts: RunOptions, msg: str, style: str | None = None) -> None:
+    """A progress line on stderr; printed verbatim (names like [int8] and file paths are not markup)."""
     if opts.progress:
         from keiryo._console import stderr_console
 
-        stderr_console().print(msg, highlight=False)
+        stderr_console().print(msg, style=style, highlight=False, markup=False)
 
 
 def resolve_task(task: Any, data: DataSplits, handle: ModelHandle | None = None) -> Any:
@@ -417,7 +418,7 @@ def compress(
                 cand.artifact = str(final.relative_to(tmp))
                 cand.constraints_violated = check_constraints(constraints, cand.metrics)
             else:
-                _log(opts, f"[yellow]  candidate {r.name} failed at {cand.failed_step}: {cand.error}[/]")
+                _log(opts, f"  candidate {r.name} failed at {cand.failed_step}: {cand.error}", "yellow")
             candidates.append(cand)
         shutil.rmtree(tmp / "work", ignore_errors=True)
         records = [c.record() for c in candidates]

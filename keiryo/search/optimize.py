@@ -228,7 +228,7 @@ def optimize(
                 duplicates += 1
                 _log(opts, f"trial {job.number}: the same file as {res['duplicate_of']}; not counted")
                 if duplicates > cfg.trials:  # the space holds fewer distinct files than trials asked for
-                    _log(opts, "[yellow]most sampled recipes give files already measured: stopping[/]")
+                    _log(opts, "most sampled recipes give files already measured: stopping", "yellow")
                     break
                 continue
             if res.get("status") == "ok":
@@ -305,7 +305,7 @@ def optimize(
         msg = f"no candidate meets the budget ({', '.join(map(str, cfg.constraints))}); closest: {names or 'none'}"
         if require_met:
             raise ConstraintNotMetError(msg)
-        _log(opts, f"[yellow]{msg}[/]")
+        _log(opts, msg, "yellow")
     return results
 
 

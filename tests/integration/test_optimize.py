@@ -70,14 +70,19 @@ def searched(tiny16, tmp_path_factory):
 def test_search_results_report_and_best(searched):
     res = json.loads((searched / "results.json").read_text())
     trials = [c for c in res["candidates"] if c["name"] != "fp32"]
-    assert len(trials) == 4
+    assert len(trials) == 4 and res["search"]["trials_finished"] == 4
+    # every trial sampled is recorded, a file byte-identical to one already measured included (it is not counted)
+    records = sorted((json.loads(p.read_text()) for p in searched.glob("trials/*/candidate.json")), key=lambda r: r["trial"])
+    dupes = [r for r in records if r.get("duplicate_of")]
+    assert len(records) == len(trials) + len(dupes)
+    assert res["search"]["duplicates"] == [{"trial": r["trial"], "of": r["duplicate_of"]} for r in dupes]
     # cheap first: both PTQ seeds, then fallback, then prune + distill
-    assert [c["name"].split("-", 1)[1] for c in sorted(trials, key=lambda c: c["trial"])] == [
-        "ptq",
-        "ptq",
-        "ptq_fallback",
-        "prune_distill",
-    ]
+    assert [r["name"].split("-", 1)[1] for r in records[:4]] == ["ptq", "ptq", "ptq_fallback", "prune_distill"]
+    measured = {c["name"]: c["sha256"] for c in res["candidates"] if c["status"] == "ok"}
+    assert len(set(measured.values())) == len(measured)  # no file is measured twice
+    for r in dupes:
+        assert r["sha256"] == measured[r["duplicate_of"]] and r["trial"] not in {c["trial"] for c in trials}
+        assert not list((searched / "trials" / f"{r['trial']:04d}").glob("model.*"))
     for c in trials:
         assert c["status"] == "ok" and (searched / c["artifact"]).is_file()
         assert {"accuracy", "fidelity", "latency_p50_ms", "latency_p95_ms", "size_bytes"} <= set(c["metrics"])
@@ -113,9 +118,10 @@ def test_resume_after_kill_9_recomputes_no_completed_trial(tiny16, tmp_path):
     proc.wait()
     before = {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in out.glob("trials/*/candidate.json")}
     assert len(before) >= 2 and not (out / "results.json").exists()
+    counted = sum(1 for _, text in before.values() if not json.loads(text).get("duplicate_of"))  # duplicates do not count
     done = subprocess.run([*args, "--trials", "6", "--resume"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert f"resuming: {len(before)} finished trial(s) kept" in done.stderr
+    assert f"resuming: {counted} finished trial(s) kept" in done.stderr
     after = {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in out.glob("trials/*/candidate.json")}
     for name, stamp in before.items():
         assert after[name] == stamp, f"trial {name} was recomputed"
