@@ -11,15 +11,13 @@ Candidates: fp32 ONNX, int8 static, fp16, benchmarked in fresh processes interle
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
-from _checks import report
+from _checks import cpu_line, interleaved, report
 
-from keiryo.benchmark import BenchConfig, measure_file
+from keiryo.benchmark import BenchConfig
 from keiryo.data import DataSpec, load_data
-from keiryo.machine import cpu
 from keiryo.measure import bench_sample
 from keiryo.model import load_model
 from keiryo.pipeline import RunOptions, compress, load_recipe
@@ -46,19 +44,14 @@ def main() -> int:
     results = compress(h, data, [load_recipe("int8"), load_recipe("fp16")], out / "run", opts=opts, task=task)
     cands = {c["name"]: c for c in results["candidates"] if c["status"] == "ok"}
     names = [n for n in ("fp32", "int8", "fp16") if n in cands]
-    sample = bench_sample(data)
     cfg = BenchConfig(threads=args.threads, iterations=args.iterations, warmup=30)
-    p50: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(args.rounds):
-        for n in names:
-            p50[n].append(measure_file(out / "run" / cands[n]["artifact"], "onnxruntime", sample, cfg).latency_p50_ms)
-    c = cpu()
-    print(f"\n{c['model']}, int8 dot-product: {', '.join(c['int8_isa']) or 'none'}; {args.threads} thread(s), batch 1")
+    lat = interleaved({n: out / "run" / cands[n]["artifact"] for n in names}, "onnxruntime", bench_sample(data), cfg, args.rounds)
+    print("\n" + cpu_line(args.threads))
     print(
         f"{'model':8} {'MAE':>8} {'[95% CI]':>18} {'vs fp32':>8} {'R²':>7} {'size KB':>8} {'x smaller':>9} {'p50 ms':>8} {'x faster':>8}"
     )
     ref = cands["fp32"]["metrics"]
-    med = {n: statistics.median(p50[n]) for n in names}
+    med = {n: lat[n]["p50"] for n in names}
     for n in names:
         m = cands[n]["metrics"]
         lo, hi = m["mae_ci95"]

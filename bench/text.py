@@ -14,15 +14,13 @@ static int8 (calibrated), each benchmarked in fresh processes interleaved over s
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
-from _checks import report
+from _checks import cpu_line, interleaved, report
 
-from keiryo.benchmark import BenchConfig, measure_file
+from keiryo.benchmark import BenchConfig
 from keiryo.data import DataSpec, load_data
-from keiryo.machine import cpu
 from keiryo.measure import bench_sample
 from keiryo.model import load_model, save_weights
 from keiryo.pipeline import RunOptions, compress, load_recipe
@@ -61,30 +59,20 @@ def main() -> int:
     for c in failed:
         print(f"FAILED {c['name']} at {c.get('failed_step')}: {c.get('error')}")
     names = [n for n in ("fp32", "int8-dynamic", "int8") if n in cands]
-    sample = bench_sample(data)
     cfg = BenchConfig(threads=args.threads, iterations=args.iterations, warmup=30)
-    p50: dict[str, list[float]] = {n: [] for n in names}
-    p95: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(args.rounds):
-        for n in names:
-            r = measure_file(out / "run" / cands[n]["artifact"], "onnxruntime", sample, cfg)
-            p50[n].append(r.latency_p50_ms)
-            p95[n].append(r.latency_p95_ms)
-    c = cpu()
-    print(
-        f"\n{c['model']}, int8 dot-product: {', '.join(c['int8_isa']) or 'none'}; {args.threads} thread(s), batch 1, seq {args.seq}"
-    )
+    lat = interleaved({n: out / "run" / cands[n]["artifact"] for n in names}, "onnxruntime", bench_sample(data), cfg, args.rounds)
+    print("\n" + cpu_line(args.threads, f", seq {args.seq}"))
     print(
         f"{'model':14} {'cosine':>8} {'[95% CI]':>18} {'recall@1':>9} {'size MB':>8} {'x smaller':>9} {'p50 ms':>8} {'p95 ms':>8} {'x faster':>8}"
     )
     ref = cands["fp32"]["metrics"]
-    med = {n: statistics.median(p50[n]) for n in names}
+    med = {n: lat[n]["p50"] for n in names}
     for n in names:
         m = cands[n]["metrics"]
         lo, hi = m["cosine_ci95"]
         print(
             f"{n:14} {m['cosine']:8.4f} [{lo:.4f}, {hi:.4f}] {m['recall_at_1']:9.3f} {m['size_bytes'] / 1e6:8.2f} "
-            f"{ref['size_bytes'] / m['size_bytes']:9.2f} {med[n]:8.3f} {statistics.median(p95[n]):8.3f} {med['fp32'] / med[n]:8.2f}"
+            f"{ref['size_bytes'] / m['size_bytes']:9.2f} {med[n]:8.3f} {lat[n]['p95']:8.3f} {med['fp32'] / med[n]:8.2f}"
         )
     dyn = cands.get("int8-dynamic", {}).get("metrics", {})
     checks = [
