@@ -68,7 +68,7 @@ def resolve_task(task: Any, data: DataSplits, handle: ModelHandle | None = None)
 
 @dataclass
 class StepsOutput:
-    model: ModelHandle
+    model: ModelHandle | None  # the torch model after the torch-level steps (None when the step cache gave the file)
     artifact: Artifact
     parity: dict[str, Any]
     effects: list[dict[str, Any]] = field(default_factory=list)
@@ -133,10 +133,8 @@ def run_steps(
         shutil.copy2(hit[0], out)
         meta = hit[1]
         artifact = Artifact(out, exporter.format, exporter.runtime, meta["input_names"], meta["output_names"], meta["info"])
-        res = StepsOutput(
-            handle, artifact, meta["parity"], [{**e, "cached": True} for e in meta["effects"]], meta["params"], meta["macs"]
-        )
-        res.model = None  # type: ignore[assignment]  # not rebuilt: only the file is needed
+        reused = [{**e, "cached": True} for e in meta["effects"]]
+        res = StepsOutput(None, artifact, meta["parity"], reused, meta["params"], meta["macs"])
     else:
         effects: list[dict[str, Any]] = []
         prefix_key = handle.content_hash()
@@ -326,7 +324,8 @@ def export_variant(
             res = run_steps(recipe, handle, data, ctx, opts)
         except StepFailure as e:
             raise e.__cause__ if isinstance(e.__cause__, KeiryoError) else e  # noqa: B904
-        artifact = res.artifact
+        artifact, model = res.artifact, res.model
+        assert model is not None  # no step cache here
         report: dict[str, Any] = {"parity": res.parity, "steps": res.effects, "info": artifact.info}
         reason = unavailable_reason(artifact.runtime)
         if reason:
@@ -337,11 +336,11 @@ def export_variant(
             from keiryo.measure import task_metrics
             from keiryo.train import evaluate_torch, outputs_on
 
-            ref = outputs_on(res.model, data.test)
+            ref = outputs_on(model, data.test)
             with open_session(artifact.runtime, artifact.path, opts.bench.threads) as s:
                 outs = predict(s, data.test)
             report["metrics"] = task_metrics(task, outs, data, ref, artifact.path.name)
-            report["torch_metrics"] = evaluate_torch(res.model, data.test, task)
+            report["torch_metrics"] = evaluate_torch(model, data.test, task)
         if out.exists():
             _remove(out)
         os.replace(artifact.path, out)

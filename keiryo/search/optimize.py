@@ -180,7 +180,7 @@ def optimize(
         "model_spec": model_spec,
         "data_spec": data.spec.model_dump(mode="json"),
         "options": opts.model_dump(mode="json"),
-        "task": {"ref": getattr(task, "ref", task.name), "options": getattr(task, "options", {})},
+        "task": {"ref": task.ref, "options": task.options},
         "baseline_metrics": baseline.metrics,
         "cache_dir": str(out / "cache"),
         "bench_lock": lock,

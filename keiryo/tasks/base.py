@@ -83,8 +83,6 @@ class Task:
     """
 
     name: ClassVar[str] = ""
-    ref: str = ""  # how get_task was called (name or module:Class) and with which options
-    options: dict[str, Any] = {}  # noqa: RUF012 (replaced per instance by get_task)
     primary: ClassVar[str] = "fidelity"
     higher_is_better: ClassVar[bool] = True
     needs_targets: ClassVar[bool] = True
@@ -99,6 +97,8 @@ class Task:
             raise ConfigError(f"task {self.name}: unknown option(s) {sorted(options)}")
         self.output = output
         self.index = output if isinstance(output, int) else 0
+        self.ref: str = self.name  # how get_task built it (name or module:Class) and with which options,
+        self.options: dict[str, Any] = {}  # so a worker on another node can build the same task
 
     def bind(self, output_names: Sequence[str]) -> Task:
         """Resolve which output the task scores (by name or index) against the model's outputs."""
