@@ -28,6 +28,9 @@ from keiryo.passes import PassContext, PassResult, register_pass
 class Int8StaticConfig(KeiryoConfig):
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     percentile: float = Field(99.999, gt=90, le=100, description="for calibration=percentile")
+    entropy_bins: int = Field(
+        2048, ge=256, le=16384, description="for calibration=entropy: histogram bins the KL threshold search runs over"
+    )
     per_channel: bool = True
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["int8", "uint8"] = "int8"
@@ -118,8 +121,13 @@ def quantize_int8_static(
     extra: dict[str, Any] = {"QuantizeBias": cfg.quantize_bias}
     if cfg.calibration == "percentile":
         extra["CalibPercentile"] = cfg.percentile
-    with quiet():
+    with quiet(), tempfile.TemporaryDirectory(prefix="keiryo-calib-") as td:
         try:
+            if cfg.calibration == "entropy" and not (cache is not None and cache.is_file()):
+                # quantize_static builds its entropy calibrator with 128 bins and 128 quantized bins, so the
+                # KL search has one candidate (the full range): the same ranges as minmax. Compute them with
+                # cfg.entropy_bins here and hand them over as a calibration cache.
+                cache = entropy_ranges(src, Reader(), cfg, cache or Path(td) / "entropy.json", Path(td))
             quantize_static(
                 str(src),
                 str(out),
@@ -138,6 +146,24 @@ def quantize_int8_static(
         except Exception as e:
             out.unlink(missing_ok=True)
             raise PassError(f"int8 static quantization failed on {src.name}: {type(e).__name__}: {first_line(e, 300)}") from e
+
+
+def entropy_ranges(src: Path, reader: Any, cfg: Int8StaticConfig, cache: Path, workdir: Path) -> Path:
+    """Activation ranges by KL-divergence (TensorRT-style) over ``cfg.entropy_bins`` histogram bins, saved as an
+    onnxruntime calibration cache that ``quantize_static`` then reads."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    cal = create_calibrator(
+        src,
+        cfg.op_types or [],
+        augmented_model_path=str(workdir / "augmented.onnx"),
+        calibrate_method=CalibrationMethod.Entropy,
+        extra_options={"num_bins": cfg.entropy_bins, "num_quantized_bins": 128},
+    )
+    cal.collect_data(reader)
+    save_tensors_data(cal.compute_data(), cache)
+    return cache
 
 
 def preprocess(src: Path, dst: Path) -> Path:

@@ -202,8 +202,11 @@ def test_a_failing_recipe_is_recorded_and_the_others_kept(tmp_path, capsys):
 def test_entropy_and_percentile_calibration_on_a_set_not_a_multiple_of_the_batch(tmp_path):
     data = load_data(DataSpec(source="digits", calib_size=37))
     h = load_model("zoo:mlp", data, output_name="logits", options={"hidden": [16]})
-    res = compress(h, data, [load_recipe("int8-entropy"), load_recipe("int8-percentile")], tmp_path / "o", opts=FAST)
+    recipes = [load_recipe("int8"), load_recipe("int8-entropy"), load_recipe("int8-percentile")]
+    res = compress(h, data, recipes, tmp_path / "o", opts=FAST)
     assert res["failed"] == 0, [c.get("error") for c in res["candidates"]]
+    sha = {c["name"]: c["sha256"] for c in res["candidates"]}
+    assert len({sha["int8"], sha["int8-entropy"], sha["int8-percentile"]}) == 3  # three calibrations, three files
 
 
 def test_image_folder_streams_train_and_holds_only_eval_and_calib(tmp_path):
