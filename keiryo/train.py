@@ -52,10 +52,6 @@ class TrainResult:
     history: list[dict[str, float]]
     device: str
 
-    @property
-    def best_val_accuracy(self) -> float:  # the name results and older callers read
-        return self.best_val
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
