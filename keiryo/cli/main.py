@@ -158,10 +158,12 @@ def _budget(max_drop: float | None, task: str, task_opt: list[str] | None) -> li
     return [_constraint(get_task(name, **parse_options(task_opt)).drop_name, "<=", max_drop)]
 
 
-def _retarget_budget(cons: list[Any], task: Any) -> list[Any]:
-    """An ``auto`` task is known only once the data is read: move a drop budget onto its drop metric."""
-    drops = {"accuracy_drop", "token_accuracy_drop", "f1_drop", "mae_increase_pct", "cosine_drop", "fidelity_drop"}
-    return [c.model_copy(update={"metric": task.drop_name}) if c.metric in drops else c for c in cons]
+def _retarget_budget(cons: list[Any], task: Any, max_drop: float | None) -> list[Any]:
+    """An ``auto`` task is known only once the data is read: put the ``--max-drop`` constraint (the first one,
+    see _budget) on its drop metric; constraints the user named with --constraint stay as given."""
+    if max_drop is None:
+        return cons
+    return [cons[0].model_copy(update={"metric": task.drop_name}), *cons[1:]]
 
 
 def _print_results(results: dict[str, Any], out: Path) -> None:
@@ -266,7 +268,7 @@ def compress(
         typer.echo(yaml.safe_dump([r.to_dict() for r in recipes], sort_keys=False).rstrip())
         return
     handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt, eval_size, calib_size)
-    constraints = _retarget_budget(constraints, t)
+    constraints = _retarget_budget(constraints, t, max_drop)
     results = run_compress(handle, splits, recipes, out, constraints=constraints, opts=opts, overwrite=overwrite, task=t)
     _print_results(results, out)
     if results.get("failed"):
@@ -345,7 +347,7 @@ def optimize(
     )
     opts = _bench_opts(threads, iterations, None, False, seed, batch_size, device)
     handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt, eval_size, calib_size)
-    cfg = cfg.model_copy(update={"constraints": _retarget_budget(list(cfg.constraints), t)})
+    cfg = cfg.model_copy(update={"constraints": _retarget_budget(list(cfg.constraints), t, max_drop)})
     results = run_optimize(handle, splits, out, cfg, opts, resume=resume, overwrite=overwrite, require_met=require_met, task=t)
     _print_results(results, out)
     _console().print(f"report: {out / 'report.html'}", highlight=False)

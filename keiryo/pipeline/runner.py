@@ -28,6 +28,7 @@ from keiryo.budget import Constraint, check_constraints, select_best
 from keiryo.config import KeiryoConfig
 from keiryo.data import DataSplits
 from keiryo.errors import ConfigError, KeiryoError, first_line
+from keiryo.evaluate import size_of
 from keiryo.export import Artifact, ParityConfig, check_parity, export, get_exporter
 from keiryo.measure import Baseline, measure_artifact, measure_baseline, torch_metrics
 from keiryo.model import ModelHandle, save_weights
@@ -159,8 +160,6 @@ def run_steps(
         what = f"{recipe.name}: {recipe.target} export"
         artifact = _step(f"export.{recipe.target}", lambda: export(model, recipe.target, out, recipe.export))
         parity = _step(f"export.{recipe.target}", lambda: export_parity(model, artifact, data, opts, what))
-        from keiryo.evaluate import size_of
-
         effects.append(
             {"type": f"export.{recipe.target}", "stage": "export", **size_of(artifact.path).to_dict(), "parity": parity}
         )
@@ -179,8 +178,6 @@ def run_steps(
                     "macs": res.macs,
                 },
             )
-    from keiryo.evaluate import size_of
-
     for i, (spec, cfg) in enumerate(steps_cfg[n_torch:], start=n_torch + 1):
         _log(opts, f"  [{recipe.name}] step {i}/{len(steps_cfg)}: {spec.name}")
         ctx.step_index = i
