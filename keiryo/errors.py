@@ -18,6 +18,7 @@ traceback). Messages say what was received and what was expected.
     ├── RuntimeSessionError      a runtime could not load or run a model
     ├── BackendUnavailableError  an optional extra is not installed
     ├── IntegrityError           hash or signature mismatch
+    │   └── TrustError           registry metadata refused (expired, rolled back, unsigned, mismatched)
     ├── ConstraintNotMetError    no candidate meets the budget
     └── PackageNotFoundError     unknown package, version or alias
 """
@@ -38,6 +39,7 @@ __all__ = [
     "ParityError",
     "PassError",
     "RuntimeSessionError",
+    "TrustError",
     "UnsupportedOpError",
 ]
 
@@ -113,6 +115,10 @@ class BackendUnavailableError(KeiryoError):
 
 class IntegrityError(KeiryoError):
     """A file's hash or signature does not match."""
+
+
+class TrustError(IntegrityError):
+    """The registry's TUF metadata was refused: expired, rolled back, badly signed, or not matching a file."""
 
 
 class ConstraintNotMetError(KeiryoError):

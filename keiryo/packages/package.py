@@ -15,6 +15,7 @@ failure never leaves a directory that looks complete.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -24,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from keiryo._atomic import atomic_dir, recover_dir, remove_stale
+from keiryo._faults import fault_point
 from keiryo.errors import ConfigError, InputFileError, IntegrityError
 from keiryo.packages.signing import SIGNATURE, sign_dir, verify_dir
 
@@ -31,6 +34,7 @@ MANIFEST = "keiryo.json"
 MANIFEST_SCHEMA_VERSION = 2  # 2: inputs/outputs from the model's IOSpec (any names and datatypes), task, named golden vectors
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.+-]{0,62}$")
+MODEL_FILE_RE = re.compile(r"^model\.(onnx|tflite|mlpackage)$")
 GOLDEN_ROWS = 4
 GOLDEN_ATOL = 1e-4
 
@@ -179,13 +183,12 @@ def package(
         raise InputFileError(f"{artifact}: the candidate's model file is missing")
     dst = Path(out)
     tgz = dst.with_name(dst.name + ".tar.gz")
+    recover_dir(dst)  # an --overwrite killed mid-swap left the old package aside: put it back first
     if (dst.exists() or tgz.exists()) and not overwrite:
         raise ConfigError(f"{dst}: exists; pass --overwrite or choose another --out")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        pkg = tmp / dst.name
-        pkg.mkdir()
+    remove_stale(dst.parent, f".{dst.name}")
+    with atomic_dir(dst, replace=overwrite) as pkg:
         model_file = f"model{artifact.suffix}"
         if artifact.is_dir():
             shutil.copytree(artifact, pkg / model_file)
@@ -197,31 +200,61 @@ def package(
             manifest["golden"] = golden_vectors(pkg / model_file, runtime, manifest["inputs"])
         (pkg / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         sign_dir(pkg, private_key)
-        with tarfile.open(tmp / tgz.name, "w:gz") as tar:
-            tar.add(pkg, arcname=dst.name)
-        if overwrite:
-            shutil.rmtree(dst, ignore_errors=True)
-            tgz.unlink(missing_ok=True)
-        (tmp / tgz.name).replace(tgz)
-        pkg.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fault_point("package.signed")
+        # the archive is written aside and replaced whole, then the directory is swapped in; a kill
+        # in between leaves the new archive beside the old, still complete, directory
+        fd, tmp_tgz = tempfile.mkstemp(prefix=f".{tgz.name}.", suffix=".partial", dir=dst.parent)
+        os.close(fd)
+        try:
+            with tarfile.open(tmp_tgz, "w:gz") as tar:
+                tar.add(pkg, arcname=dst.name)
+            with open(tmp_tgz, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_tgz, tgz)
+        except BaseException:
+            Path(tmp_tgz).unlink(missing_ok=True)
+            raise
     return dst
 
 
 def read_manifest(pkg: str | Path) -> dict[str, Any]:
+    recover_dir(pkg)
     p = Path(pkg) / MANIFEST
     try:
-        m = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
+        data = p.read_bytes()
+    except (FileNotFoundError, NotADirectoryError) as e:
         raise InputFileError(f"{pkg}: not a keiryo package (no {MANIFEST})") from e
-    except json.JSONDecodeError as e:
-        raise InputFileError(f"{p}: not valid JSON ({e})") from e
+    return parse_manifest(data, p)
+
+
+def parse_manifest(data: bytes, where: str | Path) -> dict[str, Any]:
+    """The manifest in ``data`` (the bytes of ``keiryo.json``), checked: schema, name, version, model file."""
+    try:
+        m = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputFileError(f"{where}: not valid JSON ({e})") from e
     if not isinstance(m, dict) or m.get("schema_version") != MANIFEST_SCHEMA_VERSION:
         raise InputFileError(
-            f"{p}: unsupported manifest (schema_version {m.get('schema_version') if isinstance(m, dict) else '?'})"
+            f"{where}: unsupported manifest (schema_version {m.get('schema_version') if isinstance(m, dict) else '?'})"
         )
+    try:
+        check_name(str(m.get("name")), "package name")
+        check_version(str(m.get("version")))
+    except ConfigError as e:
+        raise IntegrityError(f"{where}: {e}") from e
+    model_file = m.get("model_file")
+    if not isinstance(model_file, str) or not MODEL_FILE_RE.match(model_file):
+        raise IntegrityError(f"{where}: model_file {model_file!r}: expected a plain file name inside the package (model.EXT)")
     return m
+
+
+def check_identity(manifest: dict[str, Any], name: str, version: str, where: str | Path) -> None:
+    """A package is only ever what its signed manifest says: refuse it under any other name or version."""
+    if (manifest["name"], manifest["version"]) != (name, version):
+        raise IntegrityError(
+            f"{where}: the signed manifest is {manifest['name']} {manifest['version']}, "
+            f"but it is published as {name} {version}; a package is bound to its name and version"
+        )
 
 
 def verify(pkg: str | Path, public_key: str | Path, *, golden: bool = True) -> dict[str, Any]:
@@ -235,6 +268,8 @@ def verify(pkg: str | Path, public_key: str | Path, *, golden: bool = True) -> d
     files = verify_dir(p, public_key)
     manifest = read_manifest(p)
     model_file = p / manifest["model_file"]
+    if model_file.is_symlink() or not (model_file.is_file() or manifest["format"] == "coreml"):
+        raise IntegrityError(f"{model_file}: expected a plain file inside the package")
     diff = None
     if golden and "golden" in manifest:
         diff = check_golden(model_file, manifest["runtime"], manifest["golden"], inputs=manifest["inputs"])

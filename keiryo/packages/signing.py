@@ -73,6 +73,35 @@ def _files(manifest: Any) -> dict[str, str]:
     return {str(d.identifier): d.digest.digest_hex for d in manifest.resource_descriptors()}
 
 
+def _signed_digests(where: Path, signature: bytes, public_key: str | Path) -> dict[str, str]:
+    """{file: sha256} that ``signature`` (the bytes of ``model.sig``) vouches for, if made with ``public_key``."""
+    _ms()
+    from model_signing._signing import sign_ec_key, sign_sigstore_pb
+
+    key = Path(public_key)
+    if not key.is_file():
+        raise InputFileError(f"{key}: public key not found")
+    try:
+        verifier = sign_ec_key.Verifier(key)
+        bundle = sign_sigstore_pb.Signature(sign_sigstore_pb.bundle_pb.Bundle().from_json(signature.decode()))
+    except Exception as e:
+        raise IntegrityError(f"{where}: unreadable signature or key ({type(e).__name__}: {first_line(e, 200)})") from e
+    try:
+        expected = verifier.verify(bundle)
+    except Exception as e:
+        raise IntegrityError(f"{where}: the signature was not made with {key.name} (unknown or wrong key)") from e
+    return _files(expected)
+
+
+def _compare(where: Path, want: dict[str, str], got: dict[str, str]) -> None:
+    if want != got:
+        changed = sorted(f for f in want.keys() & got.keys() if want[f] != got[f])
+        missing = sorted(want.keys() - got.keys())
+        extra = sorted(got.keys() - want.keys())
+        parts = [f"{what}: {', '.join(fs)}" for what, fs in (("changed", changed), ("missing", missing), ("extra", extra)) if fs]
+        raise IntegrityError(f"{where}: does not match its signature; " + "; ".join(parts))
+
+
 def verify_dir(path: str | Path, public_key: str | Path) -> dict[str, str]:
     """Check ``path`` against its signature with ``public_key``; return {file: sha256} of the signed files.
 
@@ -80,28 +109,22 @@ def verify_dir(path: str | Path, public_key: str | Path) -> dict[str, str]:
     signature was not made with this key.
     """
     ms = _ms()
-    from model_signing._signing import sign_ec_key, sign_sigstore_pb
-
-    p, key = Path(path).resolve(), Path(public_key)  # model_signing compares ignored paths resolved
-    if not key.is_file():
-        raise InputFileError(f"{key}: public key not found")
+    p = Path(path).resolve()  # model_signing compares ignored paths resolved
     if not (p / SIGNATURE).is_file():
         raise IntegrityError(f"{p}: not signed (no {SIGNATURE})")
-    try:
-        verifier = sign_ec_key.Verifier(key)
-        signature = sign_sigstore_pb.Signature.read(p / SIGNATURE)
-    except Exception as e:
-        raise IntegrityError(f"{p}: unreadable signature or key ({type(e).__name__}: {first_line(e, 200)})") from e
-    try:
-        expected = verifier.verify(signature)
-    except Exception as e:
-        raise IntegrityError(f"{p}: the signature was not made with {key.name} (unknown or wrong key)") from e
-    actual = _hashing(ms, p).hash(p)
-    want, got = _files(expected), _files(actual)
-    if want != got:
-        changed = sorted(f for f in want.keys() & got.keys() if want[f] != got[f])
-        missing = sorted(want.keys() - got.keys())
-        extra = sorted(got.keys() - want.keys())
-        parts = [f"{what}: {', '.join(fs)}" for what, fs in (("changed", changed), ("missing", missing), ("extra", extra)) if fs]
-        raise IntegrityError(f"{p}: does not match its signature; " + "; ".join(parts))
+    want = _signed_digests(p, (p / SIGNATURE).read_bytes(), public_key)
+    _compare(p, want, _files(_hashing(ms, p).hash(p)))
+    return want
+
+
+def verify_files(where: str | Path, files: dict[str, bytes], public_key: str | Path) -> dict[str, str]:
+    """Check a package held in memory ({relative path: bytes}, ``model.sig`` among them) against its
+    signature; the digests compared are those of these very bytes, so what is loaded next is what was checked."""
+    import hashlib
+
+    where = Path(where)
+    if SIGNATURE not in files:
+        raise IntegrityError(f"{where}: not signed (no {SIGNATURE})")
+    want = _signed_digests(where, files[SIGNATURE], public_key)
+    _compare(where, want, {f: hashlib.sha256(b).hexdigest() for f, b in files.items() if f != SIGNATURE})
     return want

@@ -19,21 +19,25 @@ from keiryo.runtime import register_runtime
 from keiryo.runtime._base import SessionBase
 
 
-def load_interpreter(path: str | Path, threads: int = 1, *, delegate: bool = True) -> Any:
-    """An allocated ``ai_edge_litert`` interpreter (XNNPACK delegate unless ``delegate=False``, ``threads`` threads)."""
+def load_interpreter(path: str | Path | bytes, threads: int = 1, *, delegate: bool = True, where: str = "") -> Any:
+    """An allocated ``ai_edge_litert`` interpreter (XNNPACK delegate unless ``delegate=False``, ``threads`` threads).
+
+    ``path`` may be the model's bytes already in memory (a verified package loads what it hashed)."""
     try:
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
     except ImportError as e:
         raise BackendUnavailableError("the LiteRT interpreter (ai-edge-litert)", "tflite") from e
-    p = Path(path)
-    if not p.is_file():
+    content = path if isinstance(path, bytes) else None
+    p = Path(where or "<bytes>") if content is not None else Path(path)  # type: ignore[arg-type]
+    if content is None and not p.is_file():
         raise InputFileError(f"{p}: TFLite file not found")
     try:
         from keiryo._quiet import silence_native_output
 
         resolver = OpResolverType.BUILTIN if delegate else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         with silence_native_output():  # "INFO: Created TensorFlow Lite XNNPACK delegate" on stderr
-            it = Interpreter(model_path=str(p), num_threads=threads, experimental_op_resolver_type=resolver)
+            source = {"model_content": content} if content is not None else {"model_path": str(p)}
+            it = Interpreter(**source, num_threads=threads, experimental_op_resolver_type=resolver)
             it.allocate_tensors()
     except Exception as e:  # the interpreter raises ValueError/RuntimeError with C++ text
         msg = first_line(e)
@@ -66,10 +70,10 @@ class _Tensor:
 class LiteRTSession(SessionBase):
     runtime = "litert"
 
-    def __init__(self, path: str | Path, threads: int = 1):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | bytes, threads: int = 1):
+        self.path = Path("<bytes>") if isinstance(path, bytes) else Path(path)
         self.threads = threads
-        self._it = load_interpreter(self.path, threads)
+        self._it = load_interpreter(path, threads)
         sigs = self._it.get_signature_list()
         if len(sigs) == 1:
             key = next(iter(sigs))

@@ -14,11 +14,12 @@ from keiryo.runtime._base import SessionBase
 class OrtSession(SessionBase):
     runtime = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int = 1):
+    def __init__(self, path: str | Path | bytes, threads: int = 1):
         import onnxruntime as ort  # a core dependency, imported only when a session opens
 
-        p = Path(path)
-        if not p.is_file():
+        # bytes: the model already in memory (a verified package loads exactly what it hashed)
+        p = Path("<bytes>") if isinstance(path, bytes) else Path(path)
+        if not isinstance(path, bytes) and not p.is_file():
             raise InputFileError(f"{p}: ONNX file not found")
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -27,7 +28,7 @@ class OrtSession(SessionBase):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
         try:
-            self._sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+            self._sess = ort.InferenceSession(path if isinstance(path, bytes) else str(p), so, providers=["CPUExecutionProvider"])
         except Exception as e:
             msg = first_line(e)
             raise InputFileError(f"{p}: onnxruntime cannot load this model ({msg[:300]})") from e
@@ -45,5 +46,5 @@ class OrtSession(SessionBase):
 
 
 @register_runtime("onnxruntime")
-def open_onnxruntime(source: str | Path, threads: int) -> OrtSession:
+def open_onnxruntime(source: str | Path | bytes, threads: int) -> OrtSession:
     return OrtSession(source, threads)

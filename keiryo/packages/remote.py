@@ -1,0 +1,260 @@
+"""Reading a registry as a TUF client: python-tuf's ``ngclient`` over HTTP(S) or a directory.
+
+``TrustedRegistry(source, trusted_root, cache)`` refreshes root -> timestamp -> snapshot -> targets
+with every check of the TUF client workflow (signatures and thresholds, expiry, version rollback,
+snapshot/targets consistency, metadata length caps), keeping what it trusts in ``cache`` so that
+a later refresh can never go back. Then:
+
+- ``alias(name, alias)`` -> the signed :class:`AliasRecord` (version, serial, rollback flag);
+- ``files(name, version)`` -> {relative path: (length, sha256)} of the package, from signed metadata;
+- ``fetch(name, version, rel)`` -> the file's bytes, read at most to its signed length and hashed;
+- ``download(name, version, rel, dest)`` -> the same into a file, resumable (HTTP ``Range``).
+
+``source`` is an ``http(s)://`` URL of a registry root (``keiryo registry serve`` or any static file
+server) or a local directory. A refresh that fails raises :class:`TrustError` with one line naming
+the metadata file and the rule it broke; what was trusted before stays trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keiryo.errors import BackendUnavailableError, IntegrityError, PackageNotFoundError, TrustError
+from keiryo.packages.trust import alias_target, package_target
+
+CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class AliasRecord:
+    name: str
+    alias: str
+    version: str
+    serial: int
+    rollback: bool = False  # a signed rollback: a device may go below the version it committed
+    history: list[str] = field(default_factory=list)
+
+
+def _is_url(source: str | Path) -> bool:
+    return str(source).startswith(("http://", "https://"))
+
+
+def _base_url(source: str | Path) -> str:
+    return str(source).rstrip("/") + "/" if _is_url(source) else Path(source).resolve().as_uri() + "/"
+
+
+def _file_fetcher() -> Any:
+    from tuf.api import exceptions
+    from tuf.ngclient.fetcher import FetcherInterface
+
+    class FileFetcher(FetcherInterface):
+        """ngclient fetcher for ``file://`` URLs (a registry on a local disk or mount)."""
+
+        def _fetch(self, url: str) -> Iterator[bytes]:
+            path = Path(urllib.request.url2pathname(url.removeprefix("file://")))
+            try:
+                f = open(path, "rb")  # noqa: SIM115 - closed by the generator
+            except FileNotFoundError as e:
+                raise exceptions.DownloadHTTPError(f"{path}: not found", 404) from e
+            return self._chunks(f)
+
+        @staticmethod
+        def _chunks(f: Any) -> Iterator[bytes]:
+            with f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+
+    return FileFetcher()
+
+
+def _refused(e: BaseException, base: str) -> TrustError:
+    """One line naming the file and the rule for every ngclient failure."""
+    from tuf.api import exceptions as x
+
+    rule = {
+        x.ExpiredMetadataError: "expired (a frozen or stale registry)",
+        x.BadVersionNumberError: "version went back or did not move (a rollback or replay)",
+        x.UnsignedMetadataError: "not signed by the trusted keys (threshold not met)",
+        x.LengthOrHashMismatchError: "length or hash does not match what the signed metadata says",
+        x.DownloadLengthMismatchError: "longer than allowed (endless data)",
+        x.DownloadHTTPError: "not available",
+        x.RepositoryError: "refused",
+        x.DownloadError: "could not be downloaded",
+    }
+    why = next((v for k, v in rule.items() if isinstance(e, k)), "refused")
+    return TrustError(f"{base}: TUF metadata {why}: {e}")
+
+
+class TrustedRegistry:
+    def __init__(self, source: str | Path, trusted_root: str | Path, cache: str | Path):
+        try:
+            import tuf.ngclient  # noqa: F401
+        except ImportError as e:
+            raise BackendUnavailableError("TUF client (tuf)", "serve") from e
+        self.source = str(source)
+        self.base = _base_url(source)
+        self.trusted_root = Path(trusted_root)
+        self.cache = Path(cache)
+        self._updater: Any = None
+
+    def refresh(self) -> int:
+        """Refresh the metadata; returns the trusted targets version. Raises :class:`TrustError`."""
+        from tuf.ngclient import Updater, UpdaterConfig
+
+        meta = self.cache / "metadata"
+        meta.mkdir(parents=True, exist_ok=True)
+        bootstrap = None
+        if not (meta / "root.json").is_file():
+            try:
+                bootstrap = self.trusted_root.read_bytes()
+            except OSError as e:
+                raise TrustError(f"{self.trusted_root}: the trusted root metadata cannot be read ({e.strerror})") from e
+        cfg = UpdaterConfig(prefix_targets_with_hash=False, timestamp_max_length=16384, snapshot_max_length=1 << 22)
+        try:
+            up = Updater(
+                str(meta),
+                self.base + "tuf/",
+                str(self.cache / "targets"),
+                self.base,
+                fetcher=None if _is_url(self.source) else _file_fetcher(),
+                config=cfg,
+                bootstrap=bootstrap,
+            )
+            up.refresh()
+        except TrustError:
+            raise
+        except Exception as e:
+            raise _refused(e, self.source) from e
+        self._updater = up
+        return int(up._trusted_set.targets.version)  # noqa: SLF001 - the version is informational only
+
+    def _info(self, path: str) -> Any:
+        if self._updater is None:
+            self.refresh()
+        try:
+            return self._updater.get_targetinfo(path)
+        except Exception as e:
+            raise _refused(e, self.source) from e
+
+    def alias(self, name: str, alias: str) -> AliasRecord:
+        info = self._info(alias_target(name))
+        aliases = ((info.custom or {}).get("keiryo") or {}).get("aliases", {}) if info else {}
+        if alias not in aliases:
+            raise PackageNotFoundError(f"{self.source}: the signed metadata has no alias {name}@{alias}")
+        a = aliases[alias]
+        return AliasRecord(name, alias, str(a["version"]), int(a["serial"]), bool(a.get("rollback")), list(a.get("history", [])))
+
+    def package(self, name: str, version: str) -> dict[str, Any]:
+        """The signed custom data of a package (name, version, serial, files)."""
+        info = self._info(package_target(name, version, "keiryo.json"))
+        if info is None:
+            raise PackageNotFoundError(f"{self.source}: the signed metadata has no package {name} {version}")
+        custom = (info.custom or {}).get("keiryo") or {}
+        if (custom.get("name"), custom.get("version")) != (name, version):
+            raise TrustError(
+                f"{self.source}: signed metadata binds {package_target(name, version, 'keiryo.json')} to another package"
+            )
+        return dict(custom)
+
+    def files(self, name: str, version: str) -> dict[str, tuple[int, str]]:
+        out = {}
+        for rel in self.package(name, version)["files"]:
+            info = self._info(package_target(name, version, rel))
+            if info is None:
+                raise TrustError(f"{self.source}: {package_target(name, version, rel)} is not in the signed targets metadata")
+            out[rel] = (int(info.length), str(info.hashes["sha256"]))
+        return out
+
+    def _url(self, name: str, version: str, rel: str) -> str:
+        return self.base + package_target(name, version, rel)
+
+    def fetch(self, name: str, version: str, rel: str, expected: tuple[int, str]) -> bytes:
+        """The file's bytes, never more than its signed length, checked against its signed hash."""
+        h = hashlib.sha256()
+        buf = bytearray()
+        for chunk in self._stream(self._url(name, version, rel), 0, expected[0]):
+            h.update(chunk)
+            buf += chunk
+        _check(self._url(name, version, rel), len(buf), h.hexdigest(), expected)
+        return bytes(buf)
+
+    def download(self, name: str, version: str, rel: str, expected: tuple[int, str], dest: Path, *, on_chunk: Any = None) -> Path:
+        """Download into ``dest`` (``dest.part`` while it arrives: a later call resumes from its end)."""
+        from keiryo._atomic import DurableFile
+
+        part = dest.with_name(dest.name + ".part")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        have = part.stat().st_size if part.exists() else 0
+        if have > expected[0]:
+            part.unlink()
+            have = 0
+        h = hashlib.sha256()
+        if have:
+            with open(part, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+        url = self._url(name, version, rel)
+        with DurableFile(part) as out:
+            n = have
+            for chunk in self._stream(url, have, expected[0]):
+                h.update(chunk)
+                out.write(chunk)
+                n += len(chunk)
+                if on_chunk is not None:
+                    out.sync()  # what a crash keeps is what was synced
+                    on_chunk(n)
+            out.sync()
+        try:
+            _check(url, n, h.hexdigest(), expected)
+        except IntegrityError:
+            part.unlink(missing_ok=True)  # a bad file is never resumed
+            raise
+        os.replace(part, dest)
+        return dest
+
+    def _stream(self, url: str, start: int, length: int) -> Iterator[bytes]:
+        """Chunks of ``url`` from byte ``start``, refusing anything past ``length`` (endless data)."""
+        if start >= length:
+            return
+        if url.startswith("file://"):
+            path = Path(urllib.request.url2pathname(url.removeprefix("file://")))
+            try:
+                f = open(path, "rb")  # noqa: SIM115
+            except OSError as e:
+                raise IntegrityError(f"{path}: cannot be read ({e.strerror})") from e
+            with f:
+                f.seek(start)
+                yield from _capped(iter(lambda: f.read(CHUNK), b""), start, length, url)
+            return
+        req = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+        try:
+            resp = urllib.request.urlopen(req, timeout=30)  # noqa: S310 - http(s) only, checked above
+        except urllib.error.URLError as e:
+            raise IntegrityError(f"{url}: download failed ({e})") from e
+        with resp:
+            if start and resp.status != 206:
+                raise IntegrityError(f"{url}: the server ignored the Range request (status {resp.status}); cannot resume")
+            yield from _capped(iter(lambda: resp.read(CHUNK), b""), start, length, url)
+
+
+def _capped(chunks: Iterator[bytes], start: int, length: int, url: str) -> Iterator[bytes]:
+    n = start
+    for chunk in chunks:
+        n += len(chunk)
+        if n > length:
+            raise IntegrityError(f"{url}: longer than its signed length {length} bytes (endless data); refused")
+        yield chunk
+
+
+def _check(url: str, n: int, digest: str, expected: tuple[int, str]) -> None:
+    if n != expected[0]:
+        raise IntegrityError(f"{url}: {n} bytes, the signed metadata says {expected[0]}")
+    if digest != expected[1]:
+        raise IntegrityError(f"{url}: sha256 does not match the signed metadata")
