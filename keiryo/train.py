@@ -23,6 +23,7 @@ from keiryo._console import progress_bar
 from keiryo.config import KeiryoConfig
 from keiryo.errors import ConfigError, DataError
 from keiryo.model.io import Batch, call_module, flatten_outputs
+from keiryo.privacy.dp import DPConfig
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 LossFn = Callable[[list[torch.Tensor], "torch.Tensor | None", Batch], torch.Tensor]
@@ -39,6 +40,9 @@ class TrainConfig(KeiryoConfig):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
     device: Device = "cpu"
     amp: bool = Field(True, description="mixed precision where the device supports it (CUDA)")
+    dp: DPConfig | None = Field(
+        None, description="differentially private training (Opacus DP-SGD); runs every epoch and keeps the last"
+    )
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class TrainResult:
     seconds: float
     history: list[dict[str, float]]
     device: str
+    privacy: dict[str, Any] | None = None  # the DP guarantee of a DP-SGD run (keiryo.privacy.dp.DPRun.record)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,6 +129,11 @@ def train(
         raise DataError("training split is empty")
     if loss_fn is None and not task.needs_targets:
         raise ConfigError(f"task {task.name} has no labels to train on; use a distill step (it learns from the original model)")
+    conversion: list[dict[str, Any]] = []
+    if cfg.dp is not None:  # layers DP-SGD cannot train (BatchNorm) are replaced before the optimizer sees them
+        from keiryo.privacy.dp import prepare_module
+
+        handle.module, conversion = prepare_module(handle.module, cfg.dp)
     module = handle.module
     device = resolve_device(cfg.device)
     prev_threads = torch.get_num_threads()
@@ -136,8 +146,14 @@ def train(
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     module.to(device)
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dp_run = None
+    if cfg.dp is not None:
+        from keiryo.privacy.dp import make_private
+
+        dp_run = make_private(module, opt, data.train, cfg.batch_size, cfg.epochs, cfg.dp, cfg.seed, conversion)
+        opt = dp_run.optimizer
     amp_dtype = None
-    if cfg.amp and device.type == "cuda":
+    if cfg.amp and device.type == "cuda" and dp_run is None:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -165,15 +181,18 @@ def train(
         for epoch in range(1, cfg.epochs + 1):
             module.train()
             total_loss, seen = 0.0, 0
-            for x, y in data.train.batches(cfg.batch_size, shuffle=True, generator=gen):
+            batches = dp_run.loader if dp_run is not None else data.train.batches(cfg.batch_size, shuffle=True, generator=gen)
+            for x, y in batches:
                 n = len(next(iter(x.values())))
-                if n < 2 and seen > 0:
-                    continue  # a batch of one breaks BatchNorm
+                if n < 2 and seen > 0 and dp_run is None:
+                    continue  # a batch of one breaks BatchNorm (DP: every sampled batch is a step the accountant counts)
                 x = {k: v.to(device) for k, v in x.items()}
                 yt = task.targets(y).to(device) if y is not None and task.needs_targets else None
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outs, _ = flatten_outputs(call_module(module, x, names))
                     loss = loss_fn(outs, yt, x) if loss_fn is not None else task.loss(outs, yt)
+                if n == 0:  # an empty Poisson batch: a noise-only DP step (Opacus clips zero samples)
+                    loss = sum((o.sum() for o in outs), torch.zeros((), device=device))
                 if not torch.isfinite(loss):
                     raise DataError(f"training diverged at epoch {epoch}: loss is {loss.item()}; lower the learning rate")
                 opt.zero_grad(set_to_none=True)
@@ -195,9 +214,13 @@ def train(
                 bar.update(
                     bar_task, advance=1, status=f"loss {history[-1]['loss']:.3f} val {task.primary} {vm.get(task.primary):.4g}"
                 )
-            if epoch - best_epoch >= cfg.patience:
+            if dp_run is not None:  # the budget is spent over all epochs; choosing on val data is not covered
+                best_epoch, best_state = epoch, copy.deepcopy(module.state_dict())
+            elif epoch - best_epoch >= cfg.patience:
                 break
     finally:
+        if dp_run is not None:
+            dp_run.close()
         if bar:
             bar.stop()
         torch.set_num_threads(prev_threads)
@@ -206,4 +229,7 @@ def train(
     module.eval()
     test = evaluate_torch(handle, data.test, task, reference["test"] if reference else None)
     best_val = best_score if task.higher_is_better else -best_score
-    return TrainResult(epoch, best_epoch, best_val, task.primary, test, time.perf_counter() - t0, history, str(device))
+    if dp_run is not None:
+        best_val = history[-1][f"val_{task.primary}"]
+    privacy = dp_run.record() if dp_run is not None else None
+    return TrainResult(epoch, best_epoch, best_val, task.primary, test, time.perf_counter() - t0, history, str(device), privacy)

@@ -193,16 +193,27 @@ def train(
     patience: Annotated[int, typer.Option(min=1, help="early stopping: epochs without a better validation metric")] = 5,
     device: DeviceOpt = "cpu",
     seed: SeedOpt = 0,
+    dp: Annotated[bool, typer.Option("--dp", help="differentially private training (Opacus DP-SGD; keiryo[privacy])")] = False,
+    target_epsilon: Annotated[Optional[float], typer.Option("--target-epsilon", help="--dp: the run's epsilon budget")] = None,
+    delta: Annotated[Optional[float], typer.Option("--delta", help="--dp: delta (default 1/N rounded down to 10^-k)")] = None,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="--dp: per-sample clipping norm")] = 1.0,
+    accountant: Annotated[str, typer.Option("--accountant", help="--dp: prv | rdp (the other is reported beside)")] = "prv",
 ) -> None:
-    """Train a model on the data's train split with the task's loss (AdamW, cosine schedule, early stopping on val)."""
+    """Train a model on the data's train split with the task's loss (AdamW, cosine schedule, early stopping on val).
+
+    With --dp: DP-SGD through Opacus (Poisson sampling, every epoch run, the last kept); the guarantee is
+    stored in the weights file and travels into results.json and the package manifest."""
     from keiryo.model import save_weights
     from keiryo.train import TrainConfig
     from keiryo.train import train as run_train
 
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: weights are written as .safetensors; give a path ending in .safetensors")
+    from keiryo.cli.privacy import dp_config
+
+    dp_cfg = dp_config(dp, target_epsilon, delta, max_grad_norm, accountant)
     handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt)
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, seed=seed, device=device)  # type: ignore[arg-type]
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, seed=seed, device=device, dp=dp_cfg)  # type: ignore[arg-type]
     res = run_train(handle, splits, t, cfg)
     test = res.test_metrics.get(t.primary)
     meta = {
@@ -212,6 +223,11 @@ def train(
         f"test_{t.primary}": f"{test:.6f}",
         f"val_{t.primary}": f"{res.best_val:.6f}",
     }
+    if res.privacy is not None:
+        from keiryo.privacy.dp import PRIVACY_METADATA_KEY, summary_line
+
+        meta[PRIVACY_METADATA_KEY] = json.dumps(res.privacy)
+        _console().print(f"privacy: {summary_line(res.privacy)}", highlight=False)
     save_weights(handle.module, out, meta)
     _console().print(
         f"trained {handle.spec.source} ({t.name}) on {res.device}: best val {t.primary} {res.best_val:.4g} at epoch "

@@ -21,6 +21,7 @@ from keiryo.errors import ConfigError, PassError
 __all__ = ["PASSES", "PassContext", "PassResult", "PassSpec", "apply", "get_pass", "register_pass"]
 
 Stage = Literal["torch", "onnx", "tflite", "coreml"]
+PRIVACY_STEP = "privacy_step"  # ModelHandle.metadata key: the DP record of the training a pass just ran
 
 
 @dataclass
@@ -125,7 +126,11 @@ def apply(model: Any, cfg: KeiryoConfig, ctx: PassContext | None = None) -> Pass
     spec = PASSES.get(name)
     ctx = ctx or PassContext()
     _check_stage(spec, model)
-    return spec.fn(model, cfg, ctx)
+    res = spec.fn(model, cfg, ctx)
+    privacy = getattr(res.model, "metadata", {}).pop(PRIVACY_STEP, None)  # set by a DP-SGD fine-tune (passes._state)
+    if privacy:
+        res.info.setdefault("privacy", privacy)
+    return res
 
 
 def _check_stage(spec: PassSpec, model: Any) -> None:

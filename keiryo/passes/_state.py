@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from keiryo.config import KeiryoConfig
+from keiryo.privacy.dp import DPConfig
 
 
 class FinetuneConfig(KeiryoConfig):
@@ -27,6 +28,7 @@ class FinetuneConfig(KeiryoConfig):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=1)
     patience: int = Field(100, ge=1)
+    dp: DPConfig | None = Field(None, description="train with DP-SGD (Opacus); the guarantee is recorded in the step's info")
 
 
 def state_of(handle: Any) -> dict[str, dict[str, torch.Tensor]]:
@@ -106,6 +108,7 @@ def finetune(
         seed=ctx.seed,
         warmup_epochs=0,
         device=ctx.device,
+        dp=cfg.dp,
     )
     res = train(
         handle,
@@ -119,6 +122,10 @@ def finetune(
         reference=reference,
     )
     constrain(handle)  # restored best weights sit on their centroids, so this only re-checks
+    if res.privacy is not None:
+        from keiryo.passes import PRIVACY_STEP
+
+        handle.metadata[PRIVACY_STEP] = res.privacy  # keiryo.apply moves it into the step's info
     return res
 
 

@@ -116,6 +116,12 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 @register_pass("quantize.qat", QatConfig, stage="torch", summary="quantization-aware fine-tuning (then int8 static)")
 def qat(handle: Any, cfg: QatConfig, ctx: PassContext) -> PassResult:
     ctx.require_data("quantize.qat")
+    if cfg.train.dp is not None:
+        raise PassError(
+            "quantize.qat: train.dp is not supported: fake-quantized layers use their weights functionally, where "
+            "Opacus cannot compute per-sample gradients; train with DP first (a fine-tune or distill step with train.dp), "
+            "then quantize.int8_static calibrated on public data"
+        )
     handle = handle.clone()
     layers = prunable_layers(handle.module)
     if not layers:

@@ -51,6 +51,7 @@ def build_results(
             **handle.spec.model_dump(mode="json"),
             "io": handle.io.model_dump(mode="json"),
             "content_hash": handle.content_hash(),
+            **({"privacy": handle.metadata["privacy"]} if handle.metadata.get("privacy") else {}),  # weights trained with DP
         },
         "data": data.summary(),
         "task": task.describe(),

@@ -1,0 +1,392 @@
+"""Differentially private training: DP-SGD through Opacus (per-sample clipping, Gaussian noise, Poisson sampling).
+
+``TrainConfig.dp`` (``keiryo train --dp``) and the ``train.dp`` block of every training pass (fine-tuning
+after pruning or clustering, ``distill``) take a :class:`DPConfig`. The flow, all of it Opacus:
+
+1. :func:`prepare_module`: ``opacus.validators.ModuleValidator.fix`` replaces layers DP-SGD cannot train
+   (BatchNorm -> GroupNorm, LSTM -> DPLSTM, ...). keiryo then checks each new GroupNorm: Opacus's default
+   (``gcd(32, C)`` groups) puts **one channel per group** in any layer of 16 channels or fewer, which
+   normalises every channel of every sample on its own and silently wrecks small models; such layers are
+   regrouped to 2+ channels per group (``small_groups: regroup``, reported), refused (``error``) or kept
+   with a warning (``warn``). Layers Opacus cannot train at all are named with the fix.
+2. :func:`make_private`: the noise multiplier for ``target_epsilon`` over the planned steps
+   (``opacus.accountants.utils.get_noise_multiplier``, PRV accountant by default), checked against
+   ``max_noise_multiplier`` so an unreachable ε is an error naming the smallest reachable one; then
+   ``PrivacyEngine.make_private`` (Poisson sampling).
+3. :meth:`DPRun.record`: ε spent from the accountant's history (PRV, with RDP beside it), δ, noise,
+   sampling rate, steps, clipping norm: written into the weights file, ``results.json`` and the package
+   manifest.
+
+The guarantee covers one record of the **train split** and the weights this run produces (and anything
+computed from those weights alone). It does not cover a starting model trained on the same data without DP,
+post-training quantization calibrated on the private data, or metrics and golden vectors computed on the
+data you give (see docs/privacy.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from keiryo.config import KeiryoConfig
+from keiryo.errors import BackendUnavailableError, ConfigError, PassError, UnsupportedOpError, first_line
+
+log = logging.getLogger("keiryo.privacy")
+
+ACCOUNTANTS = ("prv", "rdp")
+PRIVACY_METADATA_KEY = "keiryo.privacy"  # the record's key in a .safetensors file's metadata
+
+
+class DPConfig(KeiryoConfig):
+    """DP-SGD settings; ``target_epsilon`` is spent over the whole run (all epochs)."""
+
+    target_epsilon: float = Field(gt=0, description="the (epsilon, delta)-DP budget of the whole training run")
+    delta: float | None = Field(None, gt=0, lt=1, description="None: 1/N rounded down to a power of ten (N train records)")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm")
+    accountant: Literal["prv", "rdp"] = Field("prv", description="accountant that sets the noise; the other is reported")
+    poisson_sampling: bool = Field(True, description="Poisson (uniform with replacement) batches, as the analysis assumes")
+    max_noise_multiplier: float = Field(
+        10.0, gt=0, description="refuse an epsilon that needs more noise than this (the model would learn nothing)"
+    )
+    small_groups: Literal["regroup", "error", "warn"] = Field(
+        "regroup", description="a converted GroupNorm with < 2 channels per group: regroup it, refuse, or warn"
+    )
+
+
+def _opacus() -> Any:
+    try:
+        import opacus
+    except ImportError as e:
+        raise BackendUnavailableError("Opacus (differentially private training)", "privacy") from e
+    return opacus
+
+
+def default_delta(n: int) -> float:
+    """1/N rounded down to a power of ten, strictly below 1/N (N = 1437 -> 1e-4, N = 1000 -> 1e-4)."""
+    return 10.0 ** -(math.floor(math.log10(n)) + 1)
+
+
+def resolve_delta(cfg: DPConfig, n: int) -> float:
+    delta = cfg.delta if cfg.delta is not None else default_delta(n)
+    if delta >= 1.0 / n:
+        raise ConfigError(
+            f"--delta {delta:g}: must be below 1/N = {1.0 / n:.3g} for {n} training records "
+            f"(at delta >= 1/N a mechanism may publish a whole record); try {default_delta(n):g}"
+        )
+    return delta
+
+
+def epsilon_of(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
+    """ε of a DP-SGD history ``[(noise_multiplier, sample_rate, steps)]`` under ``accountant`` (Opacus)."""
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    with warnings.catch_warnings():  # RDP: "optimal order is the largest alpha" (its bound is looser; PRV is the default)
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta))
+
+
+def noise_multiplier_for(cfg: DPConfig, sample_rate: float, steps: int, delta: float, what: str) -> float:
+    """The noise multiplier that spends ``cfg.target_epsilon`` in ``steps``; an unreachable ε is an error
+    naming the smallest ε reachable at ``cfg.max_noise_multiplier``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    floor = epsilon_of(cfg.accountant, [(cfg.max_noise_multiplier, sample_rate, steps)], delta)
+    if cfg.target_epsilon < floor:
+        raise ConfigError(
+            f"--target-epsilon {cfg.target_epsilon:g}: not reachable for {what} ({steps} steps at sampling rate "
+            f"{sample_rate:.3g}, delta {delta:g}, {cfg.accountant.upper()} accountant): the smallest reachable epsilon is "
+            f"{floor:.3g} (noise multiplier {cfg.max_noise_multiplier:g}); ask for at least that, train fewer epochs, "
+            "or use more data"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=cfg.target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=cfg.accountant,
+                )
+            )
+    except ValueError as e:  # Opacus: "The privacy budget is too low."
+        raise ConfigError(f"--target-epsilon {cfg.target_epsilon:g}: {first_line(e)} (smallest reachable {floor:.3g})") from e
+
+
+# ---- model preparation: layers DP-SGD cannot train -------------------------------------------------------
+
+
+def _describe(m: nn.Module) -> str:
+    if isinstance(m, nn.GroupNorm):
+        return f"GroupNorm({m.num_groups}, {m.num_channels})"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return f"{type(m).__name__}({m.num_features})"
+    return type(m).__name__
+
+
+def _groups_of_two(channels: int) -> int | None:
+    """The most groups (at most 32, as Opacus) that still hold 2+ channels each; None for one channel."""
+    for g in range(min(32, channels // 2), 0, -1):
+        if channels % g == 0:
+            return g
+    return None
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def prepare_module(module: nn.Module, cfg: DPConfig) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """A copy of ``module`` that DP-SGD can train (``ModuleValidator.fix``), its GroupNorms checked, and the
+    conversion layer by layer: ``[{layer, from, to, channels_per_group, note?}]``."""
+    _opacus()
+    from opacus.validators import ModuleValidator
+
+    before = dict(module.named_modules())
+    fixed = ModuleValidator.fix(module)
+    report: list[dict[str, Any]] = []
+    for name, new in list(fixed.named_modules()):
+        old = before.get(name)
+        if old is None or type(old) is type(new):
+            continue
+        entry: dict[str, Any] = {"layer": name, "from": _describe(old), "to": _describe(new)}
+        if isinstance(new, nn.GroupNorm):
+            per = new.num_channels // new.num_groups
+            if per < 2:
+                groups = _groups_of_two(new.num_channels)
+                why = (
+                    f"layer {name!r}: {_describe(old)} becomes {_describe(new)}, one channel per group: each channel of "
+                    "each sample is normalised on its own, which wrecks small models"
+                )
+                if cfg.small_groups == "error":
+                    raise PassError(f"{why}; refused (dp small_groups: error); use small_groups: regroup or widen the layer")
+                if cfg.small_groups == "warn" or groups is None:
+                    if groups is None and cfg.small_groups == "regroup":
+                        why += " (a single channel cannot be regrouped)"
+                    log.warning(why)
+                    entry["warning"] = why
+                else:
+                    new = nn.GroupNorm(groups, new.num_channels, eps=new.eps, affine=new.affine)
+                    _replace(fixed, name, new)
+                    entry["note"] = f"regrouped from Opacus's default {entry['to']} (one channel per group)"
+                    entry["to"] = _describe(new)
+            entry["groups"] = new.num_groups
+            entry["channels"] = new.num_channels
+            entry["channels_per_group"] = new.num_channels // new.num_groups
+            entry["affine"] = new.affine
+        report.append(entry)
+    for m in fixed.modules():  # Opacus's backward hooks cannot see through in-place activations (same function)
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+    check_supported(fixed)
+    return fixed, report
+
+
+def check_supported(module: nn.Module) -> None:
+    """Raise :class:`UnsupportedOpError` naming the first layer DP-SGD cannot train, with the fix."""
+    from opacus.validators import ModuleValidator
+
+    for name, m in module.named_modules():
+        if not any(p.requires_grad for p in m.parameters(recurse=False)):
+            continue
+        validator = ModuleValidator.VALIDATORS.get(type(m))
+        errors = validator(m) if validator is not None else []
+        if errors:
+            raise UnsupportedOpError(
+                f"layer {name!r} ({type(m).__name__}): Opacus cannot train it with DP-SGD ({first_line(errors[0], 160)}); "
+                "fix: replace it with a DP-compatible layer (GroupNorm/LayerNorm for batch statistics) or freeze it",
+                layer=name,
+            )
+        buffers = [b for b, _ in m.named_buffers(recurse=False)]
+        if buffers:  # opacus GradSampleModule.validate's rule: state shared across samples is not private
+            raise UnsupportedOpError(
+                f"layer {name!r} ({type(m).__name__}): Opacus cannot compute per-sample gradients of a trainable layer "
+                f"that keeps buffers ({', '.join(buffers)}: state shared across the batch); fix: move the buffers out "
+                "of the layer, or freeze its parameters (requires_grad=False)",
+                layer=name,
+            )
+
+
+def apply_conversion(module: nn.Module, conversion: list[dict[str, Any]]) -> nn.Module:
+    """Rebuild the layers a DP run converted, so its weights load into a freshly built model.
+
+    GroupNorm conversions need no Opacus; any other replacement (LSTM -> DPLSTM) runs ModuleValidator.fix.
+    """
+    if any(not str(e.get("to", "")).startswith("GroupNorm") for e in conversion):
+        _opacus()
+        from opacus.validators import ModuleValidator
+
+        module = ModuleValidator.fix(module)
+    for e in conversion:
+        if "groups" in e:
+            _replace(module, e["layer"], nn.GroupNorm(int(e["groups"]), int(e["channels"]), affine=bool(e.get("affine", True))))
+    return module
+
+
+# ---- the DP-SGD run --------------------------------------------------------------------------------------
+
+
+class _MemoryItems(torch.utils.data.Dataset):
+    """Rows of an in-memory split as ``(named inputs, target)`` items (keiryo's collate batches them)."""
+
+    def __init__(self, split: Any):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], Any]:
+        y = self.split.targets
+        return {k: v[i] for k, v in self.split.inputs.items()}, (None if y is None else y[i])
+
+
+def train_dataset(split: Any) -> torch.utils.data.Dataset:
+    """The train split as a map-style dataset of ``(named inputs, target)`` items (Opacus samples indices)."""
+    from keiryo.data.splits import MemorySplit
+
+    if isinstance(split, MemorySplit):
+        return _MemoryItems(split)
+    return torch.utils.data.Subset(split.dataset, [int(i) for i in split.indices])
+
+
+@dataclass
+class DPRun:
+    """A model, optimizer and loader made private by Opacus; :meth:`record` is the guarantee spent so far."""
+
+    module: nn.Module  # the GradSampleModule (its hooks sit on the layers of the wrapped module)
+    optimizer: Any
+    loader: Any
+    engine: Any
+    cfg: DPConfig
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    dataset_size: int
+    planned_steps: int
+    epochs: int
+    conversion: list[dict[str, Any]] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Remove Opacus's hooks and per-sample gradients: the wrapped module is a plain module again."""
+        self.module.remove_hooks()  # type: ignore[operator]
+        for p in self.module.parameters():
+            for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+    def record(self) -> dict[str, Any]:
+        opacus = _opacus()
+        history = list(self.engine.accountant.history)
+        steps = int(sum(h[2] for h in history))
+        by = {a: round(epsilon_of(a, history, self.delta), 4) if steps else 0.0 for a in ACCOUNTANTS}
+        return {
+            "mechanism": "DP-SGD",
+            "library": f"opacus {opacus.__version__}",
+            "epsilon": by[self.cfg.accountant],
+            "delta": self.delta,
+            "accountant": self.cfg.accountant,
+            "epsilon_by_accountant": by,
+            "target_epsilon": self.cfg.target_epsilon,
+            "noise_multiplier": round(self.noise_multiplier, 6),
+            "sample_rate": round(self.sample_rate, 6),
+            "steps": steps,
+            "epochs": self.epochs,
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "poisson_sampling": self.cfg.poisson_sampling,
+            "dataset_size": self.dataset_size,
+            "unit": "one record of the train split",
+            "model_selection": "last epoch (no early stopping or best-epoch choice on validation data)",
+            "norm_conversion": self.conversion,
+        }
+
+
+def make_private(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    split: Any,
+    batch_size: int,
+    epochs: int,
+    cfg: DPConfig,
+    seed: int,
+    conversion: list[dict[str, Any]] | None = None,
+) -> DPRun:
+    """``PrivacyEngine.make_private`` with the noise for ``cfg.target_epsilon`` over ``epochs``."""
+    opacus = _opacus()
+    from keiryo.data.splits import collate
+
+    ds = train_dataset(split)
+    n = len(ds)  # type: ignore[arg-type]
+    delta = resolve_delta(cfg, n)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, collate_fn=collate)
+    sample_rate = 1.0 / len(loader)  # what make_private uses: expected batch = N / batches per epoch
+    steps = epochs * len(loader)
+    sigma = noise_multiplier_for(cfg, sample_rate, steps, delta, f"{n} training records, batch {batch_size}, {epochs} epochs")
+    logging.getLogger("opacus").setLevel(logging.ERROR)
+    # Opacus's hooks on a first layer whose input needs no gradient: torch warns on every backward, harmlessly
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+    module.train()
+    with warnings.catch_warnings():  # "Secure RNG turned off": keiryo seeds its noise for reproducible runs
+        warnings.simplefilter("ignore")
+        engine = opacus.PrivacyEngine(accountant=cfg.accountant)
+        gsm, dp_opt, dp_loader = engine.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=sigma,
+            max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=cfg.poisson_sampling,
+            noise_generator=torch.Generator().manual_seed(seed),
+        )
+    if cfg.poisson_sampling:  # Opacus samples from its own generator: seed it for reproducible runs
+        dp_loader.batch_sampler.generator = torch.Generator().manual_seed(seed + 1)
+    return DPRun(gsm, dp_opt, dp_loader, engine, cfg, delta, sigma, sample_rate, n, steps, epochs, conversion or [])
+
+
+def privacy_of(results: dict[str, Any], cand: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The DP record behind a candidate: a training step's own (its ``info.privacy``), else the input
+    model's (weights trained with ``keiryo train --dp``); None when no DP training is recorded."""
+    steps = ((cand or {}).get("report") or {}).get("steps") or []
+    for step in reversed(steps):
+        rec = (step.get("info") or {}).get("privacy")
+        if rec:
+            return dict(rec)
+    rec = (results.get("model") or {}).get("privacy")
+    return dict(rec) if rec else None
+
+
+def read_weights_privacy(path: str) -> dict[str, Any] | None:
+    """The DP record stored in a .safetensors file's metadata by ``keiryo train --dp`` (None if absent)."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # an unreadable file is reported by load_weights with its own message
+        return None
+    raw = meta.get(PRIVACY_METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def summary_line(rec: dict[str, Any]) -> str:
+    """One line for people: what the model promises."""
+    other = {k: v for k, v in rec.get("epsilon_by_accountant", {}).items() if k != rec.get("accountant")}
+    beside = "".join(f", {k.upper()} {v:g}" for k, v in other.items())
+    return (
+        f"({rec['epsilon']:g}, {rec['delta']:g})-DP ({rec.get('mechanism', 'DP-SGD')}, {rec['accountant'].upper()} "
+        f"accountant{beside}): noise {rec['noise_multiplier']:.3g}, sampling rate {rec['sample_rate']:.3g}, "
+        f"{rec['steps']} steps, clipping norm {rec['max_grad_norm']:g}"
+    )

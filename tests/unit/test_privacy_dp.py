@@ -1,0 +1,161 @@
+"""DP-SGD through Opacus: delta default, reachable epsilon, BatchNorm conversion, unsupported layers, the
+guarantee a run records, DP weights reloaded, DP distillation, and QAT refusing DP."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("opacus")
+
+from keiryo.errors import ConfigError, PassError, UnsupportedOpError  # noqa: E402
+from keiryo.model import ModelSpec, load_model, save_weights  # noqa: E402
+from keiryo.passes import PassContext, apply  # noqa: E402
+from keiryo.passes._state import FinetuneConfig  # noqa: E402
+from keiryo.passes.distill import DistillConfig  # noqa: E402
+from keiryo.passes.qat import QatConfig  # noqa: E402
+from keiryo.privacy.dp import (  # noqa: E402
+    PRIVACY_METADATA_KEY,
+    DPConfig,
+    default_delta,
+    epsilon_of,
+    noise_multiplier_for,
+    prepare_module,
+    resolve_delta,
+)
+from keiryo.tasks import get_task  # noqa: E402
+from keiryo.testing import TinyCNN  # noqa: E402
+from keiryo.train import TrainConfig, train  # noqa: E402
+
+
+def test_default_delta_is_below_one_over_n_and_a_larger_delta_is_refused():
+    assert default_delta(1437) == 1e-4 and default_delta(1000) == 1e-4 and default_delta(999) == 1e-3
+    assert resolve_delta(DPConfig(target_epsilon=8), 1167) == 1e-4
+    with pytest.raises(ConfigError, match=r"--delta 0.01: must be below 1/N = 0.00855 for 117 training records"):
+        resolve_delta(DPConfig(target_epsilon=8, delta=0.01), 117)
+
+
+def test_an_unreachable_epsilon_names_the_smallest_reachable_one():
+    cfg = DPConfig(target_epsilon=0.01, max_noise_multiplier=10)
+    with pytest.raises(ConfigError, match="smallest reachable epsilon is") as e:
+        noise_multiplier_for(cfg, 0.05, 200, 1e-4, "test data")
+    floor = float(re.search(r"smallest reachable epsilon is ([0-9.e-]+)", str(e.value)).group(1))
+    assert floor == pytest.approx(epsilon_of("prv", [(10.0, 0.05, 200)], 1e-4), rel=1e-2)
+    # just above the floor is reachable, with at most the largest noise allowed
+    sigma = noise_multiplier_for(DPConfig(target_epsilon=floor * 1.2), 0.05, 200, 1e-4, "test data")
+    assert 1.0 < sigma <= 10.0
+    assert epsilon_of("prv", [(sigma, 0.05, 200)], 1e-4) <= floor * 1.2
+
+
+def test_batchnorm_becomes_groupnorm_with_two_or_more_channels_per_group_reported_layer_by_layer():
+    fixed, report = prepare_module(TinyCNN(width=8), DPConfig(target_epsilon=8))
+    assert [(r["layer"], r["from"], r["to"], r["channels_per_group"]) for r in report] == [
+        ("features.1", "BatchNorm2d(8)", "GroupNorm(4, 8)", 2),
+        ("features.4", "BatchNorm2d(16)", "GroupNorm(8, 16)", 2),
+    ]
+    assert "one channel per group" in report[0]["note"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fixed.modules())
+    with pytest.raises(PassError, match=r"layer 'features.1': BatchNorm2d\(8\) becomes GroupNorm\(8, 8\), one channel per group"):
+        prepare_module(TinyCNN(width=8), DPConfig(target_epsilon=8, small_groups="error"))
+    _, warned = prepare_module(TinyCNN(width=8), DPConfig(target_epsilon=8, small_groups="warn"))
+    assert warned[0]["to"] == "GroupNorm(8, 8)" and "wrecks small models" in warned[0]["warning"]
+    # 64 channels: Opacus's gcd(32, 64) = 32 groups of 2 is already fine and kept
+    _, wide = prepare_module(nn.Sequential(nn.Conv2d(1, 64, 3), nn.BatchNorm2d(64)), DPConfig(target_epsilon=8))
+    assert wide[0]["to"] == "GroupNorm(32, 64)" and "note" not in wide[0]
+
+
+class _Running(nn.Module):
+    """A trainable layer that keeps a running statistic: state shared across samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.register_buffer("running", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_a_layer_opacus_cannot_train_is_named_with_the_fix():
+    model = nn.Sequential(nn.Linear(4, 4), _Running(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedOpError, match=r"layer '1' \(_Running\).*buffers \(running.*fix: move the buffers") as e:
+        prepare_module(model, DPConfig(target_epsilon=8))
+    assert e.value.layer == "1"
+
+
+def conv_bn_head(input_shape=(1, 8, 8), num_classes=10):
+    """A conv layer with BatchNorm and a linear head: learns digits under DP noise in a few epochs."""
+    c, hgt, wid = input_shape
+    return nn.Sequential(
+        nn.Conv2d(c, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(8 * hgt * wid, num_classes),
+    )
+
+
+SPEC = ModelSpec(source=f"{__file__}:conv_bn_head")
+
+
+@pytest.fixture(scope="module")
+def dp_trained(digits):
+    h = load_model(SPEC, digits, output_name="logits")
+    task = get_task("classification").bind(h.output_names)
+    cfg = TrainConfig(epochs=4, lr=2e-2, batch_size=256, seed=0, dp=DPConfig(target_epsilon=8))
+    return h, train(h, digits, task, cfg, progress=False)
+
+
+def test_dp_training_records_the_guarantee_opacus_accounts(dp_trained, digits):
+    h, res = dp_trained
+    p = res.privacy
+    n = len(digits.train)
+    batches = -(-n // 256)
+    assert p["dataset_size"] == n and p["delta"] == default_delta(n) and p["accountant"] == "prv"
+    assert p["sample_rate"] == pytest.approx(1 / batches, rel=1e-4) and p["epochs"] == 4 == res.epochs_run
+    assert p["steps"] == 4 * batches and p["max_grad_norm"] == 1.0 and p["poisson_sampling"] is True
+    # the budget is spent (not exceeded), and the number is what Opacus's accountants give for that history
+    assert 7.5 <= p["epsilon"] <= 8.0
+    history = [(p["noise_multiplier"], p["sample_rate"], p["steps"])]
+    assert p["epsilon"] == pytest.approx(epsilon_of("prv", history, p["delta"]), rel=1e-3)
+    assert p["epsilon_by_accountant"]["rdp"] == pytest.approx(epsilon_of("rdp", history, p["delta"]), rel=1e-3)
+    assert p["epsilon_by_accountant"]["rdp"] > p["epsilon"]  # PRV is the tighter accountant here
+    assert [(c["layer"], c["to"]) for c in p["norm_conversion"]] == [("1", "GroupNorm(4, 8)")]
+    # the model learned under noise (chance is 0.1), and no Opacus hook or per-sample gradient is left on it
+    assert res.test_metrics["accuracy"] > 0.7
+    assert all(not m._forward_hooks and not m._backward_hooks for m in h.module.modules())
+    assert not any(hasattr(q, "grad_sample") for q in h.module.parameters())
+    json.dumps(p)  # JSON as it is written into weights, results.json and the manifest
+
+
+def test_dp_weights_reload_into_the_original_factory_with_their_guarantee(dp_trained, digits, tmp_path):
+    h, res = dp_trained
+    path = save_weights(h.module, tmp_path / "dp.safetensors", {PRIVACY_METADATA_KEY: json.dumps(res.privacy)})
+    again = load_model(SPEC.model_copy(update={"weights": str(path)}), digits, output_name="logits")
+    assert again.metadata["privacy"] == res.privacy
+    assert isinstance(again.module[1], nn.GroupNorm) and again.module[1].num_groups == 4
+    x = digits.test.inputs["image"][:8]
+    with torch.no_grad():
+        assert torch.equal(again.module.eval()(x), h.module.eval()(x))
+
+
+def test_dp_distillation_records_the_guarantee_in_the_steps_info_and_qat_refuses_dp(tiny_trained, digits):
+    ctx = PassContext(data=digits, teacher=tiny_trained, task=get_task("classification").bind(tiny_trained.output_names))
+    dp = DPConfig(target_epsilon=4, accountant="rdp")  # RDP: a faster noise search than PRV (the default, tested above)
+    res = apply(tiny_trained, DistillConfig(train=FinetuneConfig(epochs=1, lr=1e-2, batch_size=128, dp=dp)), ctx)
+    rec = res.info["privacy"]
+    assert rec["target_epsilon"] == 4 and rec["accountant"] == "rdp" and rec["epsilon"] <= 4 < rec["epsilon"] * 1.1
+    assert "privacy_step" not in res.model.metadata
+    with pytest.raises(PassError, match="quantize.qat: train.dp is not supported"):
+        apply(tiny_trained, QatConfig(train=FinetuneConfig(epochs=1, dp=dp)), ctx)
+
+
+def test_dp_config_round_trips_inside_the_training_configs():
+    cfg = TrainConfig(dp=DPConfig(target_epsilon=3, delta=1e-5))
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError, match="unknown field 'epsilon'"):
+        DPConfig.parse({"target_epsilon": 1, "epsilon": 2})
