@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from keiryo.cli.privacy import privacy_app
 from keiryo.errors import ConfigError, KeiryoError
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
+app.add_typer(privacy_app, name="privacy")  # keys for encrypted packages (keiryo/cli/privacy.py)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo:NAME, path/to/file.py:factory or package.module:factory")]
 ModelOpts = Annotated[
@@ -464,12 +466,28 @@ def package_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="package directory to write (a .tar.gz is written beside it)")],
     candidate: Annotated[Optional[str], typer.Option("--candidate", help="candidate name (default: the best)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing package")] = False,
+    encrypt_to: Annotated[
+        Optional[Path],
+        typer.Option("--encrypt-to", help="encrypt the model file (AES-256-GCM) for this public key (PEM) or symmetric key file"),
+    ] = None,
 ) -> None:
     """Package a candidate as a signed directory: model file, keiryo.json manifest (with golden vectors), model.sig."""
     from keiryo.packages import package
 
-    pkg = package(result_dir, name=name, version=version, private_key=key, out=out, candidate=candidate, overwrite=overwrite)
+    pkg = package(
+        result_dir,
+        name=name,
+        version=version,
+        private_key=key,
+        out=out,
+        candidate=candidate,
+        overwrite=overwrite,
+        encrypt_to=encrypt_to,
+    )
     _console().print(f"package: {pkg}  ({pkg.name}.tar.gz beside it), signed with {key.name}", highlight=False)
+    from keiryo.cli.privacy import print_guarantees
+
+    print_guarantees(_console(), pkg)
 
 
 @app.command("verify")
@@ -477,11 +495,15 @@ def verify_cmd(
     pkg: Annotated[Path, typer.Argument(help="package directory")],
     public_key: Annotated[Path, typer.Option("--public-key", help="the signer's public key (PEM)")],
     no_golden: Annotated[bool, typer.Option("--no-golden", help="check the signature only, do not run the model")] = False,
+    decryption_key: Annotated[
+        Optional[Path], typer.Option("--decryption-key", help="an encrypted model's key (default $KEIRYO_DECRYPTION_KEY)")
+    ] = None,
 ) -> None:
     """Verify every file of a package against its signature, and that its golden vectors reproduce."""
+    from keiryo.cli.privacy import print_guarantees
     from keiryo.packages import verify
 
-    rep = verify(pkg, public_key, golden=not no_golden)
+    rep = verify(pkg, public_key, golden=not no_golden, decryption_key=decryption_key)
     m = rep["manifest"]
     g = rep["golden_max_abs_diff"]
     gold = f"; golden vectors reproduce (max abs diff {g:.2e})" if g is not None else ""
@@ -489,6 +511,7 @@ def verify_cmd(
         f"[green]verified[/] {m['name']} {m['version']} ({m['format']}): {len(rep['files'])} files match the signature{gold}",
         highlight=False,
     )
+    print_guarantees(_console(), m)
 
 
 registry_app = typer.Typer(

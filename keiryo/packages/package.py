@@ -157,7 +157,16 @@ def build_manifest(results: dict[str, Any], cand: dict[str, Any], name: str, ver
         "keiryo_version": __version__,
         "library_versions": library_versions(),
         "machine": results.get("machine", {}),
+        **_privacy(results, cand),
     }
+
+
+def _privacy(results: dict[str, Any], cand: dict[str, Any]) -> dict[str, Any]:
+    """The DP guarantee behind the candidate (keiryo.privacy.dp), as the manifest's ``privacy`` block, if any."""
+    from keiryo.privacy.dp import privacy_of
+
+    rec = privacy_of(results, cand)
+    return {"privacy": rec} if rec else {}
 
 
 def package(
@@ -169,8 +178,12 @@ def package(
     out: str | Path,
     candidate: str | None = None,
     overwrite: bool = False,
+    encrypt_to: str | Path | None = None,
 ) -> Path:
-    """Package a candidate of ``result_dir`` (``results.json``) into ``out`` (and ``out.tar.gz``), signed."""
+    """Package a candidate of ``result_dir`` (``results.json``) into ``out`` (and ``out.tar.gz``), signed.
+
+    ``encrypt_to``: a recipient's public key or a symmetric key file: the model file is encrypted
+    (keiryo.privacy.encryption, after the golden vectors are taken) and then signed with the rest."""
     from keiryo.report.results import read_results
 
     check_name(name)
@@ -198,6 +211,11 @@ def package(
         runtime = manifest["runtime"]
         if runtime != "coreml":
             manifest["golden"] = golden_vectors(pkg / model_file, runtime, manifest["inputs"])
+        if encrypt_to is not None:
+            from keiryo.privacy.encryption import encrypt_file, read_key
+
+            aad = f"keiryo:{name}:{version}:{model_file}"
+            manifest["encryption"] = encrypt_file(pkg / model_file, read_key(encrypt_to), aad)
         (pkg / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         sign_dir(pkg, private_key)
         fault_point("package.signed")
@@ -257,10 +275,14 @@ def check_identity(manifest: dict[str, Any], name: str, version: str, where: str
         )
 
 
-def verify(pkg: str | Path, public_key: str | Path, *, golden: bool = True) -> dict[str, Any]:
+def verify(
+    pkg: str | Path, public_key: str | Path, *, golden: bool = True, decryption_key: str | Path | None = None
+) -> dict[str, Any]:
     """Verify every file against the signature, then (``golden``) that the golden vectors reproduce.
 
-    Returns ``{manifest, files, golden_max_abs_diff}``.
+    An encrypted model is decrypted in memory for the golden check with ``decryption_key`` (a file, else
+    ``$KEIRYO_DECRYPTION_KEY``); without one it is refused unless ``golden`` is off (``encrypted_for`` names the key).
+    Returns ``{manifest, files, golden_max_abs_diff, encrypted_for}``.
     """
     p = Path(pkg)
     if p.suffixes[-2:] == [".tar", ".gz"] or not p.is_dir():
@@ -271,6 +293,20 @@ def verify(pkg: str | Path, public_key: str | Path, *, golden: bool = True) -> d
     if model_file.is_symlink() or not (model_file.is_file() or manifest["format"] == "coreml"):
         raise IntegrityError(f"{model_file}: expected a plain file inside the package")
     diff = None
-    if golden and "golden" in manifest:
+    enc = manifest.get("encryption")
+    if golden and "golden" in manifest and enc is None:
         diff = check_golden(model_file, manifest["runtime"], manifest["golden"], inputs=manifest["inputs"])
-    return {"manifest": manifest, "files": sorted(f for f in files if f != SIGNATURE), "golden_max_abs_diff": diff}
+    elif golden and "golden" in manifest:
+        from keiryo.privacy import encryption
+        from keiryo.runtime import open_session
+
+        # in memory only; no key (or the wrong one) is refused naming the key the package expects
+        plain = encryption.decrypt_model(model_file.read_bytes(), enc, encryption.decryption_key(decryption_key))
+        with open_session(manifest["runtime"], plain, 1) as s:
+            diff = check_golden(model_file, manifest["runtime"], manifest["golden"], session=s, inputs=manifest["inputs"])
+    return {
+        "manifest": manifest,
+        "files": sorted(f for f in files if f != SIGNATURE),
+        "golden_max_abs_diff": diff,
+        "encrypted_for": enc.get("recipient") if enc else None,
+    }

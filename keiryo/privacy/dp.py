@@ -37,7 +37,8 @@ from pydantic import Field
 from torch import nn
 
 from keiryo.config import KeiryoConfig
-from keiryo.errors import BackendUnavailableError, ConfigError, PassError, UnsupportedOpError, first_line
+from keiryo.errors import ConfigError, PassError, UnsupportedOpError, first_line
+from keiryo.privacy._backend import require
 
 log = logging.getLogger("keiryo.privacy")
 
@@ -62,11 +63,7 @@ class DPConfig(KeiryoConfig):
 
 
 def _opacus() -> Any:
-    try:
-        import opacus
-    except ImportError as e:
-        raise BackendUnavailableError("Opacus (differentially private training)", "privacy") from e
-    return opacus
+    return require("opacus", "Opacus (differentially private training)", "privacy")
 
 
 def default_delta(n: int) -> float:
