@@ -31,7 +31,7 @@ _HKDF_INFO = b"keiryo model key wrap v1"
 
 
 def _crypto() -> Any:
-    return require("cryptography", "cryptography (encrypted packages)", "serve")
+    return require("cryptography", "cryptography (encrypted packages)", "privacy")
 
 
 def _b64(b: bytes) -> str:
