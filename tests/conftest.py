@@ -13,6 +13,21 @@ from keiryo.tasks import get_task
 from keiryo.train import TrainConfig, train
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Trusted TUF metadata and other caches go to a session folder, never the user's ~/.cache
+    (a registry made anew at a reused temporary path must not meet an earlier run's pinned root)."""
+    import os
+
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 def classification(handle: ModelHandle):
     return get_task("classification").bind(handle.output_names)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -103,37 +104,38 @@ class TrustedRegistry:
         self.trusted_root = Path(trusted_root)
         self.cache = Path(cache)
         self._updater: Any = None
+        # ngclient keeps its cache with non-atomic steps (root.json is removed, then linked again):
+        # one refresh at a time per process; readers use the last updater that refreshed cleanly
+        self._refreshing = threading.Lock()
 
     def refresh(self) -> int:
         """Refresh the metadata; returns the trusted targets version. Raises :class:`TrustError`."""
+        with self._refreshing:
+            up = self._new_updater()
+            try:
+                up.refresh()
+            except Exception as e:
+                raise _refused(e, self.source) from e
+            self._updater = up
+            return int(up._trusted_set.targets.version)  # noqa: SLF001 - informational only
+
+    def _new_updater(self) -> Any:
         from tuf.ngclient import Updater, UpdaterConfig
 
         meta = self.cache / "metadata"
         meta.mkdir(parents=True, exist_ok=True)
         bootstrap = None
-        if not (meta / "root.json").is_file():
+        if not (meta / "root.json").exists():
             try:
                 bootstrap = self.trusted_root.read_bytes()
             except OSError as e:
                 raise TrustError(f"{self.trusted_root}: the trusted root metadata cannot be read ({e.strerror})") from e
         cfg = UpdaterConfig(prefix_targets_with_hash=False, timestamp_max_length=16384, snapshot_max_length=1 << 22)
+        fetcher = None if _is_url(self.source) else _file_fetcher()
         try:
-            up = Updater(
-                str(meta),
-                self.base + "tuf/",
-                str(self.cache / "targets"),
-                self.base,
-                fetcher=None if _is_url(self.source) else _file_fetcher(),
-                config=cfg,
-                bootstrap=bootstrap,
-            )
-            up.refresh()
-        except TrustError:
-            raise
+            return Updater(str(meta), self.base + "tuf/", str(self.cache / "targets"), self.base, fetcher, cfg, bootstrap)
         except Exception as e:
-            raise _refused(e, self.source) from e
-        self._updater = up
-        return int(up._trusted_set.targets.version)  # noqa: SLF001 - the version is informational only
+            raise _refused(e, str(meta / "root.json")) from e
 
     def _info(self, path: str) -> Any:
         if self._updater is None:
@@ -143,9 +145,25 @@ class TrustedRegistry:
         except Exception as e:
             raise _refused(e, self.source) from e
 
-    def alias(self, name: str, alias: str) -> AliasRecord:
+    def _entry(self, name: str) -> dict[str, Any]:
         info = self._info(alias_target(name))
-        aliases = ((info.custom or {}).get("keiryo") or {}).get("aliases", {}) if info else {}
+        if info is None:
+            raise PackageNotFoundError(f"{self.source}: the signed metadata has no package named {name!r}")
+        return dict((info.custom or {}).get("keiryo") or {})
+
+    def resolve(self, ref: str) -> tuple[str, str]:
+        """``NAME`` (its latest version), ``NAME@ALIAS`` or ``NAME@VERSION`` -> (name, version), from signed metadata only."""
+        name, _, tag = ref.partition("@")
+        entry = self._entry(name)
+        if not tag:
+            return name, str(entry["latest"])
+        if tag in entry.get("aliases", {}):
+            return name, str(entry["aliases"][tag]["version"])
+        self.package(name, tag)  # raises when no such signed version
+        return name, tag
+
+    def alias(self, name: str, alias: str) -> AliasRecord:
+        aliases = self._entry(name).get("aliases", {})
         if alias not in aliases:
             raise PackageNotFoundError(f"{self.source}: the signed metadata has no alias {name}@{alias}")
         a = aliases[alias]
@@ -171,6 +189,11 @@ class TrustedRegistry:
                 raise TrustError(f"{self.source}: {package_target(name, version, rel)} is not in the signed targets metadata")
             out[rel] = (int(info.length), str(info.hashes["sha256"]))
         return out
+
+    def fetch_package(self, name: str, version: str) -> tuple[dict[str, bytes], dict[str, tuple[int, str]]]:
+        """Every file of a package as bytes checked against the signed metadata, and that metadata."""
+        trusted = self.files(name, version)
+        return {rel: self.fetch(name, version, rel, exp) for rel, exp in trusted.items()}, trusted
 
     def _url(self, name: str, version: str, rel: str) -> str:
         return self.base + package_target(name, version, rel)
@@ -258,3 +281,29 @@ def _check(url: str, n: int, digest: str, expected: tuple[int, str]) -> None:
         raise IntegrityError(f"{url}: {n} bytes, the signed metadata says {expected[0]}")
     if digest != expected[1]:
         raise IntegrityError(f"{url}: sha256 does not match the signed metadata")
+
+
+def open_registry(
+    source: str | Path | None, trusted_root: str | Path | None = None, cache: str | Path | None = None
+) -> TrustedRegistry:
+    """A :class:`TrustedRegistry` with keiryo's defaults.
+
+    ``trusted_root``: the root metadata the client starts from (give devices the registry's
+    ``tuf/1.root.json`` out of band); default ``$KEIRYO_TRUSTED_ROOT``, or for a local registry its
+    own ``tuf/1.root.json`` (trust on first use: the cache then pins it, so a later swap is refused).
+    ``cache``: where the trusted metadata is kept between runs (default ``$XDG_CACHE_HOME/keiryo/tuf/<registry>``,
+    ``~/.cache`` without it).
+    """
+    from keiryo.errors import ConfigError
+    from keiryo.packages.store import default_root
+
+    src = str(source) if source else str(default_root())
+    root = trusted_root or os.environ.get("KEIRYO_TRUSTED_ROOT")
+    if root is None:
+        if _is_url(src):
+            raise ConfigError(f"{src}: a registry over HTTP needs --trusted-root (its tuf/1.root.json, copied out of band)")
+        root = Path(src) / "tuf" / "1.root.json"
+    if cache is None:
+        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        cache = cache_home / "keiryo" / "tuf" / hashlib.sha256(_base_url(src).encode()).hexdigest()[:16]
+    return TrustedRegistry(src, root, cache)

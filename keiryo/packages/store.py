@@ -59,9 +59,11 @@ def _check_alias(alias: str) -> str:
 
 
 class PackageStore:
-    def __init__(self, root: str | Path | None = None, keys: str | Path | None = None):
+    def __init__(
+        self, root: str | Path | None = None, keys: str | Path | None = None, *, expiry_days: dict[str, float] | None = None
+    ):
         self.root = Path(root) if root else default_root()
-        self.trust = TufRepository(self.root, keys)
+        self.trust = TufRepository(self.root, keys, expiry_days=expiry_days)
 
     # -- layout --------------------------------------------------------------------------------
     def _pkg_dir(self, name: str, version: str | None = None) -> Path:
@@ -239,7 +241,8 @@ class PackageStore:
         self._log(name, {**event, "alias": alias, "targets_version": self.trust.committed_version() + 1})
         fault_point(f"registry.{event['action']}.logged")
         records = {**self.alias_records(name), alias: record}
-        self.trust.update_targets(lambda t: t.__setitem__(alias_target(name), alias_entry(name, records)))
+        latest = self.versions(name)[-1]
+        self.trust.update_targets(lambda t: t.__setitem__(alias_target(name), alias_entry(name, records, latest)))
 
     def promote(self, name: str, version: str, alias: str, *, by: str | None = None, downgrade: bool = False) -> str | None:
         """Point ``alias`` at ``version``; returns the version it pointed at before.

@@ -78,19 +78,19 @@ class TufRepository:
         return [self.keys / f"{role}.pem"]
 
     def _signers(self, role: str) -> list[Any]:
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
-        from securesystemslib.signer import CryptoSigner
-
         files = [f for f in self._key_files(role) if f.is_file()]
         if not files:
             raise InputFileError(f"{self.keys}: no {role} key ({role}.pem); the registry's keys are needed to change it")
-        out = []
-        for f in files:
-            try:
-                out.append(CryptoSigner(load_pem_private_key(f.read_bytes(), None)))
-            except (ValueError, TypeError) as e:
-                raise InputFileError(f"{f}: not a usable private key in PEM ({e})") from e
-        return out
+        return [self._signer_from(f) for f in files]
+
+    def _signer_from(self, f: Path) -> Any:
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+        from securesystemslib.signer import CryptoSigner
+
+        try:
+            return CryptoSigner(load_pem_private_key(f.read_bytes(), None))
+        except (ValueError, TypeError) as e:
+            raise InputFileError(f"{f}: not a usable private key in PEM ({e})") from e
 
     def _new_key(self, path: Path) -> Any:
         from securesystemslib.signer import CryptoSigner
@@ -162,7 +162,7 @@ class TufRepository:
         signers: dict[str, list[Any]] = {}
         for role in ROLES:
             files = [self.keys / f"root-{i + 1}.pem" for i in range(root_keys)] if role == "root" else self._key_files(role)
-            signers[role] = [self._new_key(f) if not f.exists() else self._signers_from(f) for f in files]
+            signers[role] = [self._signer_from(f) if f.exists() else self._new_key(f) for f in files]
         root = md.Root(expires=_expires("root", self.expiry_days), consistent_snapshot=True)
         for role, ss in signers.items():
             for s in ss:
@@ -172,12 +172,6 @@ class TufRepository:
         self.meta.mkdir(parents=True, exist_ok=True)
         self._write(self._sign(md.Metadata(root), "root"), "1.root.json")
         self._commit_targets(md.Metadata(targets), first=True)
-
-    def _signers_from(self, f: Path) -> Any:
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
-        from securesystemslib.signer import CryptoSigner
-
-        return CryptoSigner(load_pem_private_key(f.read_bytes(), None))
 
     def _commit_targets(self, targets: Any, *, first: bool = False) -> int:
         """Sign ``targets`` as the next version, then snapshot, then timestamp (the commit point)."""
@@ -277,9 +271,8 @@ def target_file(path: str, data: bytes, custom: dict[str, Any]) -> Any:
     return tf
 
 
-def alias_entry(name: str, aliases: dict[str, Any]) -> Any:
-    """The zero-length target ``aliases/NAME`` whose signed custom data holds the package's aliases."""
+def alias_entry(name: str, aliases: dict[str, Any], latest: str) -> Any:
+    """The zero-length target ``aliases/NAME`` whose signed custom data holds the package's aliases and latest version."""
     md = _tuf()
-    return md.TargetFile(
-        0, {"sha256": EMPTY_SHA256}, alias_target(name), {"custom": {"keiryo": {"name": name, "aliases": aliases}}}
-    )
+    custom = {"keiryo": {"name": name, "aliases": aliases, "latest": latest}}
+    return md.TargetFile(0, {"sha256": EMPTY_SHA256}, alias_target(name), {"custom": custom})

@@ -17,7 +17,7 @@ from typing import Any
 
 from keiryo.errors import IntegrityError
 from keiryo.packages.package import MANIFEST, check_golden, check_identity, parse_manifest
-from keiryo.packages.signing import SIGNATURE, verify_files
+from keiryo.packages.signing import verify_files
 
 MAX_PACKAGE_BYTES = 2 << 30  # a package larger than 2 GiB is refused rather than read into memory
 

@@ -1,4 +1,4 @@
-"""``create_app(store, settings)``: an Open Inference Protocol v2 (KServe V2) REST server over registry packages.
+"""``create_app(registry, settings)``: an Open Inference Protocol v2 (KServe V2) REST server over registry packages.
 
 Endpoints are thin; every error leaves as ``{"error": ...}`` with the status chosen in :func:`_status_of`.
 (No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at run time,
@@ -22,7 +22,7 @@ from pydantic import Field
 
 from keiryo.config import KeiryoConfig
 from keiryo.errors import ConfigError, KeiryoError, PackageNotFoundError
-from keiryo.packages.store import PackageStore
+from keiryo.packages.remote import TrustedRegistry, open_registry
 from keiryo.serve.batching import QueueFull
 from keiryo.serve.protocol import HEADER, ProtocolError, build_response, parse_request
 
@@ -43,7 +43,11 @@ class ServeSettings(KeiryoConfig):
     max_queue: int = Field(256, ge=1, description="requests waiting per model before 503")
     body_limit_bytes: int = Field(16 * 2**20, ge=1024)
     request_timeout_s: float = Field(10.0, gt=0)
-    poll_s: float | None = Field(5.0, gt=0, description="check aliases for a new version this often (None: never)")
+    poll_s: float | None = Field(5.0, gt=0, description="refresh the registry's metadata this often (None: never)")
+    trusted_root: str | None = Field(
+        None, description="TUF root metadata to trust (default: the local registry's tuf/1.root.json)"
+    )
+    tuf_cache: str | None = Field(None, description="where the trusted metadata is kept between runs")
     server_name: str = "keiryo"
 
     def check(self) -> None:
@@ -121,8 +125,8 @@ class Metrics:
 class Server:
     """The served models and their lifecycle: load, hot reload on alias moves, unload, drain."""
 
-    def __init__(self, store: PackageStore, settings: ServeSettings):
-        self.store = store
+    def __init__(self, registry: TrustedRegistry, settings: ServeSettings):
+        self.registry = registry
         self.settings = settings
         self.metrics = Metrics()
         self.models: dict[str, Any] = {}  # name -> ServedModel
@@ -134,8 +138,9 @@ class Server:
         s = self.settings
         return {"max_batch_size": s.max_batch_size, "max_queue_delay_ms": s.max_queue_delay_ms, "max_queue": s.max_queue}
 
-    async def load(self, name: str) -> Any:
-        """Load (or reload) ``name`` from its configured ref; the old version keeps serving if this fails."""
+    async def load(self, name: str, *, refresh: bool = False) -> Any:
+        """Load (or reload) ``name`` from its configured ref (``refresh``: the registry's metadata first);
+        the old version keeps serving if this fails."""
         from keiryo.serve.models import load_served
 
         if name not in self.refs:
@@ -143,9 +148,11 @@ class Server:
         ref = self.refs[name]
         async with self._lock:
             try:
+                if refresh:
+                    await asyncio.to_thread(self.registry.refresh)
                 served = await asyncio.to_thread(
                     load_served,
-                    self.store,
+                    self.registry,
                     ref,
                     self.settings.public_key,
                     threads=self.settings.threads,
@@ -178,24 +185,36 @@ class Server:
         events_log.info(json.dumps({"event": "unloaded", "model": name, "version": served.version}))
 
     async def poll(self) -> None:
-        """Reload a model when its alias points at another version (a refused version leaves the old one serving)."""
+        """Refresh the registry's signed metadata like a TUF client and reload a model when its alias
+        points at another version. Refused metadata (expired, rolled back, badly signed) or a refused
+        package leaves the last good model serving; every error is logged and the loop goes on."""
         assert self.settings.poll_s is not None
         refused: set[tuple[str, str]] = set()
+        last_error = None
         while True:
             await asyncio.sleep(self.settings.poll_s)
+            try:
+                await asyncio.to_thread(self.registry.refresh)
+                last_error = None
+            except Exception as e:
+                if str(e) != last_error:
+                    events_log.error(json.dumps({"event": "metadata_refused", "error": str(e)}))
+                    last_error = str(e)
+                self.metrics.loads.labels("*", "?", "metadata_refused").inc()
+                continue
             for name, ref in self.refs.items():
                 cur = self.models.get(name)
                 if cur is None:
                     continue
                 try:
-                    _, version = self.store.resolve(ref)
-                except KeiryoError:
-                    continue
-                if version != cur.version and (name, version) not in refused:
-                    try:
-                        await self.load(name)
-                    except Exception:
-                        refused.add((name, version))
+                    _, version = self.registry.resolve(ref)
+                    if version != cur.version and (name, version) not in refused:
+                        try:
+                            await self.load(name)
+                        except Exception:
+                            refused.add((name, version))
+                except Exception as e:  # never let one bad model or file end hot reload
+                    events_log.error(json.dumps({"event": "reload_failed", "model": name, "error": str(e)}))
 
     async def drain(self) -> None:
         for served in list(self.models.values()):
@@ -354,9 +373,10 @@ def _key_ok(given: str | None, keys: list[str]) -> bool:
     return ok
 
 
-def create_app(store: PackageStore, settings: ServeSettings) -> Any:
+def create_app(registry: TrustedRegistry | Any, settings: ServeSettings) -> Any:
     """The ASGI app (:class:`Front` over FastAPI). Models load at startup; ``/v2/health/ready`` is 200
-    only once all verified and reproduced."""
+    only once all verified and reproduced. ``registry``: a :class:`TrustedRegistry`, or a registry
+    directory / URL / ``PackageStore`` opened as one with the settings' trusted root and cache."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -365,7 +385,9 @@ def create_app(store: PackageStore, settings: ServeSettings) -> Any:
     from keiryo import __version__
 
     settings.check()
-    server = Server(store, settings)
+    if not isinstance(registry, TrustedRegistry):
+        registry = open_registry(getattr(registry, "root", registry), settings.trusted_root, settings.tuf_cache)
+    server = Server(registry, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -467,7 +489,9 @@ def create_app(store: PackageStore, settings: ServeSettings) -> Any:
     @app.post("/v2/repository/models/{name}/load")
     async def repo_load(request: Request, name: str) -> dict[str, Any]:
         need(request, admin=True)
-        served = await server.load(name)  # registry names only: never a path from the request
+        # registry names only, never a path from the request; an operator asking for a load gets the
+        # registry's current signed state, not what the last poll saw
+        served = await server.load(name, refresh=True)
         return {"name": name, "version": served.version, "state": "READY"}
 
     @app.post("/v2/repository/models/{name}/unload")
@@ -507,7 +531,7 @@ def run_server(store_root: str | Path | None, settings: ServeSettings, host: str
     # it: make that handler end the process through the ``finally`` below instead of killing it
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
-        app = create_app(PackageStore(store_root), settings)
+        app = create_app(store_root, settings)
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=30)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -11,10 +11,12 @@ HorizontalPodAutoscaler.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from keiryo._atomic import atomic_dir, write_atomic
+from keiryo.packages.trust import EXPIRY_DAYS
 from keiryo.errors import ConfigError
 from keiryo.packages.package import read_manifest
 
@@ -56,7 +58,8 @@ USER 10001
 EXPOSE {SERVE_PORT}
 HEALTHCHECK --interval=10s --timeout=2s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:{SERVE_PORT}/v2/health/ready').status != 200)"
 CMD ["keiryo", "serve", "--registry", "/srv/registry", "--model", "{manifest["name"]}@production", \\
-     "--public-key", "/srv/public.pem", "--host", "0.0.0.0", "--port", "{SERVE_PORT}"]
+     "--public-key", "/srv/public.pem", "--trusted-root", "/srv/registry/tuf/1.root.json", \\
+     "--tuf-cache", "/tmp/keiryo-tuf", "--host", "0.0.0.0", "--port", "{SERVE_PORT}"]
 """
 
 
@@ -69,8 +72,10 @@ def write_docker(pkg: str | Path, public_key: str | Path, out: str | Path, *, ke
     manifest = read_manifest(src)
     if dst.exists():
         raise ConfigError(f"{dst}: exists; choose another --out")
-    with atomic_dir(dst, replace=False) as tmp:
-        store = PackageStore(tmp / "registry")
+    with atomic_dir(dst, replace=False) as tmp, tempfile.TemporaryDirectory() as keys:
+        # the image's registry is sealed: its keys are thrown away once it is written, and its metadata
+        # lasts as long as a root (the image digest, not a timestamp, is what says it is current)
+        store = PackageStore(tmp / "registry", keys, expiry_days={role: EXPIRY_DAYS["root"] for role in EXPIRY_DAYS})
         name, version = store.push(src, public_key, by="keiryo deploy")  # verifies the package
         store.promote(name, version, "production", by="keiryo deploy")
         shutil.copy2(public_key, tmp / "public.pem")

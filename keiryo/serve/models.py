@@ -1,4 +1,4 @@
-"""A served model: one verified package from the registry, one session, one batcher."""
+"""A served model: one package verified against the registry's signed metadata and its signature, one session, one batcher."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from keiryo.packages.package import check_golden, read_manifest
-from keiryo.packages.signing import verify_dir
-from keiryo.packages.store import PackageStore
-from keiryo.runtime import open_session
+from keiryo.packages.remote import TrustedRegistry
+from keiryo.packages.verified import load_verified
 from keiryo.serve.batching import Batcher
 
 
@@ -21,7 +19,6 @@ class ServedModel:
     ref: str  # what the operator asked for: NAME or NAME@ALIAS
     name: str
     version: str
-    path: Path
     manifest: dict[str, Any]
     session: Any
     batcher: Batcher
@@ -47,23 +44,15 @@ class ServedModel:
 
 
 def load_served(
-    store: PackageStore, ref: str, public_key: str | Path, *, threads: int, batching: dict[str, Any], metrics: Any = None
+    registry: TrustedRegistry, ref: str, public_key: str | Path, *, threads: int, batching: dict[str, Any], metrics: Any = None
 ) -> ServedModel:
-    """Resolve ``ref``, verify the package (every file against the signature), open its session and
-    check that its golden vectors reproduce. Raises (and loads nothing) if any step fails."""
-    name, version = store.resolve(ref)
-    path = store.path(f"{name}@{version}")
-    verify_dir(path, public_key)
-    manifest = read_manifest(path)
-    session = open_session(manifest["runtime"], path / manifest["model_file"], threads)
-    try:
-        if "golden" in manifest:
-            check_golden(
-                path / manifest["model_file"], manifest["runtime"], manifest["golden"], session=session, inputs=manifest["inputs"]
-            )
-    except BaseException:
-        session.close()
-        raise
+    """Resolve ``ref`` in the registry's signed metadata, read every file of the package once (each
+    capped at its signed length and checked against its signed hash), verify the signature over
+    those bytes and that the manifest names this name and version, open the session from the same
+    bytes and check that its golden vectors reproduce. Raises (and loads nothing) if any step fails."""
+    name, version = registry.resolve(ref)
+    files, trusted = registry.fetch_package(name, version)
+    pkg, session = load_verified(None, public_key, files=files, name=name, version=version, trusted=trusted, threads=threads)
     served: ServedModel
 
     def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -71,5 +60,5 @@ def load_served(
 
     hooks = metrics.batch_hooks(name) if metrics is not None else {}
     batcher = Batcher(run, **batching, **hooks)
-    served = ServedModel(ref, name, version, path, manifest, session, batcher)
+    served = ServedModel(ref, name, version, pkg.manifest, session, batcher)
     return served
