@@ -514,100 +514,18 @@ def verify_cmd(
     print_guarantees(_console(), m)
 
 
-registry_app = typer.Typer(
-    help="A filesystem registry of signed packages: versions, aliases, promotion log.", no_args_is_help=True
-)
+from keiryo.cli.registry import registry_app  # noqa: E402  (the registry's commands live in their own module)
+
 app.add_typer(registry_app, name="registry")
-RegistryOpt = Annotated[
-    Optional[Path], typer.Option("--registry", help="registry root (default $KEIRYO_REGISTRY or ~/.keiryo/registry)")
-]
-ByOpt = Annotated[Optional[str], typer.Option("--by", help="who is doing this (default: the OS user)")]
-
-
-def _store(root: Path | None) -> Any:
-    from keiryo.packages.store import PackageStore
-
-    return PackageStore(root)
-
-
-@registry_app.command("push")
-def registry_push(
-    pkg: Annotated[Path, typer.Argument(help="package directory from `keiryo package`")],
-    public_key: Annotated[Path, typer.Option("--public-key", help="the signer's public key: unsigned or tampered = refused")],
-    registry: RegistryOpt = None,
-    by: ByOpt = None,
-) -> None:
-    """Verify a package and publish it as an immutable version."""
-    store = _store(registry)
-    name, version = store.push(pkg, public_key, by=by)
-    _console().print(f"pushed {name} {version} to {store.root}", highlight=False)
-
-
-@registry_app.command("list")
-def registry_list(registry: RegistryOpt = None) -> None:
-    """Packages, their versions (oldest first) and aliases."""
-    from rich.table import Table
-
-    store = _store(registry)
-    t = Table("package", "versions", "aliases", title=str(store.root))
-    for name in store.names():
-        t.add_row(name, ", ".join(store.versions(name)), ", ".join(f"{a} -> {v}" for a, v in store.aliases(name).items()))
-    _console().print(t)
-
-
-@registry_app.command("show")
-def registry_show(
-    ref: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME@VERSION")], registry: RegistryOpt = None
-) -> None:
-    """A version's manifest summary (JSON)."""
-    info = _store(registry).show(ref)
-    m = info["manifest"]
-    summary = {k: info[k] for k in ("name", "version", "aliases", "path")}
-    summary.update({k: m.get(k) for k in ("format", "runtime", "inputs", "outputs", "labels")})
-    summary["metrics"] = {k: m.get("metrics", {}).get(k) for k in ("accuracy", "size_bytes", "latency_p50_ms")}
-    summary["recipe"] = m.get("recipe", {}).get("name")
-    typer.echo(json.dumps(summary, indent=2))
-
-
-@registry_app.command("promote")
-def registry_promote(
-    ref: Annotated[str, typer.Argument(help="NAME@VERSION to promote")],
-    alias: Annotated[str, typer.Option("--alias", "-a", help="alias to move, e.g. production, staging")],
-    registry: RegistryOpt = None,
-    by: ByOpt = None,
-) -> None:
-    """Point an alias at a version (logged: when, from, to, by whom)."""
-    name, _, version = ref.partition("@")
-    if not version:
-        raise ConfigError(f"{ref}: give NAME@VERSION")
-    before = _store(registry).promote(name, version, alias, by=by)
-    _console().print(f"{name}@{alias}: {before or '(none)'} -> {version}", highlight=False)
-
-
-@registry_app.command("rollback")
-def registry_rollback(
-    name: Annotated[str, typer.Argument(help="package name")],
-    alias: Annotated[str, typer.Option("--alias", "-a", help="alias to move back")] = "production",
-    registry: RegistryOpt = None,
-    by: ByOpt = None,
-) -> None:
-    """Move an alias back to the version it pointed at before."""
-    cur, to = _store(registry).rollback(name, alias, by=by)
-    _console().print(f"{name}@{alias}: {cur} -> {to} (rolled back)", highlight=False)
-
-
-@registry_app.command("log")
-def registry_log(name: Annotated[str, typer.Argument(help="package name")], registry: RegistryOpt = None) -> None:
-    """The append-only log of pushes, promotions and rollbacks (JSON lines)."""
-    for e in _store(registry).log(name):
-        typer.echo(json.dumps(e))
 
 
 @app.command()
 def serve(
     model: Annotated[list[str], typer.Option("--model", "-m", help="NAME or NAME@ALIAS in the registry; repeatable")],
     public_key: Annotated[Path, typer.Option("--public-key", help="the signer's public key; every package is verified")],
-    registry: RegistryOpt = None,
+    registry: Annotated[
+        Optional[str], typer.Option("--registry", help="registry directory or http(s):// URL (default $KEIRYO_REGISTRY or ~/.keiryo/registry)")
+    ] = None,
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     api_key: Annotated[
@@ -623,9 +541,20 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=1, help="waiting requests per model before 503")] = 256,
     body_limit_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 16.0,
     timeout_s: Annotated[float, typer.Option(min=0.001, help="per-request timeout")] = 10.0,
-    poll_s: Annotated[float, typer.Option(min=0, help="check aliases for new versions every N s (0 = never)")] = 5.0,
+    poll_s: Annotated[float, typer.Option(min=0, help="refresh the registry's signed metadata every N s (0 = never)")] = 5.0,
+    trusted_root: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--trusted-root", envvar="KEIRYO_TRUSTED_ROOT", help="TUF root to trust (default: a local registry's tuf/1.root.json)"
+        ),
+    ] = None,
+    tuf_cache: Annotated[Optional[Path], typer.Option("--tuf-cache", help="where trusted metadata is kept between runs")] = None,
 ) -> None:
-    """Serve registry models over the Open Inference Protocol v2 (KServe V2) REST API."""
+    """Serve registry models over the Open Inference Protocol v2 (KServe V2) REST API.
+
+    The registry (a directory or an http(s) URL of `keiryo registry serve`) is read as a TUF client:
+    only what its current signed metadata names is served; expired or rolled-back metadata is refused
+    and the last good model keeps serving."""
     from keiryo.serve import ServeSettings, run_server
 
     settings = ServeSettings(
@@ -641,6 +570,8 @@ def serve(
         body_limit_bytes=int(body_limit_mb * 2**20),
         request_timeout_s=timeout_s,
         poll_s=poll_s or None,
+        trusted_root=str(trusted_root) if trusted_root else None,
+        tuf_cache=str(tuf_cache) if tuf_cache else None,
     )
     settings.check()
     run_server(registry, settings, host, port)
