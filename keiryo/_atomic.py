@@ -118,6 +118,13 @@ def copy_tree(src: str | Path, dst: str | Path) -> None:
             _UNSYNCED[str(f)] = 0
 
 
+def copy_file(src: str | Path, dst: str | Path) -> None:
+    """Copy one file, tracked as unsynced until :func:`sync_tree` (or a power cut) deals with it."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    _UNSYNCED[str(dst)] = 0
+
+
 def remove_stale(parent: str | Path, prefix: str = ".") -> list[Path]:
     """Remove the ``.*.partial-*`` / ``.*.old-*`` leftovers of interrupted writes under ``parent``."""
     gone = []

@@ -31,6 +31,7 @@ from keiryo.errors import BackendUnavailableError, IntegrityError, PackageNotFou
 from keiryo.packages.trust import alias_target, package_target
 
 CHUNK = 1 << 16
+SYNC_EVERY = 1 << 20  # bytes of a download between fsyncs
 
 
 @dataclass(frozen=True)
@@ -225,13 +226,15 @@ class TrustedRegistry:
                     h.update(chunk)
         url = self._url(name, version, rel)
         with DurableFile(part) as out:
-            n = have
+            n = synced = have
             for chunk in self._stream(url, have, expected[0]):
                 h.update(chunk)
                 out.write(chunk)
                 n += len(chunk)
+                if n - synced >= SYNC_EVERY:  # what a power cut keeps is what was synced: resume from there
+                    out.sync()
+                    synced = n
                 if on_chunk is not None:
-                    out.sync()  # what a crash keeps is what was synced
                     on_chunk(n)
             out.sync()
         try:
