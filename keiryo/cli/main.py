@@ -517,6 +517,9 @@ def verify_cmd(
 from keiryo.cli.registry import registry_app  # noqa: E402  (the registry's commands live in their own module)
 
 app.add_typer(registry_app, name="registry")
+from keiryo.cli.agent import agent_app  # noqa: E402
+
+app.add_typer(agent_app, name="agent")
 
 
 @app.command()
