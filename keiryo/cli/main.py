@@ -582,7 +582,7 @@ def serve(
 
 @app.command()
 def deploy(
-    kind: Annotated[str, typer.Argument(help="docker | k8s")],
+    kind: Annotated[str, typer.Argument(help="docker | k8s | agent")],
     pkg: Annotated[Path, typer.Argument(help="package directory from `keiryo package`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
     public_key: Annotated[Optional[Path], typer.Option("--public-key", help="docker: the signer's public key")] = None,
@@ -592,11 +592,20 @@ def deploy(
     cpu_target: Annotated[int, typer.Option(min=1, max=100, help="k8s: HPA CPU utilisation target, %")] = 70,
     cpu: Annotated[str, typer.Option(help="k8s: CPU request = limit")] = "1",
     memory: Annotated[str, typer.Option(help="k8s: memory request = limit")] = "1Gi",
+    source: Annotated[Optional[str], typer.Option(help="agent: the registry URL (or directory) the device pulls from")] = None,
+    trusted_root: Annotated[Optional[Path], typer.Option("--trusted-root", help="agent: the registry's tuf/1.root.json")] = None,
+    alias: Annotated[str, typer.Option(help="agent: the alias the device follows")] = "production",
 ) -> None:
-    """Write deploy assets: a slim CPU-only Docker build context, or Kubernetes Deployment + Service + HPA."""
-    from keiryo.serve.deploy import write_docker, write_k8s
+    """Write deploy assets: a slim CPU-only Docker build context, Kubernetes Deployment + Service + HPA,
+    or a systemd unit for `keiryo agent` on a device."""
+    from keiryo.serve.deploy import write_agent, write_docker, write_k8s
 
-    if kind == "docker":
+    if kind == "agent":
+        if public_key is None or trusted_root is None or source is None:
+            raise ConfigError("deploy agent: pass --public-key, --trusted-root and --source")
+        path = write_agent(pkg, public_key, trusted_root, out, source=source, alias=alias)
+        _console().print(f"systemd unit and keys for the device: {path} (install steps at the top of the unit)", highlight=False)
+    elif kind == "docker":
         if public_key is None:
             raise ConfigError("deploy docker: pass --public-key (the image verifies its package at every start)")
         path = write_docker(pkg, public_key, out)
@@ -609,7 +618,7 @@ def deploy(
         )
         _console().print(f"kubernetes manifests: {path} (kubectl apply -f {path})", highlight=False)
     else:
-        raise ConfigError(f"deploy {kind!r}: expected docker or k8s")
+        raise ConfigError(f"deploy {kind!r}: expected docker, k8s or agent")
 
 
 @app.command()

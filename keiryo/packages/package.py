@@ -285,6 +285,7 @@ def verify(
     Returns ``{manifest, files, golden_max_abs_diff, encrypted_for}``.
     """
     p = Path(pkg)
+    recover_dir(p)  # an --overwrite killed mid-swap left the old package aside: it is put back
     if p.suffixes[-2:] == [".tar", ".gz"] or not p.is_dir():
         raise InputFileError(f"{p}: expected a package directory (unpack a .tar.gz first)")
     files = verify_dir(p, public_key)

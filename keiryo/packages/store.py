@@ -129,8 +129,12 @@ class PackageStore:
             except json.JSONDecodeError:
                 continue
             if isinstance(e, dict) and "action" in e:
-                e["committed"] = e.get("targets_version", 0) <= committed
                 out.append(e)
+        # an entry took effect if its targets version was committed and no later entry claimed the
+        # same version (a write killed after its log line is followed by one that reused the number)
+        last = {e.get("targets_version"): i for i, e in enumerate(out)}
+        for i, e in enumerate(out):
+            e["committed"] = e.get("targets_version", 0) <= committed and last[e.get("targets_version")] == i
         return out
 
     def resolve(self, ref: str) -> tuple[str, str]:
