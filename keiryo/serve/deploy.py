@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from keiryo._atomic import atomic_dir, write_atomic
-from keiryo.packages.trust import EXPIRY_DAYS
 from keiryo.errors import ConfigError
 from keiryo.packages.package import read_manifest
+from keiryo.packages.trust import EXPIRY_DAYS
 
 SERVE_PORT = 8000
 # what the server imports: the CLI, the package layer, the runtime of the file, the HTTP stack
