@@ -30,6 +30,24 @@ from keiryo.agent.state import State, StateDir, Version
 from keiryo.config import KeiryoConfig
 from keiryo.errors import IntegrityError, KeiryoError, RuntimeSessionError
 
+# every named point of the update cycle a crash test can kill the agent at (see keiryo._faults)
+FAULT_POINTS = (
+    "agent.download.mid",
+    "agent.download.done",
+    "agent.stage.mid",
+    "atomic_dir.before_swap",
+    "agent.stage.done",
+    "agent.smoke.done",
+    "agent.swap.before",
+    "agent.swap.link_made",
+    "agent.swap.done",
+    "agent.health.during",
+    "agent.commit.before",
+    "agent.commit.done",
+    "agent.rollback.mid",  # reached only when the health window fails
+    "agent.rollback.done",
+)
+
 
 class AgentConfig(KeiryoConfig):
     source: str = Field(description="registry: an http(s):// URL (keiryo registry serve, any static server) or a directory")
@@ -39,6 +57,7 @@ class AgentConfig(KeiryoConfig):
     public_key: str = Field(description="the package signer's public key (PEM)")
     state_dir: str = Field(description="where versions, state and trusted metadata live")
     threads: int = Field(1, ge=1)
+    decryption_key: str | None = Field(None, description="key file for encrypted packages (default $KEIRYO_DECRYPTION_KEY)")
     poll_s: float = Field(30.0, gt=0, description="how often to check for an update")
     health_window_s: float = Field(10.0, ge=0, description="how long a new version is watched before it is committed")
     health_interval_s: float = Field(1.0, gt=0, description="golden-vector checks inside the window")
@@ -97,6 +116,7 @@ class Agent:
         self._swap_lock = threading.Lock()
         self._log = log or (lambda s: None)
         self._registry: Any = None
+        self.timings: dict[str, float] = {}
 
     # -- the active model (what the endpoint serves) --------------------------------------------
     @property
@@ -138,6 +158,7 @@ class Agent:
             version=version,
             trusted=trusted,
             threads=self.cfg.threads,
+            decryption_key=self.cfg.decryption_key,
         )
 
     # -- state -------------------------------------------------------------------------------------
@@ -222,10 +243,14 @@ class Agent:
             )
             return "refused"
         cand = Version(version=target.version, serial=target.serial)
+        t = self.timings = {"start": time.monotonic()}
         try:
             trusted = self._download(reg, cand)
+            t["download_s"] = time.monotonic() - t["start"]
             self._stage(cand)
+            t["stage_s"] = time.monotonic() - t["start"] - t["download_s"]
             pkg, session = self._smoke(cand, trusted)
+            t["smoke_s"] = time.monotonic() - t["start"] - t["download_s"] - t["stage_s"]
         except KeiryoError as e:
             self._reject(cand, "smoke_test" if isinstance(e, _SmokeFailed) else "download_or_verify", str(e))
             return "rejected"
@@ -299,13 +324,23 @@ class Agent:
         fault_point("agent.swap.done")
         self._activate(cand.version, cand.serial, pkg, session)
         self._event("swapped", version=cand.version, previous=previous and previous.version)
+        health_start = time.monotonic()
         problem = self._health_window()
+        self.timings["health_s"] = time.monotonic() - health_start
         if problem is None:
             fault_point("agent.commit.before")
             old = self.rec.committed
             self._save(state=State.IDLE, committed=cand, candidate=None)
             fault_point("agent.commit.done")
-            self._event("committed", version=cand.version, serial=cand.serial, previous=old and old.version)
+            took = {k: round(v, 4) for k, v in self.timings.items() if k.endswith("_s")}
+            self._event(
+                "committed",
+                version=cand.version,
+                serial=cand.serial,
+                previous=old and old.version,
+                total_s=round(time.monotonic() - self.timings["start"], 4),
+                **took,
+            )
             self._prune(keep={cand.version, *(old and [old.version] or [])})
             return "updated"
         code, detail = problem

@@ -92,7 +92,10 @@ class StateDir:
         write_atomic(self.state_file, rec.model_dump_json(indent=2))
 
     def event(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event, **fields})
+        now = time.time()
+        line = json.dumps(
+            {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "t": round(now, 3), "event": event, **fields}
+        )
         append_line(self.root / "events.jsonl", line)
 
     def events(self) -> list[dict[str, Any]]:

@@ -52,6 +52,9 @@ def agent_run(
     * 86400.0,
     offline: Annotated[bool, typer.Option("--offline", help="never contact the registry (serve within max staleness)")] = False,
     threads: Annotated[int, typer.Option(min=1, help="intra-op threads")] = 1,
+    decryption_key: Annotated[
+        Optional[Path], typer.Option("--decryption-key", help="key for encrypted packages (default $KEIRYO_DECRYPTION_KEY)")
+    ] = None,
 ) -> None:
     """Keep the device's model current and serve it locally (OIP v2 REST on --port)."""
     import signal
@@ -75,6 +78,7 @@ def agent_run(
         max_staleness_s=max_staleness_s,
         offline=offline,
         threads=threads,
+        decryption_key=decryption_key,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

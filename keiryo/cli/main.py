@@ -527,7 +527,8 @@ def serve(
     model: Annotated[list[str], typer.Option("--model", "-m", help="NAME or NAME@ALIAS in the registry; repeatable")],
     public_key: Annotated[Path, typer.Option("--public-key", help="the signer's public key; every package is verified")],
     registry: Annotated[
-        Optional[str], typer.Option("--registry", help="registry directory or http(s):// URL (default $KEIRYO_REGISTRY or ~/.keiryo/registry)")
+        Optional[str],
+        typer.Option("--registry", help="registry directory or http(s):// URL (default $KEIRYO_REGISTRY or ~/.keiryo/registry)"),
     ] = None,
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
@@ -552,6 +553,9 @@ def serve(
         ),
     ] = None,
     tuf_cache: Annotated[Optional[Path], typer.Option("--tuf-cache", help="where trusted metadata is kept between runs")] = None,
+    decryption_key: Annotated[
+        Optional[Path], typer.Option("--decryption-key", help="key for encrypted packages (default $KEIRYO_DECRYPTION_KEY)")
+    ] = None,
 ) -> None:
     """Serve registry models over the Open Inference Protocol v2 (KServe V2) REST API.
 
@@ -575,6 +579,7 @@ def serve(
         poll_s=poll_s or None,
         trusted_root=str(trusted_root) if trusted_root else None,
         tuf_cache=str(tuf_cache) if tuf_cache else None,
+        decryption_key=str(decryption_key) if decryption_key else None,
     )
     settings.check()
     run_server(registry, settings, host, port)

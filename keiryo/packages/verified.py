@@ -40,12 +40,19 @@ class VerifiedPackage:
     def model_bytes(self) -> bytes:
         return self.files[self.manifest["model_file"]]
 
-    def open_session(self, threads: int = 1) -> Any:
-        """A session over the verified model bytes (Core ML, a directory, opens from its path)."""
+    def open_session(self, threads: int = 1, decryption_key: str | Path | None = None) -> Any:
+        """A session over the verified model bytes (Core ML, a directory, opens from its path). An
+        encrypted model is decrypted in memory with ``decryption_key`` (a file, else ``$KEIRYO_DECRYPTION_KEY``);
+        its plaintext never touches the disk."""
         from keiryo.runtime import open_session
 
         m = self.manifest
         source: Any = self.path / m["model_file"] if m["format"] == "coreml" else self.model_bytes
+        if "encryption" in m:
+            from keiryo.privacy.encryption import decrypt_model
+            from keiryo.privacy.encryption import decryption_key as find_key
+
+            source = decrypt_model(self.model_bytes, m["encryption"], find_key(decryption_key))
         return open_session(m["runtime"], source, threads)
 
 
@@ -91,6 +98,7 @@ def load_verified(
     trusted: dict[str, tuple[int, str]] | None = None,
     golden: bool = True,
     threads: int = 1,
+    decryption_key: str | Path | None = None,
 ) -> tuple[VerifiedPackage, Any]:
     """Verify a package (from ``pkg`` on disk, or ``files`` already in memory) and open its session.
 
@@ -112,7 +120,7 @@ def load_verified(
     if manifest["format"] != "coreml" and manifest["model_file"] not in data:
         raise IntegrityError(f"{where}: model_file {manifest['model_file']} is not a signed file of the package")
     vp = VerifiedPackage(where, manifest, data)
-    session = vp.open_session(threads)
+    session = vp.open_session(threads, decryption_key)
     try:
         if golden and "golden" in manifest:
             check_golden(

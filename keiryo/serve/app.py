@@ -48,6 +48,7 @@ class ServeSettings(KeiryoConfig):
         None, description="TUF root metadata to trust (default: the local registry's tuf/1.root.json)"
     )
     tuf_cache: str | None = Field(None, description="where the trusted metadata is kept between runs")
+    decryption_key: str | None = Field(None, description="key file for encrypted packages (default $KEIRYO_DECRYPTION_KEY)")
     server_name: str = "keiryo"
 
     def check(self) -> None:
@@ -156,6 +157,7 @@ class Server:
                     ref,
                     self.settings.public_key,
                     threads=self.settings.threads,
+                    decryption_key=self.settings.decryption_key,
                     batching=self._batching(),
                     metrics=self.metrics,
                 )

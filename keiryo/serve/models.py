@@ -44,15 +44,25 @@ class ServedModel:
 
 
 def load_served(
-    registry: TrustedRegistry, ref: str, public_key: str | Path, *, threads: int, batching: dict[str, Any], metrics: Any = None
+    registry: TrustedRegistry,
+    ref: str,
+    public_key: str | Path,
+    *,
+    threads: int,
+    batching: dict[str, Any],
+    metrics: Any = None,
+    decryption_key: str | Path | None = None,
 ) -> ServedModel:
     """Resolve ``ref`` in the registry's signed metadata, read every file of the package once (each
     capped at its signed length and checked against its signed hash), verify the signature over
     those bytes and that the manifest names this name and version, open the session from the same
-    bytes and check that its golden vectors reproduce. Raises (and loads nothing) if any step fails."""
+    bytes (an encrypted model decrypted in memory) and check that its golden vectors reproduce.
+    Raises (and loads nothing) if any step fails."""
     name, version = registry.resolve(ref)
     files, trusted = registry.fetch_package(name, version)
-    pkg, session = load_verified(None, public_key, files=files, name=name, version=version, trusted=trusted, threads=threads)
+    pkg, session = load_verified(
+        None, public_key, files=files, name=name, version=version, trusted=trusted, threads=threads, decryption_key=decryption_key
+    )
     served: ServedModel
 
     def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

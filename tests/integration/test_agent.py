@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from keiryo.agent import Agent, AgentConfig, State
+from keiryo.agent.agent import FAULT_POINTS
 from keiryo.errors import RuntimeSessionError
 from keiryo.packages import keygen, package
 from keiryo.packages.store import PackageStore
@@ -316,21 +317,8 @@ def test_offline_mode_serves_within_the_maximum_staleness_only(world, serving):
 
 # -- crash and power-loss matrix --------------------------------------------------------------------
 
-POINTS = [
-    "agent.download.mid",
-    "agent.download.done",
-    "agent.stage.mid",
-    "atomic_dir.before_swap",
-    "agent.stage.done",
-    "agent.smoke.done",
-    "agent.swap.before",
-    "agent.swap.link_made",
-    "agent.swap.done",
-    "agent.health.during",
-    "agent.commit.before",
-    "agent.commit.done",
-]
 ROLLBACK_POINTS = ["agent.rollback.mid", "agent.rollback.done"]
+POINTS = [p for p in FAULT_POINTS if p not in ROLLBACK_POINTS]
 
 
 @pytest.fixture(scope="module")
@@ -408,3 +396,38 @@ print(json.dumps([a.check(), a.active.version, "torch" in sys.modules and sys.mo
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["updated", "2.0.0", False]
+
+
+def test_an_encrypted_package_is_decrypted_in_memory_and_refused_without_its_key(world, tmp_path, monkeypatch):
+    """Server and agent load an AES-256-GCM encrypted model with the device's key, never writing plaintext;
+    without the key the update is refused naming the key's fingerprint and the old model keeps serving."""
+    from keiryo.privacy.encryption import write_x25519_pair
+
+    dev_priv, dev_pub = write_x25519_pair(tmp_path / "device.pem")
+    enc = package(
+        world["results"],
+        name="tiny",
+        version="3.0.0",
+        private_key=world["priv"],
+        out=tmp_path / "enc",
+        candidate="int8",
+        encrypt_to=dev_pub,
+    )
+    plain = (world["pkgs"]["2.0.0"] / "model.onnx").read_bytes()
+    assert (enc / "model.onnx").read_bytes() != plain
+    store = _registry(world, tmp_path / "reg")
+    agent = _agent(world, store, tmp_path / "dev")
+    agent.recover()
+    assert agent.check() == "updated"
+    store.push(enc, world["pub"])
+    store.promote("tiny", "3.0.0", "production")
+    monkeypatch.delenv("KEIRYO_DECRYPTION_KEY", raising=False)
+    assert agent.check() == "rejected" and agent.active.version == "1.0.0"
+    assert "the model is encrypted for key sha256:" in agent.dir.events()[-1]["detail"]
+    keyed = Agent(agent.cfg.model_copy(update={"decryption_key": str(dev_priv), "state_dir": str(tmp_path / "dev2")}))
+    keyed.recover()
+    assert keyed.check() == "updated" and keyed.active.version == "3.0.0"
+    x = {"image": np.zeros((1, 1, 8, 8), np.float32)}
+    assert keyed.infer(x)[1]["logits"].shape == (1, 10)
+    # the plaintext model is nowhere on the device's disk
+    assert not any(f.is_file() and f.read_bytes() == plain for f in (tmp_path / "dev2").rglob("*"))
