@@ -22,6 +22,7 @@ from keiryo.agent.agent import FAULT_POINTS
 from keiryo.errors import RuntimeSessionError
 from keiryo.packages import keygen, package
 from keiryo.packages.store import PackageStore
+from keiryo.testing.faults import run_killed
 
 FAST = {"poll_s": 0.1, "health_window_s": 0.3, "health_interval_s": 0.1}
 
@@ -333,21 +334,15 @@ def baseline(world, tmp_path_factory):
     return store, d / "dev"
 
 
-def _child(world, store, state, fault: str, **kw) -> int:
-    """Run one update cycle in a forked child that SIGKILLs itself at ``fault``; returns its signal."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 0
-        try:
-            os.environ["KEIRYO_FAULT"] = fault
-            a = _agent(world, store, state, **kw)
-            a.recover()
-            a.check()
-        except BaseException:
-            code = 3
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status)
+def _child(world, store, state, fault: str, **kw) -> int | None:
+    """One update cycle in a forked child that SIGKILLs itself at ``fault``; returns its signal."""
+
+    def cycle():
+        a = _agent(world, store, state, **kw)
+        a.recover()
+        a.check()
+
+    return run_killed(fault, cycle)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from test_cli import run_cli
 
 from keiryo.packages import keygen, package, verify
 from keiryo.packages.store import PackageStore
+from keiryo.testing.faults import run_killed
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +27,6 @@ def signed(tiny_results, tmp_path_factory):
     v1 = package(out, name="tiny", version="1.0.0", private_key=priv, out=d / "tiny-1.0.0", candidate="fp32")
     v2 = package(out, name="tiny", version="2.0.0", private_key=priv, out=d / "tiny-2.0.0", candidate="int8")
     return {"v1": v1, "v2": v2, "priv": priv, "pub": pub, "results": out}
-
-
-def _killed_at(fault: str, fn) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.environ["KEIRYO_FAULT"] = fault
-        try:
-            fn()
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
 
 
 PUSH_POINTS = [
@@ -56,7 +45,7 @@ def test_push_killed_anywhere_is_invisible_and_can_be_redone(signed, tmp_path, m
         store = PackageStore(tmp_path / f"r-{point}{mode}")
         store.push(signed["v1"], signed["pub"])
         store.promote("tiny", "1.0.0", "production")
-        assert _killed_at(point + mode, lambda s=store: s.push(signed["v2"], signed["pub"])) == signal.SIGKILL, point
+        assert run_killed(point + mode, lambda s=store: s.push(signed["v2"], signed["pub"])) == signal.SIGKILL, point
         # readers see the state before the push: old versions, old aliases; show/list/log all work
         assert store.versions("tiny") == ["1.0.0"] and store.resolve("tiny@production") == ("tiny", "1.0.0"), point
         assert store.show("tiny")["version"] == "1.0.0"
@@ -75,11 +64,11 @@ def test_promote_and_rollback_killed_anywhere_leave_the_old_alias(signed, tmp_pa
         for v in ("v1", "v2"):
             store.push(signed[v], signed["pub"])
         store.promote("tiny", "1.0.0", "production")
-        assert _killed_at(point, lambda s=store: s.promote("tiny", "2.0.0", "production")) == signal.SIGKILL
+        assert run_killed(point, lambda s=store: s.promote("tiny", "2.0.0", "production")) == signal.SIGKILL
         assert store.resolve("tiny@production") == ("tiny", "1.0.0"), point
         assert store.promote("tiny", "2.0.0", "production") == "1.0.0"
         fault = point.replace("promote", "rollback")
-        assert _killed_at(fault, lambda s=store: s.rollback("tiny", "production")) == signal.SIGKILL
+        assert run_killed(fault, lambda s=store: s.rollback("tiny", "production")) == signal.SIGKILL
         assert store.resolve("tiny@production") == ("tiny", "2.0.0"), point
         assert store.rollback("tiny", "production") == ("2.0.0", "1.0.0")
         applied = [(e["action"], e["committed"]) for e in store.log("tiny") if e["action"] != "push"]
@@ -122,7 +111,7 @@ def test_package_overwrite_killed_mid_swap_never_loses_the_old_package(signed, t
             signed["results"], name="tiny", version="1.0.1", private_key=signed["priv"], out=out, candidate="int8", overwrite=True
         )
 
-    assert _killed_at(point, again) == signal.SIGKILL
+    assert run_killed(point, again) == signal.SIGKILL
     # whatever the kill left, the package verifies (old or new, whole); the next overwrite succeeds
     rep = verify(out, signed["pub"])
     assert rep["manifest"]["version"] in ("1.0.0", "1.0.1")
