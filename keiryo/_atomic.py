@@ -153,7 +153,8 @@ def atomic_dir(final: str | Path, *, replace: bool = True) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    _remove_orphans(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
         sync_tree(tmp)
@@ -176,6 +177,29 @@ def atomic_dir(final: str | Path, *, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_orphans(final: Path) -> None:
+    """Remove temporary siblings of ``final`` left by writers that died (their process is gone)."""
+    import re
+
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.partial-(\d+)-")
+    for p in final.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def recover_dir(final: str | Path) -> Path | None:

@@ -129,6 +129,21 @@ def test_resume_after_kill_9_recomputes_no_completed_trial(tiny16, tmp_path):
     assert len({c["trial"] for c in ok}) >= 6
 
 
+@pytest.mark.slow
+def test_resume_after_a_power_cut_at_a_trial_write_finds_no_stray_folder(tiny16, tmp_path):
+    """Killed with unsynced writes discarded as its first trial folder is swapped into place: the
+    leftover temporary folder never breaks --resume, which finishes and leaves none behind."""
+    out = tmp_path / "s"
+    args = [KEIRYO, *base_args(tiny16), "--out", str(out), "--template", "ptq", "--trials", "3"]
+    env = {**os.environ, "KEIRYO_FAULT": "atomic_dir.before_swap:powerloss"}
+    killed = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "results.json").read_text())["candidates"]
+    assert not [p for p in out.rglob("*") if ".partial-" in p.name or ".old-" in p.name]
+
+
 def test_infeasible_budget_lists_closest_and_require_met_fails(tiny16, tmp_path, capsys):
     out = tmp_path / "s"
     code = main(
