@@ -4,23 +4,30 @@ A client sends ``delta = local weights - global weights`` for each float tensor.
 adds the residual it kept from its previous rounds (error feedback, Seide et al. 2014 / Stich et al. 2018),
 keeps the ``top_k`` fraction of entries by magnitude, quantizes their values to int8 with one symmetric
 scale per tensor, and remembers what it did not send (the residual). On the wire a tensor is its int32
-indices, int8 values and one float32 scale; :func:`payload_bytes` counts exactly those bytes, so the
-bytes per round reported are the bytes a client uploads (fp32: 4 bytes per parameter).
+positions (a bitmask of one bit per entry, or int32 indices where fewer than 1 in 32 entries are kept, whichever
+is smaller), int8 values and one float32 scale; :func:`payload_bytes` counts exactly those bytes, so the bytes
+per round reported are the bytes a client uploads (fp32: 4 bytes per parameter).
 
-The codec is plain numpy: the Flower ``ClientApp`` / ``ServerApp`` (``keiryo federate``, the
-``federated`` extra) send :class:`Compressed` tensors as Flower ``ArrayRecord`` entries.
+The codec is plain numpy: the Flower ``ClientApp`` / ``ServerApp`` (:mod:`keiryo.privacy.flower_apps`,
+``keiryo federate``, the ``federated`` extra) send :meth:`Compressed.to_bytes` as Flower ``Array`` entries.
+This module also holds what the apps share without importing Flower: :class:`FederatedConfig`, the clients'
+shards and local training, the server's evaluation and outputs, and :func:`run_federated` (the simulation).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from keiryo.config import KeiryoConfig
-from keiryo.errors import ConfigError
+from keiryo.data.splits import DataSpec
+from keiryo.errors import ConfigError, DataError
 
 
 class CompressionConfig(KeiryoConfig):
@@ -40,9 +47,52 @@ class Compressed:
     indices: np.ndarray | None = None  # int32 flat positions
 
     @property
+    def index_bytes(self) -> int:
+        """Bytes of the positions on the wire: the smaller of a bitmask (1 bit per entry) and int32 indices."""
+        if self.indices is None:
+            return 0
+        return min(-(-int(np.prod(self.shape)) // 8), self.indices.nbytes)
+
+    @property
     def nbytes(self) -> int:
-        idx = 0 if self.indices is None else self.indices.nbytes
-        return int(self.values.nbytes + idx + 4)  # + the float32 scale
+        return int(self.values.nbytes + self.index_bytes + 4)  # + the float32 scale
+
+    def to_bytes(self) -> bytes:
+        """The wire form: positions (bitmask or little-endian int32), then the values, then the float32 scale."""
+        pos = b""
+        if self.indices is not None:
+            n = int(np.prod(self.shape))
+            if self.index_bytes < self.indices.nbytes:
+                mask = np.zeros(n, dtype=bool)
+                mask[self.indices] = True
+                pos = np.packbits(mask).tobytes()
+            else:
+                pos = self.indices.astype("<i4").tobytes()
+        return pos + self.values.tobytes() + np.float32(self.scale).tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, shape: tuple[int, ...], dtype: str, count: int | None) -> Compressed:
+        """Read :meth:`to_bytes` back: ``count`` values at positions (None: every entry), of ``dtype``."""
+        n = int(np.prod(shape))
+        size = np.dtype(dtype).itemsize
+        k = n if count is None else count
+        idx_len = len(data) - 4 - k * size
+        if idx_len < 0 or (count is None and idx_len != 0):
+            raise ValueError(f"{len(data)} bytes cannot hold {k} {dtype} values of a {shape} update")
+        indices = None
+        if count is not None:
+            raw = data[:idx_len]
+            if idx_len != min(-(-n // 8), 4 * k):
+                raise ValueError(f"{idx_len} bytes of positions for {k} of {n} entries, expected {min(-(-n // 8), 4 * k)}")
+            if -(-n // 8) < 4 * k:
+                indices = np.flatnonzero(np.unpackbits(np.frombuffer(raw, np.uint8), count=n)).astype(np.int32)
+            else:
+                indices = np.frombuffer(raw, "<i4").astype(np.int32)
+            if len(indices) != k:
+                raise ValueError(f"update positions name {len(indices)} entries, expected {k}")
+        values = np.frombuffer(data[idx_len : idx_len + k * size], dtype).copy()
+        scale = float(np.frombuffer(data[-4:], np.float32)[0])
+        return cls(tuple(shape), values, scale, indices)
 
     def decode(self) -> np.ndarray:
         vals = self.values.astype(np.float32) * np.float32(self.scale)
@@ -116,3 +166,289 @@ def dirichlet_shards(labels: np.ndarray, clients: int, alpha: float, seed: int =
                 shards[i].extend(part.tolist())
         if min(len(s) for s in shards) >= min_size:
             return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
+
+
+# -- the federated run ---------------------------------------------------------------------------------------
+
+
+class LocalDPConfig(KeiryoConfig):
+    """Client-side DP through Flower's ``LocalDpMod``: each client clips its update to ``clipping_norm`` (L2) and
+    adds Gaussian noise calibrated to (``epsilon``, ``delta``) per round; the guarantee covers the client's whole
+    shard (client-level), whoever sees the update (server included)."""
+
+    epsilon: float = Field(gt=0, description="per-round epsilon of one client's update (Gaussian mechanism)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="per-round delta")
+    clipping_norm: float = Field(1.0, gt=0, description="L2 bound on a client's update (its sensitivity)")
+
+
+class FederatedConfig(KeiryoConfig):
+    """One federated run: what is trained on which data, how it is split across clients, and the wire format."""
+
+    model: str = Field("zoo:mlp", description="zoo:NAME, path/to/file.py:factory or package.module:factory")
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(None, description="initial weights (.safetensors or a state_dict); None: from seed")
+    data: DataSpec = Field(default_factory=DataSpec)
+    task: str = Field("auto", description="task name (auto: inferred from the data)")
+    task_options: dict[str, Any] = Field(default_factory=dict)
+    clients: int = Field(10, ge=2, description="clients (SuperNodes); each holds one shard of the train split")
+    alpha: float = Field(0.3, gt=0, description="Dirichlet concentration of the shards: small = non-IID")
+    rounds: int = Field(10, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1, description="fraction of the clients sampled each round")
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0, description="fedprox: weight of (mu/2)·||w - w_global||² in the clients' loss")
+    local_epochs: int = Field(1, ge=1, description="epochs over its shard a client runs each round")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0, description="clients' SGD learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    compression: CompressionConfig | None = Field(
+        default_factory=CompressionConfig, description="compressed updates (None: fp32 weights, Flower's default)"
+    )
+    dp: LocalDPConfig | None = Field(None, description="client-side DP (Flower's LocalDpMod)")
+    seed: int = 0
+    threads: int = Field(1, ge=1, description="torch threads per client")
+    round_timeout: float = Field(600, gt=0, description="seconds the server waits for a round's replies")
+    out: str = Field("keiryo-federated", description="directory for model.safetensors and federated.json")
+
+
+FEDERATED_METADATA_KEY = "keiryo.federated"  # the run's summary in the global model's .safetensors metadata
+
+
+def load_task(cfg: FederatedConfig, data: Any) -> Any:
+    from keiryo.tasks import get_task, infer_task
+
+    return get_task(infer_task(data) if cfg.task == "auto" else cfg.task, **cfg.task_options)
+
+
+def load_handle(cfg: FederatedConfig, data: Any, task: Any) -> Any:
+    from keiryo.model import ModelSpec, load_model
+
+    spec = ModelSpec(source=cfg.model, options=cfg.model_options, weights=cfg.weights)
+    handle = load_model(spec, data, seed=cfg.seed, output_name=task.default_output)
+    task.bind(handle.output_names)
+    task.check(handle.io.outputs, data)
+    if not task.needs_targets:
+        raise ConfigError(f"keiryo federate: task {task.name} has no labels to train on; expected a task with targets")
+    return handle
+
+
+def shard_keys(train: Any) -> np.ndarray:
+    """What the Dirichlet shards are drawn over: integer class labels, or quantile bins (10) of other targets."""
+    from keiryo.data.splits import MemorySplit
+
+    y: Any = None
+    if isinstance(train, MemorySplit):
+        y = train.targets
+    elif getattr(getattr(train, "dataset", None), "targets", None) is not None:
+        y = train.dataset.targets[train.indices]
+    else:
+        ys = [t for _, t in train.batches(256) if t is not None]
+        y = np.concatenate([np.asarray(t) for t in ys]) if ys else None
+    if y is None:
+        return np.zeros(len(train), dtype=np.int64)
+    y = np.asarray(y)
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        return y.astype(np.int64)
+    v = y.reshape(len(y), -1).astype(np.float64).mean(axis=1)
+    return np.searchsorted(np.quantile(v, np.linspace(0, 1, 11)[1:-1]), v).astype(np.int64)
+
+
+def shard_split(train: Any, rows: np.ndarray) -> Any:
+    from keiryo.data.splits import MemorySplit, StreamSplit
+
+    if isinstance(train, MemorySplit):
+        return train[rows]
+    if isinstance(train, StreamSplit):
+        return StreamSplit(train.dataset, np.asarray(train.indices)[rows], train.workers)
+    raise DataError(f"keiryo federate: cannot shard a {type(train).__name__} train split")
+
+
+@dataclass
+class ClientEnv:
+    handle: Any
+    task: Any
+    split: Any  # this client's shard of the train split
+
+
+_CLIENTS: dict[tuple[str, int, int], ClientEnv] = {}  # per process: a simulation worker serves many clients
+
+
+def client_setup(cfg: FederatedConfig, part: int, parts: int) -> ClientEnv:
+    """Client ``part`` of ``parts``: its Dirichlet(alpha) shard of the train split, the model and the task."""
+    key = (cfg.to_json(), part, parts)
+    if key not in _CLIENTS:
+        from keiryo.data import load_data
+
+        if not 0 <= part < parts:
+            raise ConfigError(f"partition-id {part}: expected 0 <= partition-id < num-partitions ({parts})")
+        data = load_data(cfg.data)
+        task = load_task(cfg, data)
+        handle = load_handle(cfg, data, task)
+        rows = dirichlet_shards(shard_keys(data.train), parts, cfg.alpha, seed=cfg.seed)[part]
+        if len(_CLIENTS) > 64:
+            _CLIENTS.clear()
+        _CLIENTS[key] = ClientEnv(handle, task, shard_split(data.train, rows))
+    return _CLIENTS[key]
+
+
+def local_train(env: ClientEnv, cfg: FederatedConfig, mu: float, seed: int) -> tuple[float, int]:
+    """``cfg.local_epochs`` of SGD on the client's shard with the task's loss (+ FedProx's proximal term when
+    ``mu`` > 0); returns (mean loss, rows seen per epoch)."""
+    import torch
+
+    from keiryo.model.io import call_module, flatten_outputs
+
+    module, task, names = env.handle.module, env.task, env.handle.input_names
+    prev = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in module.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if mu > 0 else []
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    total, seen = 0.0, 0
+    module.train()
+    try:
+        for _ in range(cfg.local_epochs):
+            for x, y in env.split.batches(cfg.batch_size, shuffle=True, generator=gen):
+                n = len(next(iter(x.values())))
+                if n < 2 and seen > 0:
+                    continue  # a batch of one breaks BatchNorm
+                outs, _ = flatten_outputs(call_module(module, x, names))
+                loss = task.loss(outs, task.targets(y) if y is not None else None)
+                if mu > 0:
+                    loss = loss + (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                if not torch.isfinite(loss):
+                    raise DataError(f"local training diverged: loss is {loss.item()}; lower the learning rate")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * n
+                seen += n
+    finally:
+        module.eval()
+        torch.set_num_threads(prev)
+    return total / max(1, seen), len(env.split)
+
+
+@dataclass
+class ServerEnv:
+    handle: Any
+    task: Any
+    data: Any
+
+    def evaluate(self) -> dict[str, Any]:
+        from keiryo.train import evaluate_torch
+
+        return evaluate_torch(self.handle, self.data.test, self.task)
+
+
+def server_setup(cfg: FederatedConfig) -> ServerEnv:
+    """The server's model (the initial global weights) and the test split it scores each round's model on."""
+    from keiryo.data import load_data
+
+    data = load_data(cfg.data)
+    task = load_task(cfg, data)
+    return ServerEnv(load_handle(cfg, data, task), task, data)
+
+
+def dp_record(dp: LocalDPConfig, rounds_by_client: dict[str, int]) -> dict[str, Any]:
+    """The client-level guarantee of Flower's LocalDpMod: per round, per client over the rounds it took part in,
+    and for the model (the largest client's: shards are disjoint, the model is post-processing).
+
+    Flower calibrates sigma = clip·sqrt(2 ln(1.25/delta))/epsilon (the classical Gaussian mechanism, proven for
+    epsilon < 1); rounds compose by RDP (the Gaussian mechanism's exact Renyi curve), reported beside basic
+    composition (r·epsilon, r·delta)."""
+    sigma = math.sqrt(2 * math.log(1.25 / dp.delta)) / dp.epsilon  # noise std in units of the clipping norm
+
+    def composed(r: int) -> dict[str, float]:
+        if r == 0:
+            return {"rounds": 0, "epsilon_rdp": 0.0, "epsilon_basic": 0.0, "delta": dp.delta}
+        orders = np.concatenate([np.linspace(1.1, 10.9, 99), np.arange(11, 257)])
+        eps = r * orders / (2 * sigma**2) + math.log(1 / dp.delta) / (orders - 1)
+        return {"rounds": r, "epsilon_rdp": float(eps.min()), "epsilon_basic": r * dp.epsilon, "delta": dp.delta}
+
+    per = {k: composed(r) for k, r in sorted(rounds_by_client.items(), key=lambda kv: int(kv[0]))}
+    worst = max(rounds_by_client.values(), default=0)
+    return {
+        "mechanism": "Flower LocalDpMod (client-side clipping + Gaussian noise)",
+        "level": "client (a client's whole shard)",
+        "per_round": {"epsilon": dp.epsilon, "delta": dp.delta, "noise_std": sigma * dp.clipping_norm},
+        "clipping_norm": dp.clipping_norm,
+        "per_client": per,
+        "model": composed(worst),
+        "note": "sigma from the classical Gaussian mechanism (Dwork & Roth Thm A.1), proven for per-round epsilon < 1",
+    }
+
+
+def write_outputs(
+    cfg: FederatedConfig, env: ServerEnv, rounds: list[dict[str, Any]], curve: list[dict[str, Any]], seconds: float
+) -> dict[str, Any]:
+    """``cfg.out``/model.safetensors (the global model, ready for compress / optimize / package) and
+    ``federated.json``; returns the summary written."""
+    from keiryo.model import save_weights
+
+    out = Path(cfg.out)
+    primary = env.task.primary
+    test = env.evaluate()
+    uploads = [r["upload_bytes"] for r in rounds if r["clients_ok"]]
+    summary: dict[str, Any] = {
+        "config": json.loads(cfg.to_json()),
+        "task": env.task.name,
+        "metric": primary,
+        "test": {k: v for k, v in test.items() if isinstance(v, int | float)},
+        "curve": curve,
+        "rounds": rounds,
+        "upload_bytes_per_round": float(np.mean(uploads)) if uploads else 0.0,
+        "upload_bytes_per_client_round": float(np.mean([r["upload_bytes"] / r["clients_ok"] for r in rounds if r["clients_ok"]]))
+        if uploads
+        else 0.0,
+        "fp32_bytes_per_client_round": float(np.mean([r["fp32_bytes"] / r["clients_ok"] for r in rounds if r["clients_ok"]]))
+        if uploads
+        else 0.0,
+        "failures": [{"round": r["round"], **f} for r in rounds for f in r["clients_failed"]],
+        "seconds": round(seconds, 3),
+        "model": str(out / "model.safetensors"),
+    }
+    if cfg.dp is not None:
+        took: dict[str, int] = {str(p): 0 for p in range(cfg.clients)}
+        for r in rounds:
+            for p in r.get("partitions", []):
+                took[str(p)] = took.get(str(p), 0) + 1
+        summary["privacy"] = dp_record(cfg.dp, took)
+    meta = {
+        "model": json.dumps({"source": cfg.model, "options": cfg.model_options}),
+        "data": json.dumps(env.data.summary()),
+        "task": env.task.name,
+        f"test_{primary}": f"{float(test[primary]):.6f}",
+        FEDERATED_METADATA_KEY: json.dumps({k: v for k, v in summary.items() if k not in ("curve", "rounds", "model")}),
+    }
+    save_weights(env.handle.module, out / "model.safetensors", meta)
+    (out / "federated.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def run_federated(cfg: FederatedConfig, *, verbose: bool = False) -> dict[str, Any]:
+    """``cfg.clients`` clients and the server through Flower's simulation engine (Ray, one CPU per client actor);
+    returns the summary also written to ``cfg.out``/federated.json."""
+    from keiryo.privacy._backend import require
+
+    require("flwr", "Flower (keiryo federate; it lives in its own environment, .venv-federated from scripts/setup)", "federated")
+    import os
+
+    from flwr.simulation import run_simulation
+
+    from keiryo.privacy.flower_apps import make_client_app, make_server_app
+
+    got: list[dict[str, Any]] = []
+    cpus = max(1, min(cfg.clients, os.cpu_count() or 1))
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": cpus, "log_to_driver": verbose}}
+    run_simulation(
+        server_app=make_server_app(cfg, got.append),
+        client_app=make_client_app(cfg),
+        num_supernodes=cfg.clients,
+        backend_config=backend,  # type: ignore[arg-type]
+        verbose_logging=verbose,
+    )
+    if not got:
+        raise DataError(f"keiryo federate: the simulation ended without a global model (see the Flower log above; out {cfg.out})")
+    return got[0]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from keiryo.errors import ConfigError
-from keiryo.privacy.federated import CompressionConfig, UpdateCodec, dirichlet_shards, fp32_bytes, payload_bytes
+from keiryo.privacy.federated import Compressed, CompressionConfig, UpdateCodec, dirichlet_shards, fp32_bytes, payload_bytes
 
 
 def _deltas(seed=0):
@@ -23,9 +23,19 @@ def test_topk_int8_sends_the_largest_entries_in_a_fraction_of_the_bytes():
     sent = d["fc.weight"].ravel()[w.indices]
     assert np.abs(w.decode().ravel()[w.indices] - sent).max() <= w.scale / 2 + 1e-7  # int8 rounding only
     assert enc["fc.bias"].indices is None and np.array_equal(enc["fc.bias"].decode(), d["fc.bias"])  # small: whole, fp32
-    # wire bytes: 205 x (int32 index + int8 value) + scale, plus the 64-float bias; fp32 would be 4 x 4160
-    assert payload_bytes(enc) == 205 * 5 + 4 + 64 * 4 + 4
-    assert fp32_bytes(d) / payload_bytes(enc) > 12
+    # wire bytes: a 4096-bit mask (cheaper than 205 int32 indices) + 205 int8 values + scale, plus the 64-float
+    # bias; fp32 would be 4 x 4160
+    assert payload_bytes(enc) == 512 + 205 + 4 + 64 * 4 + 4
+    assert fp32_bytes(d) / payload_bytes(enc) > 16
+    for name, c in enc.items():  # the wire form is exactly nbytes and reads back to the same update
+        wire = c.to_bytes()
+        assert len(wire) == c.nbytes
+        back = Compressed.from_bytes(wire, c.shape, str(c.values.dtype), None if c.indices is None else len(c.indices))
+        assert np.array_equal(back.decode(), c.decode()), name
+    sparse = UpdateCodec(CompressionConfig(top_k=0.01)).encode(d)["fc.weight"]  # 41 of 4096: int32 indices are smaller
+    assert sparse.index_bytes == 41 * 4 and len(sparse.to_bytes()) == sparse.nbytes
+    back = Compressed.from_bytes(sparse.to_bytes(), sparse.shape, "int8", 41)
+    assert np.array_equal(back.indices, sparse.indices) and np.array_equal(back.decode(), sparse.decode())
 
 
 def test_error_feedback_sends_everything_eventually():
