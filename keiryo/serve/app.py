@@ -388,7 +388,10 @@ def create_app(registry: TrustedRegistry | Any, settings: ServeSettings) -> Any:
 
     settings.check()
     if not isinstance(registry, TrustedRegistry):
-        registry = open_registry(getattr(registry, "root", registry), settings.trusted_root, settings.tuf_cache)
+        from keiryo.packages.store import PackageStore
+
+        source = registry.root if isinstance(registry, PackageStore) else registry
+        registry = open_registry(source, settings.trusted_root, settings.tuf_cache)
     server = Server(registry, settings)
 
     @contextlib.asynccontextmanager
