@@ -2,7 +2,9 @@
 
 - ``quantize.int8_static``: QDQ, per-channel int8 weights, uint8 activations
   (U8S8, the fast path on x86 with VNNI), calibrated on the calibration split
-  with minmax, entropy or percentile.
+  with minmax, entropy, percentile or mse (least-error, clip-aware ranges:
+  :mod:`keiryo.passes.quantize_ranges`); weights rounded to nearest or by GPTQ,
+  optionally with bias correction (:mod:`keiryo.passes.quantize_rounding`).
 - ``quantize.int8_dynamic``: int8 weights, activations quantized at run time
   (MatMul/Gemm/attention-heavy models).
 - ``quantize.fp16``: fp16 weights and compute, fp32 inputs/outputs kept.
@@ -26,7 +28,9 @@ from keiryo.passes import PassContext, PassResult, register_pass
 
 
 class Int8StaticConfig(KeiryoConfig):
-    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration: Literal["minmax", "entropy", "percentile", "mse"] = Field(
+        "minmax", description="activation ranges: minmax | entropy (KL) | percentile | mse (least expected error, clip-aware)"
+    )
     percentile: float = Field(99.999, gt=90, le=100, description="for calibration=percentile")
     entropy_bins: int = Field(
         2048, ge=256, le=16384, description="for calibration=entropy: histogram bins the KL threshold search runs over"
@@ -40,6 +44,13 @@ class Int8StaticConfig(KeiryoConfig):
     exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names kept in float (per-layer fallback)")
     op_types: list[str] | None = Field(None, description="only quantize these op types (default: all supported)")
     preprocess: bool = Field(True, description="run onnxruntime's quant_pre_process (shape inference + fusion) first")
+    rounding: Literal["nearest", "gptq"] = Field(
+        "nearest", description="weight rounding: nearest int8 level, or gptq (Hessian-aware, on the calibration inputs)"
+    )
+    bias_correction: bool = Field(
+        False, description="add each layer's mean int8 weight error on the calibration data to its bias"
+    )
+    rounding_samples: int = Field(128, ge=1, description="calibration samples the rounding and bias correction read")
 
 
 class Int8DynamicConfig(KeiryoConfig):
@@ -117,12 +128,21 @@ def quantize_int8_static(
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
+        "mse": CalibrationMethod.MinMax,  # the ranges come from the cache written below
     }[cfg.calibration]
     extra: dict[str, Any] = {"QuantizeBias": cfg.quantize_bias}
     if cfg.calibration == "percentile":
         extra["CalibPercentile"] = cfg.percentile
     with quiet(), tempfile.TemporaryDirectory(prefix="keiryo-calib-") as td:
+        if cfg.rounding != "nearest" or cfg.bias_correction:
+            src, extra["TensorQuantOverrides"] = rounded_weights(src, x, cfg, Path(td), cache)
         try:
+            if cfg.calibration == "mse" and not (cache is not None and cache.is_file()):
+                from keiryo.passes.quantize_ranges import mse_ranges
+
+                cache = mse_ranges(
+                    src, Reader, cfg.op_types, cfg.activation_type == "int8", cache or Path(td) / "mse.json", Path(td)
+                )
             if cfg.calibration == "entropy" and not (cache is not None and cache.is_file()):
                 # quantize_static builds its entropy calibrator with 128 bins and 128 quantized bins, so the
                 # KL search has one candidate (the full range): the same ranges as minmax. Compute them with
@@ -146,6 +166,36 @@ def quantize_int8_static(
         except Exception as e:
             out.unlink(missing_ok=True)
             raise PassError(f"int8 static quantization failed on {src.name}: {type(e).__name__}: {first_line(e, 300)}") from e
+
+
+def rounded_weights(
+    src: Path, x: dict[str, np.ndarray], cfg: Int8StaticConfig, workdir: Path, cache: Path | None
+) -> tuple[Path, dict[str, Any]]:
+    """``src`` with weights on the int8 grid (GPTQ and/or bias correction) and the overrides pinning their scales.
+
+    With a calibration ``cache`` (the per-layer fallback quantizes many times), the rounded file is kept beside it.
+    """
+    import json
+
+    from keiryo.passes.quantize_rounding import overrides_from_json, overrides_to_json, round_weights
+
+    keep = cache.with_suffix(".rounded.onnx") if cache is not None else None
+    if keep is not None and keep.is_file() and keep.with_suffix(".json").is_file():
+        return keep, overrides_from_json(json.loads(keep.with_suffix(".json").read_text()))
+    dst = keep or workdir / "rounded.onnx"
+    rows = min(cfg.rounding_samples, len(next(iter(x.values()))))
+    overrides, _ = round_weights(
+        src,
+        dst,
+        {k: v[:rows] for k, v in x.items()},
+        rounding=cfg.rounding,
+        bias_correction=cfg.bias_correction,
+        per_channel=cfg.per_channel,
+        nodes=None,
+    )
+    if keep is not None:
+        keep.with_suffix(".json").write_text(json.dumps(overrides_to_json(overrides)))
+    return dst, overrides
 
 
 def entropy_ranges(src: Path, reader: Any, cfg: Int8StaticConfig, cache: Path, workdir: Path) -> Path:
@@ -200,6 +250,8 @@ def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> Pas
         "activation_type": cfg.activation_type,
         "weight_type": cfg.weight_type,
         "excluded_nodes": list(cfg.exclude_nodes),
+        "rounding": cfg.rounding,
+        "bias_correction": cfg.bias_correction,
     }
     return finish(model, out, info)
 
