@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from keiryo.cli.privacy import privacy_app
+from keiryo.cli.privacy import federate, privacy_app
 from keiryo.errors import ConfigError, KeiryoError
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app = typer.Typer(
 
 _state = {"debug": False}
 app.add_typer(privacy_app, name="privacy")  # keys for encrypted packages (keiryo/cli/privacy.py)
+app.command("federate")(federate)  # Flower, in its own environment (keiryo/cli/privacy.py)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo:NAME, path/to/file.py:factory or package.module:factory")]
 ModelOpts = Annotated[
