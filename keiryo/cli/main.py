@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from keiryo.cli.privacy import federate, privacy_app
+from keiryo.cli.privacy import CalibDataOpt, calibration, federate, privacy_app
 from keiryo.errors import ConfigError, KeiryoError
 
 app = typer.Typer(
@@ -260,6 +260,7 @@ def compress(
     device: DeviceOpt = "cpu",
     eval_size: EvalSizeOpt = 2000,
     calib_size: CalibSizeOpt = 256,
+    calib_data: CalibDataOpt = "train",
     threads: ThreadsOpt = 1,
     iterations: Annotated[int, typer.Option(min=5, help="timed runs for the latency percentiles")] = 200,
     batch_size: Annotated[int, typer.Option(min=1, help="batch size the latency is measured at")] = 1,
@@ -287,6 +288,7 @@ def compress(
         typer.echo(yaml.safe_dump([r.to_dict() for r in recipes], sort_keys=False).rstrip())
         return
     handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt, eval_size, calib_size)
+    splits = calibration(splits, handle, calib_data, calib_size, seed)
     constraints = _retarget_budget(constraints, t, max_drop)
     results = run_compress(handle, splits, recipes, out, constraints=constraints, opts=opts, overwrite=overwrite, task=t)
     _print_results(results, out)
@@ -314,6 +316,7 @@ def optimize(
     device: DeviceOpt = "cpu",
     eval_size: EvalSizeOpt = 2000,
     calib_size: CalibSizeOpt = 256,
+    calib_data: CalibDataOpt = "train",
     max_latency_ms: Annotated[Optional[float], typer.Option(help="budget: p95 latency (ms) at --batch-size (default 1)")] = None,
     max_size_mb: Annotated[Optional[float], typer.Option(help="budget: model file size (MB)")] = None,
     min_fidelity: Annotated[Optional[float], typer.Option(help="budget: agreement with the baseline's predictions (0-1)")] = None,
@@ -366,6 +369,7 @@ def optimize(
     )
     opts = _bench_opts(threads, iterations, None, False, seed, batch_size, device)
     handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt, eval_size, calib_size)
+    splits = calibration(splits, handle, calib_data, calib_size, seed)
     cfg = cfg.model_copy(update={"constraints": _retarget_budget(list(cfg.constraints), t, max_drop)})
     results = run_optimize(handle, splits, out, cfg, opts, resume=resume, overwrite=overwrite, require_met=require_met, task=t)
     _print_results(results, out)

@@ -32,6 +32,33 @@ def dp_config(dp: bool, target_epsilon: float | None, delta: float | None, max_g
     )
 
 
+CalibDataOpt = Annotated[
+    str,
+    typer.Option(
+        "--calib-data",
+        help="calibration set for post-training quantization: train (the private train split) | synthetic | a public "
+        "data source; recorded in results.json (data.calibration)",
+    ),
+]
+
+
+def calibration(splits: Any, handle: Any, source: str, size: int, seed: int) -> Any:
+    """``splits`` calibrated on ``source`` (``--calib-data``); a DP-trained model calibrated on its train split is
+    told that the calibration is not covered by its guarantee."""
+    from keiryo.data.splits import with_calibration
+
+    splits = with_calibration(splits, source, size, seed)
+    if source == "train" and handle.metadata.get("privacy"):
+        from keiryo._console import stderr_console
+
+        stderr_console().print(
+            "note: this model was trained with DP; post-training quantization calibrated on the train split is NOT "
+            "covered by its guarantee (--calib-data synthetic or a public data source is)",
+            highlight=False,
+        )
+    return splits
+
+
 def print_guarantees(console: Any, pkg_or_manifest: Any) -> None:
     """The privacy lines of a package: its DP guarantee and for whom its model is encrypted."""
     from keiryo.privacy.dp import summary_line

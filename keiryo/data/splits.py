@@ -160,6 +160,7 @@ class DataSplits:
     class_names: list[str] = field(default_factory=list)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     total: int = 0
+    calib_source: dict[str, Any] | None = None  # set by with_calibration: where calib came from (default: train)
 
     @property
     def input_names(self) -> list[str]:
@@ -209,6 +210,7 @@ class DataSplits:
             },
             "streamed": not isinstance(self.train, MemorySplit),
             "preprocessing": self.preprocessing,
+            "calibration": self.calib_source or {"source": "train", "rows": len(self.calib), "train_split": True},
         }
 
 
@@ -382,6 +384,38 @@ def load_data(spec: DataSpec | str | None = None, **options: Any) -> DataSplits:
     if names and target is not None and target.label_count is not None and len(names) < target.label_count:
         raise DataError(f"{where}: {len(names)} class names for labels up to {target.label_count - 1}")
     return DataSplits(train, val, test, calib, inputs, target, spec, names, raw.preprocessing, total)
+
+
+def with_calibration(data: DataSplits, source: str, size: int | None = None, seed: int = 0) -> DataSplits:
+    """``data`` with its calibration split taken from ``source`` instead of the (private) train split:
+    ``synthetic`` (uniform [0, 1) float inputs of the data's shapes) or any data source (its calib split,
+    ``size`` rows). What was used is recorded in ``summary()['calibration']``, so in results.json."""
+    import dataclasses
+
+    size = size or len(data.calib)
+    if source == "train":
+        return data
+    if source == "synthetic":
+        gen = torch.Generator().manual_seed(seed)
+        inputs = {}
+        for t in data.inputs:
+            if not t.dtype.startswith("float"):
+                raise ConfigError(
+                    f"--calib-data synthetic: input {t.name!r} is {t.dtype}; synthetic calibration covers float inputs, "
+                    "give a public data source instead"
+                )
+            inputs[t.name] = torch.rand((size, *t.sample_shape), generator=gen).to(getattr(torch, t.dtype))
+        calib = MemorySplit(inputs, None)
+        rec = {"source": "synthetic", "distribution": "uniform [0, 1)", "rows": size, "seed": seed, "train_split": False}
+    else:
+        public = load_data(DataSpec(source=source, calib_size=size, seed=seed))
+        want = [(t.name, t.dtype, t.shape) for t in data.inputs]
+        got = [(t.name, t.dtype, t.shape) for t in public.inputs]
+        if want != got:
+            raise DataError(f"--calib-data {source}: inputs {got} do not match the model's data {want}")
+        calib = public.calib
+        rec = {"source": source, "rows": len(calib), "seed": seed, "train_split": False}
+    return dataclasses.replace(data, calib=calib, calib_source=rec)
 
 
 def arrays_dataset(inputs: dict[str, np.ndarray], y: np.ndarray | None, where: str) -> tuple[ArrayDataset, np.ndarray | None]:

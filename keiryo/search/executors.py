@@ -54,6 +54,11 @@ def run_job(job: Job, handle: Any = None, data: Any = None, baseline: Any = None
         task = get_task(job.task["ref"], **job.task.get("options", {}))
         if data is None:
             data = load_data(DataSpec(**job.data_spec))
+            cal = job.extra.get("calibration")
+            if cal:  # optimize --calib-data: the same calibration set as on the driver
+                from keiryo.data.splits import with_calibration
+
+                data = with_calibration(data, cal["source"], cal["rows"], cal["seed"])
         if handle is None:
             handle = load_model(ModelSpec(**job.model_spec), data, output_name=task.default_output)
         task.bind(handle.output_names)

@@ -184,6 +184,7 @@ def optimize(
         "baseline_metrics": baseline.metrics,
         "cache_dir": str(out / "cache"),
         "bench_lock": lock,
+        "extra": {"calibration": data.calib_source} if data.calib_source else {},  # --calib-data, redone on other nodes
     }
     executor: Any = LocalExecutor(handle, data, baseline) if cfg.executor == "local" else RayExecutor(cfg.address, cfg.workers)
     pending: dict[int, Any] = {}
