@@ -89,3 +89,16 @@ def tiny_zoo_trained(digits) -> ModelHandle:
     )
     train(h, digits, classification(h), TrainConfig(epochs=3), progress=False)
     return h
+
+
+@pytest.fixture(scope="session")
+def signed(tiny_results, tmp_path_factory):
+    """Two signed packages of the tiny model (1.0.0 fp32, 2.0.0 int8), the signing keys and the results folder."""
+    from keiryo.packages import keygen, package
+
+    out, _ = tiny_results
+    d = tmp_path_factory.mktemp("signed")
+    priv, pub = keygen(d / "key.pem")
+    v1 = package(out, name="tiny", version="1.0.0", private_key=priv, out=d / "tiny-1.0.0", candidate="fp32")
+    v2 = package(out, name="tiny", version="2.0.0", private_key=priv, out=d / "tiny-2.0.0", candidate="int8")
+    return {"v1": v1, "v2": v2, "priv": priv, "pub": pub, "results": out}

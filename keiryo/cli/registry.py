@@ -147,11 +147,12 @@ def registry_rotate_key(
     registry: RegistryOpt = None,
     keys: KeysOpt = None,
 ) -> None:
-    """Replace a role's key: a new root version, signed by the old root keys (and the new one, for root)."""
+    """Replace a role's keys: a new root version, signed by the old root keys (and the new ones, for root)."""
     store = _store(registry, keys)
     with store._lock():  # noqa: SLF001 - the store's lock guards every metadata write
         new = store.trust.rotate(role)
-    _console().print(f"rotated the {role} key: {new}; the old key is kept aside as *.revoked-*.pem", highlight=False)
+    names = ", ".join(str(f) for f in new)
+    _console().print(f"rotated the {role} key(s): {names}; the old ones are kept aside as *.revoked-*.pem", highlight=False)
 
 
 @registry_app.command("serve")

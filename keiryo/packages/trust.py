@@ -74,7 +74,7 @@ class TufRepository:
     # -- keys ------------------------------------------------------------------------------------
     def _key_files(self, role: str) -> list[Path]:
         if role == "root":
-            return sorted(self.keys.glob("root-*.pem"))
+            return sorted(f for f in self.keys.glob("root-*.pem") if ".revoked-" not in f.name)
         return [self.keys / f"{role}.pem"]
 
     def _signers(self, role: str) -> list[Any]:
@@ -228,40 +228,47 @@ class TufRepository:
         out["timestamp"] = self.timestamp_md().signed.expires.isoformat()
         return out
 
-    def rotate(self, role: str) -> Path:
-        """Replace ``role``'s key(s) with a new key: a new root version signed by the old root keys (to
-        satisfy clients that trust them) and, for root, by the new key too. Returns the new key's file."""
+    def rotate(self, role: str) -> list[Path]:
+        """Replace every key of ``role`` with as many new keys (same threshold): a new root version,
+        signed by the old root keys (clients trust those) and, for root, by the new ones too (so that
+        clients accept the next version). The old keys are kept aside as ``*.revoked-N.pem``. Returns
+        the new key files."""
         if role not in ROLES:
             raise ConfigError(f"role {role!r}: expected one of {', '.join(ROLES)}")
         old_root_signers = self._signers("root")
         root = copy.deepcopy(self.root_md())
         old_files = [f for f in self._key_files(role) if f.is_file()]
-        new_file = self.keys / (
-            f"root-{len(list(self.keys.glob('root-*.pem'))) + 1}.pem" if role == "root" else f"{role}.pem.new"
-        )
-        signer = self._new_key(new_file)
+        if role == "root":
+            first = 1 + max((int(f.name.split(".")[0].split("-")[1]) for f in self.keys.glob("root-*.pem")), default=0)
+            new_files = [self.keys / f"root-{first + i}.pem" for i in range(len(old_files))]
+        else:
+            new_files = [self.keys / f"{role}.pem.new"]
+        (self.keys / f"{role}.pem.new").unlink(missing_ok=True)  # left by a rotation killed before it finished
+        signers = [self._new_key(f) for f in new_files]
+        threshold = root.signed.roles[role].threshold
         for keyid in list(root.signed.roles[role].keyids):
             root.signed.revoke_key(keyid, role)
-        root.signed.add_key(signer.public_key, role)
-        root.signed.roles[role].threshold = 1
+        for s in signers:
+            root.signed.add_key(s.public_key, role)
+        root.signed.roles[role].threshold = min(threshold, len(signers))
         root.signed.version += 1
         root.signed.expires = _expires("root", self.expiry_days)
         root.signatures.clear()
-        for s in [*old_root_signers, signer] if role == "root" else old_root_signers:
+        for s in [*old_root_signers, *signers] if role == "root" else old_root_signers:
             root.sign(s, append=True)
         self._write(root, f"{root.signed.version}.root.json")
         fault_point("tuf.root_rotated")
         for f in old_files:  # the old keys are kept aside, never reused
             os.replace(f, f.with_name(f.name.replace(".pem", f".revoked-{root.signed.version}.pem")))
         if role != "root":
-            os.replace(new_file, self.keys / f"{role}.pem")
-            new_file = self.keys / f"{role}.pem"
+            os.replace(new_files[0], self.keys / f"{role}.pem")
+            new_files = [self.keys / f"{role}.pem"]
         fsync_dir(self.keys)
         if role in ("targets", "snapshot"):
             self._commit_targets(copy.deepcopy(self.targets_md()))  # re-signed under the new key
         elif role == "timestamp":
             self._bump_timestamp(self.timestamp_md().signed.snapshot_meta.version)
-        return new_file
+        return new_files
 
 
 def target_file(path: str, data: bytes, custom: dict[str, Any]) -> Any:

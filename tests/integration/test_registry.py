@@ -10,19 +10,8 @@ import pytest
 from test_cli import one_line_error, run_cli
 
 from keiryo.errors import ConfigError, IntegrityError, PackageNotFoundError
-from keiryo.packages import keygen, package
+from keiryo.packages import keygen
 from keiryo.packages.store import PackageStore
-
-
-@pytest.fixture(scope="module")
-def signed(tiny_results, tmp_path_factory):
-    """Two signed versions of the tiny model (fp32 reference and int8) and the keys."""
-    out, _ = tiny_results
-    d = tmp_path_factory.mktemp("reg")
-    priv, pub = keygen(d / "key.pem")
-    v1 = package(out, name="tiny", version="1.0.0", private_key=priv, out=d / "tiny-1.0.0", candidate="fp32")
-    v2 = package(out, name="tiny", version="2.0.0", private_key=priv, out=d / "tiny-2.0.0", candidate="int8")
-    return {"v1": v1, "v2": v2, "priv": priv, "pub": pub}
 
 
 def test_push_promote_rollback_and_log(signed, tmp_path):

@@ -14,20 +14,9 @@ from pathlib import Path
 import pytest
 from test_cli import run_cli
 
-from keiryo.packages import keygen, package, verify
+from keiryo.packages import package, verify
 from keiryo.packages.store import PackageStore
 from keiryo.testing.faults import run_killed
-
-
-@pytest.fixture(scope="module")
-def signed(tiny_results, tmp_path_factory):
-    out, _ = tiny_results
-    d = tmp_path_factory.mktemp("regcrash")
-    priv, pub = keygen(d / "key.pem")
-    v1 = package(out, name="tiny", version="1.0.0", private_key=priv, out=d / "tiny-1.0.0", candidate="fp32")
-    v2 = package(out, name="tiny", version="2.0.0", private_key=priv, out=d / "tiny-2.0.0", candidate="int8")
-    return {"v1": v1, "v2": v2, "priv": priv, "pub": pub, "results": out}
-
 
 PUSH_POINTS = [
     "registry.push.copied",

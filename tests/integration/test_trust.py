@@ -12,21 +12,10 @@ import httpx
 import pytest
 
 from keiryo.errors import ConfigError, IntegrityError, TrustError
-from keiryo.packages import keygen, package
 from keiryo.packages.http import make_server
 from keiryo.packages.remote import TrustedRegistry
 from keiryo.packages.store import PackageStore
 from keiryo.packages.verified import load_verified
-
-
-@pytest.fixture(scope="module")
-def signed(tiny_results, tmp_path_factory):
-    out, _ = tiny_results
-    d = tmp_path_factory.mktemp("trust")
-    priv, pub = keygen(d / "key.pem")
-    v1 = package(out, name="tiny", version="1.0.0", private_key=priv, out=d / "tiny-1.0.0", candidate="fp32")
-    v2 = package(out, name="tiny", version="2.0.0", private_key=priv, out=d / "tiny-2.0.0", candidate="int8")
-    return {"v1": v1, "v2": v2, "priv": priv, "pub": pub, "results": out}
 
 
 def _client(store, tmp_path, name="c"):
@@ -71,6 +60,7 @@ def test_key_rotation_is_followed_by_clients_and_old_keys_stop_working(signed, t
     from tuf.api.metadata import Metadata
 
     store = PackageStore(tmp_path / "r")
+    store.init(root_keys=3, root_threshold=2)
     store.push(signed["v1"], signed["pub"])
     c = _client(store, tmp_path)
     c.refresh()
@@ -80,6 +70,11 @@ def test_key_rotation_is_followed_by_clients_and_old_keys_stop_working(signed, t
     store.promote("tiny", "1.0.0", "production")
     assert c.refresh() and c.resolve("tiny@production") == ("tiny", "1.0.0")  # followed the new root
     assert list(store.trust.keys.glob("*.revoked-*.pem"))
+    root = store.trust.root_md().signed
+    assert (len(root.roles["root"].keyids), root.roles["root"].threshold) == (3, 2)  # rotation keeps the shape
+    store.trust.rotate(role)  # and again: a client offline through both rotations walks the chain
+    store.refresh()
+    assert _client(store, tmp_path, "late").refresh() and c.refresh()
     if role == "timestamp":  # a timestamp signed with the revoked key is refused
         ts = Metadata.from_file(str(store.root / "tuf" / "timestamp.json"))
         ts.signed.version += 1
