@@ -8,6 +8,7 @@ changed, is missing, or was added since signing.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,17 @@ def keygen(private_key: str | Path, public_key: str | Path | None = None, *, ove
     key = ec.generate_private_key(ec.SECP256R1())
     priv.parent.mkdir(parents=True, exist_ok=True)
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(str(priv), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    # a fresh file (mkstemp: mode 0600) renamed over any old one: an overwritten key never keeps a wider mode
+    fd, tmp = tempfile.mkstemp(prefix=f".{priv.name}.", dir=priv.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, priv)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return priv, pub
 

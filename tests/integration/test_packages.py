@@ -117,3 +117,15 @@ def test_cli_keygen_package_verify(tiny_results, tmp_path, capsys):
     (pkg / "model.onnx").write_bytes(b"x")
     code, _, err = run_cli("verify", str(pkg), "--public-key", str(tmp_path / "k.pub.pem"), capsys=capsys)
     assert code != 0 and "changed: model.onnx" in one_line_error(err)
+
+
+def test_keygen_overwrite_always_leaves_a_private_key_readable_by_its_owner_only(tmp_path):
+    import stat
+
+    from keiryo.packages import keygen
+
+    priv = tmp_path / "k.pem"
+    priv.write_text("old")
+    priv.chmod(0o644)  # a world-readable file in the way
+    keygen(priv, overwrite=True)
+    assert stat.S_IMODE(priv.stat().st_mode) == 0o600 and priv.read_text().startswith("-----BEGIN PRIVATE KEY-----")
