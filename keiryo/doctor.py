@@ -135,3 +135,67 @@ def diagnose(handle: Any, batch_size: int = 1) -> dict[str, Any]:
         "warnings": warnings_for(handle, batch_size),
         "cpu": cpu(),
     }
+
+
+def quant_sensitivity(handle: Any, data: Any, task: Any, threads: int = 1, outlier_ratio: float = 4.0) -> dict[str, Any]:
+    """``doctor --quant``: the fidelity each layer loses when only it is int8 (onnxruntime, test split), activation
+    ranges with outliers (observed range > ``outlier_ratio`` x the least-error range), and which method should fix them."""
+    import numpy as np
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from keiryo.export import export
+    from keiryo.passes.quantize_fallback import _val_metrics, quantizable_nodes
+    from keiryo.passes.quantize_ort import Int8StaticConfig, preprocess, quantize_int8_static
+    from keiryo.passes.quantize_ranges import mse_ranges
+
+    x = data.calib.numpy()
+    cfg = Int8StaticConfig()
+    with tempfile.TemporaryDirectory() as td:
+        tdp = Path(td)
+        src = preprocess(export(handle, "onnx", tdp / "fp32.onnx").path, tdp / "pre.onnx")
+        ref, ref_outs = _val_metrics(src, data.test, task, None, threads)
+        cache = tdp / "minmax.json"
+
+        def drop(include: list[str] | None = None) -> float:
+            quantize_int8_static(src, tdp / "q.onnx", x, cfg, include=include, cache=cache)
+            return round(float(task.drop(ref, _val_metrics(tdp / "q.onnx", data.test, task, ref_outs, threads)[0])), 3)
+
+        whole = drop()
+        layers = {n: drop([n]) for n in quantizable_nodes(src)}
+        n = len(next(iter(x.values())))
+        batches = [{k: v[i : i + 16] for k, v in x.items()} for i in range(0, n, 16)]
+
+        class Reader:
+            def __init__(self) -> None:
+                self.it = iter(batches)
+
+            def get_next(self) -> dict[str, Any] | None:
+                return next(self.it, None)
+
+        best = load_tensors_data(mse_ranges(src, Reader, None, False, tdp / "mse.json", tdp))
+        observed = load_tensors_data(cache)
+    outliers = {}
+    for name in observed.keys():
+        if name not in best:
+            continue
+        lo, hi = (float(np.min(observed[name].range_value[0])), float(np.max(observed[name].range_value[1])))
+        blo, bhi = (float(np.min(best[name].range_value[0])), float(np.max(best[name].range_value[1])))
+        if bhi - blo > 0 and (hi - lo) / (bhi - blo) > outlier_ratio:
+            outliers[name] = {"observed": [round(lo, 4), round(hi, 4)], "least_error": [round(blo, 4), round(bhi, 4)]}
+    ranked = dict(sorted(layers.items(), key=lambda kv: -kv[1]))
+    worst = [k for k, v in ranked.items() if v > 0]
+    fix = []
+    if outliers:
+        fix.append(f"{len(outliers)} activation range(s) with outliers: calibration=mse (recipe int8-mse)")
+    if worst:
+        fix.append(
+            f"layer(s) {', '.join(worst[:3])} lose the most alone: rounding=gptq + bias_correction=full (recipe int8-gptq), "
+            "then keep them float (recipe int8-auto's fallback rung)"
+        )
+    return {
+        "metric": task.drop_name,
+        "drop_all_int8": whole,
+        "drop_one_layer_int8": ranked,
+        "range_outliers": outliers,
+        "predicted_fix": fix or ["none needed: int8 PTQ keeps the metric"],
+    }

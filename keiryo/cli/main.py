@@ -664,6 +664,9 @@ def doctor(
     data_opt: DataOpts = None,
     batch_size: Annotated[int, typer.Option(min=1, help="the batch size you will serve at")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    quant: Annotated[
+        bool, typer.Option("--quant", help="int8 sensitivity: the drop when only one layer is int8, range outliers, the fix")
+    ] = False,
     seed: SeedOpt = 0,
 ) -> None:
     """Pre-flight check: what each technique and export target can handle, and what predicts 'compressed but not faster'."""
@@ -682,8 +685,14 @@ def doctor(
         mspec = ModelSpec(source=model, options=parse_options(model_opt), weights=str(weights) if weights else None)
         handle = load_model(mspec, [parse_input_spec(s) for s in input], num_classes, seed=seed)
     else:
-        handle, _, _ = _load(model, model_opt, weights, data or "digits", data_opt, seed)
+        handle, splits, task_obj = _load(model, model_opt, weights, data or "digits", data_opt, seed)
     rep = diagnose(handle, batch_size)
+    if quant:
+        if input:
+            raise ConfigError("doctor --quant: needs --data (calibration and evaluation samples), not --input")
+        from keiryo.doctor import quant_sensitivity
+
+        rep["quant"] = quant_sensitivity(handle, splits, task_obj)
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
         return
@@ -709,6 +718,18 @@ def doctor(
     con.print(e)
     for w in rep["warnings"]:
         con.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    if "quant" in rep:
+        q = rep["quant"]
+        qt = Table("layer int8 alone", f"{q['metric']}", title=f"int8 sensitivity (all int8: {q['drop_all_int8']})")
+        for layer, d in list(q["drop_one_layer_int8"].items())[:10]:
+            qt.add_row(escape(layer), f"{d:g}")
+        con.print(qt)
+        for name, r in list(q["range_outliers"].items())[:10]:
+            con.print(
+                f"range outlier: {escape(name)} observed {r['observed']} vs least-error {r['least_error']}", highlight=False
+            )
+        for f in q["predicted_fix"]:
+            con.print(f"fix: {escape(f)}", highlight=False)
 
 
 @app.command()

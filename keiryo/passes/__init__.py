@@ -99,6 +99,7 @@ def _load_builtin() -> None:
         prune_structured,
         prune_unstructured,
         qat,
+        quantize_auto,
         quantize_coreml,
         quantize_fallback,
         quantize_ort,

@@ -57,35 +57,43 @@ def quantizable_nodes(path: Path) -> list[str]:
 )
 def int8_fallback(model: Artifact, cfg: Int8FallbackConfig, ctx: PassContext) -> PassResult:
     x_cal = calibration_data(ctx, cfg.quant, "quantize.int8_fallback")
-    val, task = ctx.data.val, ctx.get_task()
     out = ctx.out_path("int8_fallback", ".onnx")
     with tempfile.TemporaryDirectory() as td:
         tdp = Path(td)
         src = preprocess(model.path, tdp / "pre.onnx") if cfg.quant.preprocess else model.path
-        cache = tdp / "calib.json"
-        ref, ref_outs = _val_metrics(src, val, task, None, ctx.threads)
+        info = fallback_search(src, out, x_cal, cfg, ctx, tdp)
+    return finish(model, out, info)
 
-        def drop_with(exclude: list[str] | None = None, include: list[str] | None = None, tag: str = "q") -> float:
-            dst = tdp / f"{tag}.onnx"
-            quantize_int8_static(src, dst, x_cal, cfg.quant, exclude=exclude, include=include, cache=cache)
-            return float(task.drop(ref, _val_metrics(dst, val, task, ref_outs, ctx.threads)[0]))
 
-        full_drop = drop_with(tag="full")
-        float_layers: list[str] = []
-        sensitivity: dict[str, float] = {}
-        trail: list[dict[str, Any]] = [{"float_layers": 0, "val_drop_pt": round(full_drop, 3)}]
-        drop = full_drop
-        if full_drop > cfg.max_accuracy_drop:
-            for node in quantizable_nodes(src):
-                sensitivity[node] = round(drop_with(include=[node], tag="one"), 3)
-            ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
-            for node in ranked[: cfg.max_float_layers]:
-                float_layers.append(node)
-                drop = drop_with(exclude=float_layers, tag="fb")
-                trail.append({"float_layers": len(float_layers), "added": node, "val_drop_pt": round(drop, 3)})
-                if drop <= cfg.max_accuracy_drop:
-                    break
-        quantize_int8_static(src, out, x_cal, cfg.quant, exclude=float_layers, cache=cache)
+def fallback_search(
+    src: Path, out: Path, x_cal: dict[str, np.ndarray], cfg: Int8FallbackConfig, ctx: PassContext, tdp: Path
+) -> dict[str, Any]:
+    """Quantize ``src`` into ``out`` keeping the most sensitive layers float until the validation budget is met."""
+    val, task = ctx.data.val, ctx.get_task()
+    cache = tdp / "calib.json"
+    ref, ref_outs = _val_metrics(src, val, task, None, ctx.threads)
+
+    def drop_with(exclude: list[str] | None = None, include: list[str] | None = None, tag: str = "q") -> float:
+        dst = tdp / f"{tag}.onnx"
+        quantize_int8_static(src, dst, x_cal, cfg.quant, exclude=exclude, include=include, cache=cache)
+        return float(task.drop(ref, _val_metrics(dst, val, task, ref_outs, ctx.threads)[0]))
+
+    full_drop = drop_with(tag="full")
+    float_layers: list[str] = []
+    sensitivity: dict[str, float] = {}
+    trail: list[dict[str, Any]] = [{"float_layers": 0, "val_drop_pt": round(full_drop, 3)}]
+    drop = full_drop
+    if full_drop > cfg.max_accuracy_drop:
+        for node in quantizable_nodes(src):
+            sensitivity[node] = round(drop_with(include=[node], tag="one"), 3)
+        ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
+        for node in ranked[: cfg.max_float_layers]:
+            float_layers.append(node)
+            drop = drop_with(exclude=float_layers, tag="fb")
+            trail.append({"float_layers": len(float_layers), "added": node, "val_drop_pt": round(drop, 3)})
+            if drop <= cfg.max_accuracy_drop:
+                break
+    quantize_int8_static(src, out, x_cal, cfg.quant, exclude=float_layers, cache=cache)
     info: dict[str, Any] = {
         "max_accuracy_drop": cfg.max_accuracy_drop,
         "drop_metric": task.drop_name,
@@ -98,4 +106,4 @@ def int8_fallback(model: Artifact, cfg: Int8FallbackConfig, ctx: PassContext) ->
     }
     if not info["budget_met"]:
         info["warning"] = f"budget not met after keeping {len(float_layers)} layers in float (max_float_layers)"
-    return finish(model, out, info)
+    return info

@@ -47,8 +47,10 @@ class Int8StaticConfig(KeiryoConfig):
     rounding: Literal["nearest", "gptq"] = Field(
         "nearest", description="weight rounding: nearest int8 level, or gptq (Hessian-aware, on the calibration inputs)"
     )
-    bias_correction: bool = Field(
-        False, description="add each layer's mean int8 weight error on the calibration data to its bias"
+    bias_correction: Literal["off", "weights", "full"] = Field(
+        "off",
+        description="add each layer's mean output error to its bias: weights (the int8 weights' error on fp32 inputs) "
+        "or full (against the int8 model's own inputs too: upstream activation error is corrected)",
     )
     rounding_samples: int = Field(128, ge=1, description="calibration samples the rounding and bias correction read")
 
@@ -106,7 +108,7 @@ def quantize_int8_static(
     cache: Path | None = None,
 ) -> None:
     """int8 static quantization of ``src`` into ``out`` (QDQ); ``x`` feeds every named input; ``cache`` reuses ranges."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 
     n = len(next(iter(x.values())))
     # onnxruntime's histogram calibrators (entropy, percentile) pool every batch's outputs with
@@ -134,7 +136,8 @@ def quantize_int8_static(
     if cfg.calibration == "percentile":
         extra["CalibPercentile"] = cfg.percentile
     with quiet(), tempfile.TemporaryDirectory(prefix="keiryo-calib-") as td:
-        if cfg.rounding != "nearest" or cfg.bias_correction:
+        fp32_src = src
+        if cfg.rounding != "nearest" or cfg.bias_correction != "off":
             src, extra["TensorQuantOverrides"] = rounded_weights(src, x, cfg, Path(td), cache)
         try:
             if cfg.calibration == "mse" and not (cache is not None and cache.is_file()):
@@ -148,24 +151,47 @@ def quantize_int8_static(
                 # KL search has one candidate (the full range): the same ranges as minmax. Compute them with
                 # cfg.entropy_bins here and hand them over as a calibration cache.
                 cache = entropy_ranges(src, Reader(), cfg, cache or Path(td) / "entropy.json", Path(td))
-            quantize_static(
-                str(src),
-                str(out),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=cfg.per_channel,
-                activation_type=_qtype(cfg.activation_type),
-                weight_type=_qtype(cfg.weight_type),
-                calibrate_method=method,
-                nodes_to_exclude=(list(cfg.exclude_nodes) + list(exclude or [])) or None,
-                nodes_to_quantize=include,
-                op_types_to_quantize=cfg.op_types,
-                extra_options=extra,
-                calibration_cache_path=cache,
-            )
+            if cfg.bias_correction == "full":
+                from keiryo.passes.quantize_rounding import correct_biases_on_int8_inputs
+
+                cache = cache or Path(td) / "ranges.json"  # the second quantization keeps the first one's ranges
+                run_quantize_static(src, out, Reader, method, cfg, exclude, include, extra, cache)
+                rows = min(cfg.rounding_samples, n)
+                correct_biases_on_int8_inputs(fp32_src, src, out, {k: v[:rows] for k, v in x.items()})
+            run_quantize_static(src, out, Reader, method, cfg, exclude, include, extra, cache)
         except Exception as e:
             out.unlink(missing_ok=True)
             raise PassError(f"int8 static quantization failed on {src.name}: {type(e).__name__}: {first_line(e, 300)}") from e
+
+
+def run_quantize_static(
+    src: Path,
+    out: Path,
+    reader: Any,
+    method: Any,
+    cfg: Int8StaticConfig,
+    exclude: list[str] | None,
+    include: list[str] | None,
+    extra: dict[str, Any],
+    cache: Path | None,
+) -> None:
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    quantize_static(
+        str(src),
+        str(out),
+        reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=cfg.per_channel,
+        activation_type=_qtype(cfg.activation_type),
+        weight_type=_qtype(cfg.weight_type),
+        calibrate_method=method,
+        nodes_to_exclude=(list(cfg.exclude_nodes) + list(exclude or [])) or None,
+        nodes_to_quantize=include,
+        op_types_to_quantize=cfg.op_types,
+        extra_options=extra,
+        calibration_cache_path=cache,
+    )
 
 
 def rounded_weights(

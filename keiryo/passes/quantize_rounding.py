@@ -49,6 +49,7 @@ class Layer:
     h: Any = None  # (groups, d, d) running sum of X X^T
     mean: Any = None  # (groups, d) running sum of the columns
     count: int = 0
+    act_q: tuple[float, int, int, int] | None = None  # (scale, zero point, qmin, qmax) of the int8 input
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,6 +112,9 @@ def _columns(layer: Layer, x: np.ndarray, keep: int, rng: np.random.Generator) -
     import torch.nn.functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if layer.act_q is not None:  # the input as the int8 model sees it: quantized with its scale and zero point
+        s, zp, lo, hi = layer.act_q
+        t = (torch.clamp(torch.round(t / s) + zp, lo, hi) - zp) * s
     if layer.op == "Gemm":
         return t.reshape(len(t), -1).T[None]
     top, left, bottom, right = layer.pads
@@ -130,8 +134,10 @@ def _columns(layer: Layer, x: np.ndarray, keep: int, rng: np.random.Generator) -
     return cols
 
 
-def collect(src: Path, layers: list[Layer], x: dict[str, np.ndarray], batch: int, max_columns: int, seed: int) -> None:
-    """Run the fp32 graph on the calibration inputs and accumulate each layer's input Hessian and mean column."""
+def collect(
+    src: Path, layers: list[Layer], x: dict[str, np.ndarray], batch: int, max_columns: int, seed: int, hessian: bool = True
+) -> None:
+    """Run the graph on the calibration inputs and accumulate each layer's input Hessian and mean column."""
     import onnx
 
     model = onnx.load(str(src))
@@ -154,9 +160,10 @@ def collect(src: Path, layers: list[Layer], x: dict[str, np.ndarray], batch: int
         for lay in layers:
             # a random subset of positions per batch: the Hessian's estimate, not every pixel
             cols = _columns(lay, acts[lay.input], max(1, max_columns * rows // max(n, 1)), rng)
-            h = (cols @ cols.transpose(1, 2)).double()
+            if hessian:
+                h = (cols @ cols.transpose(1, 2)).double()
+                lay.h = h if lay.h is None else lay.h + h
             s = cols.sum(-1).double()
-            lay.h = h if lay.h is None else lay.h + h
             lay.mean = s if lay.mean is None else lay.mean + s
             lay.count += cols.shape[-1]
 
@@ -198,10 +205,10 @@ def round_weights(
     x: dict[str, np.ndarray],
     *,
     rounding: str,
-    bias_correction: bool,
+    bias_correction: str,
     per_channel: bool,
     batch: int = 8,
-    max_columns: int = 65536,
+    max_columns: int = 8192,
     damp: float = 0.01,
     nodes: list[str] | None = None,
     seed: int = 0,
@@ -224,7 +231,7 @@ def round_weights(
     layers, skipped = weight_layers(model, nodes)
     if not layers:
         raise PassError(f"{src.name}: no Conv/Gemm layer with constant weights to round")
-    collect(src, layers, x, batch, max_columns, seed)
+    collect(src, layers, x, batch, max_columns, seed, hessian=rounding == "gptq")
     inits = {i.name: i for i in model.graph.initializer}
     nodes_by_name = {nd.name: nd for nd in model.graph.node}
     overrides: dict[str, list[dict[str, Any]]] = {}
@@ -242,7 +249,7 @@ def round_weights(
             q = torch.clamp(torch.round(wt / st), -127, 127) * st
         q_np = q.reshape(w.shape).float().numpy()
         inits[lay.weight].CopyFrom(numpy_helper.from_array(q_np, lay.weight))
-        if bias_correction:
+        if bias_correction != "off":
             mean = lay.mean / lay.count  # (g, d)
             delta = ((wt - q) @ mean.unsqueeze(-1)).reshape(-1).float().numpy()  # E[W x] - E[W_q x]
             if lay.bias is None:
@@ -282,4 +289,57 @@ def overrides_from_json(data: dict[str, list[dict[str, Any]]]) -> dict[str, list
     """Scales and zero points typed as onnxruntime's overrides expect them (float32, int8)."""
     return {
         k: [{**o, "scale": np.float32(o["scale"]), "zero_point": np.int8(o["zero_point"])} for o in v] for k, v in data.items()
+    }
+
+
+def correct_biases_on_int8_inputs(
+    src: Path, rounded: Path, qdq: Path, x: dict[str, np.ndarray], batch: int = 8, max_columns: int = 16384, seed: int = 0
+) -> dict[str, Any]:
+    """Bias correction for the int8 model's inputs as well as its weights: each layer's bias in ``rounded`` becomes
+    ``b + W E[x] - W_q E[Q(x)]``, with ``x`` the layer's fp32 input (``src``) and ``Q`` the int8 quantization the
+    ``qdq`` file applies to it (its scale and zero point), so the mean shift that rounding and clipping the
+    layer's own input cause is removed too. Upstream layers are corrected themselves: no shift is counted twice."""
+    import onnx
+    from onnx import numpy_helper
+
+    ref = onnx.load(str(src))
+    layers, _ = weight_layers(ref)
+    qmodel = onnx.load(str(qdq), load_external_data=False)
+    qinits = {i.name: numpy_helper.to_array(i) for i in qmodel.graph.initializer}
+    producer = {o: nd for nd in qmodel.graph.node for o in nd.output}
+    q_nodes = {nd.name: nd for nd in qmodel.graph.node if nd.op_type in ("Conv", "Gemm")}
+    for lay in layers:
+        node = q_nodes.get(lay.node)
+        dq = producer.get(node.input[0]) if node is not None else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in qinits:
+            continue  # a float input (an excluded layer): its weights' correction only
+        zp = qinits.get(dq.input[2], np.uint8(0)) if len(dq.input) > 2 else np.uint8(0)
+        info = np.iinfo(zp.dtype)
+        lay.act_q = (float(qinits[dq.input[1]]), int(zp), int(info.min), int(info.max))
+    collect(src, layers, x, batch, max_columns, seed, hessian=False)
+    model = onnx.load(str(rounded))
+    inits = {i.name: i for i in model.graph.initializer}
+    ref_inits = {i.name: i for i in ref.graph.initializer}
+    by_name = {nd.name: nd for nd in model.graph.node}
+    fp_layers = [Layer(**{**lay.__dict__, "act_q": None, "h": None, "mean": None, "count": 0}) for lay in layers]
+    collect(src, fp_layers, x, batch, max_columns, seed, hessian=False)
+    shifts = []
+    for fl, ql in zip(fp_layers, layers, strict=True):
+        node = by_name.get(fl.node)
+        if node is None or len(node.input) < 3 or not node.input[2]:
+            continue  # the rounding pass gives every layer a bias
+        w = numpy_helper.to_array(ref_inits[fl.weight]).astype(np.float64)
+        wq = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        g = fl.group
+        e_fp = (fl.mean / fl.count).numpy()  # (g, d)
+        e_q = (ql.mean / ql.count).numpy()
+        rows = len(w) // g
+        delta = np.einsum("grd,gd->gr", w.reshape(g, rows, -1), e_fp) - np.einsum("grd,gd->gr", wq.reshape(g, rows, -1), e_q)
+        b0 = numpy_helper.to_array(ref_inits[fl.bias]).astype(np.float64) if fl.bias else np.zeros(len(w))
+        inits[node.input[2]].CopyFrom(numpy_helper.from_array((b0 + delta.reshape(-1)).astype(np.float32), node.input[2]))
+        shifts.append(float(np.abs(delta).max()))
+    onnx.save(model, str(rounded))
+    return {
+        "int8_input_layers": sum(lay.act_q is not None for lay in layers),
+        "max_bias_shift": round(max(shifts, default=0.0), 6),
     }

@@ -93,6 +93,18 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "description": "int8 static PTQ; the most sensitive layers stay float until val drop <= 0.5 pt",
         "steps": [_q("quantize.int8_fallback", max_accuracy_drop=0.5)],
     },
+    "int8-mse": {
+        "description": "int8 static PTQ with least-error, clip-aware activation ranges",
+        "steps": [_q("quantize.int8_static", calibration="mse")],
+    },
+    "int8-gptq": {
+        "description": "int8 static PTQ: mse ranges, GPTQ weight rounding, bias correction on the int8 model's inputs",
+        "steps": [_q("quantize.int8_static", calibration="mse", rounding="gptq", bias_correction="full")],
+    },
+    "int8-auto": {
+        "description": "int8 PTQ escalated (minmax, mse, bias correction, GPTQ, float fallback) until val drop <= 0.5 pt",
+        "steps": [_q("quantize.int8_auto", max_accuracy_drop=0.5)],
+    },
     "qat": {
         "description": "quantization-aware fine-tuning, then int8 static",
         "steps": [_q("quantize.qat"), _q("quantize.int8_static")],
@@ -124,12 +136,14 @@ FORMAT_EQUIVALENTS: dict[str, dict[str, str | None]] = {
         "quantize.int8_dynamic": "tflite.int8_dynamic",
         "quantize.fp16": "tflite.fp16",
         "quantize.int8_fallback": None,
+        "quantize.int8_auto": None,
     },
     "coreml": {
         "quantize.int8_static": "coreml.int8_weights",
         "quantize.int8_dynamic": "coreml.int8_weights",
         "quantize.fp16": None,  # Core ML fp16 is an export option: recipe export {precision: fp16}
         "quantize.int8_fallback": None,
+        "quantize.int8_auto": None,
     },
 }
 

@@ -1,0 +1,190 @@
+"""Better int8 PTQ: GPTQ rounding, bias correction, MSE clip-aware ranges, and the int8-auto ladder (tiny models)."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from onnxruntime.quantization.calibrate import load_tensors_data
+from torch import nn
+
+from keiryo.errors import ConfigError, DataError
+from keiryo.export import export
+from keiryo.model import load_model
+from keiryo.passes import PassContext, apply, get_pass
+from keiryo.passes.quantize_ort import Int8StaticConfig, preprocess, quantize_int8_static
+from keiryo.passes.quantize_ranges import clip_bounds, mse_range, mse_ranges
+from keiryo.passes.quantize_rounding import MIN_ROUNDING_SAMPLES, round_weights
+from keiryo.pipeline import load_recipe
+from keiryo.runtime import open_session
+
+
+class CancellingDepthwise(nn.Module):
+    """Conv -> ReLU6 -> depthwise 3x3 whose large kernels nearly sum to zero (BN folding makes such kernels):
+    rounding each weight to its nearest int8 level leaves a systematic output shift."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Linear(8 * 64, 10)
+        with torch.no_grad():
+            self.stem.bias.fill_(1.0)
+            k = torch.randn(8, 1, 3, 3, generator=g) * 20
+            self.dw.weight.copy_(k - k.mean((2, 3), keepdim=True) + 0.05)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu6(self.stem(image))
+        return self.head(torch.flatten(self.dw(x), 1))
+
+
+@pytest.fixture(scope="module")
+def cancelling(digits, tmp_path_factory):
+    h = load_model(f"{__file__}:CancellingDepthwise", digits, output_name="logits")
+    tmp = tmp_path_factory.mktemp("cancel")
+    fp32 = export(h, "onnx", tmp / "fp32.onnx")
+    return fp32, preprocess(fp32.path, tmp / "pre.onnx")
+
+
+def outputs(path, split):
+    from keiryo.evaluate import predict
+
+    with open_session("onnxruntime", path) as s:
+        return predict(s, split)[0]
+
+
+def test_rounded_weights_lie_on_the_int8_grid_and_onnxruntime_keeps_them(cancelling, digits, tmp_path):
+    _, pre = cancelling
+    x = digits.calib.numpy()
+    overrides, info = round_weights(pre, tmp_path / "r.onnx", x, rounding="gptq", bias_correction="weights", per_channel=True)
+    assert info["layers"] == 3 and info["max_bias_shift"] > 0
+    rounded = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "r.onnx")).graph.initializer}
+    for name, chans in overrides.items():
+        scale = np.array([c["scale"] for c in chans], np.float32).reshape(-1, *[1] * (rounded[name].ndim - 1))
+        levels = rounded[name] / scale
+        assert np.allclose(levels, np.round(levels), atol=1e-3) and np.abs(levels).max() <= 127.001
+    quantize_int8_static(pre, tmp_path / "q.onnx", x, Int8StaticConfig(rounding="gptq", bias_correction="weights"))
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    for n in q.graph.node:  # every int8 weight dequantizes to exactly the rounded weight
+        if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized"):
+            name = n.input[0][: -len("_quantized")]
+            if name in rounded:
+                s = inits[n.input[1]].reshape(-1, *[1] * (rounded[name].ndim - 1))
+                assert np.allclose(inits[n.input[0]] * s, rounded[name], rtol=1e-5, atol=1e-6)
+
+
+def test_gptq_and_bias_correction_cut_the_int8_error_on_cancelling_kernels(cancelling, digits, tmp_path):
+    fp32, pre = cancelling
+    ref = outputs(fp32.path, digits.test)
+    x = digits.calib.numpy()
+
+    def error(path):  # (mean squared error, mean absolute per-logit shift) against the fp32 file
+        d = outputs(path, digits.test) - ref
+        return float(np.mean(d**2)), float(np.abs(d.mean(0)).mean())
+
+    weights_only = {}  # the int8-grid weights in an fp32 graph: the weight error alone
+    for tag, rounding, bc in (("nearest", "nearest", "off"), ("bias", "nearest", "weights"), ("gptq", "gptq", "off")):
+        round_weights(pre, tmp_path / f"w-{tag}.onnx", x, rounding=rounding, bias_correction=bc, per_channel=True)
+        weights_only[tag] = error(tmp_path / f"w-{tag}.onnx")
+    assert weights_only["bias"][0] < 0.6 * weights_only["nearest"][0], weights_only
+    assert weights_only["bias"][1] < 0.7 * weights_only["nearest"][1], weights_only
+    assert weights_only["gptq"][0] < 0.6 * weights_only["nearest"][0], weights_only
+    full = {}  # whole int8 files: bias correction on the int8 model's inputs also removes the activations' shift
+    for tag, kw in (("nearest", {}), ("full", {"rounding": "gptq", "bias_correction": "full"})):
+        quantize_int8_static(pre, tmp_path / f"{tag}.onnx", x, Int8StaticConfig(**kw))
+        full[tag] = error(tmp_path / f"{tag}.onnx")
+    assert full["full"][1] < 0.7 * full["nearest"][1], full
+
+
+def test_learned_rounding_refuses_a_too_small_calibration_set(cancelling, digits, tmp_path):
+    _, pre = cancelling
+    few = {k: v[: MIN_ROUNDING_SAMPLES - 1] for k, v in digits.calib.numpy().items()}
+    with pytest.raises(DataError, match=f"needs at least {MIN_ROUNDING_SAMPLES}"):
+        quantize_int8_static(pre, tmp_path / "q.onnx", few, Int8StaticConfig(rounding="gptq"))
+
+
+def test_mse_range_clips_rare_outliers_but_not_a_uniform_tensor():
+    hist = np.zeros(2048, np.int64)
+    hist[:200] = 10_000  # a dense bulk near zero
+    hist[-1] = 1  # one far outlier
+    lo, hi = mse_range(hist, 0.0, 100.0, 256, symmetric=False)
+    assert lo == 0.0 and hi < 50
+    lo, hi = mse_range(np.full(2048, 100), -1.0, 1.0, 256, symmetric=False)
+    assert lo <= -0.95 and hi >= 0.95
+
+
+def test_mse_ranges_stay_inside_relu6(cancelling, digits, tmp_path):
+    _, pre = cancelling
+    model = onnx.load(str(pre))
+    bounds = clip_bounds(model)
+    assert any(b == (0.0, 6.0) for b in bounds.values())
+    x = digits.calib.numpy()
+
+    class Reader:
+        def __init__(self):
+            self.it = iter([{k: v[i : i + 16] for k, v in x.items()} for i in range(0, len(x["image"]), 16)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    data = load_tensors_data(mse_ranges(pre, Reader, None, False, tmp_path / "r.json", tmp_path))
+    checked = [name for name in bounds if name in data]
+    assert checked  # the ReLU6 output is one of the quantized tensors
+    for name in checked:
+        (lo, hi), (got_lo, got_hi) = bounds[name], data[name].range_value
+        assert float(np.min(got_lo)) >= lo - 1e-6 and float(np.max(got_hi)) <= hi + 1e-6
+
+
+def test_int8_auto_stops_at_the_first_rung_that_meets_the_budget(tiny_trained, digits, tmp_path):
+    fp32 = export(tiny_trained, "onnx", tmp_path / "fp32.onnx")
+    cfg = get_pass("quantize.int8_auto").config.parse({"max_accuracy_drop": 50.0, "latency_iterations": 5})
+    res = apply(fp32, cfg, PassContext(data=digits, workdir=tmp_path))
+    info = res.info
+    assert info["chosen"] == "ptq" and info["budget_met"] and len(info["ladder"]) == 1
+    rung = info["ladder"][0]
+    assert rung["status"] == "ok" and rung["size_bytes"] > 0 and rung["latency_p50_ms"] > 0
+
+
+def test_int8_auto_records_a_crashing_rung_and_lists_the_closest_when_no_rung_meets(tiny_trained, digits, tmp_path, monkeypatch):
+    import keiryo.passes.quantize_auto as auto
+
+    real = auto.quantize_int8_static
+
+    def fake(src, dst, x, cfg, **kw):
+        if cfg.calibration == "mse":
+            raise RuntimeError("calibrator exploded on tensor t")
+        real(src, dst, x, cfg, **kw)
+        m = onnx.load(str(dst))  # zeroed weights: a file that is int8 but useless, so no budget can be met
+        for init in m.graph.initializer:
+            if init.data_type == onnx.TensorProto.INT8:
+                init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+        onnx.save(m, str(dst))
+
+    monkeypatch.setattr(auto, "quantize_int8_static", fake)
+    fp32 = export(tiny_trained, "onnx", tmp_path / "fp32.onnx")
+    cfg = get_pass("quantize.int8_auto").config.parse(
+        {"max_accuracy_drop": 0.0, "rungs": ["ptq", "mse"], "latency_iterations": 5}
+    )
+    info = apply(fp32, cfg, PassContext(data=digits, workdir=tmp_path)).info
+    assert [r["status"] for r in info["ladder"]] == ["ok", "failed"]
+    assert "calibrator exploded" in info["ladder"][1]["error"]
+    assert not info["budget_met"] and info["closest"][0]["rung"] == "ptq" and "warning" in info
+
+
+def test_int8_auto_recipe_is_onnx_only():
+    assert load_recipe("int8-auto").steps[0].type == "quantize.int8_auto"
+    with pytest.raises(ConfigError, match="no tflite equivalent"):
+        load_recipe("int8-auto", target="tflite")
+
+
+def test_doctor_quant_ranks_every_layer_and_names_a_fix(digits):
+    from keiryo.doctor import quant_sensitivity
+    from keiryo.tasks import get_task
+
+    h = load_model(f"{__file__}:CancellingDepthwise", digits, output_name="logits")
+    rep = quant_sensitivity(h, digits, get_task("classification").bind(h.output_names))
+    drops = list(rep["drop_one_layer_int8"].values())
+    assert len(drops) == 3 and drops == sorted(drops, reverse=True)  # stem, depthwise, head; worst first
+    assert rep["metric"] == "accuracy_drop" and rep["predicted_fix"]
