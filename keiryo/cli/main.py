@@ -270,6 +270,9 @@ def compress(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the recipes, do nothing")] = False,
+    require_met: Annotated[
+        bool, typer.Option(help="exit non-zero (listing the closest candidates) when no candidate meets the budget")
+    ] = False,
     seed: SeedOpt = 0,
 ) -> None:
     """Run recipes on a model and measure every result on the target runtime; writes DIR/results.json.
@@ -292,6 +295,15 @@ def compress(
     constraints = _retarget_budget(constraints, t, max_drop)
     results = run_compress(handle, splits, recipes, out, constraints=constraints, opts=opts, overwrite=overwrite, task=t)
     _print_results(results, out)
+    if require_met and results.get("best") is None:
+        from keiryo.budget import violation
+        from keiryo.errors import ConstraintNotMetError
+
+        ok = [c for c in results["candidates"] if c.get("status") == "ok"]
+        ok.sort(key=lambda c: sum(max(0.0, violation(k, c["metrics"])) for k in constraints))
+        closest = ", ".join(f"{c['name']} ({'; '.join(c['constraints_violated'])})" for c in ok[:3])
+        budget = ", ".join(map(str, constraints))
+        raise ConstraintNotMetError(f"no candidate meets the budget ({budget}); closest: {closest or 'none'} (see {out})")
     if results.get("failed"):
         n = len(results["candidates"])
         _err(f"{results['failed']} of {n} candidates failed (see 'failed_step' and 'error' in {out / 'results.json'})")
