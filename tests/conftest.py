@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ from keiryo.data import DataSpec, load_data
 from keiryo.model import ModelHandle, ModelSpec, load_model
 from keiryo.tasks import get_task
 from keiryo.train import TrainConfig, train
+
+# tests/federated runs in .venv-federated (Flower cannot share this environment); here it is run by
+# tests/integration/test_federated_env.py, not collected
+collect_ignore_glob = [] if importlib.util.find_spec("flwr") else ["federated/*"]
 
 
 @pytest.fixture(scope="session", autouse=True)

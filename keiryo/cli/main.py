@@ -573,6 +573,13 @@ def serve(
     decryption_key: Annotated[
         Optional[Path], typer.Option("--decryption-key", help="key for encrypted packages (default $KEIRYO_DECRYPTION_KEY)")
     ] = None,
+    ssl_certfile: Annotated[Optional[Path], typer.Option("--ssl-certfile", help="TLS: the server's certificate (PEM)")] = None,
+    ssl_keyfile: Annotated[Optional[Path], typer.Option("--ssl-keyfile", help="TLS: its private key (PEM)")] = None,
+    ssl_ca_certs: Annotated[
+        Optional[Path], typer.Option("--ssl-ca-certs", help="mTLS: clients must present a certificate this CA signed")
+    ] = None,
+    public_metrics: Annotated[bool, typer.Option("--public-metrics", help="serve /metrics without an API key")] = False,
+    limit_concurrency: Annotated[int, typer.Option(min=1, help="connections and tasks before new ones get 503")] = 1000,
 ) -> None:
     """Serve registry models over the Open Inference Protocol v2 (KServe V2) REST API.
 
@@ -597,9 +604,18 @@ def serve(
         trusted_root=str(trusted_root) if trusted_root else None,
         tuf_cache=str(tuf_cache) if tuf_cache else None,
         decryption_key=str(decryption_key) if decryption_key else None,
+        public_metrics=public_metrics,
     )
     settings.check()
-    run_server(registry, settings, host, port)
+    tls = None
+    if ssl_certfile or ssl_keyfile or ssl_ca_certs:
+        if not (ssl_certfile and ssl_keyfile):
+            raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile")
+        from keiryo.serve.app import TLSSettings
+
+        ca = str(ssl_ca_certs) if ssl_ca_certs else None
+        tls = TLSSettings(certfile=str(ssl_certfile), keyfile=str(ssl_keyfile), ca_certs=ca)
+    run_server(registry, settings, host, port, tls=tls, limit_concurrency=limit_concurrency)
 
 
 @app.command()
@@ -607,7 +623,7 @@ def deploy(
     kind: Annotated[str, typer.Argument(help="docker | k8s | agent")],
     pkg: Annotated[Path, typer.Argument(help="package directory from `keiryo package`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
-    public_key: Annotated[Optional[Path], typer.Option("--public-key", help="docker: the signer's public key")] = None,
+    public_key: Annotated[Optional[Path], typer.Option("--public-key", help="the signer's key: verifies the package")] = None,
     image: Annotated[Optional[str], typer.Option(help="k8s: container image (default keiryo-NAME:VERSION)")] = None,
     replicas: Annotated[int, typer.Option(min=1, help="k8s: minimum replicas")] = 2,
     max_replicas: Annotated[int, typer.Option(min=1, help="k8s: HPA maximum replicas")] = 10,
@@ -633,10 +649,20 @@ def deploy(
         path = write_docker(pkg, public_key, out)
         _console().print(f"docker build context: {path} (docker build -t IMAGE {path})", highlight=False)
     elif kind == "k8s":
+        if public_key is None:
+            raise ConfigError("deploy k8s: pass --public-key (the package is verified before anything is written)")
         if max_replicas < replicas:
             raise ConfigError(f"--max-replicas {max_replicas} is below --replicas {replicas}")
         path = write_k8s(
-            pkg, out, image=image, replicas=replicas, max_replicas=max_replicas, cpu_target=cpu_target, cpu=cpu, memory=memory
+            pkg,
+            out,
+            public_key,
+            image=image,
+            replicas=replicas,
+            max_replicas=max_replicas,
+            cpu_target=cpu_target,
+            cpu=cpu,
+            memory=memory,
         )
         _console().print(f"kubernetes manifests: {path} (kubectl apply -f {path})", highlight=False)
     else:

@@ -21,10 +21,10 @@ from typing import Any
 from pydantic import Field
 
 from keiryo.config import KeiryoConfig
-from keiryo.errors import ConfigError, KeiryoError, PackageNotFoundError
+from keiryo.errors import ConfigError, KeiryoError, PackageNotFoundError, RuntimeSessionError
 from keiryo.packages.remote import TrustedRegistry, open_registry
 from keiryo.serve.batching import QueueFull
-from keiryo.serve.protocol import HEADER, ProtocolError, build_response, parse_request
+from keiryo.serve.protocol import HEADER, NonFiniteOutput, ProtocolError, build_response, parse_request
 
 access_log = logging.getLogger("keiryo.access")
 _json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
@@ -43,12 +43,16 @@ class ServeSettings(KeiryoConfig):
     max_queue: int = Field(256, ge=1, description="requests waiting per model before 503")
     body_limit_bytes: int = Field(16 * 2**20, ge=1024)
     request_timeout_s: float = Field(10.0, gt=0)
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send complete request headers within this")
+    body_timeout_s: float = Field(10.0, gt=0, description="longest wait for the next piece of a request body (408)")
     poll_s: float | None = Field(5.0, gt=0, description="refresh the registry's metadata this often (None: never)")
     trusted_root: str | None = Field(
         None, description="TUF root metadata to trust (default: the local registry's tuf/1.root.json)"
     )
     tuf_cache: str | None = Field(None, description="where the trusted metadata is kept between runs")
     decryption_key: str | None = Field(None, description="key file for encrypted packages (default $KEIRYO_DECRYPTION_KEY)")
+    public_metrics: bool = Field(False, description="serve /metrics without an API key (e.g. a scraper on a private network)")
+    public_docs: bool = Field(False, description="serve /docs and /openapi.json without an API key")
     server_name: str = "keiryo"
 
     def check(self) -> None:
@@ -73,6 +77,8 @@ def _status_of(e: BaseException) -> int:
         return 404
     if isinstance(e, QueueFull | TimeoutError):
         return 503
+    if isinstance(e, RuntimeSessionError | NonFiniteOutput):
+        return 500  # the model failed on a valid request: the server's side, not the client's
     if isinstance(e, KeiryoError):
         return 400
     return 500
@@ -243,11 +249,15 @@ def _access(rid: str, method: str, path: str, status: int, seconds: float, clien
     access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, line, (), None))
 
 
+_DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 _INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 
 def _error_body(status: int, e: BaseException) -> bytes:
-    if status == 500:
+    if isinstance(e, RuntimeSessionError | NonFiniteOutput):
+        events_log.error("model run failed", exc_info=e)  # logged once with its traceback; the caller gets the reason
+        message = str(e)
+    elif status == 500:
         events_log.exception("internal error")  # a bug: logged with its traceback, not shown to the caller
         message = "internal error"
     else:
@@ -269,6 +279,9 @@ class Front:
     def __init__(self, api: Any, server: "Server", authorize: Callable[[str | None], None]):
         self.api, self.server, self.authorize = api, server, authorize
         self.limit = server.settings.body_limit_bytes
+        st = server.settings
+        # what tells an attacker about the server is behind the API key unless the operator opens it
+        self.private = {*(() if st.public_metrics else ("/metrics",)), *(() if st.public_docs else _DOCS)}
         # request ids: a random per-process prefix and a counter (unique, without the getrandom
         # system call uuid4 makes per request; that was 12% of the event loop's time under load)
         self._ids = map(f"{os.urandom(6).hex()}-{{:x}}".format, itertools.count(1))
@@ -282,12 +295,21 @@ class Front:
         t0 = time.perf_counter()
         status = 499  # what is logged when no answer was started: the client went away first
         seen = 0
+        body_done = False
         limit = self.limit
+        body_timeout = self.server.settings.body_timeout_s
 
         async def counted_receive() -> Any:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done:  # after the body only a disconnect can come: no deadline on waiting for it
+                return await receive()
+            try:
+                async with asyncio.timeout(body_timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPError(408, f"request body stalled for over {body_timeout:g} s") from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise HTTPError(413, f"request body over the limit of {limit} bytes")
@@ -308,6 +330,9 @@ class Front:
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
                 await _respond(send_with_id, 413, json.dumps({"error": f"request body over the limit of {limit} bytes"}).encode())
+            elif path in self.private and not self._allowed(headers):
+                e = HTTPError(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+                await _respond(send_with_id, 401, _error_body(401, e), extra=e.headers)
             elif infer is not None:
                 await self._infer(headers, counted_receive, send_with_id, infer[1], infer[2])
             else:
@@ -317,10 +342,19 @@ class Front:
             dt = time.perf_counter() - t0
             parts = path.split("/")
             model = parts[3] if len(parts) > 3 and parts[2] == "models" else ""
+            if model and model not in self.server.refs:
+                model = "unknown"  # a label per name from the URL would let anyone grow /metrics without bound
             metrics.request(model, "infer" if infer is not None else "other", status, dt)
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client")
                 _access(rid, scope["method"], path, status, dt, client[0] if client else None)
+
+    def _allowed(self, headers: dict[bytes, bytes]) -> bool:
+        try:
+            self.authorize(headers.get(b"authorization", b"").decode("latin-1"))
+        except HTTPError:
+            return False
+        return True
 
     async def _infer(
         self, headers: dict[bytes, bytes], receive: Callable[..., Any], send: Callable[..., Any], name: str, version: str | None
@@ -514,7 +548,49 @@ def create_app(registry: TrustedRegistry | Any, settings: ServeSettings) -> Any:
     return Front(app, server, authorize)
 
 
-def run_server(store_root: str | Path | None, settings: ServeSettings, host: str, port: int, log_level: str = "info") -> None:
+class TLSSettings(KeiryoConfig):
+    certfile: str = Field(description="the server's certificate chain (PEM)")
+    keyfile: str = Field(description="its private key (PEM)")
+    ca_certs: str | None = Field(None, description="CA bundle: clients must present a certificate it signed (mTLS)")
+
+    def uvicorn(self) -> dict[str, Any]:
+        import ssl
+
+        for f in (self.certfile, self.keyfile, self.ca_certs):
+            if f is not None and not Path(f).is_file():
+                raise ConfigError(f"{f}: TLS file not found")
+        kw: dict[str, Any] = {"ssl_certfile": self.certfile, "ssl_keyfile": self.keyfile}
+        if self.ca_certs:
+            kw |= {"ssl_ca_certs": self.ca_certs, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        return kw
+
+
+def uvicorn_options(
+    settings: ServeSettings, tls: TLSSettings | None = None, limit_concurrency: int | None = 1000
+) -> dict[str, Any]:
+    """uvicorn's settings for keiryo's server: drain time, connection deadlines and cap, TLS."""
+    from keiryo.serve.connections import header_timeout_protocol
+
+    return {
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
+        "timeout_keep_alive": 5,  # idle keep-alive connections are closed
+        "http": header_timeout_protocol(settings.header_timeout_s),  # and so are ones that never finish a header
+        "limit_concurrency": limit_concurrency,  # connections + tasks past this get 503 instead of memory
+        **(tls.uvicorn() if tls else {}),
+    }
+
+
+def run_server(
+    store_root: str | Path | None,
+    settings: ServeSettings,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    *,
+    tls: TLSSettings | None = None,
+    limit_concurrency: int | None = 1000,
+) -> None:
     """Run with uvicorn; SIGTERM drains in-flight requests before exiting.
 
     keiryo's log lines (one JSON access line per request) go to stderr from a background thread
@@ -537,7 +613,7 @@ def run_server(store_root: str | Path | None, settings: ServeSettings, host: str
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         app = create_app(store_root, settings)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=30)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options(settings, tls, limit_concurrency))
     finally:
         signal.signal(signal.SIGTERM, previous)
         listener.stop()  # writes out what is still queued

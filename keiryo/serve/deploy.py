@@ -169,16 +169,17 @@ def k8s_manifests(
     return [deployment, service, hpa]
 
 
-def write_k8s(pkg: str | Path, out: str | Path, **kw: Any) -> Path:
-    """``out/keiryo.yaml`` with the Deployment, Service and HPA (one multi-document file)."""
+def write_k8s(pkg: str | Path, out: str | Path, public_key: str | Path, **kw: Any) -> Path:
+    """``out/keiryo.yaml`` with the Deployment, Service and HPA (one multi-document file), for a package
+    verified with ``public_key``. Nothing from the manifest goes into the file but through the YAML
+    serializer (its name and version are validated by ``read_manifest`` too)."""
     import yaml
 
-    manifest = read_manifest(pkg)
+    from keiryo.packages.package import verify
+
+    manifest = verify(pkg, public_key, golden=False)["manifest"]
     docs = k8s_manifests(manifest, **kw)
-    header = (
-        f"# keiryo {manifest['name']} {manifest['version']}: create the secret first:\n"
-        f"#   kubectl create secret generic {docs[0]['metadata']['name']}-keys --from-literal=api-keys=<16+ chars>\n"
-    )
+    header = "# keiryo: create the API-key secret first (kubectl create secret generic NAME-keys --from-literal=api-keys=...)\n"
     return write_atomic(Path(out) / "keiryo.yaml", header + yaml.safe_dump_all(docs, sort_keys=False))
 
 

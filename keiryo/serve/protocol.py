@@ -36,6 +36,10 @@ class ProtocolError(ValueError):
     """A malformed or mismatched inference request (HTTP 400)."""
 
 
+class NonFiniteOutput(ValueError):
+    """The model produced NaN/Inf for an output requested as JSON (a model property, not the client's fault)."""
+
+
 @dataclass
 class InferRequest:
     id: str | None
@@ -65,8 +69,8 @@ def parse_request(body: bytes, header_length: str | None, expected: dict[str, di
         head, binary = body, b""
     try:
         req = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"request body is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # bad JSON, an integer of 4,300+ digits, nesting past the stack
+        raise ProtocolError(f"request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from e
     req = _obj(req, "request")
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -107,10 +111,7 @@ def parse_request(body: bytes, header_length: str | None, expected: dict[str, di
             data = t.get("data")
             if data is None:
                 raise ProtocolError(f"input {name!r}: no 'data' and no binary_data_size")
-            try:
-                arr = np.asarray(data, dtype=dtype).reshape(-1)
-            except (ValueError, TypeError) as e:
-                raise ProtocolError(f"input {name!r}: data is not a (nested) list of {dt} numbers") from e
+            arr = _typed(data, dtype, dt, name, strict_bools=b"true" in head or b"false" in head)
             if arr.size != count:
                 raise ProtocolError(f"input {name!r}: {arr.size} elements for shape {shape} ({count} expected)")
         if dtype.kind == "f" and not np.isfinite(arr).all():
@@ -139,6 +140,41 @@ def parse_request(body: bytes, header_length: str | None, expected: dict[str, di
     return InferRequest(str(rid) if rid is not None else None, arrays, wanted, binary_out, binary_all)
 
 
+def _typed(data: Any, dtype: np.dtype, dt: str, name: str, *, strict_bools: bool) -> np.ndarray:
+    """``data`` as a flat array of ``dtype``, refusing strings, booleans where numbers are expected, numbers
+    where booleans are, floats for integer types and values the type cannot hold."""
+    bad = ProtocolError(f"input {name!r}: data is not a (nested) list of {dt} values")
+    try:
+        raw = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise bad from e
+    kind = raw.dtype.kind
+    want = dtype.kind
+    if (want == "b" and kind != "b") or (want in "iu" and kind not in "iu") or (want == "f" and kind not in "iuf"):
+        raise bad
+    if want != "b" and strict_bools and _has_bool(data):
+        raise bad  # numpy turns [true, 1] into [1, 1]: booleans are refused where numbers are expected
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            arr = raw.astype(dtype, casting="unsafe" if want == "f" else "same_kind").reshape(-1)
+    except (TypeError, OverflowError, FloatingPointError) as e:
+        raise bad from e
+    if want in "iu" and not np.array_equal(arr, raw.reshape(-1)):
+        raise ProtocolError(f"input {name!r}: values out of range for {dt}")
+    return arr
+
+
+def _has_bool(x: Any) -> bool:
+    stack = [x]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, bool):
+            return True
+        if isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
 def datatype_of(a: np.ndarray) -> str:
     for name, dt in DATATYPES.items():
         if a.dtype == dt:
@@ -164,6 +200,10 @@ def build_response(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise NonFiniteOutput(
+                    f"output {n!r} holds NaN or Inf, which JSON cannot carry; ask for it in binary (binary_data_output)"
+                )
             entry["data"] = a.reshape(-1).tolist()
         out_json.append(entry)
     resp: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": out_json}

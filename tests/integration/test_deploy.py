@@ -22,8 +22,9 @@ def signed(tiny_results, tmp_path_factory):
 def test_k8s_manifests_validate_against_the_api_schema(signed, tmp_path, capsys):
     import kubernetes_validate
 
-    pkg, _ = signed
-    code, out, err = run_cli("deploy", "k8s", str(pkg), "--out", str(tmp_path / "k8s"), "--cpu", "500m", capsys=capsys)
+    pkg, pub = signed
+    k8s = ["deploy", "k8s", str(pkg), "--public-key", str(pub), "--out", str(tmp_path / "k8s"), "--cpu", "500m"]
+    code, out, err = run_cli(*k8s, capsys=capsys)
     assert code == 0, err
     docs = list(yaml.safe_load_all((tmp_path / "k8s" / "keiryo.yaml").read_text()))
     assert [d["kind"] for d in docs] == ["Deployment", "Service", "HorizontalPodAutoscaler"]
@@ -65,3 +66,25 @@ def test_docker_context_has_a_verified_registry_and_a_slim_cpu_image(signed, tmp
     assert code != 0 and "pass --public-key" in one_line_error(err)
     code, _, err = run_cli("deploy", "docker", str(pkg), "--public-key", str(pub), "--out", str(out), capsys=capsys)
     assert code != 0 and "exists" in one_line_error(err)
+
+
+def test_k8s_needs_a_verified_package_and_a_crafted_name_never_reaches_the_yaml(signed, tmp_path, capsys):
+    import json
+    import shutil
+
+    from keiryo.packages.signing import sign_dir
+
+    pkg, pub = signed
+    code, _, err = run_cli("deploy", "k8s", str(pkg), "--out", str(tmp_path / "a"), capsys=capsys)
+    assert code != 0 and "pass --public-key" in one_line_error(err)
+    bad = tmp_path / "bad"
+    shutil.copytree(pkg, bad)
+    m = json.loads((bad / "keiryo.json").read_text())
+    m["name"] = "x\n---\napiVersion: v1\nkind: Pod\nspec: {hostPID: true}"
+    (bad / "keiryo.json").write_text(json.dumps(m))
+    code, _, err = run_cli("deploy", "k8s", str(bad), "--public-key", str(pub), "--out", str(tmp_path / "b"), capsys=capsys)
+    assert code != 0 and not (tmp_path / "b").exists()  # the signature no longer matches
+    priv = pkg.parent / "key.pem"
+    sign_dir(bad, priv)  # even signed by the right key, the name is refused
+    code, _, err = run_cli("deploy", "k8s", str(bad), "--public-key", str(pub), "--out", str(tmp_path / "c"), capsys=capsys)
+    assert code != 0 and "package name" in one_line_error(err) and not (tmp_path / "c").exists()

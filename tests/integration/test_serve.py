@@ -31,12 +31,17 @@ def _free_port() -> int:
 
 
 class LiveServer:
+    """The app under uvicorn with the options ``keiryo serve`` uses (connection deadlines and cap)."""
+
     def __init__(self, app, port: int):
         import uvicorn
 
+        from keiryo.serve.app import uvicorn_options
+
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+        opts = uvicorn_options(app.server.settings)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **opts))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -75,6 +80,8 @@ def world(tiny_results, tmp_path_factory):
         max_queue_delay_ms=20,
         body_limit_bytes=64 * 1024,
         poll_s=0.2,
+        header_timeout_s=1.0,
+        body_timeout_s=1.0,
     )
     app = create_app(store, settings)
     with LiveServer(app, _free_port()) as srv:
@@ -189,7 +196,7 @@ def test_dynamic_batching_runs_concurrent_requests_together(world, digits):
         outs = list(pool.map(one, range(64)))
     for o in outs:
         np.testing.assert_allclose(o, want, atol=1e-5)
-    text = httpx.get(world["srv"].url + "/metrics").text
+    text = httpx.get(world["srv"].url + "/metrics", headers=H).text
     sizes = {
         float(line.split('le="')[1].split('"')[0]): float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -218,7 +225,7 @@ def test_hot_reload_on_alias_move_and_refusal_of_a_bad_version(world, digits):
     time.sleep(1.0)
     r = _post(world, _good(x))
     assert r.status_code == 200 and r.json()["model_version"] == "2.0.0"
-    text = httpx.get(world["srv"].url + "/metrics").text
+    text = httpx.get(world["srv"].url + "/metrics", headers=H).text
     assert 'result="refused"' in text
     admin = {"Authorization": f"Bearer {ADMIN}"}
     r = httpx.post(world["srv"].url + "/v2/repository/models/tiny/load", headers=admin)
@@ -256,7 +263,7 @@ def test_schemathesis_finds_no_server_error(world):
     import schemathesis
     from hypothesis import HealthCheck, settings
 
-    schema = schemathesis.openapi.from_url(world["srv"].url + "/openapi.json")
+    schema = schemathesis.openapi.from_url(world["srv"].url + "/openapi.json", headers=H)
     failures = []
     calls = []
     for op in schema.get_all_operations():
@@ -498,3 +505,186 @@ def test_a_text_model_with_int64_token_inputs_is_served(tmp_path):
         bad.set_data_from_numpy(x["input_ids"].astype(np.float32))
         with pytest.raises(Exception, match="datatype 'FP32', expected INT64"):
             c.infer("text", [bad, inputs[1]], headers=dict(H))
+
+
+def test_hostile_clients_cannot_grow_metrics_or_read_private_endpoints(world):
+    """Model labels come from configured names only; /metrics, /docs and /openapi.json need a key."""
+    url = world["srv"].url
+    for path in ("/metrics", "/openapi.json", "/docs"):
+        assert httpx.get(url + path).status_code == 401, path
+    before = httpx.get(url + "/metrics", headers=H).text
+    with httpx.Client() as c:
+        for i in range(300):
+            assert c.post(f"{url}/v2/models/junk{i}/infer", content=b"{}").status_code == 401
+    after = httpx.get(url + "/metrics", headers=H).text
+    assert "junk" not in after and 'model="unknown"' in after
+    series = lambda t: sum(1 for line in t.splitlines() if line and not line.startswith("#"))  # noqa: E731
+    assert series(after) - series(before) <= 4  # one new (unknown, other, 401) series and its friends, not 300
+
+
+@pytest.mark.parametrize(
+    "body, status, error",
+    [
+        (b"[" * 20_000 + b"]" * 20_000, 400, "RecursionError"),  # under the body limit, past the stack
+        (
+            b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1], "data": [' + b"1" * 5000 + b"]}]}",
+            400,
+            "4300 digits",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": ['
+            + str(10**400).encode()
+            + b"]}]}",
+            400,
+            "FP32 values",
+        ),
+        (
+            json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": ["0.5"] * 64}]}).encode(),
+            400,
+            "FP32 values",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [True] + [0.5] * 63}]}
+            ).encode(),
+            400,
+            "FP32 values",
+        ),
+    ],
+    ids=["deep-nesting", "huge-int", "overflow", "string-number", "bool-number"],
+)
+def test_malformed_json_is_a_400_and_never_a_500(world, body, status, error):
+    r = httpx.post(world["srv"].url + "/v2/models/tiny/infer", content=body, headers=H)
+    assert r.status_code == status and error in r.json()["error"], r.text
+
+
+def test_non_finite_outputs_and_a_failing_session_are_500s_with_their_reason(world, caplog):
+    from keiryo.errors import RuntimeSessionError
+    from keiryo.serve.protocol import InferRequest, NonFiniteOutput, build_response
+
+    req = InferRequest(None, {}, None, set(), False)
+    with pytest.raises(NonFiniteOutput, match="NaN or Inf"):
+        build_response("m", "1", req, {"logits": np.array([[-np.inf, 0.0]], np.float32)})
+    body, _, _ = build_response(
+        "m", "1", InferRequest(None, {}, None, set(), True), {"logits": np.array([[-np.inf]], np.float32)}
+    )
+    assert body  # binary outputs carry them
+    from keiryo.serve.app import _error_body, _status_of
+
+    e = RuntimeSessionError("model.onnx: onnxruntime run failed: boom")
+    assert _status_of(e) == 500 and json.loads(_error_body(500, e))["error"].endswith("boom")
+    assert _status_of(NonFiniteOutput("x")) == 500
+
+
+def _cert(tmp_path, name, issuer=None, *, ca=False):
+    """A certificate for 127.0.0.1 made in the test (self-signed, or signed by ``issuer``), written as PEM."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        import ipaddress
+
+        b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    cert = b.sign(issuer[1] if issuer else key, hashes.SHA256())
+    (tmp_path / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / f"{name}.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert, key
+
+
+def test_tls_and_mutual_tls(world, tmp_path):
+    """keiryo serve with a certificate made in the test: HTTPS works, plain HTTP does not; with --ssl-ca-certs
+    a client without a certificate fails the handshake and one signed by the CA is served."""
+    import os
+    import ssl
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ca = _cert(tmp_path, "ca", ca=True)
+    _cert(tmp_path, "server", ca)
+    _cert(tmp_path, "client", ca)
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "keiryo"), "serve", "--registry", str(world["store"].root), "--model", "tiny@1.0.0"]
+    cmd += ["--public-key", str(world["pub"]), "--port", str(port), "--poll-s", "0", "--tuf-cache", str(tmp_path / "cache")]
+    cmd += ["--ssl-certfile", str(tmp_path / "server.crt"), "--ssl-keyfile", str(tmp_path / "server.key")]
+    cmd += ["--ssl-ca-certs", str(tmp_path / "ca.crt")]
+    proc = subprocess.Popen(cmd, env={**os.environ, "KEIRYO_API_KEYS": API}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"https://127.0.0.1:{port}"
+    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    client_ctx.load_cert_chain(str(tmp_path / "client.crt"), str(tmp_path / "client.key"))
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/v2/health/ready", verify=client_ctx, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert httpx.get(url + "/v2/models/tiny", verify=client_ctx, headers=H).json()["versions"] == ["1.0.0"]
+        anonymous = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))  # trusts the server, has no certificate
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/v2/health/ready", verify=anonymous, timeout=5)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5)  # no plaintext on a TLS port
+        assert proc.poll() is None  # handshake failures never reached (or ended) the application
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_slow_and_idle_clients_are_cut_off_and_the_server_keeps_serving(world, digits):
+    """An idle connection, a header sent a byte at a time, and a stalled authenticated body are closed
+    within their deadlines (1 s here), while normal requests go on being served."""
+    host, port = "127.0.0.1", world["srv"].port
+
+    def connect():
+        s = socket.create_connection((host, port))
+        s.settimeout(5)
+        return s
+
+    idle, slow_header, slow_body = connect(), connect(), connect()
+    slow_body.sendall(
+        f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
+    )
+    x = digits.test.inputs["image"][:1].numpy()
+    start = time.monotonic()
+    answered = 0
+    header = iter(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # a byte every 0.1 s: never finished in time
+    cut_at = None
+    while time.monotonic() - start < 2.5:
+        if cut_at is None:
+            try:
+                slow_header.sendall(bytes([next(header)]))
+            except OSError:
+                cut_at = time.monotonic() - start
+        if _post(world, _good(x)).status_code == 200:
+            answered += 1
+        time.sleep(0.1)
+    assert answered >= 10  # normal requests kept being answered meanwhile
+    assert idle.recv(100) == b""  # closed by the server, no response: it never asked anything
+    assert slow_header.recv(100) == b""
+    reply = slow_body.recv(1000)
+    assert reply.startswith(b"HTTP/1.1 408") and b"stalled" in reply
+    assert time.monotonic() - start < 5
+    for s in (idle, slow_header, slow_body):
+        s.close()
