@@ -50,6 +50,7 @@ class Layer:
     mean: Any = None  # (groups, d) running sum of the columns
     count: int = 0
     act_q: tuple[float, int, int, int] | None = None  # (scale, zero point, qmin, qmax) of the int8 input
+    mean_q: Any = None  # (groups, d) running sum of the columns as the int8 model sees them (quantized with act_q)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,9 +113,6 @@ def _columns(layer: Layer, x: np.ndarray, keep: int, rng: np.random.Generator) -
     import torch.nn.functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    if layer.act_q is not None:  # the input as the int8 model sees it: quantized with its scale and zero point
-        s, zp, lo, hi = layer.act_q
-        t = (torch.clamp(torch.round(t / s) + zp, lo, hi) - zp) * s
     if layer.op == "Gemm":
         return t.reshape(len(t), -1).T[None]
     top, left, bottom, right = layer.pads
@@ -139,6 +137,7 @@ def collect(
 ) -> None:
     """Run the graph on the calibration inputs and accumulate each layer's input Hessian and mean column."""
     import onnx
+    import torch
 
     model = onnx.load(str(src))
     outputs = {o.name for o in model.graph.output}
@@ -163,6 +162,10 @@ def collect(
             if hessian:
                 h = (cols @ cols.transpose(1, 2)).double()
                 lay.h = h if lay.h is None else lay.h + h
+            if lay.act_q is not None:  # the same columns quantized as the int8 input (padding zeros stay zero)
+                sc, zp, lo, hi = lay.act_q
+                sq = ((torch.clamp(torch.round(cols / sc) + zp, lo, hi) - zp) * sc).sum(-1).double()
+                lay.mean_q = sq if lay.mean_q is None else lay.mean_q + sq
             s = cols.sum(-1).double()
             lay.mean = s if lay.mean is None else lay.mean + s
             lay.count += cols.shape[-1]
@@ -321,10 +324,8 @@ def correct_biases_on_int8_inputs(
     inits = {i.name: i for i in model.graph.initializer}
     ref_inits = {i.name: i for i in ref.graph.initializer}
     by_name = {nd.name: nd for nd in model.graph.node}
-    fp_layers = [Layer(**{**lay.__dict__, "act_q": None, "h": None, "mean": None, "count": 0}) for lay in layers]
-    collect(src, fp_layers, x, batch, max_columns, seed, hessian=False)
     shifts = []
-    for fl, ql in zip(fp_layers, layers, strict=True):
+    for fl in layers:
         node = by_name.get(fl.node)
         if node is None or len(node.input) < 3 or not node.input[2]:
             continue  # the rounding pass gives every layer a bias
@@ -332,7 +333,7 @@ def correct_biases_on_int8_inputs(
         wq = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         g = fl.group
         e_fp = (fl.mean / fl.count).numpy()  # (g, d)
-        e_q = (ql.mean / ql.count).numpy()
+        e_q = ((fl.mean_q if fl.mean_q is not None else fl.mean) / fl.count).numpy()
         rows = len(w) // g
         delta = np.einsum("grd,gd->gr", w.reshape(g, rows, -1), e_fp) - np.einsum("grd,gd->gr", wq.reshape(g, rows, -1), e_q)
         b0 = numpy_helper.to_array(ref_inits[fl.bias]).astype(np.float64) if fl.bias else np.zeros(len(w))
