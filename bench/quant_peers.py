@@ -113,13 +113,17 @@ def run_model(variant: str, work: Path, args: argparse.Namespace) -> tuple[list[
     auto = load_recipe("int8-auto").to_dict()
     auto["steps"][0]["params"] = {"max_accuracy_drop": args.budget, "max_float_layers": args.max_float_layers}
     recipes.append(load_recipe(auto))
+    if args.tflite:  # TFLite full-integer (litert-torch + ai-edge-quantizer), measured on the LiteRT interpreter
+        recipes.append(load_recipe("int8", target="tflite").model_copy(update={"name": "int8-tflite"}))
     run = work / variant
     t0 = time.monotonic()
     results = compress(handle, data, recipes, run, opts=opts, overwrite=True)
     cands = {c["name"]: c for c in results["candidates"]}
+    checks: list[tuple[str, bool, str]] = []
     seconds: dict[str, float] = {n: c.get("seconds") or 0.0 for n, c in cands.items()}
     print(f"keiryo compress: {(time.monotonic() - t0) / 60:.1f} min", flush=True)
-    files: dict[str, Path] = {"fp32 onnxruntime": run / cands["fp32"]["artifact"]}
+    ref = "fp32" if "fp32" in cands else "fp32-onnx"
+    files: dict[str, Path] = {"fp32 onnxruntime": run / cands[ref]["artifact"]}
     for n in ("int8", "int8-gptq", "int8-auto"):
         if cands[n]["status"] == "ok":
             files[f"keiryo `{n}`"] = run / cands[n]["artifact"]
@@ -177,8 +181,20 @@ def run_model(variant: str, work: Path, args: argparse.Namespace) -> tuple[list[
                 )
             else:
                 lines.append(f"| {r['rung']} | failed | | | {r['seconds']:.0f} | {note} |")
+    tfl = cands.get("int8-tflite")
+    if tfl is not None:
+        if tfl["status"] == "ok":
+            m = tfl["metrics"]
+            lines += [
+                "",
+                f"TFLite full-integer (keiryo `int8` on target tflite), on the LiteRT interpreter: agreement "
+                f"{m['accuracy'] * 100:.1f}%, {m['size_bytes'] / 1e6:.2f} MB, p50 {m['latency_p50_ms']:.2f} ms "
+                f"(fp32 tflite p50 {cands['fp32-tflite']['metrics']['latency_p50_ms']:.2f} ms)",
+            ]
+            checks.append((f"{variant}: TFLite int8 agreement >= 97%", m["accuracy"] >= 0.97, f"{m['accuracy']:.1%}"))
+        else:
+            lines += ["", f"TFLite full-integer failed at {tfl.get('failed_step')}: {tfl.get('error')}"]
     peer_rows = [n for n in files if not n.startswith("keiryo") and n != base]
-    checks: list[tuple[str, bool, str]] = []
     best = "keiryo `int8-auto`" if "keiryo `int8-auto`" in files else "keiryo `int8`"
     if best in files:
         checks.append((f"{variant}: {best} agreement >= 98%", agree[best] >= 0.98, f"{agree[best]:.1%}"))
@@ -210,6 +226,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=100)
     ap.add_argument("--md", type=Path)
+    ap.add_argument("--tflite", action="store_true", help="also TFLite full-integer on the LiteRT interpreter (slow)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="keiryo-bench-quant-"))
     lines = [cpu_line(1), "", "; ".join(f"{k} {v}" for k, v in library_versions(("nncf",)).items() if v), ""]
