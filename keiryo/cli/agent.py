@@ -48,8 +48,7 @@ def agent_run(
     health_command: Annotated[Optional[str], typer.Option(help="command run in the window; non-zero exit = roll back")] = None,
     latency_budget_ms: Annotated[Optional[float], typer.Option(help="smoke test: golden-row p50 must be under this")] = None,
     memory_budget_mb: Annotated[Optional[float], typer.Option(help="smoke test: loading may grow RSS by this much")] = None,
-    max_staleness_s: Annotated[float, typer.Option(min=1, help="stop serving after this long without a good check")] = 7
-    * 86400.0,
+    max_staleness_s: Annotated[float, typer.Option(min=1, help="stop serving after this long without a good check")] = 604800.0,
     offline: Annotated[bool, typer.Option("--offline", help="never contact the registry (serve within max staleness)")] = False,
     threads: Annotated[int, typer.Option(min=1, help="intra-op threads")] = 1,
     decryption_key: Annotated[
@@ -57,29 +56,12 @@ def agent_run(
     ] = None,
 ) -> None:
     """Keep the device's model current and serve it locally (OIP v2 REST on --port)."""
+    agent = _agent(**{k: v for k, v in locals().items() if k not in ("host", "port", "api_key")})  # the options, first
     import signal
     import threading
 
     from keiryo.agent.endpoint import Endpoint
 
-    agent = _agent(
-        source=source,
-        name=name,
-        alias=alias,
-        trusted_root=trusted_root,
-        public_key=public_key,
-        state_dir=state_dir,
-        poll_s=poll_s,
-        health_window_s=health_window_s,
-        max_errors=max_errors,
-        health_command=health_command,
-        latency_budget_ms=latency_budget_ms,
-        memory_budget_mb=memory_budget_mb,
-        max_staleness_s=max_staleness_s,
-        offline=offline,
-        threads=threads,
-        decryption_key=decryption_key,
-    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -102,15 +84,7 @@ def agent_check(
     health_window_s: Annotated[float, typer.Option(min=0, help="watch a new version this long before committing")] = 10.0,
 ) -> None:
     """One update cycle, then exit (for cron, or a first install). Prints the outcome as JSON."""
-    agent = _agent(
-        source=source,
-        name=name,
-        alias=alias,
-        trusted_root=trusted_root,
-        public_key=public_key,
-        state_dir=state_dir,
-        health_window_s=health_window_s,
-    )
+    agent = _agent(**locals())
     agent.recover()
     outcome = agent.check()
     typer.echo(json.dumps({"outcome": outcome, "active": agent.active and agent.active.version}))

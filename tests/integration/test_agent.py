@@ -426,3 +426,19 @@ def test_an_encrypted_package_is_decrypted_in_memory_and_refused_without_its_key
     assert keyed.infer(x)[1]["logits"].shape == (1, 10)
     # the plaintext model is nowhere on the device's disk
     assert not any(f.is_file() and f.read_bytes() == plain for f in (tmp_path / "dev2").rglob("*"))
+
+
+def test_agent_cli_check_and_status(world, tmp_path, capsys):
+    from test_cli import one_line_error, run_cli
+
+    store = _registry(world, tmp_path / "reg")
+    args = ["--source", str(store.root), "--name", "tiny", "--trusted-root", str(store.root / "tuf" / "1.root.json")]
+    args += ["--public-key", str(world["pub"]), "--state-dir", str(tmp_path / "dev")]
+    code, out, err = run_cli("agent", "check", *args, "--health-window-s", "0.2", capsys=capsys)
+    assert code == 0, err
+    assert json.loads(out) == {"outcome": "updated", "active": "1.0.0"}
+    code, out, _ = run_cli("agent", "status", "--state-dir", str(tmp_path / "dev"), "--name", "tiny", capsys=capsys)
+    st = json.loads(out)
+    assert st["current"] == "1.0.0" and st["committed"]["version"] == "1.0.0" and st["events"][-1]["event"] == "committed"
+    code, _, err = run_cli("agent", "check", *args[:-2], "--state-dir", str(tmp_path / "d2"), "--name", "../x", capsys=capsys)
+    assert code != 0 and "package name" in one_line_error(err)
