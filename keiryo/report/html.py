@@ -146,6 +146,31 @@ def _row(c: dict[str, Any], best: str | None, results: dict[str, Any]) -> str:
     return f"<tr{cls}><td>{e(c['name'])}</td>{tds}</tr>"
 
 
+def _ladders(cands: list[dict[str, Any]]) -> str:
+    """The rungs ``quantize.int8_auto`` tried for each candidate that ran it: drop, size, p50, seconds, or the error."""
+    e = html.escape
+    out = []
+    for c in cands:
+        for s in c.get("steps", []):
+            info = s.get("info") or {}
+            if "ladder" not in info:
+                continue
+            rows = "".join(
+                f"<tr><td>{e(r['rung'])}</td><td>{e(r['status'])}</td><td>{r.get('val_drop', '')}</td>"
+                f"<td>{r.get('size_bytes', '')}</td><td>{r.get('latency_p50_ms', '')}</td><td>{r.get('seconds', '')}</td>"
+                f"<td>{e(str(r.get('error') or r.get('float_layers') or ''))}</td></tr>"
+                for r in info["ladder"]
+            )
+            met = "met" if info.get("budget_met") else "not met (closest kept)"
+            out.append(
+                f"<h3>{e(c['name'])}: chosen rung {e(str(info.get('chosen')))}, {e(info.get('drop_metric', ''))} "
+                f"&le; {info.get('max_accuracy_drop')} on the validation split {met}</h3>"
+                "<table><tr><th>rung</th><th>status</th><th>val drop</th><th>size bytes</th><th>p50 ms</th><th>seconds</th>"
+                f"<th>error / float layers</th></tr>{rows}</table>"
+            )
+    return "<h2>int8 ladders</h2>" + "".join(out) if out else ""
+
+
 def render_html(results: dict[str, Any], png: bytes) -> str:
     e = html.escape
     best = results.get("best")
@@ -199,6 +224,7 @@ int8 dot-product: {e(", ".join(machine["cpu"]["int8_isa"]) or "none")}, {machine
 <h2>All candidates</h2><p class="note">Click a column to sort.</p>
 <table class="sortable"><thead><tr><th>name</th><th>{e(primary)}</th><th>{e(drop)}</th><th>fidelity</th><th>size MB</th>
 <th>gzip MB</th><th>p50 ms</th><th>p95 ms</th><th>MMACs</th><th>meets budget</th></tr></thead><tbody>{rows}</tbody></table>
+{_ladders(cands)}
 <h2>Reproduce</h2><pre>{e(" ".join(cmd))}</pre>
 <h2>Machine and libraries</h2><pre>{e(json.dumps(machine, indent=2))}</pre>
 <script>{_SORT_JS}</script></body></html>"""

@@ -171,6 +171,10 @@ def test_int8_auto_records_a_crashing_rung_and_lists_the_closest_when_no_rung_me
     assert [r["status"] for r in info["ladder"]] == ["ok", "failed"]
     assert "calibrator exploded" in info["ladder"][1]["error"]
     assert not info["budget_met"] and info["closest"][0]["rung"] == "ptq" and "warning" in info
+    from keiryo.report.html import _ladders
+
+    page = _ladders([{"name": "int8-auto", "steps": [{"type": "quantize.int8_auto", "info": info}]}])
+    assert "calibrator exploded" in page and "not met" in page and "<td>ptq</td>" in page
 
 
 def test_int8_auto_recipe_is_onnx_only():
