@@ -20,6 +20,7 @@ traceback). Messages say what was received and what was expected.
     ├── IntegrityError           hash or signature mismatch
     │   └── TrustError           registry metadata refused (expired, rolled back, unsigned, mismatched)
     ├── ConstraintNotMetError    no candidate meets the budget
+    ├── TransferError            a download failed on the way (network, server); worth retrying
     └── PackageNotFoundError     unknown package, version or alias
 """
 
@@ -39,6 +40,7 @@ __all__ = [
     "ParityError",
     "PassError",
     "RuntimeSessionError",
+    "TransferError",
     "TrustError",
     "UnsupportedOpError",
 ]
@@ -119,6 +121,10 @@ class IntegrityError(KeiryoError):
 
 class TrustError(IntegrityError):
     """The registry's TUF metadata was refused: expired, rolled back, badly signed, or not matching a file."""
+
+
+class TransferError(KeiryoError):
+    """A download failed on the way (connection refused, reset, timed out): nothing wrong was received."""
 
 
 class ConstraintNotMetError(KeiryoError):

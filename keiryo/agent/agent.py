@@ -28,7 +28,7 @@ from keiryo._atomic import atomic_dir, copy_file, remove_stale
 from keiryo._faults import fault_point
 from keiryo.agent.state import State, StateDir, Version
 from keiryo.config import KeiryoConfig
-from keiryo.errors import IntegrityError, KeiryoError, RuntimeSessionError
+from keiryo.errors import IntegrityError, KeiryoError, RuntimeSessionError, TransferError
 
 # every named point of the update cycle a crash test can kill the agent at (see keiryo._faults)
 FAULT_POINTS = (
@@ -217,7 +217,8 @@ class Agent:
         return self._registry
 
     def check(self) -> str:
-        """One update cycle; returns what happened: current | updated | rolled_back | rejected | refused | offline."""
+        """One update cycle; returns what happened:
+        current | updated | rolled_back | rejected | refused | unavailable (a download broke off) | offline."""
         if self.cfg.offline:
             return "offline"
         reg = self.registry()
@@ -251,6 +252,10 @@ class Agent:
             t["stage_s"] = time.monotonic() - t["start"] - t["download_s"]
             pkg, session = self._smoke(cand, trusted)
             t["smoke_s"] = time.monotonic() - t["start"] - t["download_s"] - t["stage_s"]
+        except TransferError as e:  # the network, not the package: keep what arrived, try again next cycle
+            self._save(state=State.IDLE, candidate=None)
+            self._event("download_failed", version=cand.version, reason="transfer", detail=str(e))
+            return "unavailable"
         except KeiryoError as e:
             self._reject(cand, "smoke_test" if isinstance(e, _SmokeFailed) else "download_or_verify", str(e))
             return "rejected"

@@ -18,6 +18,7 @@ the metadata file and the rule it broke; what was trusted before stays trusted.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import threading
 import urllib.error
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keiryo.errors import BackendUnavailableError, IntegrityError, PackageNotFoundError, TrustError
+from keiryo.errors import BackendUnavailableError, IntegrityError, PackageNotFoundError, TransferError, TrustError
 from keiryo.packages.trust import alias_target, package_target
 
 CHUNK = 1 << 16
@@ -254,7 +255,7 @@ class TrustedRegistry:
             try:
                 f = open(path, "rb")  # noqa: SIM115
             except OSError as e:
-                raise IntegrityError(f"{path}: cannot be read ({e.strerror})") from e
+                raise TransferError(f"{path}: cannot be read ({e.strerror})") from e
             with f:
                 f.seek(start)
                 yield from _capped(iter(lambda: f.read(CHUNK), b""), start, length, url)
@@ -262,12 +263,17 @@ class TrustedRegistry:
         req = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
         try:
             resp = urllib.request.urlopen(req, timeout=30)  # noqa: S310 - http(s) only, checked above
-        except urllib.error.URLError as e:
-            raise IntegrityError(f"{url}: download failed ({e})") from e
+        except urllib.error.HTTPError as e:
+            raise TransferError(f"{url}: HTTP {e.code} {e.reason}") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise TransferError(f"{url}: download failed ({e})") from e
         with resp:
             if start and resp.status != 206:
-                raise IntegrityError(f"{url}: the server ignored the Range request (status {resp.status}); cannot resume")
-            yield from _capped(iter(lambda: resp.read(CHUNK), b""), start, length, url)
+                raise TransferError(f"{url}: the server ignored the Range request (status {resp.status}); cannot resume")
+            try:
+                yield from _capped(iter(lambda: resp.read(CHUNK), b""), start, length, url)
+            except (OSError, http.client.HTTPException) as e:
+                raise TransferError(f"{url}: the download broke off ({e})") from e
 
 
 def _capped(chunks: Iterator[bytes], start: int, length: int, url: str) -> Iterator[bytes]:
@@ -280,6 +286,8 @@ def _capped(chunks: Iterator[bytes], start: int, length: int, url: str) -> Itera
 
 
 def _check(url: str, n: int, digest: str, expected: tuple[int, str]) -> None:
+    if n < expected[0] and not url.startswith("file://"):  # a stream that ended early: kept for a resume
+        raise TransferError(f"{url}: the download broke off at {n} of {expected[0]} bytes")
     if n != expected[0]:
         raise IntegrityError(f"{url}: {n} bytes, the signed metadata says {expected[0]}")
     if digest != expected[1]:

@@ -157,15 +157,6 @@ class PackageStore:
         name, version = self.resolve(ref)
         return self._pkg_dir(name, version)
 
-    def trusted_files(self, name: str, version: str) -> dict[str, tuple[int, str]]:
-        """{relative path: (length, sha256)} of a published package, from the signed targets metadata."""
-        targets = self.trust.targets()
-        files = self._packages()[name][version]["files"]
-        return {
-            f: (targets[package_target(name, version, f)].length, targets[package_target(name, version, f)].hashes["sha256"])
-            for f in files
-        }
-
     def show(self, ref: str) -> dict[str, Any]:
         name, version = self.resolve(ref)
         m = read_manifest(self._pkg_dir(name, version))

@@ -442,3 +442,47 @@ def test_agent_cli_check_and_status(world, tmp_path, capsys):
     assert st["current"] == "1.0.0" and st["committed"]["version"] == "1.0.0" and st["events"][-1]["event"] == "committed"
     code, _, err = run_cli("agent", "check", *args[:-2], "--state-dir", str(tmp_path / "d2"), "--name", "../x", capsys=capsys)
     assert code != 0 and "package name" in one_line_error(err)
+
+
+def test_a_download_that_breaks_off_is_resumed_and_never_blacklisted(world, tmp_path):
+    """Over HTTP, the connection drops halfway through the model file: the cycle ends "unavailable" (the
+    version is not refused, the old model serves), and the next cycle asks for the rest with a Range
+    request and commits."""
+    from http.server import ThreadingHTTPServer
+
+    from keiryo.packages.http import _handler
+
+    store = _registry(world, tmp_path / "reg")
+    ranges: list[str] = []
+    cut = {"once": True}
+    base = _handler(store.root.resolve())
+
+    class Flaky(base):
+        def do_GET(self):
+            if self.path.endswith("/2.0.0/model.onnx"):
+                ranges.append(self.headers.get("Range", ""))
+                if cut.pop("once", False):
+                    data = (store.root / self.path.lstrip("/")).read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.connection.close()  # the link drops
+                    return
+            super().do_GET()
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        agent = _agent(world, store, tmp_path / "dev")
+        agent = Agent(agent.cfg.model_copy(update={"source": f"http://127.0.0.1:{srv.server_address[1]}/"}))
+        agent.recover()
+        assert agent.check() == "updated"
+        store.promote("tiny", "2.0.0", "production")
+        assert agent.check() == "unavailable" and agent.active.version == "1.0.0"
+        assert agent.dir.events()[-1]["reason"] == "transfer" and "2.0.0" not in agent.rec.bad
+        assert agent.check() == "updated" and agent.active.version == "2.0.0"
+        assert ranges[0] == "" and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"  # resumed, not restarted
+    finally:
+        srv.shutdown()
