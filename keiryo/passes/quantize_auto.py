@@ -110,6 +110,11 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                 rec.update(status="failed", error=f"{type(e).__name__}: {first_line(e, 300)}")
             rec["seconds"] = round(time.perf_counter() - t0, 1)
             ladder.append(rec)
+            if ctx.progress:  # a ladder can take minutes: say where it stands, rung by rung
+                from keiryo._console import stderr_console
+
+                what = f"val drop {rec['val_drop']}" if rec["status"] == "ok" else f"failed: {rec['error']}"
+                stderr_console().print(f"    int8-auto rung {rung}: {what} ({rec['seconds']} s)", highlight=False, markup=False)
             if rec["status"] == "ok" and (chosen is None or rec["val_drop"] < chosen["val_drop"]):
                 chosen = rec
                 shutil.copyfile(dst, out)
