@@ -202,7 +202,7 @@ class Agent:
                 self._event("corrupt", version=committed.version, reason="verify_failed", detail=str(e))
                 shutil.rmtree(self.dir.version_dir(committed.version), ignore_errors=True)
                 self.dir.point_current(None)
-                self._save(committed=None)  # the next check downloads it again (the floor is gone with it)
+                self._save(committed=None)  # the next check downloads it again; the floor stays
                 return None
             self._activate(committed.version, committed.serial, pkg, session)
             return committed.version
@@ -234,13 +234,13 @@ class Agent:
             return "current"
         if target.version in self.rec.bad:
             return "rejected"
-        if committed is not None and target.serial < committed.serial and not target.rollback:
+        if target.serial < self.rec.floor and not target.rollback:
             self._event(
                 "refused",
                 version=target.version,
                 reason="below_floor",
-                detail=f"{target.version} (serial {target.serial}) is older than the committed {committed.version} "
-                f"(serial {committed.serial}) and the signed alias is not a rollback",
+                detail=f"{target.version} (serial {target.serial}) is older than what this device committed "
+                f"(serial {self.rec.floor}) and the signed alias is not a rollback",
             )
             return "refused"
         cand = Version(version=target.version, serial=target.serial)
@@ -335,7 +335,8 @@ class Agent:
         if problem is None:
             fault_point("agent.commit.before")
             old = self.rec.committed
-            self._save(state=State.IDLE, committed=cand, candidate=None)
+            # the floor follows what was committed: up normally, down only through a signed rollback
+            self._save(state=State.IDLE, committed=cand, candidate=None, floor=cand.serial)
             fault_point("agent.commit.done")
             took = {k: round(v, 4) for k, v in self.timings.items() if k.endswith("_s")}
             self._event(

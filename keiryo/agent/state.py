@@ -52,7 +52,8 @@ class Version(BaseModel):
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
     state: State = State.IDLE
-    committed: Version | None = None  # the version this device committed: its anti-rollback floor
+    committed: Version | None = None  # the version this device committed and serves
+    floor: int = 0  # anti-rollback: the serial of the last commit; below it only through a signed rollback
     candidate: Version | None = None
     attempts: dict[str, int] = Field(default_factory=dict)  # failed attempts per candidate version
     bad: list[str] = Field(default_factory=list)  # versions refused for good (until a newer alias record)
