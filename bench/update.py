@@ -183,7 +183,9 @@ def main() -> None:
                 passed += ok
     srv.shutdown()
 
-    print(f"CPU: {cpu_line(cfg.threads)}; model: MobileNetV2 2.24 M parameters, int8 ONNX {size / 1e6:.2f} MB; registry over HTTP on loopback")
+    print(
+        f"CPU: {cpu_line(cfg.threads)}; model: MobileNetV2 2.24 M parameters, int8 ONNX {size / 1e6:.2f} MB; registry over HTTP on loopback"
+    )
     print(
         f"update check -> committed: {total:.2f} s ({outcome}); phases: download {committed['download_s']:.3f} s, "
         f"stage {committed['stage_s']:.3f} s, smoke test {committed['smoke_s']:.3f} s, health window {committed['health_s']:.2f} s"

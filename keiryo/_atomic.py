@@ -41,7 +41,7 @@ class DurableFile:
 
     def __init__(self, path: str | Path, mode: str = "ab"):
         self.path = str(path)
-        self.f: BinaryIO = open(path, mode)  # noqa: SIM115 - closed in close()
+        self.f: BinaryIO = open(path, mode)  # type: ignore[assignment]  # noqa: SIM115 - closed in close()
         self._synced = self.f.tell() if "a" in mode else 0
         _UNSYNCED[self.path] = self._synced
 

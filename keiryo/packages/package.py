@@ -302,7 +302,7 @@ def verify(
         from keiryo.runtime import open_session
 
         # in memory only; no key (or the wrong one) is refused naming the key the package expects
-        plain = encryption.decrypt_model(model_file.read_bytes(), enc, encryption.decryption_key(decryption_key))
+        plain = encryption.decrypt_model(model_file.read_bytes(), dict(enc or {}), encryption.decryption_key(decryption_key))
         with open_session(manifest["runtime"], plain, 1) as s:
             diff = check_golden(model_file, manifest["runtime"], manifest["golden"], session=s, inputs=manifest["inputs"])
     return {

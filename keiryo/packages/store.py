@@ -253,10 +253,10 @@ class PackageStore:
             before = self.alias_records(name).get(alias)
             serial = self.serial(name, version)
             down = before is not None and serial < int(before["serial"])
-            if down and not downgrade:
+            if before is not None and down and not downgrade:
                 raise ConfigError(
                     f"{name}@{alias} is at {before['version']}, newer than {version}; devices refuse to go back "
-                    f"unless told to: use `keiryo registry rollback` or pass --downgrade"  # type: ignore[index]
+                    f"unless told to: use `keiryo registry rollback` or pass --downgrade"
                 )
             history = [*before["history"], before["version"]][-HISTORY:] if before else []
             record = {"version": version, "serial": serial, "history": history, "rollback": down}

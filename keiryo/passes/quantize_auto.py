@@ -49,7 +49,7 @@ class Int8AutoConfig(KeiryoConfig):
     max_accuracy_drop: float = Field(
         0.5, ge=0.0, description="budget on the validation split, in the task's drop unit (accuracy points for classification)"
     )
-    rungs: list[Rung] = Field(default_factory=lambda: list(RUNGS), min_length=1, description="tried in this order")
+    rungs: list[Rung] = Field(default_factory=lambda: list(RUNGS), min_length=1, description="tried in this order")  # type: ignore[arg-type]
     max_float_layers: int = Field(8, ge=0, description="the fallback rung stops after keeping this many layers float")
     latency_iterations: int = Field(50, ge=5, description="timed runs of each rung's p50 (batch 1, the run's threads)")
     quant: Int8StaticConfig = Field(default_factory=Int8StaticConfig, description="options every rung starts from")
