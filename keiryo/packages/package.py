@@ -236,7 +236,6 @@ def package(
 
 
 def read_manifest(pkg: str | Path) -> dict[str, Any]:
-    recover_dir(pkg)
     p = Path(pkg) / MANIFEST
     try:
         data = p.read_bytes()
