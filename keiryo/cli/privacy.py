@@ -143,7 +143,7 @@ def federate(
 
     Needs keiryo[federated] (Flower), which lives in its own environment: scripts/setup builds .venv-federated."""
     from keiryo.data.splits import DataSpec, parse_options
-    from keiryo.privacy.federated import FederatedConfig, run_federated
+    from keiryo.privacy.federated import FederatedConfig, model_privacy, run_federated
 
     if updates not in ("int8-topk", "fp32"):
         raise ConfigError(f"--updates {updates!r}: expected int8-topk or fp32")
@@ -210,13 +210,11 @@ def federate(
     )
     for f in s["failures"]:
         con.print(f"round {f['round']}: client node {f['node']} failed ({f['reason']}); aggregated without it", highlight=False)
-    if "privacy" in s:
-        m = s["privacy"]["model"]
-        con.print(
-            f"privacy: client-level local DP, per round ({dp_epsilon:g}, {dp_delta:g}); over {m['rounds']} rounds "
-            f"epsilon {m['epsilon_rdp']:.3g} (RDP), {m['epsilon_basic']:.3g} (basic composition)",
-            highlight=False,
-        )
+    rec = model_privacy(s)
+    if rec is not None:
+        from keiryo.privacy.dp import summary_line
+
+        con.print(f"privacy: {summary_line(rec)}", highlight=False)
     mo = "".join(f" --model-opt {o}" for o in model_opt or [])
     con.print(
         f"global model: {out / 'model.safetensors'}  (next: keiryo compress --model {model}{mo} --weights "

@@ -364,7 +364,8 @@ def privacy_of(results: dict[str, Any], cand: dict[str, Any] | None = None) -> d
 
 
 def read_weights_privacy(path: str) -> dict[str, Any] | None:
-    """The DP record stored in a .safetensors file's metadata by ``keiryo train --dp`` (None if absent)."""
+    """The DP record stored in a .safetensors file's metadata by ``keiryo train --dp``, or the one of a federated
+    model trained with DP (``keiryo federate``: its ``keiryo.federated`` summary); None if absent."""
     if not str(path).endswith(".safetensors"):
         return None
     from safetensors import safe_open
@@ -375,11 +376,24 @@ def read_weights_privacy(path: str) -> dict[str, Any] | None:
     except Exception:  # an unreadable file is reported by load_weights with its own message
         return None
     raw = meta.get(PRIVACY_METADATA_KEY)
-    return json.loads(raw) if raw else None
+    if raw:
+        return dict(json.loads(raw))
+    from keiryo.privacy.federated import FEDERATED_METADATA_KEY, model_privacy
+
+    fed = meta.get(FEDERATED_METADATA_KEY)
+    return model_privacy(json.loads(fed)) if fed else None
 
 
 def summary_line(rec: dict[str, Any]) -> str:
-    """One line for people: what the model promises."""
+    """One line for people: what the model promises (DP-SGD, or a federated model's client-level DP)."""
+    if "rounds" in rec and "clients" in rec:
+        basic = rec.get("epsilon_by_accountant", {}).get("basic")
+        beside = f", basic composition {basic:g}" if basic is not None else ""
+        return (
+            f"({rec['epsilon']:g}, {rec['delta']:g})-DP ({rec['mechanism']}, {rec['accountant'].upper()} accountant{beside}): "
+            f"clipping norm {rec['clipping_norm']:g}, noise multiplier {rec['noise_multiplier']:.3g}, {rec['rounds']} "
+            f"rounds, {rec['clients']} clients ({rec.get('clients_per_round', rec['clients'])} per round)"
+        )
     other = {k: v for k, v in rec.get("epsilon_by_accountant", {}).items() if k != rec.get("accountant")}
     beside = "".join(f", {k.upper()} {v:g}" for k, v in other.items())
     return (

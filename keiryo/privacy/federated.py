@@ -380,6 +380,43 @@ def dp_record(dp: LocalDPConfig, rounds_by_client: dict[str, int]) -> dict[str, 
     }
 
 
+def model_privacy(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The DP record of a federated model for results.json and the signed package manifest (``privacy``), from
+    the run's summary (``federated.json``, or the ``keiryo.federated`` metadata of its weights); None without DP.
+
+    Client-level local DP (Flower's LocalDpMod): ε for the model is the most-used client's, composed over the
+    rounds it took part in by RDP (the Gaussian mechanism's exact Renyi curve), with basic composition beside it."""
+    dp = summary.get("privacy")
+    if not dp:
+        return None
+    cfg = summary.get("config") or {}
+    model = dp["model"]
+    clients = int(cfg.get("clients", len(dp.get("per_client", {}))))
+    rec: dict[str, Any] = {
+        "mechanism": "client-level local DP",
+        "implementation": dp["mechanism"],
+        "library": dp.get("library", "flwr"),
+        "epsilon": round(float(model["epsilon_rdp"]), 4),
+        "delta": float(model["delta"]),
+        "accountant": "rdp",
+        "epsilon_by_accountant": {"rdp": round(float(model["epsilon_rdp"]), 4), "basic": round(float(model["epsilon_basic"]), 4)},
+        "delta_basic": float(dp["per_round"]["delta"]) * int(model["rounds"]),
+        "per_round": {"epsilon": dp["per_round"]["epsilon"], "delta": dp["per_round"]["delta"]},
+        "clipping_norm": dp["clipping_norm"],
+        "noise_multiplier": round(float(dp["per_round"]["noise_std"]) / float(dp["clipping_norm"]), 6),
+        "rounds": int(model["rounds"]),
+        "rounds_total": int(cfg.get("rounds", model["rounds"])),
+        "clients": clients,
+        "clients_per_round": max(1, round(float(cfg.get("fraction", 1.0)) * clients)),
+        "level": dp.get("level", "client (a client's whole shard)"),
+        "unit": "one client's whole shard of the train split",
+        "holds_against": "the server and anyone who gets the model (noise added on the client)",
+        "model_selection": "last round (no best-round choice on the test split)",
+        "note": dp.get("note", ""),
+    }
+    return rec
+
+
 def write_outputs(
     cfg: FederatedConfig, env: ServerEnv, rounds: list[dict[str, Any]], curve: list[dict[str, Any]], seconds: float
 ) -> dict[str, Any]:
@@ -415,6 +452,12 @@ def write_outputs(
             for p in r.get("partitions", []):
                 took[str(p)] = took.get(str(p), 0) + 1
         summary["privacy"] = dp_record(cfg.dp, took)
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            summary["privacy"]["library"] = f"flwr {version('flwr')}"
+        except PackageNotFoundError:  # a summary written without Flower (tests)
+            summary["privacy"]["library"] = "flwr"
     meta = {
         "model": json.dumps({"source": cfg.model, "options": cfg.model_options}),
         "data": json.dumps(env.data.summary()),

@@ -4,6 +4,7 @@ DP guarantee in the weights, results.json and the signed manifest; the bad input
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from test_cli import one_line_error, run_cli
@@ -69,3 +70,47 @@ def test_dp_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert code == 2 and "--dp needs --target-epsilon" in one_line_error(err)
     code, _, err = run_cli("train", *MODEL, "--target-epsilon", "3", "--out", w, capsys=capsys)
     assert code == 2 and "--target-epsilon: only with --dp" in one_line_error(err)
+
+
+@pytest.mark.slow
+def test_a_federated_model_with_client_dp_carries_its_record_into_the_signed_manifest(tmp_path, capsys):
+    """A federated model's client-level DP record (its weights' ``keiryo.federated`` metadata) flows through
+    compress into results.json and the signed manifest, and ``keiryo verify`` prints it. The federated run itself
+    needs Flower (tests/federated); here its outputs are written by the same function the ServerApp calls."""
+    from keiryo.privacy.federated import FederatedConfig, server_setup, write_outputs
+
+    mlp = {"hidden": [16]}
+    cfg = FederatedConfig.parse(
+        {"clients": 4, "rounds": 3, "fraction": 0.5, "model_options": mlp, "out": str(tmp_path / "fl"),
+         "dp": {"epsilon": 0.8, "delta": 1e-5, "clipping_norm": 2.0}}
+    )  # fmt: skip
+    rounds = [
+        {"round": r, "clients_ok": 2, "clients_failed": [], "partitions": parts, "upload_bytes": 10, "fp32_bytes": 80}
+        for r, parts in ((1, [0, 1]), (2, [0, 2]), (3, [0, 3]))
+    ]
+    s = write_outputs(cfg, server_setup(cfg), rounds, [], 1.0)
+    assert s["privacy"]["model"]["rounds"] == 3  # client 0 took part in all 3 rounds: the model's epsilon is its own
+
+    model = ("--model", "zoo:mlp", "--model-opt", "hidden=[16]", "--data", "digits")
+    w = str(tmp_path / "fl" / "model.safetensors")
+    code, out, err = run_cli("compress", *model, "--weights", w, "--recipe", "int8", "--out", str(tmp_path / "c"),
+                             "--iterations", "10", "--calib-data", "synthetic", capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    rec = json.loads((tmp_path / "c" / "results.json").read_text())["model"]["privacy"]
+    assert rec["mechanism"] == "client-level local DP" and rec["accountant"] == "rdp"
+    assert rec["delta"] == 1e-5 and rec["clipping_norm"] == 2.0 and rec["rounds"] == 3 and rec["rounds_total"] == 3
+    assert rec["clients"] == 4 and rec["clients_per_round"] == 2 and rec["per_round"] == {"epsilon": 0.8, "delta": 1e-5}
+    assert rec["epsilon"] < rec["epsilon_by_accountant"]["basic"] == pytest.approx(2.4)  # RDP composes tighter than 3 x 0.8
+    assert rec["noise_multiplier"] == pytest.approx((2 * math.log(1.25e5)) ** 0.5 / 0.8, rel=1e-5)  # Flower's sigma / clip
+
+    assert run_cli("keygen", "--out", str(tmp_path / "sign.pem"))[0] == 0
+    pkg = tmp_path / "pkg"
+    code, out, err = run_cli("package", str(tmp_path / "c"), "--name", "fl", "--version", "1.0.0",
+                             "--key", str(tmp_path / "sign.pem"), "--out", str(pkg), capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads((pkg / "keiryo.json").read_text())["privacy"] == rec
+    code, out, err = run_cli("verify", str(pkg), "--public-key", str(tmp_path / "sign.pub.pem"), capsys=capsys)
+    assert code == 0, err
+    out = " ".join(out.split())  # the console wraps long lines
+    line = f"privacy: ({rec['epsilon']:g}, 1e-05)-DP (client-level local DP, RDP accountant, basic composition 2.4): "
+    assert line + "clipping norm 2, noise multiplier" in out and "3 rounds, 4 clients (2 per round)" in out
