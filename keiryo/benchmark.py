@@ -48,6 +48,7 @@ class BenchResult:
     threads: int
     peak_rss_mb: float | None
     latency_batch: int = 1
+    runtime_info: dict[str, Any] | None = None  # what the runtime reports of itself (the web runtime: browser, wasm features)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,19 +94,24 @@ def run_benchmark(
         sample = {session.input_names[0]: sample}
     x1 = _rows({k: v[:1] for k, v in sample.items()}, cfg.latency_batch)
     xb = _rows(sample, cfg.throughput_batch)
-    for _ in range(cfg.warmup):
-        session.run(x1)
-    times = np.empty(cfg.iterations)
-    for i in range(cfg.iterations):
-        t = time.perf_counter()
-        session.run(x1)
-        times[i] = time.perf_counter() - t
-    session.run(xb)
-    t = time.perf_counter()
-    for _ in range(cfg.throughput_iterations):
+    timed = getattr(session, "timed", None)
+    if timed is not None:  # a runtime that times itself (the browser: no round trip to this process in the figure)
+        ms = np.asarray(timed(x1, cfg.warmup, cfg.iterations), dtype=np.float64)
+        tput = cfg.throughput_batch * cfg.throughput_iterations / (float(np.sum(timed(xb, 1, cfg.throughput_iterations))) / 1e3)
+    else:
+        for _ in range(cfg.warmup):
+            session.run(x1)
+        times = np.empty(cfg.iterations)
+        for i in range(cfg.iterations):
+            t = time.perf_counter()
+            session.run(x1)
+            times[i] = time.perf_counter() - t
         session.run(xb)
-    tput = cfg.throughput_batch * cfg.throughput_iterations / (time.perf_counter() - t)
-    ms = times * 1e3
+        t = time.perf_counter()
+        for _ in range(cfg.throughput_iterations):
+            session.run(xb)
+        tput = cfg.throughput_batch * cfg.throughput_iterations / (time.perf_counter() - t)
+        ms = times * 1e3
     return BenchResult(
         float(np.percentile(ms, 50)),
         float(np.percentile(ms, 95)),
@@ -115,8 +121,10 @@ def run_benchmark(
         cfg.throughput_batch,
         float(tput),
         cfg.threads,
-        _peak_rss_mb() if rss else None,
+        # the browser's memory is not this process's: no RSS figure for a session that runs elsewhere
+        _peak_rss_mb() if rss and timed is None else None,
         cfg.latency_batch,
+        getattr(session, "info", None),
     )
 
 

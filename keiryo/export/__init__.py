@@ -49,10 +49,13 @@ EXPORTERS: Registry[Exporter] = Registry("export target")
 
 
 def register_exporter(
-    name: str, *, runtime: str, suffix: str, config: type[KeiryoConfig]
+    name: str, *, runtime: str, suffix: str, config: type[KeiryoConfig], format: str | None = None
 ) -> Callable[[Callable[..., Artifact]], Callable[..., Artifact]]:
+    """``format``: the file format the target writes (default: the target's name; the ``web`` target writes
+    ``onnx`` files, so every ONNX format-level pass applies to it)."""
+
     def deco(fn: Callable[..., Artifact]) -> Callable[..., Artifact]:
-        EXPORTERS.add(name, Exporter(name, name, runtime, suffix, config, fn))
+        EXPORTERS.add(name, Exporter(name, format or name, runtime, suffix, config, fn))
         return fn
 
     return deco
@@ -68,4 +71,6 @@ def export(handle: Any, target: str, out_path: str | Path, cfg: Any = None) -> A
     """Export ``handle`` to ``target`` at ``out_path`` (written atomically)."""
     exp = get_exporter(target)
     cfg = cfg if isinstance(cfg, exp.config) else exp.config.parse(cfg or {}, where=f"export {target} options")
-    return exp.fn(handle, Path(out_path), cfg)
+    art = exp.fn(handle, Path(out_path), cfg)
+    art.runtime = exp.runtime  # one writer may serve several targets (onnx and web)
+    return art

@@ -184,6 +184,7 @@ def _torch_export(handle: Any, tmp: Path, cfg: OnnxExportConfig, seq: bool) -> d
 
 
 @register_exporter("onnx", runtime="onnxruntime", suffix=".onnx", config=OnnxExportConfig)
+@register_exporter("web", runtime="web", suffix=".onnx", config=OnnxExportConfig, format="onnx")  # onnxruntime-web
 def export_onnx(handle: Any, out_path: Path, cfg: OnnxExportConfig) -> Artifact:
     import onnx
 

@@ -93,7 +93,7 @@ def finish(src: Artifact, out: Path, info: dict[str, Any]) -> PassResult:
         out.unlink(missing_ok=True)
         raise PassError(f"{out.name}: the pass produced an invalid ONNX graph: {e}") from e
     info["op_census"] = _node_census(out)
-    art = Artifact(out, "onnx", "onnxruntime", list(src.input_names), list(src.output_names), {**src.info, **info})
+    art = Artifact(out, "onnx", src.runtime, list(src.input_names), list(src.output_names), {**src.info, **info})
     return PassResult(art, info)
 
 

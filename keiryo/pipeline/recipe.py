@@ -62,8 +62,11 @@ def validate_recipe(recipe: Recipe) -> None:
                 raise ConfigError(f"{where}: torch-level step {s.type} comes after a format-level step; put it first")
         else:
             seen_format = True
-            if recipe.target not in spec.formats:
-                raise ConfigError(f"{where}: {s.type} works on {'/'.join(spec.formats)} files, but the target is {recipe.target}")
+            if exporter.format not in spec.formats:
+                raise ConfigError(
+                    f"{where}: {s.type} works on {'/'.join(spec.formats)} files, but the target {recipe.target} "
+                    f"writes {exporter.format} files"
+                )
 
 
 def _q(type_: str, **params: Any) -> dict[str, Any]:

@@ -40,20 +40,24 @@ SessionFactory = Callable[[Any, int], Session]
 RUNTIMES: Registry[SessionFactory] = Registry("runtime")
 
 
-_UNAVAILABLE: dict[str, str] = {}
+_UNAVAILABLE: dict[str, str | Callable[[], str | None]] = {}
 
 
-def register_runtime(name: str, *, unavailable: str | None = None) -> Callable[[SessionFactory], SessionFactory]:
-    """Register a session factory; ``unavailable`` says why the runtime cannot run models on this machine."""
+def register_runtime(
+    name: str, *, unavailable: str | Callable[[], str | None] | None = None
+) -> Callable[[SessionFactory], SessionFactory]:
+    """Register a session factory; ``unavailable`` says why the runtime cannot run models on this machine
+    (or is a check that says so when asked: a browser that may be installed later)."""
     if unavailable:
         _UNAVAILABLE[name] = unavailable
     return RUNTIMES.register(name)
 
 
 def unavailable_reason(runtime: str) -> str | None:
-    """Why ``runtime`` cannot run models here (Core ML off Apple platforms), or None when it can."""
+    """Why ``runtime`` cannot run models here (Core ML off Apple platforms, no Chromium), or None when it can."""
     _load_builtin()
-    return _UNAVAILABLE.get(runtime)
+    why = _UNAVAILABLE.get(runtime)
+    return why() if callable(why) else why
 
 
 def open_session(runtime: str, source: str | Path | Any, threads: int = 1) -> Session:
@@ -64,4 +68,4 @@ def open_session(runtime: str, source: str | Path | Any, threads: int = 1) -> Se
 
 def _load_builtin() -> None:
     # Importing registers; the heavy backends themselves are imported inside the factories.
-    from keiryo.runtime import coreml, fake, litert, onnxruntime, torch  # noqa: F401
+    from keiryo.runtime import coreml, fake, litert, onnxruntime, torch, web  # noqa: F401
