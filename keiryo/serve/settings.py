@@ -1,0 +1,79 @@
+"""The server's configuration: :class:`ServeSettings` (models, keys, batching, limits, deadlines),
+:class:`TLSSettings`, and :func:`uvicorn_options` (how uvicorn is run for keiryo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from keiryo.config import KeiryoConfig
+from keiryo.errors import ConfigError
+
+
+class ServeSettings(KeiryoConfig):
+    models: list[str] = Field(min_length=1, description="NAME or NAME@ALIAS from the registry")
+    public_key: str = Field(description="the signer's public key (PEM): every package is verified against it")
+    api_keys: list[str] = Field(default_factory=list, description="bearer keys for inference and metadata")
+    admin_keys: list[str] = Field(default_factory=list, description="bearer keys for the model-repository endpoints")
+    allow_anonymous: bool = Field(False, description="serve inference without a key (never the admin endpoints)")
+    threads: int = Field(1, ge=1, description="intra-op threads of each model's session")
+    max_batch_size: int = Field(32, ge=1, description="rows per batched run; 1 disables batching")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="how long the first request waits for others")
+    max_queue: int = Field(256, ge=1, description="requests waiting per model before 503")
+    body_limit_bytes: int = Field(16 * 2**20, ge=1024)
+    request_timeout_s: float = Field(10.0, gt=0)
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send complete request headers within this")
+    body_timeout_s: float = Field(10.0, gt=0, description="longest wait for the next piece of a request body (408)")
+    poll_s: float | None = Field(5.0, gt=0, description="refresh the registry's metadata this often (None: never)")
+    trusted_root: str | None = Field(
+        None, description="TUF root metadata to trust (default: the local registry's tuf/1.root.json)"
+    )
+    tuf_cache: str | None = Field(None, description="where the trusted metadata is kept between runs")
+    decryption_key: str | None = Field(None, description="key file for encrypted packages (default $KEIRYO_DECRYPTION_KEY)")
+    public_metrics: bool = Field(False, description="serve /metrics without an API key (e.g. a scraper on a private network)")
+    public_docs: bool = Field(False, description="serve /docs and /openapi.json without an API key")
+    server_name: str = "keiryo"
+
+    def check(self) -> None:
+        if not self.api_keys and not self.allow_anonymous:
+            raise ConfigError("no API key given: pass --api-key (or KEIRYO_API_KEYS), or --allow-anonymous to serve without one")
+        if any(len(k) < 16 for k in [*self.api_keys, *self.admin_keys]):
+            raise ConfigError("API keys must be at least 16 characters")
+
+
+class TLSSettings(KeiryoConfig):
+    certfile: str = Field(description="the server's certificate chain (PEM)")
+    keyfile: str = Field(description="its private key (PEM)")
+    ca_certs: str | None = Field(None, description="CA bundle: clients must present a certificate it signed (mTLS)")
+
+    def check_files(self) -> None:
+        for f in (self.certfile, self.keyfile, self.ca_certs):
+            if f is not None and not Path(f).is_file():
+                raise ConfigError(f"{f}: TLS file not found")
+
+    def uvicorn(self) -> dict[str, Any]:
+        import ssl
+
+        self.check_files()
+        kw: dict[str, Any] = {"ssl_certfile": self.certfile, "ssl_keyfile": self.keyfile}
+        if self.ca_certs:
+            kw |= {"ssl_ca_certs": self.ca_certs, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        return kw
+
+
+def uvicorn_options(
+    settings: ServeSettings, tls: TLSSettings | None = None, limit_concurrency: int | None = 1000
+) -> dict[str, Any]:
+    """uvicorn's settings for keiryo's server: drain time, connection deadlines and cap, TLS."""
+    from keiryo.serve.connections import header_timeout_protocol
+
+    return {
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
+        "timeout_keep_alive": 5,  # idle keep-alive connections are closed
+        "http": header_timeout_protocol(settings.header_timeout_s),  # and so are ones that never finish a header
+        "limit_concurrency": limit_concurrency,  # connections + tasks past this get 503 instead of memory
+        **(tls.uvicorn() if tls else {}),
+    }
