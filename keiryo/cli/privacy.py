@@ -131,6 +131,25 @@ def federate(
     ] = None,
     dp_delta: Annotated[float, typer.Option("--dp-delta", help="client-side DP: delta per round")] = 1e-5,
     dp_clip: Annotated[float, typer.Option("--dp-clip", help="client-side DP: L2 clipping norm of an update")] = 1.0,
+    central_dp_noise: Annotated[
+        Optional[float],
+        typer.Option("--central-dp-noise", help="central DP (Flower's server-side fixed clipping): noise multiplier z"),
+    ] = None,
+    central_dp_clip: Annotated[
+        float, typer.Option("--central-dp-clip", help="central DP: L2 bound the server clips each client's update to")
+    ] = 1.0,
+    central_dp_delta: Annotated[
+        float, typer.Option("--central-dp-delta", help="central DP: delta of the epsilon reported")
+    ] = 1e-5,
+    secagg: Annotated[
+        bool,
+        typer.Option(
+            "--secagg", help="secure aggregation (Flower's SecAgg+): the server only sees the sum; needs --updates fp32"
+        ),
+    ] = False,
+    secagg_clip: Annotated[
+        float, typer.Option("--secagg-clip", help="SecAgg+ clipping range: weights are clipped to [-r, r] and quantized")
+    ] = 8.0,
     seed: Annotated[int, typer.Option("--seed", help="seed for the split, the shards and the initial weights")] = 0,
     flower_project: Annotated[
         Optional[Path],
@@ -167,6 +186,10 @@ def federate(
             "lr": lr,
             "compression": {"top_k": top_k} if updates == "int8-topk" else None,
             "dp": None if dp_epsilon is None else {"epsilon": dp_epsilon, "delta": dp_delta, "clipping_norm": dp_clip},
+            "central_dp": None
+            if central_dp_noise is None
+            else {"noise_multiplier": central_dp_noise, "clipping_norm": central_dp_clip, "delta": central_dp_delta},
+            "secagg": {"clipping_range": secagg_clip} if secagg else None,
             "seed": seed,
             "out": str(out.resolve()),
         },
@@ -203,8 +226,9 @@ def federate(
         highlight=False,
     )
     ratio = s["fp32_bytes_per_client_round"] / s["upload_bytes_per_client_round"] if s["upload_bytes_per_client_round"] else 0
+    wire = "SecAgg+: masked vector, keys and shares" if secagg else updates
     con.print(
-        f"upload per client and round: {s['upload_bytes_per_client_round']:.0f} bytes ({updates}; fp32 weights "
+        f"upload per client and round: {s['upload_bytes_per_client_round']:.0f} bytes ({wire}; fp32 weights "
         f"{s['fp32_bytes_per_client_round']:.0f} bytes, {ratio:.1f}x)",
         highlight=False,
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from keiryo.config import KeiryoConfig
 from keiryo.data.splits import DataSpec
@@ -181,6 +181,35 @@ class LocalDPConfig(KeiryoConfig):
     clipping_norm: float = Field(1.0, gt=0, description="L2 bound on a client's update (its sensitivity)")
 
 
+class SecAggConfig(KeiryoConfig):
+    """Secure aggregation through Flower's SecAgg+ (``SecAggPlusWorkflow`` on the server, ``secaggplus_mod`` on the
+    clients): each client uploads its weighted weights quantized to integers and masked, the server only ever
+    unmasks their sum. Its own quantization (``clipping_range``, ``quantization_range``) replaces keiryo's
+    compressed updates, which it cannot carry (masking needs every entry of a dense vector)."""
+
+    num_shares: float = Field(
+        1.0, gt=0, description="shares of each client's secrets: a fraction (<= 1) of the round's clients, or a count (> 2)"
+    )
+    reconstruction_threshold: float = Field(
+        0.5, gt=0, description="shares needed to unmask: a fraction (<= 1) of num_shares, or a count"
+    )
+    clipping_range: float = Field(8.0, gt=0, description="each weight is clipped to [-r, r] before quantization")
+    quantization_range: int = Field(2**22, ge=2, description="integers per [-r, r] (2**22: steps of r / 2**21)")
+    max_weight: float = Field(1000.0, gt=0, description="the largest client weight (rows) SecAgg+ quantizes exactly")
+
+
+class CentralDPConfig(KeiryoConfig):
+    """Central (server-side) client-level DP through Flower's ``DifferentialPrivacyServerSideFixedClipping``: the
+    server clips each client's update (as decoded, after keiryo's compressed wire format) to ``clipping_norm``,
+    averages them with equal weights and adds Gaussian noise of std ``noise_multiplier * clipping_norm / m`` (m
+    clients per round). The guarantee covers a client's whole shard against anyone who gets the model, not
+    against the server (it sees each update before the noise)."""
+
+    noise_multiplier: float = Field(gt=0, description="noise std in units of the clipping norm, on the sum of updates")
+    clipping_norm: float = Field(gt=0, description="L2 bound of a client's update, applied by the server")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta the model's epsilon is reported at")
+
+
 class FederatedConfig(KeiryoConfig):
     """One federated run: what is trained on which data, how it is split across clients, and the wire format."""
 
@@ -204,10 +233,33 @@ class FederatedConfig(KeiryoConfig):
         default_factory=CompressionConfig, description="compressed updates (None: fp32 weights, Flower's default)"
     )
     dp: LocalDPConfig | None = Field(None, description="client-side DP (Flower's LocalDpMod)")
+    central_dp: CentralDPConfig | None = Field(None, description="central DP (Flower's server-side fixed clipping)")
+    secagg: SecAggConfig | None = Field(None, description="secure aggregation (Flower's SecAgg+)")
     seed: int = 0
     threads: int = Field(1, ge=1, description="torch threads per client")
     round_timeout: float = Field(600, gt=0, description="seconds the server waits for a round's replies")
     out: str = Field("keiryo-federated", description="directory for model.safetensors and federated.json")
+
+    @model_validator(mode="after")
+    def _compatible(self) -> FederatedConfig:
+        if self.secagg is not None and self.compression is not None:
+            raise ConfigError(
+                "--secagg: SecAgg+ masks dense vectors it quantizes itself, so it cannot carry top-k int8 updates (a "
+                "sparse update's positions are not masked and masked sums need every entry); use --updates fp32"
+            )
+        if self.secagg is not None and self.central_dp is not None:
+            raise ConfigError(
+                "--secagg with --central-dp-noise: the server clips each client's update for central DP, which secure "
+                "aggregation hides from it; use one of them (or --dp-epsilon, client-side DP, with --secagg)"
+            )
+        if self.dp is not None and self.central_dp is not None:
+            raise ConfigError("--dp-epsilon with --central-dp-noise: choose client-side (local) or central DP, not both")
+        if self.secagg is not None and max(1, round(self.fraction * self.clients)) < 3:
+            raise ConfigError(
+                f"--secagg: {max(1, round(self.fraction * self.clients))} client(s) per round; SecAgg+ needs at least 3 "
+                "(with 2 each learns the other's update from the sum)"
+            )
+        return self
 
 
 FEDERATED_METADATA_KEY = "keiryo.federated"  # the run's summary in the global model's .safetensors metadata
@@ -380,6 +432,33 @@ def dp_record(dp: LocalDPConfig, rounds_by_client: dict[str, int]) -> dict[str, 
     }
 
 
+def central_dp_record(cdp: CentralDPConfig, rounds: int, clients: int, per_round: int) -> dict[str, Any]:
+    """The client-level guarantee of central DP with fixed clipping (DP-FedAvg, McMahan et al. 2018, as Flower's
+    ``DifferentialPrivacyServerSideFixedClipping`` implements it): each round releases the mean of ``per_round``
+    updates clipped to ``clipping_norm`` plus Gaussian noise of std ``z·clip/per_round`` — the sampled Gaussian
+    mechanism with noise multiplier z at sampling rate ``per_round / clients`` — composed over the rounds by
+    Opacus's accountants (RDP, PRV). The accountants assume Poisson sampling of clients; Flower samples a fixed
+    number uniformly, so ε without sampling amplification (every round counted in full) is reported beside."""
+    from keiryo.privacy.dp import epsilon_of
+
+    q = min(1.0, per_round / clients)
+    by = {a: round(epsilon_of(a, [(cdp.noise_multiplier, q, rounds)], cdp.delta), 4) for a in ("rdp", "prv")}
+    full = round(epsilon_of("rdp", [(cdp.noise_multiplier, 1.0, rounds)], cdp.delta), 4)
+    return {
+        "kind": "central",
+        "mechanism": "Flower DifferentialPrivacyServerSideFixedClipping (server clips each update, noises the mean)",
+        "level": "client (a client's whole shard)",
+        "noise_multiplier": cdp.noise_multiplier,
+        "clipping_norm": cdp.clipping_norm,
+        "sample_rate": round(q, 6),
+        "rounds": rounds,
+        "delta": cdp.delta,
+        "epsilon_by_accountant": by,
+        "epsilon_without_sampling_amplification": full,
+        "noise_std": cdp.noise_multiplier * cdp.clipping_norm / per_round,
+    }
+
+
 def model_privacy(summary: dict[str, Any]) -> dict[str, Any] | None:
     """The DP record of a federated model for results.json and the signed package manifest (``privacy``), from
     the run's summary (``federated.json``, or the ``keiryo.federated`` metadata of its weights); None without DP.
@@ -390,6 +469,30 @@ def model_privacy(summary: dict[str, Any]) -> dict[str, Any] | None:
     if not dp:
         return None
     cfg = summary.get("config") or {}
+    clients_n = int(cfg.get("clients", 0))
+    if dp.get("kind") == "central":
+        by = dp["epsilon_by_accountant"]
+        return {
+            "mechanism": "client-level central DP",
+            "implementation": dp["mechanism"],
+            "library": dp.get("library", "flwr"),
+            "epsilon": by["rdp"],
+            "delta": dp["delta"],
+            "accountant": "rdp",
+            "epsilon_by_accountant": by,
+            "epsilon_without_sampling_amplification": dp["epsilon_without_sampling_amplification"],
+            "clipping_norm": dp["clipping_norm"],
+            "noise_multiplier": dp["noise_multiplier"],
+            "sample_rate": dp["sample_rate"],
+            "rounds": dp["rounds"],
+            "rounds_total": int(cfg.get("rounds", dp["rounds"])),
+            "clients": clients_n,
+            "clients_per_round": max(1, round(float(cfg.get("fraction", 1.0)) * clients_n)),
+            "level": dp["level"],
+            "unit": "one client's whole shard of the train split",
+            "holds_against": "anyone who gets the model; NOT the server (it sees each update before the noise)",
+            "model_selection": "last round (no best-round choice on the test split)",
+        }
     model = dp["model"]
     clients = int(cfg.get("clients", len(dp.get("per_client", {}))))
     rec: dict[str, Any] = {
@@ -452,6 +555,10 @@ def write_outputs(
             for p in r.get("partitions", []):
                 took[str(p)] = took.get(str(p), 0) + 1
         summary["privacy"] = dp_record(cfg.dp, took)
+    if cfg.central_dp is not None:  # every round is counted, including one skipped for a failed client
+        per_round = max(1, round(cfg.fraction * cfg.clients))
+        summary["privacy"] = central_dp_record(cfg.central_dp, len(rounds), cfg.clients, per_round)
+    if "privacy" in summary:
         from importlib.metadata import PackageNotFoundError, version
 
         try:
@@ -470,7 +577,7 @@ def write_outputs(
     return summary
 
 
-def run_federated(cfg: FederatedConfig, *, verbose: bool = False) -> dict[str, Any]:
+def run_federated(cfg: FederatedConfig, *, verbose: bool = False, watch: Any = None) -> dict[str, Any]:
     """``cfg.clients`` clients and the server through Flower's simulation engine (Ray, one CPU per client actor);
     returns the summary also written to ``cfg.out``/federated.json."""
     from keiryo.privacy._backend import require
@@ -486,7 +593,7 @@ def run_federated(cfg: FederatedConfig, *, verbose: bool = False) -> dict[str, A
     cpus = max(1, min(cfg.clients, os.cpu_count() or 1))
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": cpus, "log_to_driver": verbose}}
     run_simulation(
-        server_app=make_server_app(cfg, got.append),
+        server_app=make_server_app(cfg, got.append, watch),
         client_app=make_client_app(cfg),
         num_supernodes=cfg.clients,
         backend_config=backend,  # type: ignore[arg-type]

@@ -36,11 +36,14 @@ from keiryo.privacy._backend import require
 require("flwr", "Flower (keiryo federate; it lives in its own environment, .venv-federated from scripts/setup)", "federated")
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.client.mod import secaggplus_mod  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.clientapp.mod import LocalDpMod  # noqa: E402
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 from flwr.common.logger import log  # noqa: E402
+from flwr.compat.common import recorddict_compat as compat  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import FedAvg, FedProx  # noqa: E402
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedProx  # noqa: E402
 
 from keiryo.privacy.federated import (  # noqa: E402
     Compressed,
@@ -55,6 +58,7 @@ from keiryo.privacy.federated import (  # noqa: E402
 
 CONFIG_KEY = "keiryo-config"  # run config key holding the FederatedConfig as JSON (flwr run)
 STYPE_SPARSE, STYPE_DENSE = "keiryo.topk-delta", "keiryo.delta"  # Array.stype of a compressed update
+LEGACY_FIT_PARAMETERS = "fitins.parameters"  # the ArrayRecord of Flower's legacy FitIns (the SecAgg+ workflow's)
 RESIDUAL_KEY = "keiryo.residual"  # Context.state record holding a client's error-feedback residual
 
 ConfigSource = Callable[[Context], FederatedConfig]
@@ -128,9 +132,23 @@ def wire_mod(config: ConfigSource) -> Callable[[Message, Context, Callable[[Mess
             chain = _bind(dp, chain)
         if cfg.compression is not None:
             chain = _bind(CompressedUpdates(cfg.compression), chain)
+        if cfg.secagg is not None:  # outermost: it calls the app (and LocalDpMod) only in its masked-vector stage
+            chain = _bind(secaggplus_mod, chain)
         return chain(msg, ctxt)
 
     return mod
+
+
+def load_ndarrays(module: Any, arrays: list[np.ndarray]) -> None:
+    """Load Flower's legacy (unnamed) parameters into ``module``, in its ``state_dict`` order."""
+    import torch
+
+    state = module.state_dict()
+    if len(arrays) != len(state):
+        raise ValueError(f"{len(arrays)} arrays received for a model of {len(state)} tensors")
+    module.load_state_dict(
+        {k: torch.as_tensor(np.asarray(a)).to(v.dtype).reshape(v.shape) for (k, v), a in zip(state.items(), arrays, strict=True)}
+    )
 
 
 def _bind(mod: Any, nxt: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
@@ -163,13 +181,23 @@ def make_client_app(fixed: FederatedConfig | None = None) -> ClientApp:
         cfg = config(context)
         part = int(context.node_config["partition-id"])
         parts = int(context.node_config["num-partitions"])
-        rnd = int(msg.content["config"]["server-round"])
         env = client_setup(cfg, part, parts)
         handle = env.handle
-        handle.module.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        if LEGACY_FIT_PARAMETERS in msg.content.array_records:  # SecAgg+ runs on Flower's legacy FitIns / FitRes
+            fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+            load_ndarrays(handle.module, parameters_to_ndarrays(fitins.parameters))
+            rnd = int(fitins.config["server-round"])
+            mu = float(fitins.config.get("proximal_mu", 0.0))
+        else:
+            rnd = int(msg.content["config"]["server-round"])
+            handle.module.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+            mu = float(msg.content["config"].get("proximal-mu", 0.0))
         client_fault(f"federate.client-{part}.round-{rnd}")
-        mu = float(msg.content["config"].get("proximal-mu", 0.0))
         loss, n = local_train(env, cfg, mu, seed=cfg.seed * 100_003 + rnd * 1009 + part)
+        if LEGACY_FIT_PARAMETERS in msg.content.array_records:
+            arrays = [v.detach().cpu().numpy() for v in handle.module.state_dict().values()]
+            res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {"train-loss": loss, "partition-id": part})
+            return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
         metrics = MetricRecord({"num-examples": n, "train-loss": loss, "partition-id": part})
         return Message(RecordDict({"arrays": ArrayRecord(handle.module.state_dict()), "metrics": metrics}), reply_to=msg)
 
@@ -201,12 +229,21 @@ class _CompressedRounds:
     def _init_rounds(self) -> None:
         self.rounds: list[dict[str, Any]] = []
         self._sent: ArrayRecord | None = None
+        self._received = 0  # the last round whose replies receive() decoded
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._sent = arrays
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._received != server_round:
+            replies = self.receive(server_round, replies)
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+
+    def receive(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Decode the round's compressed replies into weights (in place), count their bytes, log failed clients;
+        returns the replies, successful ones first."""
+        self._received = server_round
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
         failed = [m for m in replies if m.has_error()]
@@ -250,7 +287,7 @@ class _CompressedRounds:
             fp32,
             fp32 / upload if upload else 0.0,
         )
-        return super().aggregate_train(server_round, ok + failed)  # type: ignore[misc]
+        return ok + failed
 
 
 class CompressedFedAvg(_CompressedRounds, FedAvg):
@@ -269,7 +306,28 @@ class CompressedFedProx(_CompressedRounds, FedProx):
         self._init_rounds()
 
 
-def make_strategy(cfg: FederatedConfig) -> CompressedFedAvg | CompressedFedProx:
+class CentralDP(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's central DP with server-side fixed clipping, over keiryo's strategies: the replies are decoded
+    first (so the clip bounds the update the server aggregates, whatever the wire format and error feedback sent),
+    then weighted equally (the noise, ``z·clip/m``, is calibrated to a plain mean of m clipped updates; FedAvg's
+    weighting by rows would let a large shard move the mean by more than ``clip/m``)."""
+
+    strategy: CompressedFedAvg | CompressedFedProx
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        return self.strategy.rounds
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = self.strategy.receive(server_round, replies)
+        for m in replies:
+            if not m.has_error():
+                metrics = next(iter(m.content.metric_records.values()))
+                metrics[self.strategy.weighted_by_key] = 1
+        return super().aggregate_train(server_round, replies)
+
+
+def make_strategy(cfg: FederatedConfig) -> CompressedFedAvg | CompressedFedProx | CentralDP:
     per_round = max(1, round(cfg.fraction * cfg.clients))
     common: dict[str, Any] = {
         "fraction_train": cfg.fraction,
@@ -277,12 +335,160 @@ def make_strategy(cfg: FederatedConfig) -> CompressedFedAvg | CompressedFedProx:
         "min_train_nodes": per_round,
         "min_available_nodes": cfg.clients,
     }
+    inner: CompressedFedAvg | CompressedFedProx
     if cfg.strategy == "fedprox":
-        return CompressedFedProx(proximal_mu=cfg.proximal_mu, **common)
-    return CompressedFedAvg(**common)
+        inner = CompressedFedProx(proximal_mu=cfg.proximal_mu, **common)
+    else:
+        inner = CompressedFedAvg(**common)
+    if cfg.central_dp is None:
+        return inner
+    return CentralDP(inner, cfg.central_dp.noise_multiplier, cfg.central_dp.clipping_norm, per_round)
 
 
-def make_server_app(fixed: FederatedConfig | None = None, done: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+# -- secure aggregation (SecAgg+ on Flower's legacy workflow API) ---------------------------------------------
+
+
+def _reply_bytes(msg: Message) -> int:
+    """Payload bytes of a reply: its arrays and the bytes, strings and numbers of its config records."""
+    n = sum(len(a.data) for rec in msg.content.array_records.values() for a in rec.values())
+    for rec in msg.content.config_records.values():
+        for v in rec.values():
+            for x in v if isinstance(v, list) else [v]:
+                n += len(x) if isinstance(x, bytes | str) else 8
+    return n
+
+
+class WatchedGrid:
+    """The server's Grid, counting the bytes of every reply per round (SecAgg+ runs 4 exchanges a round) and
+    handing each batch of replies to ``watch`` (tests: what the server sees)."""
+
+    def __init__(self, grid: Grid, watch: Callable[[list[Message]], None] | None = None):
+        self._grid = grid
+        self._watch = watch
+        self.bytes_by_round: dict[int, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for m in replies:
+            if not m.has_error() and m.metadata.group_id.isdigit():
+                rnd = int(m.metadata.group_id)
+                self.bytes_by_round[rnd] = self.bytes_by_round.get(rnd, 0) + _reply_bytes(m)
+        if self._watch is not None:
+            self._watch(replies)
+        return replies
+
+
+def secagg_strategy(cfg: FederatedConfig, base: type, **kwargs: Any) -> Any:
+    """Flower's legacy FedAvg / FedProx that records, per round, what SecAgg+ hands it: every client's FitRes
+    carries the same unmasked **sum** (no individual update), its row count and metrics."""
+
+    class SecAggRounds(base):  # type: ignore[misc, valid-type]
+        def __init__(self, **kw: Any):
+            super().__init__(**kw)
+            self.rounds: list[dict[str, Any]] = []
+            self.seen: list[list[Any]] = []  # the parameters aggregate_fit received, per round (tests)
+
+        def aggregate_fit(self, server_round: int, results: list[Any], failures: list[Any]) -> Any:
+            partitions = []
+            for _, res in results:
+                if "partition-id" in res.metrics:
+                    partitions.append(int(res.metrics.pop("partition-id")))
+            self.seen.append([parameters_to_ndarrays(res.parameters) for _, res in results])
+            for f in failures:
+                log(WARNING, "keiryo: round %d: a client failed (%s); SecAgg+ goes on with the others", server_round, f)
+            self.rounds.append(
+                {
+                    "round": server_round,
+                    "clients_ok": len(results),
+                    "clients_failed": [{"node": -1, "reason": str(f)[:240]} for f in failures],
+                    "partitions": sorted(partitions),
+                    "upload_bytes": 0,  # filled in from the grid's count after the round
+                    "fp32_bytes": 0,
+                }
+            )
+            return super().aggregate_fit(server_round, results, failures)
+
+    return SecAggRounds(**kwargs)
+
+
+def run_secagg(cfg: FederatedConfig, grid: Grid, context: Context, env: Any, evaluate: Callable[[int, ArrayRecord], MetricRecord],
+               watch: Callable[[list[Message]], None] | None = None) -> tuple[ArrayRecord, list[dict[str, Any]]]:  # fmt: skip
+    """``cfg.rounds`` rounds of FedAvg / FedProx whose fit step is Flower's SecAggPlusWorkflow; returns the final
+    global weights (named like the model's state_dict) and the per-round records."""
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+    from flwr.server.strategy import FedProx as LegacyFedProx
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+
+    assert cfg.secagg is not None
+    sa = cfg.secagg
+    names = list(env.handle.module.state_dict())
+    initial = [v.detach().cpu().numpy() for v in env.handle.module.state_dict().values()]
+    fp32 = sum(int(a.size) * 4 for a in initial if a.dtype.kind == "f")
+    per_round = max(1, round(cfg.fraction * cfg.clients))
+
+    def named(arrays: list[np.ndarray]) -> ArrayRecord:
+        pairs = zip(names, initial, arrays, strict=True)
+        return ArrayRecord(
+            {k: Array(np.ascontiguousarray(np.asarray(a).astype(ref.dtype).reshape(ref.shape))) for k, ref, a in pairs}
+        )
+
+    def evaluate_fn(rnd: int, arrays: list[np.ndarray], _: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        return 0.0, {k: v for k, v in evaluate(rnd, named(arrays)).items()}
+
+    kwargs: dict[str, Any] = {
+        "fraction_fit": cfg.fraction,
+        "fraction_evaluate": 0.0,
+        "min_fit_clients": per_round,
+        "min_available_clients": cfg.clients,
+        "initial_parameters": ndarrays_to_parameters(initial),
+        "evaluate_fn": evaluate_fn,
+        "on_fit_config_fn": lambda rnd: {"server-round": rnd, "lr": cfg.lr},
+    }
+    if cfg.strategy == "fedprox":
+        strategy = secagg_strategy(cfg, LegacyFedProx, proximal_mu=cfg.proximal_mu, **kwargs)
+    else:
+        strategy = secagg_strategy(cfg, LegacyFedAvg, **kwargs)
+    as_count = lambda v: int(v) if v > 1 else float(v)  # noqa: E731  (Flower: an int is a count, a float a fraction)
+    workflow = SecAggPlusWorkflow(
+        num_shares=as_count(sa.num_shares),
+        reconstruction_threshold=as_count(sa.reconstruction_threshold),
+        max_weight=sa.max_weight,
+        clipping_range=sa.clipping_range,
+        quantization_range=sa.quantization_range,
+        timeout=cfg.round_timeout,
+    )
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=cfg.rounds, round_timeout=cfg.round_timeout), strategy=strategy
+    )
+    watched = WatchedGrid(grid, watch)
+    DefaultWorkflow(fit_workflow=workflow)(watched, legacy)  # type: ignore[arg-type]
+    for r in strategy.rounds:
+        r["upload_bytes"] = watched.bytes_by_round.get(r["round"], 0)
+        r["fp32_bytes"] = fp32 * r["clients_ok"]
+        log(
+            INFO,
+            "keiryo: round %d: SecAgg+ over %d clients, %d bytes uploaded (all 4 stages)",
+            r["round"],
+            r["clients_ok"],
+            r["upload_bytes"],
+        )
+    final = legacy.state.array_records[MAIN_PARAMS_RECORD]
+    arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(final, keep_input=True))
+    if len(arrays) != len(names):
+        raise RuntimeError(f"SecAgg+ ended with {len(arrays)} arrays for a model of {len(names)} tensors (see the Flower log)")
+    return named(arrays), strategy.rounds
+
+
+def make_server_app(
+    fixed: FederatedConfig | None = None,
+    done: Callable[[dict[str, Any]], None] | None = None,
+    watch: Callable[[list[Message]], None] | None = None,
+) -> ServerApp:
     """The keiryo ServerApp: Flower's strategy for ``cfg.rounds`` rounds, the global model evaluated on the test
     split after each, the final model and ``federated.json`` written to ``cfg.out``."""
     config = config_from(fixed)
@@ -302,16 +508,20 @@ def make_server_app(fixed: FederatedConfig | None = None, done: Callable[[dict[s
             curve.append({"round": rnd, env.task.primary: m[env.task.primary], "seconds": round(time.perf_counter() - t0, 3)})
             return MetricRecord({env.task.primary: float(m[env.task.primary])})
 
-        result = strategy.start(
-            grid,
-            ArrayRecord(env.handle.module.state_dict()),
-            num_rounds=cfg.rounds,
-            timeout=cfg.round_timeout,
-            train_config=ConfigRecord({"lr": cfg.lr}),
-            evaluate_fn=evaluate,
-        )
-        env.handle.module.load_state_dict(result.arrays.to_torch_state_dict())
-        summary = write_outputs(cfg, env, strategy.rounds, curve, time.perf_counter() - t0)
+        if cfg.secagg is not None:
+            arrays, rounds = run_secagg(cfg, grid, context, env, evaluate, watch)
+        else:
+            result = strategy.start(
+                grid,
+                ArrayRecord(env.handle.module.state_dict()),
+                num_rounds=cfg.rounds,
+                timeout=cfg.round_timeout,
+                train_config=ConfigRecord({"lr": cfg.lr}),
+                evaluate_fn=evaluate,
+            )
+            arrays, rounds = result.arrays, strategy.rounds
+        env.handle.module.load_state_dict(arrays.to_torch_state_dict())
+        summary = write_outputs(cfg, env, rounds, curve, time.perf_counter() - t0)
         if done is not None:
             done(summary)
 
