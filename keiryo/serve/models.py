@@ -29,13 +29,18 @@ class ServedModel:
         return {t["name"]: t for t in self.manifest["inputs"]}
 
     def metadata(self) -> dict[str, Any]:
+        """The OIP model metadata; ``parameters`` carries the labels, the ref served and, for a model trained with
+        DP, the signed manifest's ``privacy`` record (what the model promises, for whoever deploys it)."""
+        params: dict[str, Any] = {"labels": self.manifest.get("labels"), "ref": self.ref}
+        if self.manifest.get("privacy"):
+            params["privacy"] = self.manifest["privacy"]
         return {
             "name": self.name,
             "versions": [self.version],
             "platform": f"{self.manifest['runtime']}_{self.manifest['format']}",
             "inputs": self.manifest["inputs"],
             "outputs": self.manifest["outputs"],
-            "parameters": {"labels": self.manifest.get("labels"), "ref": self.ref},
+            "parameters": params,
         }
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
