@@ -549,6 +549,12 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    grpc_port: Annotated[
+        Optional[int], typer.Option("--grpc-port", min=0, max=65535, help="also serve the OIP over gRPC on this port")
+    ] = None,
+    grpc_max_message_mb: Annotated[
+        float, typer.Option("--grpc-max-message-mb", min=0.001, help="largest gRPC message (RESOURCE_EXHAUSTED beyond)")
+    ] = 64.0,
     api_key: Annotated[
         Optional[list[str]], typer.Option("--api-key", envvar="KEIRYO_API_KEYS", help="bearer key for inference (repeatable)")
     ] = None,
@@ -605,6 +611,9 @@ def serve(
         tuf_cache=str(tuf_cache) if tuf_cache else None,
         decryption_key=str(decryption_key) if decryption_key else None,
         public_metrics=public_metrics,
+        grpc_port=grpc_port,
+        grpc_host=host,
+        grpc_max_message_bytes=int(grpc_max_message_mb * 2**20),
     )
     settings.check()
     tls = None
@@ -615,6 +624,7 @@ def serve(
 
         ca = str(ssl_ca_certs) if ssl_ca_certs else None
         tls = TLSSettings(certfile=str(ssl_certfile), keyfile=str(ssl_keyfile), ca_certs=ca)
+        settings = settings.model_copy(update={"grpc_tls": tls})  # the gRPC port speaks TLS as well
     run_server(registry, settings, host, port, tls=tls, limit_concurrency=limit_concurrency)
 
 

@@ -19,7 +19,8 @@ from keiryo.serve.protocol import HEADER, ProtocolError
 
 
 def build_api(server: Server, authorize: Authorize) -> Any:
-    """The FastAPI app; its lifespan loads the models (:meth:`Server.start`) and drains them on exit."""
+    """The FastAPI app; its lifespan loads the models (:meth:`Server.start`), starts the gRPC endpoint when
+    ``settings.grpc_port`` is set, and on exit stops it and drains the models."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -32,8 +33,17 @@ def build_api(server: Server, authorize: Authorize) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         await server.start()  # a package that fails verification stops the server from starting
-        yield
-        await server.stop()
+        grpc_server = None
+        try:
+            if settings.grpc_port is not None:  # the gRPC endpoint shares this loop, the models and the batchers
+                from keiryo.serve.grpc import start_grpc
+
+                grpc_server = await start_grpc(server, authorize)
+            yield
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(settings.request_timeout_s)  # in-flight calls finish first
+            await server.stop()
 
     app = FastAPI(title="keiryo inference server (Open Inference Protocol v2)", version=__version__, lifespan=lifespan)
 

@@ -41,6 +41,18 @@ def status_of(e: BaseException) -> int:
 
 _status_of = status_of  # the name tests and older callers know
 
+# the same mapping for gRPC: an HTTP status -> the name of its grpc.StatusCode (INTERNAL for any other)
+GRPC_CODES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    413: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+    500: "INTERNAL",
+}
+
 
 def error_message(status: int, e: BaseException) -> str:
     """What the caller is told; a model failure is logged once with its traceback, a bug (500) is

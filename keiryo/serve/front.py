@@ -24,7 +24,7 @@ access_log = logging.getLogger("keiryo.access")
 _json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
-def _access(rid: str, method: str, path: str, status: int, seconds: float, client: str | None) -> None:
+def log_access(rid: str, method: str, path: str, status: int, seconds: float, client: str | None) -> None:
     """One JSON access-log line, built by hand and handed to the ``keiryo.access`` logger's handlers
     without ``Logger.info``'s caller lookup: access logging was a quarter of a request's Python time
     (18 of 68 µs in-process), now about 9 µs. Handlers, filters and levels apply as usual."""
@@ -122,7 +122,7 @@ class Front:
             metrics.request(model, "infer" if infer is not None else "other", status, dt)
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client")
-                _access(rid, scope["method"], path, status, dt, client[0] if client else None)
+                log_access(rid, scope["method"], path, status, dt, client[0] if client else None)
 
     def _allowed(self, headers: dict[bytes, bytes]) -> bool:
         try:

@@ -32,6 +32,7 @@ class Server:
         self.ready = False
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
+        self.grpc_bound: int | None = None  # the gRPC endpoint's port once it listens
 
     def _batching(self) -> dict[str, Any]:
         s = self.settings

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+_INFER = ("infer", "grpc_infer")  # the endpoints whose latency is observed (REST and gRPC ModelInfer)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -12,7 +14,7 @@ class Metrics:
 
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("keiryo_requests", "HTTP requests", ["model", "endpoint", "status"], registry=r)
+        self.requests = Counter("keiryo_requests", "HTTP and gRPC requests", ["model", "endpoint", "status"], registry=r)
         self.latency = Histogram(
             "keiryo_request_latency_seconds",
             "request latency",
@@ -42,7 +44,7 @@ class Metrics:
         if counter is None:
             counter = self._children[key] = self.requests.labels(model, endpoint, str(status))
         counter.inc()
-        if endpoint == "infer" and model:
+        if endpoint in _INFER and model:
             hist = self._children.get(model)
             if hist is None:
                 hist = self._children[model] = self.latency.labels(model)

@@ -55,6 +55,50 @@ def _obj(x: Any, what: str) -> dict[str, Any]:
     return x
 
 
+def check_tensor(
+    name: Any, dt: Any, shape: Any, expected: dict[str, dict[str, Any]], seen: dict[str, np.ndarray]
+) -> tuple[np.dtype, int]:
+    """Check one input tensor's name, datatype and shape against the model's (``expected``: name ->
+    {datatype, shape}, -1 = any) and against the inputs ``seen`` so far; returns (numpy dtype, element count).
+    Every transport (REST JSON, REST binary, gRPC) checks its inputs here."""
+    if name not in expected:
+        raise ProtocolError(f"unknown input {name!r}; the model's inputs are {sorted(expected)}")
+    if name in seen:
+        raise ProtocolError(f"input {name!r} given twice")
+    want = expected[name]
+    if dt != want["datatype"]:
+        raise ProtocolError(f"input {name!r}: datatype {dt!r}, expected {want['datatype']}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    wshape = want["shape"]
+    if len(shape) != len(wshape) or any(w != -1 and w != d for w, d in zip(wshape, shape, strict=True)):
+        raise ProtocolError(f"input {name!r}: shape {shape}, expected {wshape} (-1 = any)")
+    if shape[0] == 0:
+        raise ProtocolError(f"input {name!r}: empty batch")
+    return DATATYPES[dt], math.prod(shape)
+
+
+def from_raw(raw: bytes, dt: str, count: int, name: str) -> np.ndarray:
+    """A tensor's elements from the wire's raw little-endian bytes (binary extension, gRPC raw contents)."""
+    dtype = DATATYPES[dt]
+    if len(raw) != count * dtype.itemsize:
+        raise ProtocolError(f"input {name!r}: {len(raw)} raw bytes, expected {count * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=_LITTLE[dt], count=count).astype(dtype)
+
+
+def add_input(arrays: dict[str, np.ndarray], name: str, arr: np.ndarray, shape: list[int]) -> None:
+    """Store a decoded input (flat, of the checked dtype and element count) in its shape; NaN/Inf refused."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ProtocolError(f"input {name!r}: contains NaN or Inf")
+    arrays[name] = arr.reshape(shape)
+
+
+def check_complete(arrays: dict[str, np.ndarray], expected: dict[str, dict[str, Any]]) -> None:
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise ProtocolError(f"missing inputs {missing}")
+
+
 def parse_request(body: bytes, header_length: str | None, expected: dict[str, dict[str, Any]]) -> InferRequest:
     """Parse an infer request; ``expected`` maps input name -> {datatype, shape} (-1 = any)."""
     if header_length is not None:
@@ -79,25 +123,10 @@ def parse_request(body: bytes, header_length: str | None, expected: dict[str, di
     offset = 0
     for i, t in enumerate(inputs):
         t = _obj(t, f"inputs[{i}]")
-        name = t.get("name")
-        if name not in expected:
-            raise ProtocolError(f"unknown input {name!r}; the model's inputs are {sorted(expected)}")
-        if name in arrays:
-            raise ProtocolError(f"input {name!r} given twice")
-        dt = t.get("datatype")
-        want = expected[name]
-        if dt != want["datatype"]:
-            raise ProtocolError(f"input {name!r}: datatype {dt!r}, expected {want['datatype']}")
-        shape = t.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-        wshape = want["shape"]
-        if len(shape) != len(wshape) or any(w != -1 and w != d for w, d in zip(wshape, shape, strict=True)):
-            raise ProtocolError(f"input {name!r}: shape {shape}, expected {wshape} (-1 = any)")
-        if shape[0] == 0:
-            raise ProtocolError(f"input {name!r}: empty batch")
-        count = math.prod(shape)
-        dtype = DATATYPES[dt]
+        name: str = t.get("name")  # type: ignore[assignment]  # check_tensor makes sure: a name of the model's
+        shape: list[int] = t.get("shape")  # type: ignore[assignment]  # and a list of non-negative ints
+        dtype, count = check_tensor(name, t.get("datatype"), shape, expected, arrays)
+        dt = expected[name]["datatype"]
         params = t.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
@@ -114,14 +143,10 @@ def parse_request(body: bytes, header_length: str | None, expected: dict[str, di
             arr = _typed(data, dtype, dt, name, strict_bools=b"true" in head or b"false" in head)
             if arr.size != count:
                 raise ProtocolError(f"input {name!r}: {arr.size} elements for shape {shape} ({count} expected)")
-        if dtype.kind == "f" and not np.isfinite(arr).all():
-            raise ProtocolError(f"input {name!r}: contains NaN or Inf")
-        arrays[name] = arr.reshape(shape)
+        add_input(arrays, name, arr, shape)
     if offset != len(binary):
         raise ProtocolError(f"the body has {len(binary) - offset} binary bytes that no input claims")
-    missing = sorted(set(expected) - set(arrays))
-    if missing:
-        raise ProtocolError(f"missing inputs {missing}")
+    check_complete(arrays, expected)
     params = req.get("parameters") or {}
     binary_all = bool(isinstance(params, dict) and params.get("binary_data_output"))
     wanted: list[str] | None = None

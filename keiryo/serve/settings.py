@@ -1,4 +1,4 @@
-"""The server's configuration: :class:`ServeSettings` (models, keys, batching, limits, deadlines),
+"""The server's configuration: :class:`ServeSettings` (models, keys, batching, limits, deadlines, gRPC),
 :class:`TLSSettings`, and :func:`uvicorn_options` (how uvicorn is run for keiryo)."""
 
 from __future__ import annotations
@@ -10,6 +10,26 @@ from pydantic import Field
 
 from keiryo.config import KeiryoConfig
 from keiryo.errors import ConfigError
+
+
+class TLSSettings(KeiryoConfig):
+    certfile: str = Field(description="the server's certificate chain (PEM)")
+    keyfile: str = Field(description="its private key (PEM)")
+    ca_certs: str | None = Field(None, description="CA bundle: clients must present a certificate it signed (mTLS)")
+
+    def check_files(self) -> None:
+        for f in (self.certfile, self.keyfile, self.ca_certs):
+            if f is not None and not Path(f).is_file():
+                raise ConfigError(f"{f}: TLS file not found")
+
+    def uvicorn(self) -> dict[str, Any]:
+        import ssl
+
+        self.check_files()
+        kw: dict[str, Any] = {"ssl_certfile": self.certfile, "ssl_keyfile": self.keyfile}
+        if self.ca_certs:
+            kw |= {"ssl_ca_certs": self.ca_certs, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        return kw
 
 
 class ServeSettings(KeiryoConfig):
@@ -35,32 +55,20 @@ class ServeSettings(KeiryoConfig):
     public_metrics: bool = Field(False, description="serve /metrics without an API key (e.g. a scraper on a private network)")
     public_docs: bool = Field(False, description="serve /docs and /openapi.json without an API key")
     server_name: str = "keiryo"
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="also serve the OIP over gRPC on this port (0: any free one)")
+    grpc_host: str = Field("0.0.0.0", description="the gRPC endpoint's address")
+    grpc_max_message_bytes: int = Field(
+        64 * 2**20, ge=1024, description="largest gRPC message received or sent (RESOURCE_EXHAUSTED beyond)"
+    )
+    grpc_tls: TLSSettings | None = Field(
+        None, description="TLS (and mTLS) for the gRPC endpoint; keiryo serve uses the REST one's"
+    )
 
     def check(self) -> None:
         if not self.api_keys and not self.allow_anonymous:
             raise ConfigError("no API key given: pass --api-key (or KEIRYO_API_KEYS), or --allow-anonymous to serve without one")
         if any(len(k) < 16 for k in [*self.api_keys, *self.admin_keys]):
             raise ConfigError("API keys must be at least 16 characters")
-
-
-class TLSSettings(KeiryoConfig):
-    certfile: str = Field(description="the server's certificate chain (PEM)")
-    keyfile: str = Field(description="its private key (PEM)")
-    ca_certs: str | None = Field(None, description="CA bundle: clients must present a certificate it signed (mTLS)")
-
-    def check_files(self) -> None:
-        for f in (self.certfile, self.keyfile, self.ca_certs):
-            if f is not None and not Path(f).is_file():
-                raise ConfigError(f"{f}: TLS file not found")
-
-    def uvicorn(self) -> dict[str, Any]:
-        import ssl
-
-        self.check_files()
-        kw: dict[str, Any] = {"ssl_certfile": self.certfile, "ssl_keyfile": self.keyfile}
-        if self.ca_certs:
-            kw |= {"ssl_ca_certs": self.ca_certs, "ssl_cert_reqs": ssl.CERT_REQUIRED}
-        return kw
 
 
 def uvicorn_options(
