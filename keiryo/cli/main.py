@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from keiryo.cli.app import app_command
 from keiryo.cli.privacy import CalibDataOpt, calibration, federate, privacy_app
 from keiryo.errors import ConfigError, KeiryoError
 
@@ -26,6 +27,7 @@ app = typer.Typer(
 _state = {"debug": False}
 app.add_typer(privacy_app, name="privacy")  # keys for encrypted packages (keiryo/cli/privacy.py)
 app.command("federate")(federate)  # Flower, in its own environment (keiryo/cli/privacy.py)
+app.command("app")(app_command)  # the real-time page (keiryo/cli/app.py)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo:NAME, path/to/file.py:factory or package.module:factory")]
 ModelOpts = Annotated[
@@ -586,6 +588,7 @@ def serve(
     ] = None,
     public_metrics: Annotated[bool, typer.Option("--public-metrics", help="serve /metrics without an API key")] = False,
     limit_concurrency: Annotated[int, typer.Option(min=1, help="connections and tasks before new ones get 503")] = 1000,
+    page: Annotated[bool, typer.Option("--app", help="also serve the real-time page at /app (see `keiryo app`)")] = False,
 ) -> None:
     """Serve registry models over the Open Inference Protocol v2 (KServe V2) REST API.
 
@@ -625,7 +628,21 @@ def serve(
         ca = str(ssl_ca_certs) if ssl_ca_certs else None
         tls = TLSSettings(certfile=str(ssl_certfile), keyfile=str(ssl_keyfile), ca_certs=ca)
         settings = settings.model_copy(update={"grpc_tls": tls})  # the gRPC port speaks TLS as well
-    run_server(registry, settings, host, port, tls=tls, limit_concurrency=limit_concurrency)
+    build = None
+    if page:
+        from keiryo.app import assets_missing, create_page_app
+
+        if assets_missing():
+            raise ConfigError(f"--app: {assets_missing()}")
+
+        def build(source: Any, s: Any) -> Any:
+            asgi, sessions = create_page_app(source, s, poll_s=poll_s or 2.0)
+            if sessions is not None:
+                scheme = "https" if tls else "http"
+                _console().print(f"page: {scheme}://{host}:{port}/app/login?code={sessions.login_code}", highlight=False)
+            return asgi
+
+    run_server(registry, settings, host, port, tls=tls, limit_concurrency=limit_concurrency, build=build)
 
 
 @app.command()

@@ -164,6 +164,18 @@ class TrustedRegistry:
         self.package(name, tag)  # raises when no such signed version
         return name, tag
 
+    def names(self) -> list[str]:
+        """Every package name in the signed targets metadata."""
+        if self._updater is None:
+            self.refresh()
+        targets = self._updater._trusted_set.targets.targets  # noqa: SLF001 - ngclient keeps no public listing
+        prefix = alias_target("")
+        return sorted(p[len(prefix) :] for p in targets if p.startswith(prefix))
+
+    def aliases(self, name: str) -> list[str]:
+        """The signed aliases of ``name`` (``production``, ``staging``, ...)."""
+        return sorted(self._entry(name).get("aliases", {}))
+
     def alias(self, name: str, alias: str) -> AliasRecord:
         aliases = self._entry(name).get("aliases", {})
         if alias not in aliases:

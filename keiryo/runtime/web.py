@@ -19,6 +19,7 @@ import http.server
 import os
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -137,18 +138,13 @@ class WebSession(SessionBase):
             if not self.path.is_file():
                 raise InputFileError(f"{self.path}: ONNX file not found")
             model = self.path.read_bytes()
-        from playwright.sync_api import sync_playwright
-
         self.threads = threads
-        self._server = StaticServer()
-        self._pw = sync_playwright().start()
+        # Playwright's sync API belongs to the thread that starts it and refuses a thread running an asyncio
+        # loop: every browser call goes through one private thread, so a session works from anywhere
+        self._thread: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="keiryo-web")
+        self._server: StaticServer | None = StaticServer()
         try:
-            self._browser = launch_chromium(self._pw)
-            self._page = self._browser.new_page()
-            self._page.goto(self._server.url + "bench.html")
-            self._page.wait_for_function("() => window.keiryoBench !== undefined", timeout=30_000)
-            names = self._call("([m, t]) => keiryoBench.open(m, t)", [base64.b64encode(model).decode(), threads])
-            self.info: dict[str, Any] = {"browser": f"chromium {self._browser.version}", **self._call("() => keiryoBench.info()")}
+            names = self._on_thread(self._open, model)
         except RuntimeSessionError as e:
             self.close()
             raise InputFileError(f"{self.path}: onnxruntime-web cannot load this model ({e})") from e
@@ -158,11 +154,32 @@ class WebSession(SessionBase):
         self.input_names = list(names["inputs"])
         self.output_names = list(names["outputs"])
 
-    def _call(self, script: str, arg: Any = None) -> Any:
+    def _on_thread(self, fn: Any, *args: Any) -> Any:
+        if self._thread is None:
+            raise RuntimeSessionError(f"{self.path}: the web session is closed")
+        return self._thread.submit(fn, *args).result()
+
+    def _open(self, model: bytes) -> dict[str, Any]:
+        from playwright.sync_api import sync_playwright
+
+        self._pw = sync_playwright().start()
+        self._browser = launch_chromium(self._pw)
+        self._page = self._browser.new_page()
+        assert self._server is not None
+        self._page.goto(self._server.url + "bench.html")
+        self._page.wait_for_function("() => window.keiryoBench !== undefined", timeout=30_000)
+        names = self._evaluate("([m, t]) => keiryoBench.open(m, t)", [base64.b64encode(model).decode(), self.threads])
+        self.info: dict[str, Any] = {"browser": f"chromium {self._browser.version}", **self._evaluate("() => keiryoBench.info()")}
+        return dict(names)
+
+    def _evaluate(self, script: str, arg: Any = None) -> Any:
         try:
             return self._page.evaluate(script, arg)
         except Exception as e:
             raise RuntimeSessionError(f"{self.path}: onnxruntime-web: {first_line(e, 300)}") from e
+
+    def _call(self, script: str, arg: Any = None) -> Any:
+        return self._on_thread(self._evaluate, script, arg)
 
     def _named(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, Any]:
         return {k: _encode(v) for k, v in self._feed(inputs).items()}
@@ -174,16 +191,22 @@ class WebSession(SessionBase):
         """Milliseconds of ``n`` runs after ``warmup``, timed inside the page."""
         return np.asarray(self._call("([f, w, n]) => keiryoBench.timed(f, w, n)", [self._named(inputs), warmup, n]))
 
-    def close(self) -> None:
-        for step in (
-            lambda: self._browser.close(),
-            lambda: self._pw.stop(),
-            lambda: self._server.close(),
-        ):
+    def _shutdown(self) -> None:
+        for step in (lambda: self._browser.close(), lambda: self._pw.stop()):
             try:
                 step()
             except Exception:  # noqa: BLE001 - best effort: a half-open session still lets go of the rest
                 pass
+
+    def close(self) -> None:
+        if getattr(self, "_thread", None) is not None:
+            self._on_thread(self._shutdown)
+            assert self._thread is not None
+            self._thread.shutdown()
+            self._thread = None
+        if getattr(self, "_server", None) is not None:
+            self._server.close()
+            self._server = None
 
 
 @register_runtime("web", unavailable=unavailable)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.models: dict[str, Any] = {}  # name -> ServedModel
-        self.refs = {ref.partition("@")[0]: ref for ref in settings.models}
+        self.refs = settings.served_refs()  # served name -> NAME[@ALIAS]
         self.ready = False
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
@@ -167,5 +168,9 @@ class Server:
         """One OIP REST inference request (JSON or the binary extension): parse, :meth:`run`, build the
         response body; the front and the FastAPI route both call this."""
         req = parse_request(body, header_length, served.inputs)
+        t0 = time.perf_counter()
         outputs = await self.run(served, req.inputs)
-        return build_response(served.name, served.version, req, outputs)
+        dt = (time.perf_counter() - t0) * 1e3
+        content, extra, media = build_response(served.name, served.version, req, outputs)
+        # queue + batch + session time, so a client can tell the network from the inference (the page's latency panel)
+        return content, {**extra, "Server-Timing": f"infer;dur={dt:.3f}"}, media

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from keiryo.serve.settings import ServeSettings, TLSSettings, uvicorn_options
 
@@ -18,6 +19,7 @@ def run_server(
     *,
     tls: TLSSettings | None = None,
     limit_concurrency: int | None = 1000,
+    build: Any = None,
 ) -> None:
     """Run with uvicorn; SIGTERM drains in-flight requests before exiting.
 
@@ -42,7 +44,7 @@ def run_server(
     # it: make that handler end the process through the ``finally`` below instead of killing it
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
-        app = create_app(store_root, settings)
+        app = (build or create_app)(store_root, settings)  # build: another assembly (keiryo app mounts /app)
         uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options(settings, tls, limit_concurrency))
     finally:
         signal.signal(signal.SIGTERM, previous)

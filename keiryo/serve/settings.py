@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ from pydantic import Field
 
 from keiryo.config import KeiryoConfig
 from keiryo.errors import ConfigError
+
+_SERVED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 
 
 class TLSSettings(KeiryoConfig):
@@ -33,7 +36,11 @@ class TLSSettings(KeiryoConfig):
 
 
 class ServeSettings(KeiryoConfig):
-    models: list[str] = Field(min_length=1, description="NAME or NAME@ALIAS from the registry")
+    models: list[str] = Field(
+        min_length=1,
+        description="NAME or NAME@ALIAS from the registry, served under NAME; SERVED=REF serves REF under SERVED "
+        "(e.g. digits@staging=digits@staging beside digits@production=digits@production)",
+    )
     public_key: str = Field(description="the signer's public key (PEM): every package is verified against it")
     api_keys: list[str] = Field(default_factory=list, description="bearer keys for inference and metadata")
     admin_keys: list[str] = Field(default_factory=list, description="bearer keys for the model-repository endpoints")
@@ -64,7 +71,24 @@ class ServeSettings(KeiryoConfig):
         None, description="TLS (and mTLS) for the gRPC endpoint; keiryo serve uses the REST one's"
     )
 
+    def served_refs(self) -> dict[str, str]:
+        """served name -> registry ref, from :attr:`models`."""
+        out: dict[str, str] = {}
+        for entry in self.models:
+            served, eq, ref = entry.partition("=")
+            if not eq:
+                served, ref = entry.partition("@")[0], entry
+            if not _SERVED.fullmatch(served) or not ref:
+                raise ConfigError(
+                    f"--model {entry!r}: expected NAME, NAME@ALIAS or SERVED=NAME@ALIAS (SERVED: letters, digits, . _ - @)"
+                )
+            if served in out:
+                raise ConfigError(f"--model {entry!r}: {served!r} is already served as {out[served]!r}")
+            out[served] = ref
+        return out
+
     def check(self) -> None:
+        self.served_refs()
         if not self.api_keys and not self.allow_anonymous:
             raise ConfigError("no API key given: pass --api-key (or KEIRYO_API_KEYS), or --allow-anonymous to serve without one")
         if any(len(k) < 16 for k in [*self.api_keys, *self.admin_keys]):

@@ -1,0 +1,301 @@
+"""``keiryo app`` in a real browser: Debian's Chromium driven by Playwright against the page served by a live
+server over a registry made here. A digit is drawn with mouse events and must be classified right by both
+engines; promotions, sign-in, an unreachable server and bad uploads are handled on the page. Screenshots
+are kept in ``test-artifacts/`` (``$KEIRYO_TEST_ARTIFACTS``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from keiryo.packages import keygen, package
+from keiryo.packages.store import PackageStore
+from keiryo.runtime.web import launch_chromium, unavailable
+from keiryo.testing.live import LiveServer
+
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"browser tests: {unavailable()}")
+
+API = "page-test-key-0123456789"
+ARTIFACTS = Path(os.environ.get("KEIRYO_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
+CELL = 32  # the 256-px pad over the digits' 8x8 grid
+
+
+@pytest.fixture(scope="module")
+def text_results(tmp_path_factory):
+    """A tiny text classifier's compress output: a package the page must grey out (not an image model)."""
+    from keiryo.benchmark import BenchConfig
+    from keiryo.data import DataSpec, load_data
+    from keiryo.model import load_model
+    from keiryo.pipeline import RunOptions, compress, load_recipe
+
+    data = load_data(DataSpec(source="tokens", options={"samples": 60, "vocab": 30, "seq": 8}, calib_size=8))
+    h = load_model(
+        "zoo:text_encoder", data, output_name="logits", options={"vocab": 30, "dim": 8, "heads": 2, "layers": 1, "ffn": 16}
+    )
+    out = tmp_path_factory.mktemp("text") / "out"
+    opts = RunOptions(bench=BenchConfig(iterations=5, warmup=1, throughput_iterations=1, throughput_batch=2), progress=False)
+    compress(h, data, [load_recipe("fp32")], out, opts=opts)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tiny_results, text_results, tmp_path_factory):
+    """digits 1.0.0 (fp32) at staging, 2.0.0 (int8) at production, a text model; the server with /app."""
+    from keiryo.app import create_page_app, registry_refs
+    from keiryo.packages.remote import open_registry
+    from keiryo.serve import ServeSettings
+
+    out, _ = tiny_results
+    d = tmp_path_factory.mktemp("app")
+    priv, pub = keygen(d / "key.pem")
+    store = PackageStore(d / "registry")
+    for version, cand, alias in (("1.0.0", "fp32", "staging"), ("2.0.0", "int8", "production")):
+        store.push(package(out, name="digits", version=version, private_key=priv, out=d / version, candidate=cand), pub)
+        store.promote("digits", version, alias)
+    store.push(package(text_results, name="text", version="1.0.0", private_key=priv, out=d / "text", candidate="fp32"), pub)
+    store.promote("text", "1.0.0", "production")
+    reg = open_registry(store.root, None, d / "tuf-cache")
+    reg.refresh()
+    settings = ServeSettings(models=registry_refs(reg), public_key=str(pub), api_keys=[API], poll_s=0.3)
+    app, sessions = create_page_app(reg, settings, session_ttl_s=600, poll_s=0.3)
+    with LiveServer(app) as srv:
+        yield {"srv": srv, "store": store, "sessions": sessions, "dir": d}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = launch_chromium(p)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, world):
+    ctx = browser.new_context(viewport={"width": 1100, "height": 760})
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(f"{world['srv'].url}/app/login?code={world['sessions'].login_code}")
+    yield pg
+    ctx.close()
+    assert not errors, f"uncaught errors on the page: {errors}"
+
+
+def _shot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def _ready(page, engine: str, model: str = "digits@production", version: str | None = None, timeout: float = 30_000) -> None:
+    want = f"{model}:{version}:{engine}" if version else None
+    page.wait_for_function(
+        "([m, e, w]) => { const r = document.body.dataset.ready || ''; return w ? r === w : r.startsWith(m + ':') && r.endsWith(':' + e); }",
+        arg=[model, engine, want],
+        timeout=timeout,
+    )
+
+
+def _digit_to_draw(world, digits, tiny_trained):
+    """A test digit whose binarised trace the model classifies right with a wide margin (so the drawn
+    strokes, antialiased, are unambiguous): (8x8 binary mask, class)."""
+    import torch
+
+    x = digits.test.numpy()["image"][:, 0]
+    y = digits.test.targets.numpy()
+    masks = (x >= 0.5).astype(np.float32)
+    with torch.no_grad():
+        logits = tiny_trained.module(torch.from_numpy(masks[:, None])).numpy()
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    ok = np.flatnonzero(p.argmax(1) == y)
+    best = ok[np.argmax(p[ok, y[ok]])]
+    return masks[best], str(int(y[best]))
+
+
+def _draw(page, mask) -> None:
+    """Fill every ink cell of an 8x8 mask with mouse strokes on the 256-px pad: two passes per row run."""
+    box = page.locator("#pad").bounding_box()
+    sx, sy = box["width"] / 256, box["height"] / 256
+    for r in range(8):
+        c = 0
+        while c < 8:
+            if not mask[r, c]:
+                c += 1
+                continue
+            end = c
+            while end + 1 < 8 and mask[r, end + 1]:
+                end += 1
+            for dy in (-8, 8):
+                y = box["y"] + (r * CELL + CELL / 2 + dy) * sy
+                page.mouse.move(box["x"] + (c * CELL + 8) * sx, y)
+                page.mouse.down()
+                page.mouse.move(box["x"] + (end * CELL + CELL - 8) * sx, y, steps=4)
+                page.mouse.up()
+            c = end + 1
+
+
+def _predicted(page, label: str, engine: str, timeout: float = 20_000) -> None:
+    page.wait_for_function(
+        "([l, e]) => { const p = document.getElementById('prediction'); return p.dataset.label === l && p.dataset.engine === e; }",
+        arg=[label, engine],
+        timeout=timeout,
+    )
+
+
+def test_a_drawn_digit_is_classified_by_both_engines(page, world, digits, tiny_trained):
+    mask, label = _digit_to_draw(world, digits, tiny_trained)
+    _ready(page, "server")
+    _draw(page, mask)
+    _predicted(page, label, "server")
+    rows = page.locator("#topk li").count()
+    assert rows == 5
+    # the latency panel has figures for every stage, the network one included
+    for key in ("prep", "network", "inference", "total"):
+        cells = page.locator(f"#latency tr[data-key={key}] td").all_inner_texts()
+        assert all(c not in ("", "-") for c in cells), (key, cells)
+    _shot(page, "app-server-engine")
+
+    page.locator("input[name=engine][value=browser]").check()
+    _ready(page, "browser")
+    page.click("#clear")
+    _draw(page, mask)
+    _predicted(page, label, "browser")
+    about = page.inner_text("#about-engine")
+    assert "onnxruntime-web" in about and "SIMD" in about, about
+    assert page.inner_text("#latency tr[data-key=network] td") == "0.00"  # nothing crosses the network in-browser
+    _shot(page, "app-browser-engine")
+
+
+def test_the_chooser_offers_every_alias_greys_out_a_text_model_and_follows_a_promotion(page, world):
+    _ready(page, "server")
+    options = page.locator("#model option")
+    texts = options.all_inner_texts()
+    assert any(t.startswith("digits@production (2.0.0)") for t in texts), texts
+    assert any(t.startswith("digits@staging (1.0.0)") for t in texts), texts
+    text = page.locator("#model option[value='text@production']")
+    assert text.is_disabled()
+    assert "not an image classifier" in text.inner_text() or "inputs" in text.inner_text()
+
+    page.select_option("#model", "digits@staging")
+    _ready(page, "server", "digits@staging", "1.0.0")
+    world["store"].promote("digits", "2.0.0", "staging")
+    try:
+        _ready(page, "server", "digits@staging", "2.0.0", timeout=20_000)  # no reload: the page follows the alias
+        assert "2.0.0" in page.inner_text("#about-model")
+    finally:
+        world["store"].promote("digits", "1.0.0", "staging", downgrade=True)
+
+
+def test_no_session_or_a_bad_key_shows_the_sign_in_never_a_blank_page(browser, world):
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+    try:
+        pg.goto(f"{world['srv'].url}/app/")
+        pg.wait_for_selector("#login:not([hidden])")
+        assert pg.locator("#main").is_hidden()
+        pg.fill("#login-key", "not-the-key-at-all-000")
+        pg.click("#login-form button")
+        pg.wait_for_function("() => document.getElementById('login-reason').textContent.includes('refused')")
+        pg.fill("#login-key", API)  # a real key signs in; the page keeps only the HttpOnly cookie
+        pg.click("#login-form button")
+        _ready(pg, "server")
+        cookies = ctx.cookies()
+        assert [c["name"] for c in cookies] == ["keiryo_app"] and cookies[0]["httpOnly"] and cookies[0]["sameSite"] == "Strict"
+        assert API not in pg.content()
+        # an expired or forged session: the next request is a 401 and the page asks to sign in again
+        ctx.add_cookies([{"name": "keiryo_app", "value": "1.forged", "url": world["srv"].url}])
+        pg.evaluate("() => window.keiryoApp.engine.infer(new Float32Array(64)).catch((e) => e.status)")
+        assert pg.evaluate("() => window.keiryoApp.engine.infer(new Float32Array(64)).then(() => 200, (e) => e.status)") == 401
+        pg.select_option("#model", "digits@staging")  # any call now fails with 401 -> the sign-in form
+        pg.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        _shot(pg, "app-sign-in")
+    finally:
+        ctx.close()
+
+
+def test_an_unreachable_server_is_said_and_the_in_browser_engine_offered(page, world, digits, tiny_trained):
+    mask, label = _digit_to_draw(world, digits, tiny_trained)
+    _ready(page, "server")
+    time.sleep(0.5)  # the in-browser model's bytes are fetched ahead, while the server is up
+    page.route("**/v2/**", lambda route: route.abort("connectionrefused"))
+    _draw(page, mask)
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('Server unreachable')")
+    page.click("#status button")  # "Use the in-browser engine"
+    _ready(page, "browser")
+    page.click("#clear")
+    _draw(page, mask)
+    _predicted(page, label, "browser")
+
+
+def test_an_upload_that_is_not_an_image_is_refused_on_the_page_and_a_big_photo_is_resized(page, world, tmp_path):
+    from PIL import Image
+
+    _ready(page, "server")
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not a PNG")
+    page.set_input_files("#upload", str(bad))
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('not an image')")
+    photo = tmp_path / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (900, 1400, 3), dtype=np.uint8)).save(photo)
+    before = int(page.get_attribute("#prediction", "data-frames") or 0)
+    page.set_input_files("#upload", str(photo))
+    page.wait_for_function("(n) => Number(document.getElementById('prediction').dataset.frames) > n", arg=before)
+    assert "1400x900, resized" in page.inner_text("#status")
+
+
+def test_the_page_is_isolated_and_its_assets_never_escape_static(world):
+    url = world["srv"].url
+    r = httpx.get(f"{url}/app/")
+    assert r.status_code == 200
+    assert (
+        r.headers["cross-origin-opener-policy"] == "same-origin" and r.headers["cross-origin-embedder-policy"] == "require-corp"
+    )
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert httpx.get(f"{url}/app/static/vendor/ort-wasm-simd-threaded.wasm").headers["content-type"] == "application/wasm"
+    for rel in ("../routes.py", "..%2Froutes.py", "%2e%2e/sessions.py", "vendor/../../__init__.py", ".built", "nope.js"):
+        assert httpx.get(f"{url}/app/static/{rel}").status_code == 404, rel
+    # the API needs a session; a wrong login code sets none
+    assert httpx.get(f"{url}/app/api/models").status_code == 401
+    r = httpx.get(f"{url}/app/login", params={"code": "guess"}, follow_redirects=False)
+    assert r.status_code == 401 and "set-cookie" not in r.headers
+    r = httpx.get(f"{url}/app/login", params={"code": world["sessions"].login_code}, follow_redirects=False)
+    assert r.status_code == 303 and "HttpOnly" in r.headers["set-cookie"]
+    cookie = r.headers["set-cookie"].split(";")[0]
+    models = httpx.get(f"{url}/app/api/models", headers={"Cookie": cookie}).json()["models"]
+    assert {m["id"] for m in models} == {"digits@production", "digits@staging", "text@production"}
+    # the in-browser engine gets the signed model bytes; the text model is refused for it
+    got = httpx.get(f"{url}/app/api/models/digits@production/versions/2.0.0/model", headers={"Cookie": cookie})
+    assert got.status_code == 200 and len(got.content) > 1000
+    assert (
+        httpx.get(f"{url}/app/api/models/digits@production/versions/9.9.9/model", headers={"Cookie": cookie}).status_code == 404
+    )
+
+
+def test_the_browser_runtime_matches_python_onnxruntime_on_the_digits_test_set(tiny_results, digits):
+    """Parity: onnxruntime-web in Chromium vs Python onnxruntime, fp32 and int8, on all test digits."""
+    from keiryo.runtime import open_session
+
+    out, results = tiny_results
+    x = digits.test.numpy()
+    for cand in ("fp32", "int8"):
+        path = out / next(c["artifact"] for c in results["candidates"] if c["name"] == cand)
+        with open_session("onnxruntime", path) as s:
+            ref = s.run(x)[0]
+        with open_session("web", path) as w:
+            got = w.run(x)[0]
+            assert w.info["simd"] is True and "chromium" in w.info["browser"]
+        agree = float((got.argmax(1) == ref.argmax(1)).mean())
+        assert agree >= 0.995, (cand, agree)
+        if cand == "fp32":
+            np.testing.assert_allclose(got, ref, atol=1e-4)
