@@ -204,8 +204,9 @@ class WebSession(SessionBase):
             assert self._thread is not None
             self._thread.shutdown()
             self._thread = None
-        if getattr(self, "_server", None) is not None:
-            self._server.close()
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.close()
             self._server = None
 
 
