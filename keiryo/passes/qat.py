@@ -117,10 +117,11 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 def qat(handle: Any, cfg: QatConfig, ctx: PassContext) -> PassResult:
     ctx.require_data("quantize.qat")
     if cfg.train.dp is not None:
-        raise PassError(
-            "quantize.qat: train.dp is not supported: fake-quantized layers use their weights functionally, where "
-            "Opacus cannot compute per-sample gradients; train with DP first (a fine-tune or distill step with train.dp), "
-            "then quantize.int8_static calibrated on public data"
+        raise PassError(  # tried: Opacus stops with "Per sample gradient is not initialized" (see docs/privacy.md)
+            "quantize.qat: train.dp is not supported: its fake-quantized layers use their weights functionally, where "
+            "Opacus computes no per-sample gradients, and it sets activation ranges from the min/max of private batches, "
+            "which DP-SGD does not cover; train with DP first (a fine-tune or distill step with train.dp), then "
+            "quantize.int8_static calibrated on public or synthetic data (--calib-data)"
         )
     handle = handle.clone()
     layers = prunable_layers(handle.module)

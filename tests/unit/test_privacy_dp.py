@@ -150,8 +150,10 @@ def test_dp_distillation_records_the_guarantee_in_the_steps_info_and_qat_refuses
     rec = res.info["privacy"]
     assert rec["target_epsilon"] == 4 and rec["accountant"] == "rdp" and rec["epsilon"] <= 4 < rec["epsilon"] * 1.1
     assert "privacy_step" not in res.model.metadata
-    with pytest.raises(PassError, match="quantize.qat: train.dp is not supported"):
+    with pytest.raises(PassError, match="quantize.qat: train.dp is not supported") as refused:
         apply(tiny_trained, QatConfig(train=FinetuneConfig(epochs=1, dp=dp)), ctx)
+    assert "min/max of private batches" in str(refused.value) and "--calib-data" in str(refused.value)
+    assert "\n" not in str(refused.value)  # one line
 
 
 def test_dp_config_round_trips_inside_the_training_configs():
@@ -159,3 +161,28 @@ def test_dp_config_round_trips_inside_the_training_configs():
     assert TrainConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match="unknown field 'epsilon'"):
         DPConfig.parse({"target_epsilon": 1, "epsilon": 2})
+
+
+def test_why_qat_refuses_dp_opacus_gets_no_per_sample_gradients_through_fake_quant_layers(digits):
+    """The trial behind QAT's refusal: Opacus on a fake-quantized model (each Linear wrapped by QAT's FakeQuant)
+    computes no per-sample gradient for the weights F.linear uses functionally. If an Opacus release ever does,
+    this fails: revisit the refusal (the activation ranges would still need public data)."""
+    from keiryo.model.io import call_module, flatten_outputs
+    from keiryo.passes.qat import FakeQuant
+    from keiryo.privacy.dp import make_private
+
+    h = load_model("zoo:mlp", digits, options={"hidden": [16]}, output_name="logits")
+    cfg = DPConfig(target_epsilon=8, accountant="rdp")
+    linears = [n for n, m in h.module.named_modules() if isinstance(m, nn.Linear)]
+    for n in linears:
+        parent, _, leaf = n.rpartition(".")
+        setattr(h.module.get_submodule(parent) if parent else h.module, leaf, FakeQuant(h.module.get_submodule(n), QatConfig()))
+    module, _ = prepare_module(h.module, cfg)
+    run = make_private(module, torch.optim.SGD(module.parameters(), lr=0.1), digits.train, 256, 1, cfg, seed=0)
+    task = get_task("classification").bind(h.output_names)
+    x, y = next(iter(run.loader))
+    loss = task.loss(flatten_outputs(call_module(run.module, x, h.input_names))[0], task.targets(y))
+    loss.backward()
+    with pytest.raises(ValueError, match="Per sample gradient is not initialized"):
+        run.optimizer.step()
+    run.close()
