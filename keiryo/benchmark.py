@@ -51,7 +51,10 @@ class BenchResult:
     runtime_info: dict[str, Any] | None = None  # what the runtime reports of itself (the web runtime: browser, wasm features)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["runtime_info"] is None:
+            del d["runtime_info"]  # only runtimes that describe themselves (the browser) carry it
+        return d
 
 
 def _peak_rss_mb() -> float | None:

@@ -253,7 +253,11 @@ def compress(
     weights: WeightsOpt = None,
     data_opt: DataOpts = None,
     target: Annotated[
-        str, typer.Option(help="onnx | tflite: the format candidates ship in and are measured on (recipes that name none)")
+        str,
+        typer.Option(
+            help="onnx | tflite | web (onnxruntime-web in headless Chromium): the format candidates ship in and are "
+            "measured on (recipes that name none)"
+        ),
     ] = "onnx",
     max_drop: MaxDropOpt = 1.0,
     constraint: Annotated[Optional[list[str]], typer.Option(help="extra constraint 'metric<=bound' (repeatable)")] = None,
@@ -322,7 +326,10 @@ def optimize(
     data_opt: DataOpts = None,
     target: Annotated[
         str,
-        typer.Option(help="onnx (onnxruntime) | tflite (LiteRT interpreter): the format candidates ship in and are measured on"),
+        typer.Option(
+            help="onnx (onnxruntime) | tflite (LiteRT interpreter) | web (onnxruntime-web in headless Chromium): "
+            "the format candidates ship in and are measured on"
+        ),
     ] = "onnx",
     max_drop: MaxDropOpt = 1.0,
     task: TaskOpt = "auto",
@@ -394,7 +401,7 @@ def optimize(
 def export(
     model: ModelOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="output file (.onnx, .tflite) or Core ML package (.mlpackage)")],
-    format: Annotated[str, typer.Option("--format", "-f", help="onnx | tflite | coreml")] = "onnx",
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx | tflite | coreml | web")] = "onnx",
     variant: Annotated[
         str,
         typer.Option(
@@ -814,7 +821,9 @@ def zoo() -> None:
 
 @app.command()
 def recipes(
-    target: Annotated[str, typer.Option(help="show the built-ins as they run on this target: onnx | tflite | coreml")] = "onnx",
+    target: Annotated[
+        str, typer.Option(help="show the built-ins as they run on this target: onnx | tflite | coreml | web")
+    ] = "onnx",
 ) -> None:
     """List the built-in recipes (for a target) and the registered passes a recipe step can use."""
     from rich.table import Table

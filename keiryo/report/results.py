@@ -17,19 +17,25 @@ from keiryo.machine import machine_info
 RESULTS_SCHEMA_VERSION = 2  # 2: model.io, task, metrics with *_ci95 and samples, failed candidates
 
 
+def _target(c: dict[str, Any]) -> str:
+    return str((c.get("recipe") or {}).get("target") or c.get("format", ""))
+
+
 def _ratios(candidates: list[dict[str, Any]]) -> None:
-    """Add size and speed ratios against the fp32 candidate of the same format (``fp32`` or ``fp32-FORMAT``)."""
-    refs = {
-        c["format"]: c["metrics"] for c in candidates if c.get("status") == "ok" and c["name"] in ("fp32", f"fp32-{c['format']}")
-    }
+    """Add size and speed ratios against the fp32 candidate of the same target (``fp32`` or ``fp32-TARGET``),
+    and flag a candidate that is smaller but slower there (int8 in the browser, say: a known trap)."""
+    ok = [c for c in candidates if c.get("status") == "ok"]
+    refs = {_target(c): c["metrics"] for c in ok if c["name"] in ("fp32", f"fp32-{_target(c)}")}
     for c in candidates:
-        r = refs.get(c.get("format", ""))
+        r = refs.get(_target(c))
         if c.get("status") != "ok" or r is None:
             continue
         m = c["metrics"]
         m["size_ratio_vs_fp32"] = round(r["size_bytes"] / m["size_bytes"], 3)
         m["speedup_p50_vs_fp32"] = round(r["latency_p50_ms"] / m["latency_p50_ms"], 3)
         m["speedup_p95_vs_fp32"] = round(r["latency_p95_ms"] / m["latency_p95_ms"], 3)
+        # over 5% smaller and over 5% slower at p50 on the runtime it ships on
+        m["smaller_but_slower"] = m["size_ratio_vs_fp32"] > 1.05 and m["speedup_p50_vs_fp32"] < 0.95
 
 
 def build_results(

@@ -99,7 +99,8 @@ def _shot(page, name: str) -> Path:
 def _ready(page, engine: str, model: str = "digits@production", version: str | None = None, timeout: float = 30_000) -> None:
     want = f"{model}:{version}:{engine}" if version else None
     page.wait_for_function(
-        "([m, e, w]) => { const r = document.body.dataset.ready || ''; return w ? r === w : r.startsWith(m + ':') && r.endsWith(':' + e); }",
+        "([m, e, w]) => { const r = document.body.dataset.ready || '';"
+        " return w ? r === w : r.startsWith(m + ':') && r.endsWith(':' + e); }",
         arg=[model, engine, want],
         timeout=timeout,
     )
@@ -146,7 +147,8 @@ def _draw(page, mask) -> None:
 
 def _predicted(page, label: str, engine: str, timeout: float = 20_000) -> None:
     page.wait_for_function(
-        "([l, e]) => { const p = document.getElementById('prediction'); return p.dataset.label === l && p.dataset.engine === e; }",
+        "([l, e]) => { const p = document.getElementById('prediction');"
+        " return p.dataset.label === l && p.dataset.engine === e; }",
         arg=[label, engine],
         timeout=timeout,
     )
