@@ -84,9 +84,9 @@ def app_command(
         sessions.append(sess)
         if sess is not None:
             url = f"http://{host}:{port}/app/login?code={sess.login_code}"
-            _console().print(f"open {url}  (signs this browser in)", highlight=False)
+            _console().print(f"open {url}  (signs this browser in)", highlight=False, soft_wrap=True)
         else:
-            _console().print(f"open http://{host}:{port}/app/", highlight=False)
+            _console().print(f"open http://{host}:{port}/app/", highlight=False, soft_wrap=True)
         return app
 
     run_server(registry, settings, host, port, build=build)

@@ -104,12 +104,12 @@ class StaticServer:
         self.httpd.server_close()
 
 
-def launch_chromium(playwright: Any) -> Any:
+def launch_chromium(playwright: Any, extra_args: list[str] | None = None) -> Any:
     """Headless Chromium from this machine (never a downloaded one)."""
     path = chromium_path()
     if path is None:
         raise BackendUnavailableError("Chromium (the web runtime's browser)", "web")
-    return playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+    return playwright.chromium.launch(executable_path=path, args=[*CHROMIUM_ARGS, *(extra_args or [])])
 
 
 def _encode(a: np.ndarray) -> dict[str, Any]:

@@ -301,3 +301,61 @@ def test_the_browser_runtime_matches_python_onnxruntime_on_the_digits_test_set(t
         assert agree >= 0.995, (cand, agree)
         if cand == "fp32":
             np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_the_camera_feeds_frames_continuously_until_stopped(world):
+    """Chromium's fake camera (a moving test pattern) stands in for a webcam."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = launch_chromium(p, ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        try:
+            ctx = b.new_context()
+            ctx.grant_permissions(["camera"], origin=world["srv"].url)
+            pg = ctx.new_page()
+            pg.goto(f"{world['srv'].url}/app/login?code={world['sessions'].login_code}")
+            _ready(pg, "server")
+            pg.click("#camera")
+            pg.wait_for_function("() => Number(document.getElementById('prediction').dataset.frames) >= 10", timeout=20_000)
+            assert pg.locator("#video").is_visible() and pg.locator("#pad").is_hidden()
+            assert pg.inner_text("#camera") == "Stop camera"
+            pg.click("#camera")
+            assert pg.locator("#pad").is_visible()
+            n = int(pg.get_attribute("#prediction", "data-frames"))
+            time.sleep(0.5)
+            assert int(pg.get_attribute("#prediction", "data-frames")) <= n + 1  # stopped: no more frames
+        finally:
+            b.close()
+
+
+def test_keiryo_app_starts_from_the_command_line_and_prints_a_login_link(world, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from keiryo.testing.live import free_port
+
+    port = free_port()
+    reg = world["store"].root
+    pub = world["dir"] / "key.pub.pem"
+    cmd = [sys.executable, "-m", "keiryo", "app", "--registry", str(reg), "--public-key", str(pub), "--port", str(port)]
+    cmd += ["--tuf-cache", str(tmp_path / "cache")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        link = None
+        deadline = time.time() + 90
+        while time.time() < deadline and link is None:
+            line = proc.stdout.readline()
+            m = re.search(r"(http://\S+/app/login\?code=\S+)", line)
+            link = m.group(1) if m else None
+        assert link, "no login link printed"
+        while time.time() < deadline:
+            try:
+                r = httpx.get(link, follow_redirects=True, timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert r.status_code == 200 and "<canvas id=\"pad\"" in r.text
+    finally:
+        proc.terminate()
+        proc.wait(30)
