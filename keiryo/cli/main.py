@@ -646,7 +646,8 @@ def serve(
             asgi, sessions = create_page_app(source, s, poll_s=poll_s or 2.0)
             if sessions is not None:
                 scheme = "https" if tls else "http"
-                _console().print(f"page: {scheme}://{host}:{port}/app/login?code={sessions.login_code}", highlight=False, soft_wrap=True)
+                link = f"{scheme}://{host}:{port}/app/login?code={sessions.login_code}"
+                _console().print(f"page: {link}", highlight=False, soft_wrap=True)
             return asgi
 
     run_server(registry, settings, host, port, tls=tls, limit_concurrency=limit_concurrency, build=build)
