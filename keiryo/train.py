@@ -150,7 +150,8 @@ def train(
     if cfg.dp is not None:
         from keiryo.privacy.dp import make_private
 
-        dp_run = make_private(module, opt, data.train, cfg.batch_size, cfg.epochs, cfg.dp, cfg.seed, conversion)
+        per_sample = task.loss if loss_fn is None else None  # ghost clipping: the task's loss, sample by sample
+        dp_run = make_private(module, opt, data.train, cfg.batch_size, cfg.epochs, cfg.dp, cfg.seed, conversion, per_sample)
         opt = dp_run.optimizer
     amp_dtype = None
     if cfg.amp and device.type == "cuda" and dp_run is None:
@@ -190,10 +191,18 @@ def train(
                 yt = task.targets(y).to(device) if y is not None and task.needs_targets else None
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outs, _ = flatten_outputs(call_module(module, x, names))
-                    loss = loss_fn(outs, yt, x) if loss_fn is not None else task.loss(outs, yt)
+                    if dp_run is not None and dp_run.criterion is not None:  # ghost clipping: the loss per sample
+                        if n == 0:
+                            raise DataError(
+                                f"epoch {epoch}: an empty Poisson batch, which dp grad_sample_mode ghost cannot step on "
+                                "(it needs 1+ samples); use grad_sample_mode hooks"
+                            )
+                        loss = dp_run.criterion(outs, yt)  # its backward() runs Opacus's two passes
+                    else:
+                        loss = loss_fn(outs, yt, x) if loss_fn is not None else task.loss(outs, yt)
                 if n == 0:  # an empty Poisson batch: a noise-only DP step (Opacus clips zero samples)
                     loss = sum((o.sum() for o in outs), torch.zeros((), device=device))
-                if not torch.isfinite(loss):
+                if not torch.isfinite(loss.detach()):
                     raise DataError(f"training diverged at epoch {epoch}: loss is {loss.item()}; lower the learning rate")
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

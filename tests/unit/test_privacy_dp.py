@@ -186,3 +186,28 @@ def test_why_qat_refuses_dp_opacus_gets_no_per_sample_gradients_through_fake_qua
     with pytest.raises(ValueError, match="Per sample gradient is not initialized"):
         run.optimizer.step()
     run.close()
+
+
+def test_ghost_clipping_takes_the_same_steps_as_per_sample_gradients(digits):
+    """grad_sample_mode ghost (Opacus's ghost clipping: per-sample norms without materializing per-sample gradients)
+    clips and noises like the default hooks mode: the same seeds give the same Poisson batches and noise, so two
+    epochs end at the same weights, and the record names the mode. A distillation loss is refused with ghost."""
+    task = None
+    got = {}
+    for mode in ("hooks", "ghost"):
+        h = load_model(SPEC, digits, output_name="logits", seed=3)
+        task = get_task("classification").bind(h.output_names)
+        dp = DPConfig(target_epsilon=8, accountant="rdp", grad_sample_mode=mode)
+        res = train(h, digits, task, TrainConfig(epochs=2, lr=2e-2, batch_size=256, seed=0, dp=dp), progress=False)
+        assert res.privacy["grad_sample_mode"] == mode
+        got[mode] = (h.module.state_dict(), res.privacy["epsilon"], res.privacy["steps"])
+    (a, eps_a, steps_a), (b, eps_b, steps_b) = got["hooks"], got["ghost"]
+    assert eps_a == eps_b and steps_a == steps_b
+    moved = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert moved < 1e-4, moved
+    with pytest.raises(ConfigError, match="ghost: only with the task's own loss"):
+        from keiryo.privacy.dp import make_private
+
+        m, _ = prepare_module(load_model(SPEC, digits, output_name="logits").module, DPConfig(target_epsilon=8))
+        make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), digits.train, 256, 1,
+                     DPConfig(target_epsilon=8, accountant="rdp", grad_sample_mode="ghost"), seed=0)  # fmt: skip
