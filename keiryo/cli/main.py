@@ -655,23 +655,26 @@ def serve(
 
 @app.command()
 def deploy(
-    kind: Annotated[str, typer.Argument(help="docker | k8s | agent")],
+    kind: Annotated[str, typer.Argument(help="docker | k8s | agent | knative")],
     pkg: Annotated[Path, typer.Argument(help="package directory from `keiryo package`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
     public_key: Annotated[Optional[Path], typer.Option("--public-key", help="the signer's key: verifies the package")] = None,
-    image: Annotated[Optional[str], typer.Option(help="k8s: container image (default keiryo-NAME:VERSION)")] = None,
+    image: Annotated[Optional[str], typer.Option(help="k8s, knative: container image (default keiryo-NAME:VERSION)")] = None,
     replicas: Annotated[int, typer.Option(min=1, help="k8s: minimum replicas")] = 2,
-    max_replicas: Annotated[int, typer.Option(min=1, help="k8s: HPA maximum replicas")] = 10,
+    max_replicas: Annotated[int, typer.Option(min=1, help="k8s: HPA maximum replicas; knative: max-scale")] = 10,
     cpu_target: Annotated[int, typer.Option(min=1, max=100, help="k8s: HPA CPU utilisation target, %")] = 70,
-    cpu: Annotated[str, typer.Option(help="k8s: CPU request = limit")] = "1",
-    memory: Annotated[str, typer.Option(help="k8s: memory request = limit")] = "1Gi",
+    cpu: Annotated[str, typer.Option(help="k8s, knative: CPU request = limit")] = "1",
+    memory: Annotated[str, typer.Option(help="k8s, knative: memory request = limit")] = "1Gi",
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=10000, help="knative: in-flight requests per pod the autoscaler aims at")
+    ] = 32,
     source: Annotated[Optional[str], typer.Option(help="agent: the registry URL (or directory) the device pulls from")] = None,
     trusted_root: Annotated[Optional[Path], typer.Option("--trusted-root", help="agent: the registry's tuf/1.root.json")] = None,
     alias: Annotated[str, typer.Option(help="agent: the alias the device follows")] = "production",
 ) -> None:
     """Write deploy assets: a slim CPU-only Docker build context, Kubernetes Deployment + Service + HPA,
-    or a systemd unit for `keiryo agent` on a device."""
-    from keiryo.serve.deploy import write_agent, write_docker, write_k8s
+    a scale-to-zero Knative Service, or a systemd unit for `keiryo agent` on a device."""
+    from keiryo.serve.deploy import write_agent, write_docker, write_k8s, write_knative
 
     if kind == "agent":
         if public_key is None or trusted_root is None or source is None:
@@ -700,8 +703,15 @@ def deploy(
             memory=memory,
         )
         _console().print(f"kubernetes manifests: {path} (kubectl apply -f {path})", highlight=False)
+    elif kind == "knative":
+        if public_key is None:
+            raise ConfigError("deploy knative: pass --public-key (the package is verified before anything is written)")
+        path = write_knative(
+            pkg, out, public_key, image=image, max_scale=max_replicas, concurrency=concurrency, cpu=cpu, memory=memory
+        )
+        _console().print(f"knative service: {path} (kubectl apply -f {path})", highlight=False)
     else:
-        raise ConfigError(f"deploy {kind!r}: expected docker, k8s or agent")
+        raise ConfigError(f"deploy {kind!r}: expected docker, k8s, knative or agent")
 
 
 @app.command()

@@ -1,15 +1,19 @@
-"""Deploy assets for a package: a slim CPU-only container and Kubernetes manifests.
+"""Deploy assets for a package: a slim CPU-only container, Kubernetes and Knative manifests, a systemd unit.
 
 ``keiryo deploy docker PKG --public-key pub.pem --out DIR`` writes a build context: the package
 published in a registry (alias ``production``), the public key, a Dockerfile that installs only
 what serving needs (no torch: the server runs the exported file), and a ``.dockerignore``.
 ``keiryo deploy k8s PKG --out DIR`` writes a Deployment (probes on the OIP health paths, resource
 requests and limits, non-root, read-only root filesystem), a Service and a CPU-based
-HorizontalPodAutoscaler.
+HorizontalPodAutoscaler. ``keiryo deploy knative PKG --out DIR`` writes a Knative Service that
+scales to zero and runs the same image. Every manifest is for a package verified with
+``--public-key``; nothing from the manifest reaches a YAML file but through the YAML serializer,
+and the names it yields are checked as DNS labels.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,8 +42,24 @@ SERVE_REQUIREMENTS = [
 RUNTIME_REQUIREMENTS = {"onnxruntime": ["onnxruntime>=1.20"], "litert": ["ai-edge-litert>=2.3"]}
 
 
+DNS_LABEL_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _tag(version: str) -> str:
+    """A package version as an image tag and a label value ('+' is valid in neither)."""
+    return str(version).replace("+", "_")
+
+
 def _image(manifest: dict[str, Any]) -> str:
-    return f"keiryo-{manifest['name']}:{manifest['version']}"
+    return f"keiryo-{manifest['name']}:{_tag(manifest['version'])}"
+
+
+def workload_name(manifest: dict[str, Any], max_len: int = 63) -> str:
+    """``keiryo-NAME`` as a DNS-1035 label (Kubernetes object names; Knative adds ``-00001`` for revisions)."""
+    name = f"keiryo-{manifest['name']}".replace(".", "-").replace("_", "-")[:max_len].rstrip("-")
+    if not DNS_LABEL_RE.match(name):
+        raise ConfigError(f"package name {manifest['name']!r}: yields {name!r}, not a DNS label (a-z, 0-9, '-')")
+    return name
 
 
 def _dockerfile(manifest: dict[str, Any], keiryo_spec: str) -> str:
@@ -94,8 +114,8 @@ def k8s_manifests(
     cpu: str = "1",
     memory: str = "1Gi",
 ) -> list[dict[str, Any]]:
-    name = f"keiryo-{manifest['name']}".replace(".", "-").replace("_", "-")[:63]
-    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/version": str(manifest["version"])}
+    name = workload_name(manifest)
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/version": _tag(manifest["version"])}
     probe = {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 2}
     deployment = {
         "apiVersion": "apps/v1",
@@ -181,6 +201,101 @@ def write_k8s(pkg: str | Path, out: str | Path, public_key: str | Path, **kw: An
     docs = k8s_manifests(manifest, **kw)
     header = "# keiryo: create the API-key secret first (kubectl create secret generic NAME-keys --from-literal=api-keys=...)\n"
     return write_atomic(Path(out) / "keiryo.yaml", header + yaml.safe_dump_all(docs, sort_keys=False))
+
+
+def _api_key_env(secret: str) -> list[dict[str, Any]]:
+    return [
+        {"name": "KEIRYO_API_KEYS", "valueFrom": {"secretKeyRef": {"name": secret, "key": "api-keys"}}},
+        {"name": "KEIRYO_ADMIN_KEYS", "valueFrom": {"secretKeyRef": {"name": secret, "key": "admin-keys", "optional": True}}},
+    ]
+
+
+def knative_service(
+    manifest: dict[str, Any],
+    *,
+    image: str | None = None,
+    max_scale: int = 10,
+    concurrency: int = 32,
+    cpu: str = "1",
+    memory: str = "1Gi",
+    timeout_s: int = 60,
+) -> dict[str, Any]:
+    """A Knative Service (``serving.knative.dev/v1``) running the ``keiryo deploy docker`` image: scaled to zero
+    when idle (``min-scale: "0"``, the KPA autoscaler), scaled on in-flight requests per pod (``target``); the
+    server verifies and loads the package before ``/v2/health/ready`` answers, so no request reaches a pod
+    that is not ready (the activator holds them during a cold start)."""
+    if not (1 <= max_scale <= 1000 and 1 <= concurrency <= 10000 and 1 <= timeout_s <= 3600):
+        raise ConfigError(
+            f"max_scale {max_scale}, concurrency {concurrency}, timeout_s {timeout_s}: expected 1-1000, 1-10000, 1-3600"
+        )
+    name = workload_name(manifest, max_len=57)  # the revision is NAME-00001, itself a DNS label
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/version": _tag(manifest["version"])}
+    probe = {"httpGet": {"path": "/v2/health/ready", "port": SERVE_PORT}, "periodSeconds": 1, "timeoutSeconds": 2}
+    return {
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {  # Knative reads annotation values as strings
+                        "autoscaling.knative.dev/class": "kpa.autoscaling.knative.dev",  # the one that scales to zero
+                        "autoscaling.knative.dev/metric": "concurrency",
+                        "autoscaling.knative.dev/target": str(concurrency),
+                        "autoscaling.knative.dev/min-scale": "0",
+                        "autoscaling.knative.dev/max-scale": str(max_scale),
+                    },
+                },
+                "spec": {
+                    # no hard cap per pod: the server's own queue (--max-queue) answers 503 past its bound
+                    "containerConcurrency": 0,
+                    "timeoutSeconds": timeout_s,
+                    "containers": [
+                        {
+                            "name": "server",
+                            "image": image or _image(manifest),
+                            "ports": [{"name": "http1", "containerPort": SERVE_PORT}],
+                            "env": _api_key_env(f"{name}-keys"),
+                            "readinessProbe": probe,
+                            "livenessProbe": {
+                                **probe,
+                                "httpGet": {"path": "/v2/health/live", "port": SERVE_PORT},
+                                "periodSeconds": 10,
+                            },
+                            "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
+                            "securityContext": {
+                                "runAsNonRoot": True,
+                                "runAsUser": 10001,
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]},
+                                "seccompProfile": {"type": "RuntimeDefault"},
+                            },
+                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],  # the TUF cache
+                        }
+                    ],
+                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                },
+            }
+        },
+    }
+
+
+def write_knative(pkg: str | Path, out: str | Path, public_key: str | Path, **kw: Any) -> Path:
+    """``out/knative.yaml``: the Knative Service for a package verified with ``public_key`` (see ``knative_service``)."""
+    import yaml
+
+    from keiryo.packages.package import verify
+
+    manifest = verify(pkg, public_key, golden=False)["manifest"]
+    doc = knative_service(manifest, **kw)
+    name = doc["metadata"]["name"]
+    header = (
+        "# keiryo: a scale-to-zero Knative Service; the image is the one `keiryo deploy docker` builds.\n"
+        f"# Create the API-key secret first: kubectl create secret generic {name}-keys --from-literal=api-keys=...\n"
+    )
+    return write_atomic(Path(out) / "knative.yaml", header + yaml.safe_dump(doc, sort_keys=False))
 
 
 _UNIT = """\

@@ -88,3 +88,69 @@ def test_k8s_needs_a_verified_package_and_a_crafted_name_never_reaches_the_yaml(
     sign_dir(bad, priv)  # even signed by the right key, the name is refused
     code, _, err = run_cli("deploy", "k8s", str(bad), "--public-key", str(pub), "--out", str(tmp_path / "c"), capsys=capsys)
     assert code != 0 and "package name" in one_line_error(err) and not (tmp_path / "c").exists()
+
+
+def test_knative_service_scales_to_zero_and_its_pod_spec_validates(signed, tmp_path, capsys):
+    """Knative's CRDs are not in kubernetes-validate's schemas: the Service's structure is checked here, and its
+    revision template's pod spec, less Knative's own two fields, is validated strictly as a Kubernetes PodSpec."""
+    import kubernetes_validate
+
+    pkg, pub = signed
+    out = tmp_path / "kn"
+    args = ["deploy", "knative", str(pkg), "--public-key", str(pub), "--out", str(out), "--concurrency", "16"]
+    code, _, err = run_cli(*args, "--max-replicas", "4", capsys=capsys)
+    assert code == 0, err
+    text = (out / "knative.yaml").read_text()
+    docs = list(yaml.safe_load_all(text))
+    assert len(docs) == 1
+    svc = docs[0]
+    assert (svc["apiVersion"], svc["kind"], svc["metadata"]["name"]) == ("serving.knative.dev/v1", "Service", "keiryo-tiny")
+    tmpl = svc["spec"]["template"]
+    ann = tmpl["metadata"]["annotations"]
+    assert ann["autoscaling.knative.dev/min-scale"] == "0" and ann["autoscaling.knative.dev/max-scale"] == "4"
+    assert ann["autoscaling.knative.dev/target"] == "16" and ann["autoscaling.knative.dev/metric"] == "concurrency"
+    assert ann["autoscaling.knative.dev/class"] == "kpa.autoscaling.knative.dev"
+    assert all(isinstance(v, str) for v in ann.values())  # Knative refuses non-string annotation values
+    assert "min-scale: '0'" in text  # quoted in the file, not the integer 0
+    spec = dict(tmpl["spec"])
+    assert spec.pop("containerConcurrency") == 0 and spec.pop("timeoutSeconds") == 60
+    (c,) = spec["containers"]
+    assert len(c["ports"]) == 1 and c["ports"][0] == {"name": "http1", "containerPort": 8000}  # Knative: one port
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
+    assert c["image"] == "keiryo-tiny:1.0.0"  # what `keiryo deploy docker` tells you to build
+    assert c["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # the image's --tuf-cache is under /tmp
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"]} == {"keiryo-tiny-keys"}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "revision"}, "spec": spec}
+    kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_knative_needs_the_key_and_refuses_a_crafted_package(signed, tmp_path, capsys):
+    import json
+    import shutil
+
+    pkg, pub = signed
+    code, _, err = run_cli("deploy", "knative", str(pkg), "--out", str(tmp_path / "a"), capsys=capsys)
+    assert code != 0 and "pass --public-key" in one_line_error(err)
+    bad = tmp_path / "bad"
+    shutil.copytree(pkg, bad)
+    m = json.loads((bad / "keiryo.json").read_text())
+    m["name"] = "x\n---\napiVersion: v1\nkind: Pod\nspec: {hostPID: true}"
+    (bad / "keiryo.json").write_text(json.dumps(m))
+    code, _, err = run_cli("deploy", "knative", str(bad), "--public-key", str(pub), "--out", str(tmp_path / "b"), capsys=capsys)
+    assert code != 0 and not (tmp_path / "b").exists()  # the signature no longer matches
+    code, _, err = run_cli("deploy", "kn", str(pkg), "--public-key", str(pub), "--out", str(tmp_path / "c"), capsys=capsys)
+    assert code != 0 and "expected docker, k8s, knative or agent" in one_line_error(err)
+
+
+def test_workload_names_are_dns_labels():
+    from keiryo.errors import ConfigError
+    from keiryo.serve.deploy import knative_service, workload_name
+
+    assert workload_name({"name": "a.b_c"}) == "keiryo-a-b-c"
+    long = {"name": "m" * 60 + "-x", "version": "1.0.0+build.5"}
+    svc = knative_service(long)
+    assert len(svc["metadata"]["name"]) <= 57 and not svc["metadata"]["name"].endswith("-")
+    assert svc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"] == "1.0.0_build.5"
+    with pytest.raises(ConfigError, match="concurrency 0"):
+        knative_service({"name": "m", "version": "1"}, concurrency=0)
