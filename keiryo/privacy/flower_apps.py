@@ -448,6 +448,7 @@ def run_secagg(cfg: FederatedConfig, grid: Grid, context: Context, env: Any, eva
         "initial_parameters": ndarrays_to_parameters(initial),
         "evaluate_fn": evaluate_fn,
         "on_fit_config_fn": lambda rnd: {"server-round": rnd, "lr": cfg.lr},
+        "fit_metrics_aggregation_fn": lambda metrics: {},  # the server scores the global model itself
     }
     if cfg.strategy == "fedprox":
         strategy = secagg_strategy(cfg, LegacyFedProx, proximal_mu=cfg.proximal_mu, **kwargs)
