@@ -668,13 +668,29 @@ def deploy(
     concurrency: Annotated[
         int, typer.Option(min=1, max=10000, help="knative: in-flight requests per pod the autoscaler aims at")
     ] = 32,
+    tls_secret: Annotated[
+        Optional[str], typer.Option("--tls-secret", help="k8s: a kubernetes.io/tls Secret: the server speaks HTTPS")
+    ] = None,
+    client_ca_secret: Annotated[
+        Optional[str], typer.Option("--client-ca-secret", help="k8s: a Secret with ca.crt: clients need its certificates")
+    ] = None,
+    ingress_namespaces: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ingress-namespaces",
+            help="k8s: NetworkPolicy peers, namespace labels k=v[,k=v] (default: the same namespace)",
+        ),
+    ] = None,
+    ingress_pods: Annotated[
+        Optional[str], typer.Option("--ingress-pods", help="k8s: NetworkPolicy peers, pod labels k=v[,k=v] (default: any pod)")
+    ] = None,
     source: Annotated[Optional[str], typer.Option(help="agent: the registry URL (or directory) the device pulls from")] = None,
     trusted_root: Annotated[Optional[Path], typer.Option("--trusted-root", help="agent: the registry's tuf/1.root.json")] = None,
     alias: Annotated[str, typer.Option(help="agent: the alias the device follows")] = "production",
 ) -> None:
-    """Write deploy assets: a slim CPU-only Docker build context, Kubernetes Deployment + Service + HPA,
+    """Write deploy assets: a slim CPU-only Docker build context, Kubernetes Deployment + Service + HPA + NetworkPolicy,
     a scale-to-zero Knative Service, or a systemd unit for `keiryo agent` on a device."""
-    from keiryo.serve.deploy import write_agent, write_docker, write_k8s, write_knative
+    from keiryo.serve.deploy import parse_labels, write_agent, write_docker, write_k8s, write_knative
 
     if kind == "agent":
         if public_key is None or trusted_root is None or source is None:
@@ -701,6 +717,10 @@ def deploy(
             cpu_target=cpu_target,
             cpu=cpu,
             memory=memory,
+            tls_secret=tls_secret,
+            client_ca_secret=client_ca_secret,
+            ingress_namespaces=parse_labels(ingress_namespaces, "--ingress-namespaces"),
+            ingress_pods=parse_labels(ingress_pods, "--ingress-pods"),
         )
         _console().print(f"kubernetes manifests: {path} (kubectl apply -f {path})", highlight=False)
     elif kind == "knative":

@@ -77,7 +77,9 @@ COPY --chown=root:root public.pem /srv/public.pem
 USER 10001
 EXPOSE {SERVE_PORT}
 HEALTHCHECK --interval=10s --timeout=2s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:{SERVE_PORT}/v2/health/ready').status != 200)"
-CMD ["keiryo", "serve", "--registry", "/srv/registry", "--model", "{manifest["name"]}@production", \\
+# more `keiryo serve` options as arguments: docker run IMAGE --ssl-certfile ... (Kubernetes: args);
+# the HEALTHCHECK speaks plain HTTP: over TLS, docker run --no-healthcheck (Kubernetes ignores it)
+ENTRYPOINT ["keiryo", "serve", "--registry", "/srv/registry", "--model", "{manifest["name"]}@production", \\
      "--public-key", "/srv/public.pem", "--trusted-root", "/srv/registry/tuf/1.root.json", \\
      "--tuf-cache", "/tmp/keiryo-tuf", "--host", "0.0.0.0", "--port", "{SERVE_PORT}"]
 """
@@ -104,6 +106,59 @@ def write_docker(pkg: str | Path, public_key: str | Path, out: str | Path, *, ke
     return dst
 
 
+def _api_key_env(secret: str) -> list[dict[str, Any]]:
+    return [
+        {"name": "KEIRYO_API_KEYS", "valueFrom": {"secretKeyRef": {"name": secret, "key": "api-keys"}}},
+        {"name": "KEIRYO_ADMIN_KEYS", "valueFrom": {"secretKeyRef": {"name": secret, "key": "admin-keys", "optional": True}}},
+    ]
+
+
+TLS_DIR = "/etc/keiryo/tls"  # a kubernetes.io/tls Secret: tls.crt, tls.key
+CLIENT_CA_DIR = "/etc/keiryo/client-ca"  # a Secret with ca.crt
+_LABEL_KEY_RE = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+def parse_labels(text: str | None, what: str) -> dict[str, str] | None:
+    """``k=v[,k=v]`` as a label selector's ``matchLabels`` (None when not given)."""
+    if text is None:
+        return None
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        key, eq, value = part.strip().partition("=")
+        if not eq or not _LABEL_KEY_RE.match(key) or len(key) > 253 or not _LABEL_VALUE_RE.match(value):
+            raise ConfigError(f"{what} {text!r}: expected labels key=value[,key=value] (Kubernetes label syntax)")
+        out[key] = value
+    return out
+
+
+def network_policy(
+    name: str,
+    labels: dict[str, str],
+    *,
+    from_namespaces: dict[str, str] | None = None,
+    from_pods: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Ingress to the server's pods only on the serving port, only from the selected peers: by default every
+    pod of the same namespace; ``from_namespaces`` (namespace labels; ``kubernetes.io/metadata.name=NS`` names
+    one) and ``from_pods`` (pod labels) narrow or widen it. Egress is not restricted."""
+    peer: dict[str, Any] = {"podSelector": {"matchLabels": from_pods} if from_pods else {}}
+    if from_namespaces is not None:
+        peer["namespaceSelector"] = {"matchLabels": from_namespaces}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [peer], "ports": [{"protocol": "TCP", "port": SERVE_PORT}]}],
+        },
+    }
+
+
 def k8s_manifests(
     manifest: dict[str, Any],
     *,
@@ -113,10 +168,60 @@ def k8s_manifests(
     cpu_target: int = 70,
     cpu: str = "1",
     memory: str = "1Gi",
+    tls_secret: str | None = None,
+    client_ca_secret: str | None = None,
+    ingress_namespaces: dict[str, str] | None = None,
+    ingress_pods: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
+    """Deployment, Service, HPA and NetworkPolicy. ``tls_secret``: a ``kubernetes.io/tls`` Secret mounted at
+    ``/etc/keiryo/tls`` and passed as ``--ssl-certfile/--ssl-keyfile``; ``client_ca_secret`` (needs
+    ``tls_secret``): a Secret with ``ca.crt`` passed as ``--ssl-ca-certs`` (mutual TLS)."""
     name = workload_name(manifest)
+    for secret in (tls_secret, client_ca_secret):
+        if secret is not None and (len(secret) > 253 or not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", secret)):
+            raise ConfigError(f"secret name {secret!r}: expected a Kubernetes object name (a-z, 0-9, '-', '.')")
+    if client_ca_secret is not None and tls_secret is None:
+        raise ConfigError("--client-ca-secret needs --tls-secret (client certificates are checked over TLS)")
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/version": _tag(manifest["version"])}
-    probe = {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 2}
+    port_name = "https" if tls_secret else "http"
+    args: list[str] = []  # appended to the image's ENTRYPOINT (keiryo serve ...)
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]  # the TUF cache; the root filesystem is read-only
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    if tls_secret:
+        args += ["--ssl-certfile", f"{TLS_DIR}/tls.crt", "--ssl-keyfile", f"{TLS_DIR}/tls.key"]
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": tls_secret, "defaultMode": 0o440}})
+    if client_ca_secret:
+        args += ["--ssl-ca-certs", f"{CLIENT_CA_DIR}/ca.crt"]
+        mounts.append({"name": "client-ca", "mountPath": CLIENT_CA_DIR, "readOnly": True})
+        volumes.append({"name": "client-ca", "secret": {"secretName": client_ca_secret, "defaultMode": 0o444}})
+
+    def probe(path: str, **kw: Any) -> dict[str, Any]:
+        base: dict[str, Any] = {"periodSeconds": 10, "timeoutSeconds": 2, **kw}
+        if client_ca_secret:
+            # the kubelet cannot present a client certificate: it checks the port, which uvicorn opens only
+            # once every model is verified, reproduced and loaded (startup runs before the socket is bound)
+            return {"tcpSocket": {"port": port_name}, **base}
+        get = {"path": path, "port": port_name, **({"scheme": "HTTPS"} if tls_secret else {})}
+        return {"httpGet": get, **base}
+
+    container: dict[str, Any] = {
+        "name": "server",
+        "image": image or _image(manifest),
+        **({"args": args} if args else {}),
+        "ports": [{"name": port_name, "containerPort": SERVE_PORT}],
+        "env": _api_key_env(f"{name}-keys"),
+        "livenessProbe": probe("/v2/health/live"),
+        "readinessProbe": probe("/v2/health/ready", periodSeconds=5),
+        "startupProbe": probe("/v2/health/live", failureThreshold=30, periodSeconds=2),
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": mounts,
+    }
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -128,35 +233,14 @@ def k8s_manifests(
                 "metadata": {"labels": labels},
                 "spec": {
                     "terminationGracePeriodSeconds": 40,  # > the server's 30 s drain
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
-                    "containers": [
-                        {
-                            "name": "server",
-                            "image": image or _image(manifest),
-                            "ports": [{"name": "http", "containerPort": SERVE_PORT}],
-                            "env": [
-                                {
-                                    "name": "KEIRYO_API_KEYS",
-                                    "valueFrom": {"secretKeyRef": {"name": f"{name}-keys", "key": "api-keys"}},
-                                },
-                                {
-                                    "name": "KEIRYO_ADMIN_KEYS",
-                                    "valueFrom": {
-                                        "secretKeyRef": {"name": f"{name}-keys", "key": "admin-keys", "optional": True}
-                                    },
-                                },
-                            ],
-                            "livenessProbe": probe,
-                            "readinessProbe": {
-                                **probe,
-                                "httpGet": {"path": "/v2/health/ready", "port": "http"},
-                                "periodSeconds": 5,
-                            },
-                            "startupProbe": {**probe, "failureThreshold": 30, "periodSeconds": 2},
-                            "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
-                            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
-                        }
-                    ],
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 10001,
+                        "fsGroup": 10001,  # the secret files (0440) are readable by the server's group
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": volumes,
                 },
             },
         },
@@ -167,7 +251,7 @@ def k8s_manifests(
         "metadata": {"name": name, "labels": labels},
         "spec": {
             "selector": {"app.kubernetes.io/name": name},
-            "ports": [{"name": "http", "port": SERVE_PORT, "targetPort": "http"}],
+            "ports": [{"name": port_name, "port": SERVE_PORT, "targetPort": port_name}],
         },
     }
     hpa = {
@@ -186,11 +270,12 @@ def k8s_manifests(
             ],
         },
     }
-    return [deployment, service, hpa]
+    policy = network_policy(name, labels, from_namespaces=ingress_namespaces, from_pods=ingress_pods)
+    return [deployment, service, hpa, policy]
 
 
 def write_k8s(pkg: str | Path, out: str | Path, public_key: str | Path, **kw: Any) -> Path:
-    """``out/keiryo.yaml`` with the Deployment, Service and HPA (one multi-document file), for a package
+    """``out/keiryo.yaml`` with the Deployment, Service, HPA and NetworkPolicy (one multi-document file), for a package
     verified with ``public_key``. Nothing from the manifest goes into the file but through the YAML
     serializer (its name and version are validated by ``read_manifest`` too)."""
     import yaml
@@ -199,15 +284,13 @@ def write_k8s(pkg: str | Path, out: str | Path, public_key: str | Path, **kw: An
 
     manifest = verify(pkg, public_key, golden=False)["manifest"]
     docs = k8s_manifests(manifest, **kw)
-    header = "# keiryo: create the API-key secret first (kubectl create secret generic NAME-keys --from-literal=api-keys=...)\n"
+    name = docs[0]["metadata"]["name"]
+    header = f"# keiryo: create the API-key secret first: kubectl create secret generic {name}-keys --from-literal=api-keys=...\n"
+    if kw.get("tls_secret"):
+        header += f"# TLS: kubectl create secret tls {kw['tls_secret']} --cert=server.crt --key=server.key\n"
+    if kw.get("client_ca_secret"):
+        header += f"# mTLS: kubectl create secret generic {kw['client_ca_secret']} --from-file=ca.crt=clients-ca.pem\n"
     return write_atomic(Path(out) / "keiryo.yaml", header + yaml.safe_dump_all(docs, sort_keys=False))
-
-
-def _api_key_env(secret: str) -> list[dict[str, Any]]:
-    return [
-        {"name": "KEIRYO_API_KEYS", "valueFrom": {"secretKeyRef": {"name": secret, "key": "api-keys"}}},
-        {"name": "KEIRYO_ADMIN_KEYS", "valueFrom": {"secretKeyRef": {"name": secret, "key": "admin-keys", "optional": True}}},
-    ]
 
 
 def knative_service(

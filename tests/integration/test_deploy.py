@@ -27,7 +27,7 @@ def test_k8s_manifests_validate_against_the_api_schema(signed, tmp_path, capsys)
     code, out, err = run_cli(*k8s, capsys=capsys)
     assert code == 0, err
     docs = list(yaml.safe_load_all((tmp_path / "k8s" / "keiryo.yaml").read_text()))
-    assert [d["kind"] for d in docs] == ["Deployment", "Service", "HorizontalPodAutoscaler"]
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "HorizontalPodAutoscaler", "NetworkPolicy"]
     for d in docs:
         kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)  # raises on any schema error
     c = docs[0]["spec"]["template"]["spec"]["containers"][0]
@@ -37,6 +37,85 @@ def test_k8s_manifests_validate_against_the_api_schema(signed, tmp_path, capsys)
     assert c["image"] == "keiryo-tiny:1.0.0" and c["securityContext"]["readOnlyRootFilesystem"]
     hpa = docs[2]["spec"]
     assert hpa["metrics"][0]["resource"]["name"] == "cpu" and hpa["scaleTargetRef"]["name"] == docs[0]["metadata"]["name"]
+    assert "args" not in c and c["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # the TUF cache under a read-only root
+    policy = docs[3]["spec"]  # by default: any pod of the same namespace, on the serving port only
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "keiryo-tiny"}
+    assert policy["policyTypes"] == ["Ingress"]
+    assert policy["ingress"] == [{"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": 8000}]}]
+
+
+def _serve_options():
+    import typer
+
+    from keiryo.cli.main import app
+
+    cmd = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    return {opt for p in cmd.params for opt in p.opts}
+
+
+def test_k8s_tls_mtls_and_network_policy_validate(signed, tmp_path, capsys):
+    """--tls-secret mounts a kubernetes.io/tls Secret and passes it to `keiryo serve` (appended to the image's
+    ENTRYPOINT, every flag one serve knows); probes go over HTTPS, or to the port under mTLS (the kubelet has
+    no client certificate); the NetworkPolicy takes namespace and pod selectors."""
+    import kubernetes_validate
+
+    pkg, pub = signed
+    args = ["deploy", "k8s", str(pkg), "--public-key", str(pub), "--tls-secret", "tiny-tls"]
+    code, _, err = run_cli(*args, "--out", str(tmp_path / "tls"), capsys=capsys)
+    assert code == 0, err
+    text = (tmp_path / "tls" / "keiryo.yaml").read_text()
+    assert "kubectl create secret tls tiny-tls" in text
+    docs = list(yaml.safe_load_all(text))
+    for d in docs:
+        kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)
+    pod = docs[0]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["args"] == ["--ssl-certfile", "/etc/keiryo/tls/tls.crt", "--ssl-keyfile", "/etc/keiryo/tls/tls.key"]
+    assert {"name": "tls", "secret": {"secretName": "tiny-tls", "defaultMode": 0o440}} in pod["volumes"]
+    assert {"name": "tls", "mountPath": "/etc/keiryo/tls", "readOnly": True} in c["volumeMounts"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "https", "scheme": "HTTPS"}
+    assert docs[1]["spec"]["ports"] == [{"name": "https", "port": 8000, "targetPort": "https"}]
+
+    mtls = [*args, "--client-ca-secret", "clients-ca", "--ingress-namespaces", "kubernetes.io/metadata.name=apps"]
+    code, _, err = run_cli(*mtls, "--ingress-pods", "role=frontend,tier=web", "--out", str(tmp_path / "m"), capsys=capsys)
+    assert code == 0, err
+    docs = list(yaml.safe_load_all((tmp_path / "m" / "keiryo.yaml").read_text()))
+    for d in docs:
+        kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)
+    c = docs[0]["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][-2:] == ["--ssl-ca-certs", "/etc/keiryo/client-ca/ca.crt"]
+    assert set(c["args"][::2]) <= _serve_options()
+    assert all(c[p]["tcpSocket"] == {"port": "https"} and "httpGet" not in c[p] for p in ("livenessProbe", "readinessProbe"))
+    (peer,) = docs[3]["spec"]["ingress"][0]["from"]
+    assert peer == {
+        "podSelector": {"matchLabels": {"role": "frontend", "tier": "web"}},
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}},
+    }
+
+    bad = [
+        (["--client-ca-secret", "ca"], "needs --tls-secret"),
+        (["--tls-secret", "Bad_Name"], "secret name 'Bad_Name'"),
+        (["--ingress-pods", "role"], "--ingress-pods 'role': expected labels key=value"),
+        (["--ingress-namespaces", "a=b c"], "--ingress-namespaces"),
+    ]
+    for i, (extra, msg) in enumerate(bad):
+        out = tmp_path / f"bad{i}"
+        code, _, err = run_cli("deploy", "k8s", str(pkg), "--public-key", str(pub), *extra, "--out", str(out), capsys=capsys)
+        assert code != 0 and msg in one_line_error(err) and not out.exists(), (extra, err)
+
+
+def test_the_docker_entrypoint_takes_serve_options_as_arguments(signed, tmp_path):
+    import json as _json
+
+    from keiryo.serve.deploy import write_docker
+
+    pkg, pub = signed
+    df = (write_docker(pkg, pub, tmp_path / "d") / "Dockerfile").read_text()
+    line = df[df.index("ENTRYPOINT ") + len("ENTRYPOINT ") :].split("\n\n")[0].replace("\\\n", "")
+    cmd = _json.loads(line.strip())
+    assert cmd[:2] == ["keiryo", "serve"] and "\nCMD " not in df
+    assert {a for a in cmd[2:] if a.startswith("--")} <= _serve_options()
 
 
 def test_a_broken_manifest_is_caught_by_the_validator(signed):
