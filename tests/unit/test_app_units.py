@@ -95,3 +95,23 @@ def test_served_names_map_to_refs_and_bad_ones_are_refused():
     for bad in (["a", "a@staging"], ["../x=digits"], ["=digits"], ["x="]):
         with pytest.raises(ConfigError, match="--model"):
             ServeSettings(models=bad, public_key="p", api_keys=["k" * 16]).check()
+
+
+def test_the_demo_registry_is_made_once_from_the_demo_output(tiny_results, tmp_path):
+    import shutil
+
+    from keiryo.app import registry_refs
+    from keiryo.app.demo import ensure_demo_registry
+    from keiryo.packages.remote import open_registry
+
+    out, _ = tiny_results
+    demo = tmp_path / "keiryo-demo"
+    shutil.copytree(out, demo)
+    root, pub = ensure_demo_registry(demo, progress=False)
+    reg = open_registry(root, None, tmp_path / "cache")
+    assert reg.names() == ["digits"] and reg.aliases("digits") == ["production", "staging"]
+    assert reg.resolve("digits@production") == ("digits", "2.0.0") and reg.resolve("digits@staging") == ("digits", "1.0.0")
+    assert registry_refs(reg) == ["digits@production=digits@production", "digits@staging=digits@staging"]
+    before = (root / "tuf" / "timestamp.json").read_bytes()
+    assert ensure_demo_registry(demo, progress=False) == (root, pub)  # reused as it is
+    assert (root / "tuf" / "timestamp.json").read_bytes() == before
