@@ -25,21 +25,16 @@ from keiryo.packages.package import read_manifest
 from keiryo.packages.trust import EXPIRY_DAYS
 
 SERVE_PORT = 8000
-# what the server imports: the CLI, the package layer, the runtime of the file, the HTTP stack
-SERVE_REQUIREMENTS = [
-    "numpy",
-    "pydantic>=2.6",
-    "typer>=0.12",
-    "rich>=13",
-    "pyyaml>=6",
-    "fastapi",
-    "uvicorn[standard]",  # uvloop + httptools: cheaper HTTP per request
-    "prometheus-client",
-    "model-signing",
-    "sigstore>=3.6",  # older sigstore breaks on cryptography>=47 at import
-    "pyopenssl",  # model-signing imports OpenSSL without declaring it (model-signing 1.0.1)
-]
-RUNTIME_REQUIREMENTS = {"onnxruntime": ["onnxruntime>=1.20"], "litert": ["ai-edge-litert>=2.3"]}
+# what the server imports (the CLI, the package layer, the runtime of the file, the HTTP stack), pinned with hashes:
+# keiryo/serve/requirements-RUNTIME.lock, made by scripts/lock-serve from keiryo/serve/requirements*.in
+LOCKS = {"onnxruntime": "requirements-onnxruntime.lock", "litert": "requirements-litert.lock"}
+
+
+def lock_file(runtime: str) -> Path:
+    """The hashed lock of the serving image for a package's runtime (package data of keiryo.serve)."""
+    if runtime not in LOCKS:
+        raise ConfigError(f"runtime {runtime!r}: no serving image for it; expected one of {sorted(LOCKS)}")
+    return Path(__file__).with_name(LOCKS[runtime])
 
 
 DNS_LABEL_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -63,14 +58,15 @@ def workload_name(manifest: dict[str, Any], max_len: int = 63) -> str:
 
 
 def _dockerfile(manifest: dict[str, Any], keiryo_spec: str) -> str:
-    reqs = " ".join(f'"{r}"' for r in SERVE_REQUIREMENTS + RUNTIME_REQUIREMENTS.get(manifest["runtime"], []))
     return f"""# keiryo inference server for {manifest["name"]} {manifest["version"]} ({manifest["format"]} on {manifest["runtime"]}), CPU only.
 # Build: docker build -t {_image(manifest)} .
 # Run:   docker run -p {SERVE_PORT}:{SERVE_PORT} -e KEIRYO_API_KEYS=<key of 16+ chars> {_image(manifest)}
 FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-# The server runs the exported file: keiryo without its training stack (torch), plus the serving set.
-RUN pip install --no-deps "{keiryo_spec}" && pip install {reqs}
+# The server runs the exported file: the serving set from a lock file with the sha256 of every distribution
+# (pip refuses anything unpinned or whose hash differs), then keiryo without its training stack (torch).
+COPY requirements.lock /tmp/requirements.lock
+RUN pip install --require-hashes --no-deps -r /tmp/requirements.lock && pip install --no-deps "{keiryo_spec}"
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin keiryo
 COPY --chown=root:root registry /srv/registry
 COPY --chown=root:root public.pem /srv/public.pem
@@ -92,6 +88,7 @@ def write_docker(pkg: str | Path, public_key: str | Path, out: str | Path, *, ke
 
     src, dst = Path(pkg), Path(out)
     manifest = read_manifest(src)
+    lock = lock_file(manifest["runtime"])
     if dst.exists():
         raise ConfigError(f"{dst}: exists; choose another --out")
     with atomic_dir(dst, replace=False) as tmp, tempfile.TemporaryDirectory() as keys:
@@ -101,6 +98,7 @@ def write_docker(pkg: str | Path, public_key: str | Path, out: str | Path, *, ke
         name, version = store.push(src, public_key, by="keiryo deploy")  # verifies the package
         store.promote(name, version, "production", by="keiryo deploy")
         shutil.copy2(public_key, tmp / "public.pem")
+        shutil.copyfile(lock, tmp / "requirements.lock")
         (tmp / "Dockerfile").write_text(_dockerfile(manifest, keiryo_spec or f"keiryo=={__version__}"), encoding="utf-8")
         (tmp / ".dockerignore").write_text("**/.lock\n", encoding="utf-8")
     return dst

@@ -138,7 +138,12 @@ def test_docker_context_has_a_verified_registry_and_a_slim_cpu_image(signed, tmp
     df = (out / "Dockerfile").read_text()
     assert df.startswith("# keiryo inference server") and "FROM python:3.11-slim" in df
     assert '--no-deps "keiryo==' in df and "torch" not in df.replace("(torch)", "")  # the server does not need torch
-    assert "onnxruntime" in df and "USER 10001" in df and '"tiny@production"' in df
+    assert "pip install --require-hashes --no-deps -r /tmp/requirements.lock" in df
+    assert "COPY requirements.lock /tmp/requirements.lock" in df
+    from keiryo.serve.deploy import lock_file
+
+    assert (out / "requirements.lock").read_bytes() == lock_file("onnxruntime").read_bytes()
+    assert "USER 10001" in df and '"tiny@production"' in df
     store = PackageStore(out / "registry")
     assert store.resolve("tiny@production") == ("tiny", "1.0.0")
     code, _, err = run_cli("deploy", "docker", str(pkg), "--out", str(tmp_path / "d2"), capsys=capsys)
@@ -233,3 +238,54 @@ def test_workload_names_are_dns_labels():
     assert svc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"] == "1.0.0_build.5"
     with pytest.raises(ConfigError, match="concurrency 0"):
         knative_service({"name": "m", "version": "1"}, concurrency=0)
+
+
+def _locked(path):
+    """name -> (version, [sha256...]) from a pip-compile --generate-hashes file (continuation lines joined)."""
+    import re
+
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    out = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req, *opts = line.split(" --hash=")
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", req.strip())
+        assert m, f"{path.name}: not an exact pin: {line!r}"
+        assert opts and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h.strip()) for h in opts), f"{path.name}: {line!r}"
+        out[m.group(1).lower().replace("_", "-")] = (m.group(2), [h.strip() for h in opts])
+    return out
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
+def test_the_serving_lock_pins_every_package_with_hashes_and_no_torch(runtime):
+    """The image's lock (scripts/lock-serve): every line an exact pin with sha256 hashes, every requirement of
+    requirements*.in in it at a version its specifier allows, no torch or CUDA, and the versions the tests ran with."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    from keiryo.serve.deploy import lock_file
+
+    lock = lock_file(runtime)
+    assert "scripts/lock-serve" in lock.read_text()  # the command that made it heads the file
+    pins = _locked(lock)
+    assert not any(n.startswith(("torch", "nvidia-", "triton")) for n in pins)
+    ins = [lock.with_name("requirements.in"), lock.with_name(f"requirements-{runtime}.in")]
+    reqs = [ln.split("#")[0].strip() for f in ins for ln in f.read_text().splitlines()]
+    for r in (Requirement(x) for x in reqs if x and not x.startswith("-r")):
+        name = r.name.lower().replace("_", "-")
+        assert name in pins and r.specifier.contains(pins[name][0]), (r, pins.get(name))
+        installed = md.version(r.name)
+        assert installed == pins[name][0], f"{r.name} {installed} installed, {pins[name][0]} locked: run scripts/lock-serve"
+
+
+def test_the_lock_parser_refuses_an_unhashed_or_loose_line(tmp_path):
+    ok = "six==1.17.0 \\\n    --hash=sha256:" + "a" * 64 + "\n"
+    (tmp_path / "a.lock").write_text(ok)
+    assert _locked(tmp_path / "a.lock") == {"six": ("1.17.0", ["sha256:" + "a" * 64])}
+    for bad in ("six==1.17.0\n", "six>=1.0 --hash=sha256:" + "a" * 64 + "\n", "six==1 --hash=md5:abc\n"):
+        (tmp_path / "b.lock").write_text(bad)
+        with pytest.raises(AssertionError):
+            _locked(tmp_path / "b.lock")
