@@ -222,7 +222,11 @@ class PackageStore:
             )
             fault_point("registry.push.logged")
 
+            records = self.alias_records(name)
+
             def add(targets: dict[str, Any]) -> None:
+                # the name's entry names this version as its latest: a bare NAME resolves to it from this commit on
+                targets[alias_target(name)] = alias_entry(name, records, version)
                 ident = {"name": name, "version": version}
                 for rel, data in files.items():
                     custom = {**ident, "serial": serial, "files": sorted(files)} if rel == MANIFEST else ident

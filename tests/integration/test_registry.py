@@ -101,3 +101,15 @@ def test_registry_cli(signed, tmp_path, capsys):
     assert code != 0 and "no earlier version" in one_line_error(err)
     code, _, err = run_cli("registry", "show", "tiny@prod", *reg, capsys=capsys)
     assert code != 0 and "has no alias or version 'prod'" in one_line_error(err)
+
+
+def test_a_pushed_package_is_its_names_latest_for_clients_before_any_alias(signed, tmp_path):
+    from keiryo.packages.remote import open_registry
+
+    store = PackageStore(tmp_path / "reg")
+    store.push(signed["v1"], signed["pub"])
+    reg = open_registry(store.root, None, tmp_path / "cache")
+    assert reg.names() == ["tiny"] and reg.resolve("tiny") == ("tiny", "1.0.0") and reg.aliases("tiny") == []
+    store.push(signed["v2"], signed["pub"])
+    reg.refresh()
+    assert reg.resolve("tiny") == ("tiny", "2.0.0")
