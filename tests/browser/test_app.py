@@ -228,7 +228,7 @@ def test_no_session_or_a_bad_key_shows_the_sign_in_never_a_blank_page(browser, w
 def test_an_unreachable_server_is_said_and_the_in_browser_engine_offered(page, world, digits, tiny_trained):
     mask, label = _digit_to_draw(world, digits, tiny_trained)
     _ready(page, "server")
-    time.sleep(0.5)  # the in-browser model's bytes are fetched ahead, while the server is up
+    page.wait_for_function("() => !!document.body.dataset.warm")  # the in-browser engine is opened ahead
     page.route("**/v2/**", lambda route: route.abort("connectionrefused"))
     _draw(page, mask)
     page.wait_for_function("() => document.getElementById('status').textContent.includes('Server unreachable')")
@@ -355,7 +355,7 @@ def test_keiryo_app_starts_from_the_command_line_and_prints_a_login_link(world, 
                 break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        assert r.status_code == 200 and "<canvas id=\"pad\"" in r.text
+        assert r.status_code == 200 and '<canvas id="pad"' in r.text
     finally:
         proc.terminate()
         proc.wait(30)

@@ -16,6 +16,7 @@ const state = {
   dirty: false,
   camera: null,
   modelBytes: new Map(), // "served@version" -> ArrayBuffer, fetched for the in-browser engine
+  warm: new Map(), // "served@version" -> Promise<BrowserEngine>, opened ahead so switching engines is instant
   window: new Window(100),
   pollS: 2,
 };
@@ -299,14 +300,42 @@ async function modelBytes(m) {
   return state.modelBytes.get(key);
 }
 
+function browserEngine(m) {
+  const key = `${m.served}@${m.version}`;
+  if (!state.warm.has(key)) {
+    const p = (async () => {
+      const e = new BrowserEngine(m);
+      await e.open(new Uint8Array(await modelBytes(m)));
+      return e;
+    })();
+    p.catch(() => state.warm.delete(key)); // a failed warm-up is retried when the engine is chosen
+    state.warm.set(key, p);
+  }
+  return state.warm.get(key);
+}
+
 async function makeEngine(m, name) {
   if (name === "browser") {
     if (!m.browser) throw new Error(`${label(m)}: the in-browser engine cannot run it (${m.browser_reason})`);
-    const e = new BrowserEngine(m);
-    await e.open(new Uint8Array(await modelBytes(m)));
-    return e;
+    return browserEngine(m);
   }
   return new ServerEngine(m);
+}
+
+// the in-browser engine of the chosen model is opened in the background (small models only): the wasm is
+// compiled and the session made while the server engine already answers, so a switch (or losing the server)
+// costs nothing; engines of models no longer chosen are released
+const WARM_MAX_BYTES = 32 * 1024 * 1024;
+function warmUp(m) {
+  const key = `${m.served}@${m.version}`;
+  for (const [k, p] of state.warm) {
+    if (k !== key) {
+      state.warm.delete(k);
+      p.then((e) => (e !== state.engine ? e.close() : null), () => {});
+    }
+  }
+  if (!m.browser || (m.size_bytes || 0) > WARM_MAX_BYTES) return;
+  browserEngine(m).then(() => (document.body.dataset.warm = key), () => {});
 }
 
 async function choose(m) {
@@ -315,8 +344,8 @@ async function choose(m) {
   $("about-model").textContent = label(m);
   $("about-size").textContent = `${(m.size_bytes / 1024).toFixed(1)} KiB (${m.format})`;
   if (m.spec.fit === "bbox" && state.source !== pad && !state.camera) clearPad();
-  if (m.browser) modelBytes(m).catch(() => {}); // fetched ahead: the in-browser engine then works offline
   await setEngine(m.browser || state.engineName === "server" ? state.engineName : "server");
+  warmUp(m); // fetched and opened ahead: the in-browser engine then also works when the server is gone
 }
 
 async function setEngine(name) {
@@ -328,7 +357,7 @@ async function setEngine(name) {
     const e = await makeEngine(m, name);
     state.engine = e;
     state.engineName = name;
-    if (old && old !== e) await old.close();
+    if (old && old !== e && !(old instanceof BrowserEngine)) await old.close(); // browser engines stay warm
   } catch (err) {
     return handleError(err);
   }
