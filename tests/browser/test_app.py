@@ -68,13 +68,18 @@ def world(tiny_results, text_results, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def pw():
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as p:
-        b = launch_chromium(p)
-        yield b
-        b.close()
+    with sync_playwright() as p:  # one per thread: every browser of the module comes from it
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(pw):
+    b = launch_chromium(pw)
+    yield b
+    b.close()
 
 
 @pytest.fixture
@@ -303,29 +308,26 @@ def test_the_browser_runtime_matches_python_onnxruntime_on_the_digits_test_set(t
             np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
-def test_the_camera_feeds_frames_continuously_until_stopped(world):
+def test_the_camera_feeds_frames_continuously_until_stopped(world, pw):
     """Chromium's fake camera (a moving test pattern) stands in for a webcam."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = launch_chromium(p, ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
-        try:
-            ctx = b.new_context()
-            ctx.grant_permissions(["camera"], origin=world["srv"].url)
-            pg = ctx.new_page()
-            pg.goto(f"{world['srv'].url}/app/login?code={world['sessions'].login_code}")
-            _ready(pg, "server")
-            pg.click("#camera")
-            pg.wait_for_function("() => Number(document.getElementById('prediction').dataset.frames) >= 10", timeout=20_000)
-            assert pg.locator("#video").is_visible() and pg.locator("#pad").is_hidden()
-            assert pg.inner_text("#camera") == "Stop camera"
-            pg.click("#camera")
-            assert pg.locator("#pad").is_visible()
-            n = int(pg.get_attribute("#prediction", "data-frames"))
-            time.sleep(0.5)
-            assert int(pg.get_attribute("#prediction", "data-frames")) <= n + 1  # stopped: no more frames
-        finally:
-            b.close()
+    b = launch_chromium(pw, ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+    try:
+        ctx = b.new_context()
+        ctx.grant_permissions(["camera"], origin=world["srv"].url)
+        pg = ctx.new_page()
+        pg.goto(f"{world['srv'].url}/app/login?code={world['sessions'].login_code}")
+        _ready(pg, "server")
+        pg.click("#camera")
+        pg.wait_for_function("() => Number(document.getElementById('prediction').dataset.frames) >= 10", timeout=20_000)
+        assert pg.locator("#video").is_visible() and pg.locator("#pad").is_hidden()
+        assert pg.inner_text("#camera") == "Stop camera"
+        pg.click("#camera")
+        assert pg.locator("#pad").is_visible()
+        n = int(pg.get_attribute("#prediction", "data-frames"))
+        time.sleep(0.5)
+        assert int(pg.get_attribute("#prediction", "data-frames")) <= n + 1  # stopped: no more frames
+    finally:
+        b.close()
 
 
 def test_keiryo_app_starts_from_the_command_line_and_prints_a_login_link(world, tmp_path):
