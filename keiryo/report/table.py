@@ -91,7 +91,7 @@ def results_table(results: dict[str, Any]) -> Table:
             _x(m.get("size_ratio_vs_fp32")),
             f"{m['latency_p50_ms']:.3f}",
             f"{m['latency_p95_ms']:.3f}",
-            _x(m.get("speedup_p50_vs_fp32")) + (" slower!" if m.get("smaller_but_slower") else ""),
+            _x(m.get("speedup_p50_vs_fp32")) + (" !" if m.get("smaller_but_slower") else ""),
             f"{m['throughput_per_s']:.0f}",
             f"{m['peak_rss_mb']:.0f}" if m.get("peak_rss_mb") else "-",
         )
@@ -104,7 +104,7 @@ def results_table(results: dict[str, Any]) -> Table:
         cap += " — no candidate meets the budget"
     slower = [c["name"] for c in results["candidates"] if c.get("status") == "ok" and c["metrics"].get("smaller_but_slower")]
     if slower:
-        cap += f"\nsmaller but slower than fp32 on this runtime: {', '.join(slower)}"
+        cap += f"\n! smaller but slower than fp32 on this runtime: {', '.join(slower)}"
     infos = [(c.get("metrics") or {}).get("runtime_info") for c in results["candidates"]]
     runtimes = {json.dumps(i, sort_keys=True) for i in infos if i}
     for info in sorted(runtimes):

@@ -44,7 +44,7 @@ class OptimizeConfig(KeiryoConfig):
         unknown = [t for t in self.templates if t not in TEMPLATES]
         if unknown:
             raise ValueError(f"unknown search templates {unknown}; expected some of {list(TEMPLATES)}")
-        wrong = [t for t in self.templates if self.target not in TEMPLATES[t].targets]
+        wrong = [t for t in self.templates if not TEMPLATES[t].available_for(self.target)]
         if wrong:
             raise ValueError(
                 f"search templates {wrong} are not available for target {self.target}; use some of {templates_for(self.target)}"

@@ -20,7 +20,12 @@ class Template:
     cost: int  # relative cost, for ordering the first trials
     build: Callable[[Any, str], list[dict[str, Any]]]  # (optuna-like trial, target) -> steps written for ONNX
     seeds: tuple[dict[str, Any], ...]  # parameter sets tried first, in this order
-    targets: tuple[str, ...] = ("onnx", "tflite")
+    formats: tuple[str, ...] = ("onnx", "tflite")  # the file formats its steps exist for (web writes onnx files)
+
+    def available_for(self, target: str) -> bool:
+        from keiryo.export import get_exporter
+
+        return get_exporter(target).format in self.formats
 
     def recipe(self, trial: Any, target: str) -> Recipe:
         steps = retarget(self.build(trial, target), target, f"search template {self.name}")
@@ -83,7 +88,7 @@ TEMPLATES: dict[str, Template] = {
                 {"ptq.calibration": "entropy", "ptq.per_channel": True, "ptq.granularity": "tensorwise"},
             ),
         ),
-        Template("ptq_fallback", 2, _fallback, ({"fallback.max_drop": 0.5},), targets=("onnx",)),
+        Template("ptq_fallback", 2, _fallback, ({"fallback.max_drop": 0.5},), formats=("onnx",)),
         Template(
             "prune_distill",
             5,
@@ -98,7 +103,13 @@ TEMPLATES: dict[str, Template] = {
 
 
 def templates_for(target: str) -> list[str]:
-    return [n for n, t in TEMPLATES.items() if target in t.targets]
+    """The templates whose steps exist for ``target``'s file format; an error when there are none."""
+    from keiryo.errors import ConfigError
+
+    names = [n for n, t in TEMPLATES.items() if t.available_for(target)]
+    if not names:
+        raise ConfigError(f"target {target}: no search template works on its files; use compress with recipes for it")
+    return names
 
 
 def first_trials(names: list[str]) -> list[dict[str, Any]]:

@@ -9,9 +9,10 @@ import pytest
 from keiryo.cli.main import main
 from keiryo.runtime.web import unavailable
 
-pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"browser tests: {unavailable()}")
+browser = pytest.mark.skipif(unavailable() is not None, reason=f"browser tests: {unavailable()}")
 
 
+@browser
 def test_compress_target_web_measures_in_the_browser_and_records_it(tmp_path, tiny_weights, capsys):
     out = tmp_path / "out"
     tiny = ["--model", "keiryo.testing:tiny_cnn", "--model-opt", "width=8", "--weights", str(tiny_weights)]
@@ -33,3 +34,10 @@ def test_compress_target_web_measures_in_the_browser_and_records_it(tmp_path, ti
         assert m["smaller_but_slower"] == (m["size_ratio_vs_fp32"] > 1.05 and m["speedup_p50_vs_fp32"] < 0.95)
     assert by["int8"]["metrics"]["size_ratio_vs_fp32"] > 1.1
     assert by["int8"]["metrics"]["fidelity"] >= 0.95
+
+
+def test_the_search_offers_the_onnx_templates_for_the_web_target():
+    from keiryo.search.space import TEMPLATES, templates_for
+
+    assert templates_for("web") == templates_for("onnx") == list(TEMPLATES)  # web writes ONNX files
+    assert "ptq_fallback" not in templates_for("tflite")
