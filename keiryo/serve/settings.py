@@ -51,6 +51,15 @@ class ServeSettings(KeiryoConfig):
     max_queue: int = Field(256, ge=1, description="requests waiting per model before 503")
     body_limit_bytes: int = Field(16 * 2**20, ge=1024)
     request_timeout_s: float = Field(10.0, gt=0)
+    parse_offload_bytes: int = Field(
+        256 * 1024, ge=0, description="a JSON part this large or larger is parsed in a worker process, off the event loop"
+    )
+    parse_bytes_in_flight: int = Field(
+        32 * 2**20,
+        ge=1,
+        description="most bytes of JSON parsed off the event loop at once (past it: 503 with Retry-After); "
+        "never below the body limit",
+    )
     header_timeout_s: float = Field(10.0, gt=0, description="a connection must send complete request headers within this")
     body_timeout_s: float = Field(10.0, gt=0, description="longest wait for the next piece of a request body (408)")
     poll_s: float | None = Field(5.0, gt=0, description="refresh the registry's metadata this often (None: never)")

@@ -688,3 +688,80 @@ def test_slow_and_idle_clients_are_cut_off_and_the_server_keeps_serving(world, d
     assert time.monotonic() - start < 5
     for s in (idle, slow_header, slow_body):
         s.close()
+
+
+def test_a_big_json_body_is_parsed_off_the_loop_and_big_bodies_past_the_cap_get_503(world, digits, tmp_path):
+    """A 10+ MB JSON infer request is parsed in the worker process: health probes sent meanwhile answer promptly
+    (measured: each probe's round trip against the big request's). Concurrent big bodies past the cap on bytes in
+    flight get 503 with Retry-After at once instead of piling up in memory. The server runs in its own process
+    (run_server, as `keiryo serve` does), so the test's client threads do not share its GIL."""
+    import os
+    import subprocess
+    import sys
+
+    x = digits.test.inputs["image"].numpy()
+    per_row = len(json.dumps(_good(x))) / len(x)
+    rows = int(11 * 2**20 / per_row)  # about 11 MB of JSON
+    x = np.tile(x, (-(-rows // len(x)), 1, 1, 1))[:rows]
+    body = json.dumps({**_good(x), "parameters": {"binary_data_output": True}}).encode()  # a cheap answer
+    assert 10 * 2**20 < len(body) < 16 * 2**20
+    settings = ServeSettings(
+        models=["tiny@1.0.0"],
+        public_key=str(world["pub"]),
+        api_keys=[API],
+        body_limit_bytes=32 * 2**20,
+        parse_bytes_in_flight=int(len(body) * 1.5),  # one big body at a time
+        poll_s=None,
+        tuf_cache=str(tmp_path / "cache"),
+    )
+    port = _free_port()
+    script = (
+        "import sys; from keiryo.serve import ServeSettings, run_server; "
+        "run_server(sys.argv[1], ServeSettings.model_validate_json(sys.argv[2]), '127.0.0.1', int(sys.argv[3]), 'warning')"
+    )
+    cmd = [sys.executable, "-c", script, str(world["store"].root), settings.model_dump_json(), str(port)]
+    proc = subprocess.Popen(cmd, env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(base + "/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+
+        def post():
+            t = time.perf_counter()
+            r = httpx.post(base + "/v2/models/tiny/infer", headers=H, content=body, timeout=60)
+            return r, time.perf_counter() - t
+
+        assert post()[0].status_code == 200  # and the worker is started
+        with cf.ThreadPoolExecutor(1) as pool, httpx.Client(base_url=base, timeout=5) as prober:
+            assert prober.get("/v2/health/ready").status_code == 200  # connected before the big request
+            big = pool.submit(post)
+            probes = []
+            while not big.done():
+                t = time.perf_counter()
+                assert prober.get("/v2/health/ready").status_code == 200
+                probes.append(time.perf_counter() - t)
+                time.sleep(0.01)
+            r, took = big.result()
+        assert r.status_code == 200, r.text
+        head = json.loads(r.content[: int(r.headers["inference-header-content-length"])])
+        assert head["outputs"][0]["shape"] == [rows, 10]
+        assert len(probes) >= 3 and max(probes) < 0.1 and max(probes) * 3 < took, (probes, took)
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            answers = [f.result()[0] for f in [pool.submit(post) for _ in range(4)]]
+        codes = sorted(a.status_code for a in answers)
+        assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 1, codes
+        refused = [a for a in answers if a.status_code == 503]
+        assert all(a.headers["retry-after"] == "1" and "bytes in flight" in a.json()["error"] for a in refused)
+        print(
+            f"big JSON {len(body) / 2**20:.1f} MiB: request {took:.3f} s, probes max {max(probes) * 1e3:.1f} ms "
+            f"median {sorted(probes)[len(probes) // 2] * 1e3:.1f} ms over {len(probes)}; 4 at once: {codes}"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -137,3 +137,128 @@ def test_response_binary_and_json():
     np.testing.assert_array_equal(np.frombuffer(body[n:], np.float32), [1.5, -2.0])
     body, headers, media = build_response("m", "1", InferRequest(None, {}, ["logits"], set(), False), out)
     assert media == "application/json" and json.loads(body)["outputs"][0]["data"] == [1.5, -2.0]
+
+
+# ---------------------------------------------------------------- big bodies off the event loop (serve/offload.py)
+
+
+def _big_body(rows: int) -> bytes:
+    x = np.random.default_rng(0).random((rows, 2)).round(6)
+    return json.dumps(
+        {"id": "big", "inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 2], "data": x.tolist()}]}
+    ).encode()
+
+
+def test_the_worker_parses_like_the_loop_and_refuses_like_it():
+    from keiryo.serve.offload import OffLoopParser
+
+    body = _big_body(5000)
+    raw = np.arange(4, dtype="<f4").tobytes()
+    head = json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 2], "parameters": {"binary_data_size": 16}}]}
+    ).encode()
+
+    async def main():
+        p = OffLoopParser(1 << 20)
+        try:
+            got = await p.parse(body, None, SPEC, len(body))
+            got_bin = await p.parse(head + raw, str(len(head)), SPEC, len(head))
+            errors = []
+            for bad in (b"[" * 200_000, b'{"inputs": [{"name": "nope"}]}', b"{not json"):
+                with pytest.raises(ProtocolError) as e:
+                    await p.parse(bad, None, SPEC, len(bad))
+                errors.append(str(e.value))
+            return got, got_bin, errors, p.budget.used
+        finally:
+            await p.aclose()
+
+    got, got_bin, errors, used = asyncio.run(main())
+    want = parse_request(body, None, SPEC)
+    assert got.id == "big" and got.inputs["input"].dtype == np.float32
+    np.testing.assert_array_equal(got.inputs["input"], want.inputs["input"])
+    np.testing.assert_array_equal(got_bin.inputs["input"], np.arange(4, dtype=np.float32).reshape(2, 2))
+    assert "RecursionError" in errors[0] and "unknown input 'nope'" in errors[1] and "not valid JSON" in errors[2]
+    assert used == 0
+
+
+def test_bodies_past_the_byte_cap_get_503_with_retry_after_not_a_queue():
+    from keiryo.serve.errors import HTTPError
+    from keiryo.serve.offload import OffLoopParser
+
+    body = _big_body(20000)
+
+    async def main():
+        p = OffLoopParser(int(len(body) * 1.5))  # room for one body at a time
+        try:
+            results = await asyncio.gather(*(p.parse(body, None, SPEC, len(body)) for _ in range(3)), return_exceptions=True)
+            again = await p.parse(body, None, SPEC, len(body))  # the bytes were given back
+            return results, again, p.budget.used
+        finally:
+            await p.aclose()
+
+    results, again, used = asyncio.run(main())
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, HTTPError)]
+    assert len(ok) == 1 and len(refused) == 2
+    assert all(e.status == 503 and e.headers == {"Retry-After": "1"} and "bytes in flight" in e.message for e in refused)
+    assert again.inputs["input"].shape == (20000, 2) and used == 0
+
+
+def test_a_worker_that_dies_mid_parse_is_a_503_and_the_next_request_gets_a_new_one():
+    from keiryo.serve.errors import HTTPError
+    from keiryo.serve.offload import OffLoopParser
+
+    body = _big_body(200_000)  # long enough to be killed mid-parse
+
+    async def main():
+        p = OffLoopParser(1 << 30)
+        try:
+            await p.parse(b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}', None, SPEC, 10)
+            first = p._proc
+            task = asyncio.create_task(p.parse(body, None, SPEC, len(body)))
+            await asyncio.sleep(0.01)  # the body is on its way (3 MB: far from sent and parsed by now)
+            first.kill()
+            with pytest.raises(HTTPError) as e:
+                await task
+            again = await p.parse(_big_body(3), None, SPEC, 10)
+            return e.value, first, p._proc, again, p.budget.used
+        finally:
+            await p.aclose()
+
+    err, first, second, again, used = asyncio.run(main())
+    assert err.status == 503 and "parser stopped" in err.message
+    assert second is not first and again.inputs["input"].shape == (3, 2) and used == 0
+
+
+def test_small_bodies_are_parsed_on_the_loop_and_big_ones_in_the_worker():
+    """The hot path keeps no hop: below parse_offload_bytes the server never starts the worker."""
+    from keiryo.serve.lifecycle import Server
+    from keiryo.serve.settings import ServeSettings
+
+    class Served:
+        name, version, inputs = "m", "1", SPEC
+
+        def __init__(self):
+            self.batcher = Batcher(lambda feed: {"out": feed["input"] * 2}, max_batch_size=1, max_queue_delay_ms=0)
+
+    settings = ServeSettings(models=["m"], public_key="k.pem", allow_anonymous=True, parse_offload_bytes=4096)
+    small = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}).encode()
+    big = _big_body(1000)
+
+    async def main():
+        server, served = Server(None, settings), Served()
+        served.batcher.start()
+        try:
+            out_small = await server.infer_rest(served, small, None)
+            spawned_after_small = server.parser._proc is not None
+            out_big = await server.infer_rest(served, big, None)
+            spawned_after_big = server.parser._proc is not None
+        finally:
+            await served.batcher.drain()
+            await server.parser.aclose()
+        return out_small, spawned_after_small, out_big, spawned_after_big
+
+    out_small, after_small, out_big, after_big = asyncio.run(main())
+    assert not after_small and after_big
+    assert json.loads(out_small[0])["outputs"][0]["data"] == [2.0, 4.0]
+    assert json.loads(out_big[0])["outputs"][0]["shape"] == [1000, 2]
