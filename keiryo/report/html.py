@@ -212,12 +212,21 @@ def render_html(results: dict[str, Any], png: bytes) -> str:
         cmd += [f"--target {cfg.get('target', 'onnx')}", f"--trials {cfg.get('trials')}", f"--seed {cfg.get('seed', 0)}"]
     cmd += ["--out DIR"]
     machine = results["machine"]
+    browsers = sorted({json.dumps(i, sort_keys=True) for c in cands if (i := (c.get("metrics") or {}).get("runtime_info"))})
+    where = "".join(
+        f" In the browser: {e(i.get('browser', '?'))}, onnxruntime-web {e(str(i.get('onnxruntime_web', '?')))}, wasm SIMD "
+        f"{'on' if i.get('simd') else 'off'}, {i.get('wasm_threads', 1)} thread(s)."
+        for i in map(json.loads, browsers)
+    )
+    slower = [c["name"] for c in cands if c.get("status") == "ok" and c["metrics"].get("smaller_but_slower")]
+    if slower:
+        where += f" Smaller but slower than fp32 on this runtime: {e(', '.join(slower))}."
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>keiryo report</title><style>{_CSS}</style></head><body>
 <h1>keiryo: {e(results["model"]["source"])} on {e(results["data"]["source"])}</h1>
 <p class="note">Budget: {e(cons)}. Baseline (torch) {e(primary)} {_ci(results["baseline"]["metrics"], primary, scale)}
 on {results["baseline"]["metrics"].get("samples", "?")} test samples (95% intervals in brackets).
 Every figure was measured by running the exported file on its runtime ({e(machine["cpu"]["model"])},
-int8 dot-product: {e(", ".join(machine["cpu"]["int8_isa"]) or "none")}, {machine.get("threads", 1)} thread(s)).
+int8 dot-product: {e(", ".join(machine["cpu"]["int8_isa"]) or "none")}, {machine.get("threads", 1)} thread(s)).{where}
 {("Trials: " + str(search.get("trials_finished")) + ", failed: " + str(search.get("trials_failed")) + ", " + str(search.get("seconds")) + " s.") if search else ""}</p>
 <img alt="Pareto plot: task metric against p95 latency" src="data:image/png;base64,{base64.b64encode(png).decode()}">
 {best_html}

@@ -34,6 +34,12 @@ def test_compress_target_web_measures_in_the_browser_and_records_it(tmp_path, ti
         assert m["smaller_but_slower"] == (m["size_ratio_vs_fp32"] > 1.05 and m["speedup_p50_vs_fp32"] < 0.95)
     assert by["int8"]["metrics"]["size_ratio_vs_fp32"] > 1.1
     assert by["int8"]["metrics"]["fidelity"] >= 0.95
+    from keiryo.report.html import render_html
+
+    html = render_html(res, b"")  # the report says where the figures come from, and names the slower ones
+    assert f"In the browser: {by['fp32']['metrics']['runtime_info']['browser']}, onnxruntime-web" in html
+    slower = [n for n, c in by.items() if c["metrics"]["smaller_but_slower"]]
+    assert ("Smaller but slower than fp32 on this runtime" in html) == bool(slower)
 
 
 def test_the_search_offers_the_onnx_templates_for_the_web_target():
