@@ -330,7 +330,8 @@ def test_the_camera_feeds_frames_continuously_until_stopped(world, pw):
         b.close()
 
 
-def test_keiryo_app_starts_from_the_command_line_and_prints_a_login_link(world, tmp_path):
+@pytest.mark.parametrize("command", ["app", "serve"])
+def test_keiryo_app_and_serve_app_start_from_the_command_line_and_print_a_login_link(world, tmp_path, command):
     import re
     import subprocess
     import sys
@@ -340,8 +341,10 @@ def test_keiryo_app_starts_from_the_command_line_and_prints_a_login_link(world, 
     port = free_port()
     reg = world["store"].root
     pub = world["dir"] / "key.pub.pem"
-    cmd = [sys.executable, "-m", "keiryo", "app", "--registry", str(reg), "--public-key", str(pub), "--port", str(port)]
+    cmd = [sys.executable, "-m", "keiryo", command, "--registry", str(reg), "--public-key", str(pub), "--port", str(port)]
     cmd += ["--tuf-cache", str(tmp_path / "cache")]
+    if command == "serve":  # the page on an inference server
+        cmd += ["--model", "digits@production", "--api-key", API, "--app"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         link = None
