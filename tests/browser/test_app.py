@@ -5,7 +5,12 @@ are kept in ``test-artifacts/`` (``$KEIRYO_TEST_ARTIFACTS``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +21,7 @@ import pytest
 from keiryo.packages import keygen, package
 from keiryo.packages.store import PackageStore
 from keiryo.runtime.web import launch_chromium, unavailable
-from keiryo.testing.live import LiveServer
+from keiryo.testing.live import free_port
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"browser tests: {unavailable()}")
 
@@ -43,13 +48,43 @@ def text_results(tmp_path_factory):
     return out
 
 
+@contextlib.contextmanager
+def keiryo_cli(*args: str):
+    """``python -m keiryo ARGS`` as its own process; yields (base url, login code) once the printed login
+    link answers. Its output is drained (and kept) by a thread, so the server never blocks on a full pipe."""
+    proc = subprocess.Popen([sys.executable, "-m", "keiryo", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    found = threading.Event()
+
+    def drain() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(r"http://\S+/app/login\?code=\S+", line):
+                found.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        assert found.wait(120), f"no login link printed:\n{''.join(lines)[-2000:]}"
+        link = next(m.group(0) for ln in lines if (m := re.search(r"http://\S+/app/login\?code=\S+", ln)))
+        url, code = link.split("/app/login?code=")
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/live", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield url, code
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 @pytest.fixture(scope="module")
 def world(tiny_results, text_results, tmp_path_factory):
-    """digits 1.0.0 (fp32) at staging, 2.0.0 (int8) at production, a text model; the server with /app."""
-    from keiryo.app import create_page_app, registry_refs
-    from keiryo.packages.remote import open_registry
-    from keiryo.serve import ServeSettings
-
+    """digits 1.0.0 (fp32) at staging, 2.0.0 (int8) at production, a text model; `keiryo app` over that registry."""
     out, _ = tiny_results
     d = tmp_path_factory.mktemp("app")
     priv, pub = keygen(d / "key.pem")
@@ -59,12 +94,10 @@ def world(tiny_results, text_results, tmp_path_factory):
         store.promote("digits", version, alias)
     store.push(package(text_results, name="text", version="1.0.0", private_key=priv, out=d / "text", candidate="fp32"), pub)
     store.promote("text", "1.0.0", "production")
-    reg = open_registry(store.root, None, d / "tuf-cache")
-    reg.refresh()
-    settings = ServeSettings(models=registry_refs(reg), public_key=str(pub), api_keys=[API], poll_s=0.3)
-    app, sessions = create_page_app(reg, settings, session_ttl_s=600, poll_s=0.3)
-    with LiveServer(app) as srv:
-        yield {"srv": srv, "store": store, "sessions": sessions, "dir": d}
+    args = ["app", "--registry", str(store.root), "--public-key", str(pub), "--port", str(free_port()), "--api-key", API]
+    args += ["--tuf-cache", str(d / "tuf-cache"), "--poll-s", "0.3", "--session-ttl-s", "600"]
+    with keiryo_cli(*args) as (url, code):
+        yield {"url": url, "code": code, "store": store, "dir": d, "pub": pub}
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +121,7 @@ def page(browser, world):
     pg = ctx.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(f"{world['srv'].url}/app/login?code={world['sessions'].login_code}")
+    pg.goto(f"{world['url']}/app/login?code={world['code']}")
     yield pg
     ctx.close()
     assert not errors, f"uncaught errors on the page: {errors}"
@@ -207,7 +240,7 @@ def test_no_session_or_a_bad_key_shows_the_sign_in_never_a_blank_page(browser, w
     ctx = browser.new_context()
     pg = ctx.new_page()
     try:
-        pg.goto(f"{world['srv'].url}/app/")
+        pg.goto(f"{world['url']}/app/")
         pg.wait_for_selector("#login:not([hidden])")
         assert pg.locator("#main").is_hidden()
         pg.fill("#login-key", "not-the-key-at-all-000")
@@ -220,7 +253,7 @@ def test_no_session_or_a_bad_key_shows_the_sign_in_never_a_blank_page(browser, w
         assert [c["name"] for c in cookies] == ["keiryo_app"] and cookies[0]["httpOnly"] and cookies[0]["sameSite"] == "Strict"
         assert API not in pg.content()
         # an expired or forged session: the next request is a 401 and the page asks to sign in again
-        ctx.add_cookies([{"name": "keiryo_app", "value": "1.forged", "url": world["srv"].url}])
+        ctx.add_cookies([{"name": "keiryo_app", "value": "1.forged", "url": world["url"]}])
         pg.evaluate("() => window.keiryoApp.engine.infer(new Float32Array(64)).catch((e) => e.status)")
         assert pg.evaluate("() => window.keiryoApp.engine.infer(new Float32Array(64)).then(() => 200, (e) => e.status)") == 401
         pg.select_option("#model", "digits@staging")  # any call now fails with 401 -> the sign-in form
@@ -262,7 +295,7 @@ def test_an_upload_that_is_not_an_image_is_refused_on_the_page_and_a_big_photo_i
 
 
 def test_the_page_is_isolated_and_its_assets_never_escape_static(world):
-    url = world["srv"].url
+    url = world["url"]
     r = httpx.get(f"{url}/app/")
     assert r.status_code == 200
     assert (
@@ -276,7 +309,7 @@ def test_the_page_is_isolated_and_its_assets_never_escape_static(world):
     assert httpx.get(f"{url}/app/api/models").status_code == 401
     r = httpx.get(f"{url}/app/login", params={"code": "guess"}, follow_redirects=False)
     assert r.status_code == 401 and "set-cookie" not in r.headers
-    r = httpx.get(f"{url}/app/login", params={"code": world["sessions"].login_code}, follow_redirects=False)
+    r = httpx.get(f"{url}/app/login", params={"code": world["code"]}, follow_redirects=False)
     assert r.status_code == 303 and "HttpOnly" in r.headers["set-cookie"]
     cookie = r.headers["set-cookie"].split(";")[0]
     models = httpx.get(f"{url}/app/api/models", headers={"Cookie": cookie}).json()["models"]
@@ -313,9 +346,9 @@ def test_the_camera_feeds_frames_continuously_until_stopped(world, pw):
     b = launch_chromium(pw, ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
     try:
         ctx = b.new_context()
-        ctx.grant_permissions(["camera"], origin=world["srv"].url)
+        ctx.grant_permissions(["camera"], origin=world["url"])
         pg = ctx.new_page()
-        pg.goto(f"{world['srv'].url}/app/login?code={world['sessions'].login_code}")
+        pg.goto(f"{world['url']}/app/login?code={world['code']}")
         _ready(pg, "server")
         pg.click("#camera")
         pg.wait_for_function("() => Number(document.getElementById('prediction').dataset.frames) >= 10", timeout=20_000)
@@ -330,37 +363,13 @@ def test_the_camera_feeds_frames_continuously_until_stopped(world, pw):
         b.close()
 
 
-@pytest.mark.parametrize("command", ["app", "serve"])
-def test_keiryo_app_and_serve_app_start_from_the_command_line_and_print_a_login_link(world, tmp_path, command):
-    import re
-    import subprocess
-    import sys
-
-    from keiryo.testing.live import free_port
-
-    port = free_port()
-    reg = world["store"].root
-    pub = world["dir"] / "key.pub.pem"
-    cmd = [sys.executable, "-m", "keiryo", command, "--registry", str(reg), "--public-key", str(pub), "--port", str(port)]
-    cmd += ["--tuf-cache", str(tmp_path / "cache")]
-    if command == "serve":  # the page on an inference server
-        cmd += ["--model", "digits@production", "--api-key", API, "--app"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        link = None
-        deadline = time.time() + 90
-        while time.time() < deadline and link is None:
-            line = proc.stdout.readline()
-            m = re.search(r"(http://\S+/app/login\?code=\S+)", line)
-            link = m.group(1) if m else None
-        assert link, "no login link printed"
-        while time.time() < deadline:
-            try:
-                r = httpx.get(link, follow_redirects=True, timeout=2)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+def test_keiryo_serve_app_puts_the_page_on_an_inference_server(world, tmp_path):
+    args = ["serve", "--registry", str(world["store"].root), "--public-key", str(world["pub"]), "--port", str(free_port())]
+    args += ["--tuf-cache", str(tmp_path / "cache"), "--model", "digits@production", "--api-key", API, "--app"]
+    with keiryo_cli(*args) as (url, code):
+        r = httpx.get(f"{url}/app/login", params={"code": code}, follow_redirects=True, timeout=5)
         assert r.status_code == 200 and '<canvas id="pad"' in r.text
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        cookie = r.request.headers.get("cookie") or ""
+        assert cookie.startswith("keiryo_app=")
+        models = httpx.get(f"{url}/app/api/models", headers={"Cookie": cookie}).json()["models"]
+        assert [m["id"] for m in models] == ["digits"] and models[0]["alias"] == "production"
