@@ -65,10 +65,12 @@ def measure_artifact(
     path: Path, runtime: str, data: Any, task: Any, baseline: Baseline, bench: BenchConfig, lock: str | Path | None = None
 ) -> dict[str, Any]:
     """Metrics of a model file on its runtime: task metrics vs the baseline, size, latency in a child process."""
+    from keiryo.drift import reference_stats
     from keiryo.runtime import open_session
 
     with open_session(runtime, path, bench.threads) as s:
         outputs = predict(s, data.test)
+        output_names = list(s.output_names)
     metrics = task_metrics(task, outputs, data, baseline.outputs, path.name)
     drop = task.drop(baseline.metrics, metrics)
     metrics[task.drop_name] = round(drop, 4) if math.isfinite(drop) else drop
@@ -78,6 +80,8 @@ def measure_artifact(
     metrics["size_mb"] = metrics["size_bytes"] / 1e6
     metrics.update(timing.to_dict())
     metrics["input_shapes"] = input_shapes(sample)
+    # what a server compares its traffic with (keiryo.drift): the test inputs and this file's own predictions
+    metrics["drift_reference"] = reference_stats(data.test.numpy(), outputs, output_names, task.describe())
     return metrics
 
 

@@ -5,7 +5,8 @@
     PKG/
       model.onnx | model.tflite | model.mlpackage/
       keiryo.json      the manifest: name, version, format, inputs/outputs (OIP datatypes, -1 = any batch),
-                       labels, preprocessing, metrics, recipe, versions, golden input/output vectors
+                       labels, preprocessing, metrics, recipe, versions, golden input/output vectors,
+                       drift reference (input statistics and predicted classes on the test split)
       model.sig        OpenSSF model-signing bundle over every other file
 
 The package is built in a temporary sibling and renamed into place only once signed, so a
@@ -137,6 +138,8 @@ def build_manifest(results: dict[str, Any], cand: dict[str, Any], name: str, ver
     def oip(t: Any) -> dict[str, Any]:
         return {"name": t.name, "datatype": t.oip_datatype, "shape": [d if isinstance(d, int) else -1 for d in t.shape]}
 
+    metrics = dict(cand.get("metrics", {}))
+    drift = metrics.pop("drift_reference", None)  # keiryo.drift: what a server compares its traffic with
     head = io.outputs[0].shape[-1] if io.outputs and len(io.outputs[0].shape) == 2 else None
     labels = data.get("class_names") or ([str(i) for i in range(head)] if isinstance(head, int) else [])
     return {
@@ -151,13 +154,14 @@ def build_manifest(results: dict[str, Any], cand: dict[str, Any], name: str, ver
         "task": results.get("task", {}),
         "labels": labels,
         "preprocessing": data.get("preprocessing", {}),
-        "metrics": cand.get("metrics", {}),
+        "metrics": metrics,
         "recipe": cand.get("recipe", {}),
         "source_model": results.get("model", {}),
         "keiryo_version": __version__,
         "library_versions": library_versions(),
         "machine": results.get("machine", {}),
         **_privacy(results, cand),
+        **({"drift_reference": drift} if drift else {}),
     }
 
 

@@ -85,6 +85,8 @@ class Server:
                     decryption_key=self.settings.decryption_key,
                     batching=self._batching(),
                     metrics=self.metrics,
+                    drift_window_rows=self.settings.drift_window_rows,
+                    drift_psi_threshold=self.settings.drift_psi_threshold,
                 )
             except Exception as e:
                 self.metrics.loads.labels(name, "?", "refused").inc()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,9 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from keiryo.drift import DriftMonitor
 from keiryo.packages.remote import TrustedRegistry
 from keiryo.packages.verified import load_verified
 from keiryo.serve.batching import Batcher
+
+events_log = logging.getLogger("keiryo.serve")
 
 
 @dataclass
@@ -23,6 +28,7 @@ class ServedModel:
     session: Any
     batcher: Batcher
     loaded_at: float = field(default_factory=time.time)
+    drift: DriftMonitor | None = None  # running summaries vs the manifest's drift reference (keiryo.drift)
 
     @property
     def inputs(self) -> dict[str, dict[str, Any]]:
@@ -45,7 +51,14 @@ class ServedModel:
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.session.run(feed)
-        return {o["name"]: np.asarray(v) for o, v in zip(self.manifest["outputs"], outs, strict=True)}
+        out = {o["name"]: np.asarray(v) for o, v in zip(self.manifest["outputs"], outs, strict=True)}
+        if self.drift is not None:  # once per batch, in the session's thread: off the event loop
+            try:
+                self.drift.observe(feed, out)
+            except Exception as e:  # monitoring never fails a request: turned off, said once
+                self.drift = None
+                events_log.error(json.dumps({"event": "drift_monitor_failed", "model": self.name, "error": repr(e)}))
+        return out
 
 
 def load_served(
@@ -57,6 +70,8 @@ def load_served(
     batching: dict[str, Any],
     metrics: Any = None,
     decryption_key: str | Path | None = None,
+    drift_window_rows: int = 1000,
+    drift_psi_threshold: float = 0.2,
 ) -> ServedModel:
     """Resolve ``ref`` in the registry's signed metadata, read every file of the package once (each
     capped at its signed length and checked against its signed hash), verify the signature over
@@ -76,4 +91,7 @@ def load_served(
     hooks = metrics.batch_hooks(name) if metrics is not None else {}
     batcher = Batcher(run, **batching, **hooks)
     served = ServedModel(ref, name, version, pkg.manifest, session, batcher)
+    if metrics is not None:
+        on_reading = metrics.drift_hook(name, version, drift_psi_threshold)
+        served.drift = DriftMonitor.from_manifest(pkg.manifest, window_rows=drift_window_rows, on_reading=on_reading)
     return served

@@ -68,6 +68,12 @@ class ServeSettings(KeiryoConfig):
     )
     tuf_cache: str | None = Field(None, description="where the trusted metadata is kept between runs")
     decryption_key: str | None = Field(None, description="key file for encrypted packages (default $KEIRYO_DECRYPTION_KEY)")
+    drift_window_rows: int = Field(
+        1000, ge=10, description="rows of recent traffic compared with the package's drift reference (keiryo.drift)"
+    )
+    drift_psi_threshold: float = Field(
+        0.2, gt=0, description="log a drift event when the predicted classes' PSI against the reference goes over this"
+    )
     public_metrics: bool = Field(False, description="serve /metrics without an API key (e.g. a scraper on a private network)")
     public_docs: bool = Field(False, description="serve /docs and /openapi.json without an API key")
     server_name: str = "keiryo"

@@ -765,3 +765,64 @@ def test_a_big_json_body_is_parsed_off_the_loop_and_big_bodies_past_the_cap_get_
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _gauges(text: str, name: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels[len(name) :]] = float(value)
+    return out
+
+
+def test_drift_gauges_move_with_shifted_traffic_and_the_crossing_is_logged_once(world, digits, caplog):
+    """The package carries the drift reference measured on the test split (input mean/std per channel, the file's
+    predicted classes); the server's gauges read low on that same distribution and move when the inputs shift,
+    and one JSON line {"event": "drift"} is logged when the PSI goes over 0.2."""
+    import logging
+
+    from keiryo.packages import read_manifest
+
+    manifest = read_manifest(world["dir"] / "1.0.0")
+    ref = manifest["drift_reference"]
+    assert "drift_reference" not in manifest["metrics"]
+    assert ref["inputs"]["image"]["axis"] == 1 and len(ref["inputs"]["image"]["mean"]) == 1
+    assert ref["predictions"]["output"] == "logits" and ref["predictions"]["classes"] == 10
+    assert sum(ref["predictions"]["distribution"]) == pytest.approx(1, abs=1e-4)
+
+    settings = ServeSettings(
+        models=["tiny@1.0.0"],
+        public_key=str(world["pub"]),
+        api_keys=[API],
+        poll_s=None,
+        drift_window_rows=300,
+        tuf_cache=str(world["dir"] / "cache-drift"),
+    )
+    x = digits.test.inputs["image"].numpy()
+    assert len(x) >= 300
+    caplog.set_level(logging.WARNING, logger="keiryo.serve")
+    with LiveServer(create_app(world["store"], settings), _free_port()) as srv, httpx.Client(base_url=srv.url, headers=H) as c:
+
+        def send(rows):
+            for i in range(0, len(rows), 30):
+                assert c.post("/v2/models/tiny/infer", content=json.dumps(_good(rows[i : i + 30]))).status_code == 200
+
+        send(x[:300])  # the test split: what the reference was measured on
+        calm = c.get("/metrics").text
+        psi0 = _gauges(calm, "keiryo_drift_psi")['{model="tiny"}']
+        shift0 = _gauges(calm, "keiryo_drift_input_shift")['{input="image",model="tiny"}']
+        assert psi0 < 0.1 and shift0 < 0.25, (psi0, shift0)
+        assert not [r for r in caplog.records if '"event": "drift"' in r.getMessage()]
+
+        send(np.clip(x[:300] * 0.2 + x.max() * 0.8, 0, None).astype(np.float32))  # washed-out images
+        moved = c.get("/metrics").text
+        psi1 = _gauges(moved, "keiryo_drift_psi")['{model="tiny"}']
+        shift1 = _gauges(moved, "keiryo_drift_input_shift")['{input="image",model="tiny"}']
+        assert psi1 > 0.2 and shift1 > 1.0, (psi1, shift1)
+        send(np.clip(x[:90] * 0.2 + x.max() * 0.8, 0, None).astype(np.float32))  # still over: no second line
+    lines = [json.loads(r.getMessage()) for r in caplog.records if '"event": "drift"' in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0]["model"] == "tiny" and lines[0]["version"] == "1.0.0" and lines[0]["psi"] > 0.2
+    assert lines[0]["threshold"] == 0.2 and lines[0]["input_shift"]["image"] > shift0  # logged as it crossed
+    print(f"drift: calm psi {psi0:.3f} shift {shift0:.3f}; shifted psi {psi1:.3f} shift {shift1:.3f}")
