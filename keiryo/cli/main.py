@@ -576,6 +576,21 @@ def serve(
     max_queue_delay_ms: Annotated[float, typer.Option(min=0, help="dynamic batching: wait for more requests")] = 2.0,
     max_queue: Annotated[int, typer.Option(min=1, help="waiting requests per model before 503")] = 256,
     body_limit_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 16.0,
+    parse_in_flight_mb: Annotated[
+        float,
+        typer.Option(
+            "--parse-in-flight-mb",
+            min=0.001,
+            help="JSON being parsed off the event loop at once, MB (503 past it; >= body limit)",
+        ),
+    ] = 32.0,
+    drift_window_rows: Annotated[
+        int, typer.Option("--drift-window-rows", min=10, help="recent rows compared with the package's drift reference")
+    ] = 1000,
+    drift_psi_threshold: Annotated[
+        float,
+        typer.Option("--drift-psi-threshold", min=0.0001, help="log a drift event when the predictions' PSI goes over this"),
+    ] = 0.2,
     timeout_s: Annotated[float, typer.Option(min=0.001, help="per-request timeout")] = 10.0,
     poll_s: Annotated[float, typer.Option(min=0, help="refresh the registry's signed metadata every N s (0 = never)")] = 5.0,
     trusted_root: Annotated[
@@ -615,6 +630,9 @@ def serve(
         max_queue_delay_ms=max_queue_delay_ms,
         max_queue=max_queue,
         body_limit_bytes=int(body_limit_mb * 2**20),
+        parse_bytes_in_flight=int(parse_in_flight_mb * 2**20),
+        drift_window_rows=drift_window_rows,
+        drift_psi_threshold=drift_psi_threshold,
         request_timeout_s=timeout_s,
         poll_s=poll_s or None,
         trusted_root=str(trusted_root) if trusted_root else None,

@@ -694,33 +694,24 @@ def test_a_big_json_body_is_parsed_off_the_loop_and_big_bodies_past_the_cap_get_
     """A 10+ MB JSON infer request is parsed in the worker process: health probes sent meanwhile answer promptly
     (measured: each probe's round trip against the big request's). Concurrent big bodies past the cap on bytes in
     flight get 503 with Retry-After at once instead of piling up in memory. The server runs in its own process
-    (run_server, as `keiryo serve` does), so the test's client threads do not share its GIL."""
+    (`keiryo serve`), so the test's client threads do not share its GIL."""
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     x = digits.test.inputs["image"].numpy()
     per_row = len(json.dumps(_good(x))) / len(x)
     rows = int(11 * 2**20 / per_row)  # about 11 MB of JSON
     x = np.tile(x, (-(-rows // len(x)), 1, 1, 1))[:rows]
     body = json.dumps({**_good(x), "parameters": {"binary_data_output": True}}).encode()  # a cheap answer
-    assert 10 * 2**20 < len(body) < 16 * 2**20
-    settings = ServeSettings(
-        models=["tiny@1.0.0"],
-        public_key=str(world["pub"]),
-        api_keys=[API],
-        body_limit_bytes=32 * 2**20,
-        parse_bytes_in_flight=int(len(body) * 1.5),  # one big body at a time
-        poll_s=None,
-        tuf_cache=str(tmp_path / "cache"),
-    )
+    assert 10 * 2**20 < len(body) < 12 * 2**20
     port = _free_port()
-    script = (
-        "import sys; from keiryo.serve import ServeSettings, run_server; "
-        "run_server(sys.argv[1], ServeSettings.model_validate_json(sys.argv[2]), '127.0.0.1', int(sys.argv[3]), 'warning')"
-    )
-    cmd = [sys.executable, "-c", script, str(world["store"].root), settings.model_dump_json(), str(port)]
-    proc = subprocess.Popen(cmd, env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [str(Path(sys.executable).parent / "keiryo"), "serve", "--registry", str(world["store"].root), "--model", "tiny@1.0.0"]
+    cmd += ["--public-key", str(world["pub"]), "--port", str(port), "--poll-s", "0", "--tuf-cache", str(tmp_path / "cache")]
+    cmd += ["--body-limit-mb", "12", "--parse-in-flight-mb", f"{len(body) * 1.5 / 2**20:.3f}"]  # one big body at a time
+    env = {**os.environ, "KEIRYO_API_KEYS": API}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a log line a request
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
