@@ -1,6 +1,7 @@
 """Open Inference Protocol v2 (REST) request parsing and response building, JSON and binary tensor extension.
 
 Pure functions over bytes and numpy arrays; the app maps :class:`ProtocolError` to HTTP 400.
+Imports the standard library and numpy only: the parse worker (``_parse_worker.py``) loads this file by path.
 """
 
 from __future__ import annotations
