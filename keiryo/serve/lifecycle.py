@@ -40,7 +40,12 @@ class Server:
 
     def _batching(self) -> dict[str, Any]:
         s = self.settings
-        return {"max_batch_size": s.max_batch_size, "max_queue_delay_ms": s.max_queue_delay_ms, "max_queue": s.max_queue}
+        return {
+            "max_batch_size": s.max_batch_size,
+            "max_queue_delay_ms": s.max_queue_delay_ms,
+            "max_queue": s.max_queue,
+            "inline_below_ms": s.inline_below_ms,
+        }
 
     def label(self, name: str) -> str:
         """The metric label for a model name from a request: configured names only (``unknown`` otherwise),

@@ -56,6 +56,45 @@ def test_a_lone_request_does_not_wait_for_the_queue_delay():
     assert asyncio.run(main()) < 0.25  # not the 500 ms delay
 
 
+def test_an_idle_fast_model_runs_on_the_loop_and_company_still_batches():
+    """The idle fast path: once a lone run is measured under inline_below_ms, a lone request runs on the
+    event loop's thread; two at once go through the queue and run together on the session thread."""
+    import threading
+
+    threads: list[str] = []
+    calls: list[int] = []
+
+    def run(feed):
+        threads.append(threading.current_thread().name)
+        calls.append(len(feed["input"]))
+        return {"out": feed["input"] * 2}
+
+    def slow(feed):
+        time.sleep(0.01)
+        return run(feed)
+
+    async def main(fn, inline_ms):
+        b = Batcher(fn, max_batch_size=8, max_queue_delay_ms=50, inline_below_ms=inline_ms)
+        b.start()
+        for _ in range(3):
+            out = await b.submit({"input": np.ones((1, 2), np.float32)})
+            np.testing.assert_array_equal(out["out"], 2)
+        pair = await asyncio.gather(*(b.submit({"input": np.full((1, 2), i, np.float32)}) for i in range(2)))
+        await b.drain()
+        return [p["out"][0, 0] for p in pair]
+
+    assert asyncio.run(main(run, 5.0)) == [0, 2]
+    loop_thread = threading.main_thread().name
+    assert threads[0].startswith("keiryo-session") and threads[1:3] == [loop_thread, loop_thread]  # measured, then inline
+    assert threads[3].startswith("keiryo-session") and calls[3] == 2  # company: queued and batched
+    threads.clear(), calls.clear()
+    asyncio.run(main(slow, 5.0))  # a 10 ms model is never run on the loop
+    assert all(t.startswith("keiryo-session") for t in threads)
+    threads.clear()
+    asyncio.run(main(run, 0.0))  # 0 turns the fast path off
+    assert all(t.startswith("keiryo-session") for t in threads)
+
+
 def test_a_request_queued_behind_a_batch_does_not_wait_for_requests_already_answered():
     """Requests whose answers are set no longer count as "on their way": the next batch starts at once."""
     calls: list[int] = []
