@@ -199,7 +199,7 @@ def main() -> int:
     )
     print(
         f"  closed by the server: {closed}/{args.hostile}, the last {last + waited:.1f} s after they were opened "
-        f"(server deadline 10 s: header timeout; body reads)"
+        "(the server's header and body-read deadlines: 10 s)"
     )
     checks = [
         ("/metrics size unchanged after 10,000 junk requests (±1%)", abs(growth_m) <= 0.01, f"{growth_m:+.2%}"),
