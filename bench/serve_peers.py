@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -215,7 +217,37 @@ def stop(servers: dict[str, tuple[subprocess.Popen, str, str]]) -> None:
             p.kill()
 
 
-def wrk(url: str, body: bytes, conns: int, seconds: float, work: Path) -> dict[str, float]:
+def _cpu_by_thread(pid: int) -> dict[str, float]:
+    """CPU seconds so far of every thread of ``pid`` and of its child processes, by thread name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    pids = [pid]
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            pids += [int(c) for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                stat = Path(f"/proc/{p}/task/{t}/stat").read_text()
+            except OSError:
+                continue
+            # Python names no OS threads: the main thread is the event loop, the others run sessions and pools
+            if p != pid:
+                name = "child processes"
+            else:
+                name = "main thread (event loop)" if t == str(p) else "other threads (session, pools)"
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def wrk(url: str, body: bytes, conns: int, seconds: float, work: Path, pid: int | None = None) -> dict[str, Any]:
     lua = work / "post.lua"
     lua.write_text(
         'wrk.method = "POST"\n'
@@ -224,7 +256,11 @@ def wrk(url: str, body: bytes, conns: int, seconds: float, work: Path) -> dict[s
         f'wrk.headers["Authorization"] = "Bearer {KEY}"\n'
     )
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--latency", "-s", str(lua), url]
+    before = _cpu_by_thread(pid) if pid else {}
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after = _cpu_by_thread(pid) if pid else {}
 
     def ms(label: str) -> float:
         m = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
@@ -237,7 +273,9 @@ def wrk(url: str, body: bytes, conns: int, seconds: float, work: Path) -> dict[s
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(int(g) for g in sock.groups()) if sock else 0)
-    return {"rps": rps, "p50": ms("50%"), "p99": ms("99%"), "errors": errors, "requests": total}
+    cpu = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0.01 * seconds}
+    cpu["wrk (load generator)"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return {"rps": rps, "p50": ms("50%"), "p99": ms("99%"), "errors": errors, "requests": total, "cpu": cpu}
 
 
 def main() -> int:
@@ -295,7 +333,7 @@ def main() -> int:
             wrk(url + path, body, 4, 2, work)  # warm-up
         for c in conns:  # servers take turns per level, so drift on the shared machine hits all alike
             for label, (_, url, path) in servers.items():
-                rows.setdefault(label, {})[c] = wrk(url + path, body, c, args.seconds, work)
+                rows.setdefault(label, {})[c] = wrk(url + path, body, c, args.seconds, work, servers[label][0].pid)
     finally:
         stop(servers)
 
@@ -306,6 +344,13 @@ def main() -> int:
         cells = "".join(f"{r[c]['rps']:>16.0f}{r[c]['p50']:>10.2f}{r[c]['p99']:>10.2f}{r[c]['errors']:>8d}" for c in conns)
         print(f"{label:<30}{cells}{r[conns[0]]['p50'] - bare:>17.2f}")
     top = max(conns)
+    print(f"\nwhere the time goes at c={top}: CPU ms per request, by thread (server process and its children; wrk)")
+    for label, r in rows.items():
+        cpu = r[top]["cpu"]
+        per = {k: v * 1e3 / max(1, r[top]["requests"]) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])}
+        total = sum(v for k, v in per.items() if not k.startswith("wrk"))
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in per.items())
+        print(f"  {label:<28} server {total:.3f} ms/request: {parts}")
     peers = {k: v for k, v in rows.items() if not k.startswith("keiryo")}
     best_peer = max(peers, key=lambda k: peers[k][top]["rps"])
     ratio = rows["keiryo batched"][top]["rps"] / peers[best_peer][top]["rps"]
