@@ -1,7 +1,8 @@
 """Open Inference Protocol v2 (REST) request parsing and response building, JSON and binary tensor extension.
 
 Pure functions over bytes and numpy arrays; the app maps :class:`ProtocolError` to HTTP 400.
-Imports the standard library and numpy only: the parse worker (``_parse_worker.py``) loads this file by path.
+Imports the standard library and numpy only (and orjson when installed): the parse worker
+(``_parse_worker.py``) loads this file by path.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+try:  # the serve extra's JSON parser: 5-10x faster on arrays of numbers than json (117 -> ~15 us for 256
+    # floats), and stricter (no NaN/Infinity literals, nesting capped at 1,024, numbers past a double refused)
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - the standard library's parser, with the same checks after it
+    _loads = json.loads
 
 HEADER = "inference-header-content-length"
 
@@ -113,7 +120,7 @@ def parse_request(body: bytes, header_length: str | None, expected: dict[str, di
     else:
         head, binary = body, b""
     try:
-        req = json.loads(head)
+        req = _loads(head)
     except (ValueError, RecursionError) as e:  # bad JSON, an integer of 4,300+ digits, nesting past the stack
         raise ProtocolError(f"request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from e
     req = _obj(req, "request")

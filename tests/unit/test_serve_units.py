@@ -216,7 +216,7 @@ def test_the_worker_parses_like_the_loop_and_refuses_like_it():
     assert got.id == "big" and got.inputs["input"].dtype == np.float32
     np.testing.assert_array_equal(got.inputs["input"], want.inputs["input"])
     np.testing.assert_array_equal(got_bin.inputs["input"], np.arange(4, dtype=np.float32).reshape(2, 2))
-    assert "RecursionError" in errors[0] and "unknown input 'nope'" in errors[1] and "not valid JSON" in errors[2]
+    assert "depth limit exceeded" in errors[0] and "unknown input 'nope'" in errors[1] and "not valid JSON" in errors[2]
     assert used == 0
 
 
