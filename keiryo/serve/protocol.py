@@ -18,7 +18,7 @@ try:  # the serve extra's JSON parser: 5-10x faster on arrays of numbers than js
     # floats), and stricter (no NaN/Infinity literals, nesting capped at 1,024, numbers past a double refused)
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover - the standard library's parser, with the same checks after it
-    _loads = json.loads
+    _loads = json.loads  # type: ignore[assignment]
 
 HEADER = "inference-header-content-length"
 
