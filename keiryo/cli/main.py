@@ -259,7 +259,7 @@ def compress(
             "measured on (recipes that name none)"
         ),
     ] = "onnx",
-    max_drop: MaxDropOpt = 1.0,
+    max_drop: MaxDropOpt = None,
     constraint: Annotated[Optional[list[str]], typer.Option(help="extra constraint 'metric<=bound' (repeatable)")] = None,
     task: TaskOpt = "auto",
     task_opt: TaskOpts = None,
@@ -291,14 +291,22 @@ def compress(
     from keiryo.pipeline import load_recipe
 
     recipes = [load_recipe(r, target=target) for r in recipe]
-    constraints = _budget(max_drop, task, task_opt) + [parse_constraint(c) for c in constraint or []]
+    if max_drop is not None:  # an explicit budget: int8 escalates to it (int8-auto), int8-auto steps take it
+        from keiryo.pipeline.recipe import with_budget
+
+        for i, r in enumerate(recipes):
+            recipes[i], note = with_budget(r, max_drop)
+            if note:
+                _console().print(f"note: {note}", highlight=False)
+    drop_budget = 1.0 if max_drop is None else max_drop  # the default budget does not change recipes
+    constraints = _budget(drop_budget, task, task_opt) + [parse_constraint(c) for c in constraint or []]
     opts = _bench_opts(threads, iterations, parity_tolerance, no_parity_check, seed, batch_size, device)
     if dry_run:
         typer.echo(yaml.safe_dump([r.to_dict() for r in recipes], sort_keys=False).rstrip())
         return
     handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt, eval_size, calib_size)
     splits = calibration(splits, handle, calib_data, calib_size, seed)
-    constraints = _retarget_budget(constraints, t, max_drop)
+    constraints = _retarget_budget(constraints, t, drop_budget)
     results = run_compress(handle, splits, recipes, out, constraints=constraints, opts=opts, overwrite=overwrite, task=t)
     _print_results(results, out)
     if require_met and results.get("best") is None:

@@ -7,7 +7,9 @@ The rungs, cheapest first (each a complete int8 file, measured on onnxruntime ag
 2. ``mse``: least-error, clip-aware activation ranges (:mod:`keiryo.passes.quantize_ranges`);
 3. ``bias_correction``: mse ranges + bias correction against the int8 model's own inputs;
 4. ``gptq``: mse ranges + Hessian-aware weight rounding + bias correction (:mod:`keiryo.passes.quantize_rounding`);
-5. ``fallback``: the gptq rung with the most sensitive layers kept float, one at a time
+5. ``precision``: the gptq rung with float graph outputs and 16-bit activations on the 4 tensors whose int8
+   rounding alone costs the most output error (measured: :mod:`keiryo.passes.quantize_precision`);
+6. ``fallback``: the gptq rung with the most sensitive layers kept float, one at a time
    (:mod:`keiryo.passes.quantize_fallback`), until the budget is met or ``max_float_layers``.
 
 The first rung that meets ``max_accuracy_drop`` is the result. Every attempt is kept in the pass's info
@@ -34,12 +36,19 @@ from keiryo.passes import PassContext, PassResult, register_pass
 from keiryo.passes.quantize_fallback import Int8FallbackConfig, _val_metrics, fallback_search
 from keiryo.passes.quantize_ort import Int8StaticConfig, calibration_data, finish, preprocess, quantize_int8_static
 
-Rung = Literal["ptq", "mse", "bias_correction", "gptq", "fallback"]
+Rung = Literal["ptq", "mse", "bias_correction", "gptq", "precision", "fallback"]
 RUNGS: dict[str, dict[str, Any]] = {
     "ptq": {},
     "mse": {"calibration": "mse"},
     "bias_correction": {"calibration": "mse", "bias_correction": "full"},
     "gptq": {"calibration": "mse", "rounding": "gptq", "bias_correction": "full"},
+    "precision": {
+        "calibration": "mse",
+        "rounding": "gptq",
+        "bias_correction": "full",
+        "float_outputs": True,
+        "wide_activations": 4,
+    },
     # the per-layer search quantizes many times: bias correction on fp32 inputs, computed once and cached
     "fallback": {"calibration": "mse", "rounding": "gptq", "bias_correction": "weights"},
 }
@@ -97,7 +106,11 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                     rec["float_layers"] = fb_info["float_layers"]
                     drop = fb_info["val_drop_pt"]
                 else:
-                    quantize_int8_static(src, dst, x_cal, qcfg, cache=tdp / f"{rung}.ranges.json")
+                    chosen_here: dict[str, Any] = {}
+                    # precision adds to gptq's file: the same ranges and rounded weights (cached beside them)
+                    ranges = tdp / f"{'gptq' if rung == 'precision' else rung}.ranges.json"
+                    quantize_int8_static(src, dst, x_cal, qcfg, cache=ranges, report=chosen_here)
+                    rec.update(chosen_here)
                     drop = float(task.drop(ref, _val_metrics(dst, val, task, ref_outs, ctx.threads)[0]))
                 rec.update(
                     status="ok",

@@ -53,6 +53,15 @@ class Int8StaticConfig(KeiryoConfig):
         "or full (against the int8 model's own inputs too: upstream activation error is corrected)",
     )
     rounding_samples: int = Field(128, ge=1, description="calibration samples the rounding and bias correction read")
+    float_outputs: bool = Field(
+        False, description="the graph outputs (logits, embeddings) leave the last int8 layer in float, not on a 256-level grid"
+    )
+    wide_activations: int = Field(
+        0,
+        ge=0,
+        description="this many activations, those whose int8 rounding alone costs the most output error on the "
+        "calibration inputs (measured), get 16-bit activations; their consumers run in float",
+    )
 
 
 class Int8DynamicConfig(KeiryoConfig):
@@ -106,8 +115,10 @@ def quantize_int8_static(
     exclude: list[str] | None = None,
     include: list[str] | None = None,
     cache: Path | None = None,
+    report: dict[str, Any] | None = None,
 ) -> None:
-    """int8 static quantization of ``src`` into ``out`` (QDQ); ``x`` feeds every named input; ``cache`` reuses ranges."""
+    """int8 static quantization of ``src`` into ``out`` (QDQ); ``x`` feeds every named input; ``cache`` reuses ranges;
+    ``report`` receives what the per-tensor precision options chose (``wide_activations``, ``float_outputs``)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 
     n = len(next(iter(x.values())))
@@ -151,6 +162,14 @@ def quantize_int8_static(
                 # KL search has one candidate (the full range): the same ranges as minmax. Compute them with
                 # cfg.entropy_bins here and hand them over as a calibration cache.
                 cache = entropy_ranges(src, Reader(), cfg, cache or Path(td) / "entropy.json", Path(td))
+            if cfg.wide_activations:
+                cache = cache or Path(td) / "ranges.json"
+                if not cache.is_file():  # the ranges the sensitivity is measured with: quantize_static reads them too
+                    from keiryo.passes.quantize_ranges import minmax_ranges
+
+                    minmax_ranges(src, Reader, cfg.op_types, cache, Path(td))
+                wide = widest(src, cache, x, cfg, report)
+                extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}), **wide}
             if cfg.bias_correction == "full":
                 from keiryo.passes.quantize_rounding import correct_biases_on_int8_inputs
 
@@ -159,9 +178,40 @@ def quantize_int8_static(
                 rows = min(cfg.rounding_samples, n)
                 correct_biases_on_int8_inputs(fp32_src, src, out, {k: v[:rows] for k, v in x.items()})
             run_quantize_static(src, out, Reader, method, cfg, exclude, include, extra, cache)
+            if cfg.float_outputs:
+                from keiryo.passes.quantize_precision import float_graph_outputs
+
+                freed = float_graph_outputs(out)
+                if report is not None:
+                    report["float_outputs"] = freed
         except Exception as e:
             out.unlink(missing_ok=True)
             raise PassError(f"int8 static quantization failed on {src.name}: {type(e).__name__}: {first_line(e, 300)}") from e
+
+
+def widest(
+    src: Path, cache: Path, x: dict[str, np.ndarray], cfg: Int8StaticConfig, report: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The 16-bit overrides of the ``cfg.wide_activations`` most sensitive activations (ranking cached beside ``cache``)."""
+    import json
+
+    from keiryo.passes.quantize_precision import _ranges, activation_sensitivity, wide_overrides
+
+    ranking_file = cache.with_suffix(".sensitivity.json")
+    if ranking_file.is_file():
+        ranking = json.loads(ranking_file.read_text())
+    else:
+        ranking = activation_sensitivity(src, _ranges(cache), x, signed=cfg.activation_type == "int8")
+        ranking_file.write_text(json.dumps(ranking))
+    if cfg.float_outputs:  # those stay float anyway: widening them would waste a slot
+        import onnx
+
+        outs = {o.name for o in onnx.load(str(src), load_external_data=False).graph.output}
+        ranking = [r for r in ranking if r[0] not in outs]
+    chosen = [name for name, _ in ranking[: cfg.wide_activations]]
+    if report is not None:
+        report["wide_activations"] = chosen
+    return wide_overrides(src, chosen)
 
 
 def run_quantize_static(
@@ -266,9 +316,10 @@ def calibration_data(ctx: PassContext, cfg: Int8StaticConfig, what: str) -> dict
 def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> PassResult:
     x = calibration_data(ctx, cfg, "quantize.int8_static")
     out = ctx.out_path("int8_static", ".onnx")
+    chosen: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as td:
         src = preprocess(model.path, Path(td) / "pre.onnx") if cfg.preprocess else model.path
-        quantize_int8_static(src, out, x, cfg)
+        quantize_int8_static(src, out, x, cfg, report=chosen)
     info = {
         "calibration": cfg.calibration,
         "calib_samples": int(len(next(iter(x.values())))),
@@ -278,6 +329,7 @@ def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> Pas
         "excluded_nodes": list(cfg.exclude_nodes),
         "rounding": cfg.rounding,
         "bias_correction": cfg.bias_correction,
+        **chosen,
     }
     return finish(model, out, info)
 

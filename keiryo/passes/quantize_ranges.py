@@ -110,3 +110,16 @@ def mse_ranges(
         data[k] = TensorData(lowest=np.float32(clo), highest=np.float32(chi))
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
     return cache
+
+
+def minmax_ranges(src: Path, reader: Callable[[], Any], op_types: list[str] | None, cache: Path, workdir: Path) -> Path:
+    """onnxruntime's own MinMax ranges of ``src``'s quantized activations, saved as a calibration cache."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    cal = create_calibrator(
+        src, op_types or [], augmented_model_path=str(workdir / "augmented-mm.onnx"), calibrate_method=CalibrationMethod.MinMax
+    )
+    cal.collect_data(reader())
+    save_tensors_data(cal.compute_data(), cache)
+    return cache

@@ -106,7 +106,7 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     },
     "int8-auto": {
         "description": "int8 PTQ escalated (minmax, mse, bias correction, GPTQ, float fallback) until val drop <= 0.5 pt",
-        "steps": [_q("quantize.int8_auto", max_accuracy_drop=0.5)],
+        "steps": [_q("quantize.int8_auto")],  # the budget: the step's own, else --max-drop, else 0.5
     },
     "qat": {
         "description": "quantization-aware fine-tuning, then int8 static",
@@ -203,6 +203,22 @@ def retarget(steps: list[dict[str, Any]], target: str, where: str) -> list[dict[
 
 def builtin_names(target: str = "onnx") -> list[str]:
     return list(dict.fromkeys([*BUILTIN_RECIPES, *TARGET_RECIPES.get(target, {})]))
+
+
+def with_budget(recipe: Recipe, max_drop: float) -> tuple[Recipe, str | None]:
+    """A recipe under an explicit fidelity budget (``--max-drop``): the built-in ``int8`` on ONNX becomes
+    ``int8-auto`` at that budget (escalating until it is met), and ``quantize.int8_auto`` steps that name no
+    ``max_accuracy_drop`` take it. Returns the recipe and a note saying what changed (None when nothing did)."""
+    if recipe.name == "int8" and recipe.target == "onnx" and recipe.to_dict()["steps"] == load_recipe("int8").to_dict()["steps"]:
+        auto = load_recipe("int8-auto")
+        auto.steps[0].params["max_accuracy_drop"] = max_drop
+        return auto, f"recipe int8 with a budget (--max-drop {max_drop}) runs as int8-auto"
+    changed = False
+    for s in recipe.steps:
+        if s.type == "quantize.int8_auto" and "max_accuracy_drop" not in s.params:
+            s.params["max_accuracy_drop"] = max_drop
+            changed = True
+    return recipe, f"recipe {recipe.name}: int8-auto budget {max_drop} from --max-drop" if changed else None
 
 
 def load_recipe(ref: str | dict[str, Any], target: str | None = None) -> Recipe:

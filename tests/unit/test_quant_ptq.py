@@ -192,3 +192,69 @@ def test_doctor_quant_ranks_every_layer_and_names_a_fix(digits):
     drops = list(rep["drop_one_layer_int8"].values())
     assert len(drops) == 3 and drops == sorted(drops, reverse=True)  # stem, depthwise, head; worst first
     assert rep["metric"] == "accuracy_drop" and rep["predicted_fix"]
+
+
+def test_float_outputs_keep_int8_layers_and_leave_the_logits_unrounded(cancelling, digits, tmp_path):
+    fp32, pre = cancelling
+    x = digits.calib.numpy()
+    report: dict = {}
+    quantize_int8_static(pre, tmp_path / "q.onnx", x, Int8StaticConfig(float_outputs=True), report=report)
+    assert report["float_outputs"] == ["logits"]
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    producer = {o: n for n in q.graph.node for o in n.output}
+    assert producer["logits"].op_type == "Gemm"  # no QuantizeLinear/DequantizeLinear after the last layer
+    assert sum(n.op_type == "DequantizeLinear" for n in q.graph.node) >= 6  # the layers themselves stay int8
+    quantize_int8_static(pre, tmp_path / "r.onnx", x, Int8StaticConfig())
+    ref = outputs(fp32.path, digits.test)
+    err = {p: np.abs(outputs(tmp_path / p, digits.test) - ref).mean() for p in ("q.onnx", "r.onnx")}
+    assert err["q.onnx"] <= err["r.onnx"] * 1.05
+
+
+def test_wide_activations_go_to_the_measured_worst_tensor(cancelling, digits, tmp_path):
+    from keiryo.passes.quantize_precision import _ranges, activation_sensitivity
+
+    fp32, pre = cancelling
+    x = digits.calib.numpy()
+    report: dict = {}
+    cfg = Int8StaticConfig(wide_activations=1, float_outputs=True)
+    quantize_int8_static(pre, tmp_path / "w.onnx", x, cfg, cache=tmp_path / "r.json", report=report)
+    ranking = activation_sensitivity(pre, _ranges(tmp_path / "r.json"), x, signed=False)
+    worst = [n for n, _ in ranking if n != "logits"][0]
+    assert report["wide_activations"] == [worst]
+    assert ranking == sorted(ranking, key=lambda r: -r[1]) and all(e >= 0 for _, e in ranking)
+    q = onnx.load(str(tmp_path / "w.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    wide = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and inits[n.input[2]].dtype == np.uint16]
+    assert wide, "the chosen tensor is quantized to 16 bits"
+    quantize_int8_static(pre, tmp_path / "n.onnx", x, Int8StaticConfig(float_outputs=True))
+    ref = outputs(fp32.path, digits.test)
+    err = {p: np.abs(outputs(tmp_path / p, digits.test) - ref).mean() for p in ("w.onnx", "n.onnx")}
+    assert err["w.onnx"] < err["n.onnx"]
+
+
+def test_an_explicit_budget_turns_int8_into_int8_auto_at_that_budget():
+    from keiryo.pipeline.recipe import with_budget
+
+    auto, note = with_budget(load_recipe("int8"), 0.3)
+    assert auto.name == "int8-auto" and auto.steps[0].params["max_accuracy_drop"] == 0.3 and "int8-auto" in note
+    same, note = with_budget(load_recipe("int8-auto"), 0.2)  # a built-in int8-auto names no budget of its own
+    assert same.steps[0].params["max_accuracy_drop"] == 0.2 and note
+    own = load_recipe({"name": "mine", "steps": [{"type": "quantize.int8_auto", "params": {"max_accuracy_drop": 2.0}}]})
+    assert with_budget(own, 0.2)[0].steps[0].params["max_accuracy_drop"] == 2.0  # the recipe's own budget wins
+    tflite = load_recipe("int8", target="tflite")
+    assert with_budget(tflite, 0.3) == (tflite, None)  # no int8-auto on LiteRT: int8 stays int8
+    mse = load_recipe("int8-mse")
+    assert with_budget(mse, 0.3) == (mse, None)
+
+
+def test_compress_dry_run_shows_int8_escalating_only_with_an_explicit_budget():
+    from typer.testing import CliRunner
+
+    from keiryo.cli.main import app
+
+    r = CliRunner().invoke(app, ["compress", "-m", "mobilenetv2", "-r", "int8", "-o", "x", "--max-drop", "0.3", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "quantize.int8_auto" in r.output and "max_accuracy_drop: 0.3" in r.output
+    r = CliRunner().invoke(app, ["compress", "-m", "mobilenetv2", "-r", "int8", "-o", "x", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "quantize.int8_static" in r.output and "int8_auto" not in r.output
