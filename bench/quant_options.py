@@ -34,7 +34,12 @@ OPTIONS = {
     "mse": {"calibration": "mse"},
     "mse + bias correction (full)": {"calibration": "mse", "bias_correction": "full"},
     "mse + gptq + bias correction (`int8-gptq`)": {"calibration": "mse", "rounding": "gptq", "bias_correction": "full"},
-}
+    "`int8-gptq` + float outputs": {"calibration": "mse", "rounding": "gptq", "bias_correction": "full", "float_outputs": True},
+    "`int8-gptq` + float outputs + 1 wide activation": {"calibration": "mse", "rounding": "gptq", "bias_correction": "full",
+                                                        "float_outputs": True, "wide_activations": 1},
+    "`int8-gptq` + float outputs + 2 wide activations": {"calibration": "mse", "rounding": "gptq", "bias_correction": "full",
+                                                         "float_outputs": True, "wide_activations": 2},
+}  # fmt: skip
 WEIGHTS_ONLY = {"nearest": ("nearest", "off"), "nearest + bias": ("nearest", "weights"), "gptq": ("gptq", "off"),
                 "gptq + bias": ("gptq", "weights")}  # fmt: skip
 
