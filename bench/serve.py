@@ -23,7 +23,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,9 @@ from typing import Any
 import httpx
 import numpy as np
 from _checks import report
+from _serving import bare_p50_ms, publish_demo
 
 from keiryo.machine import cpu
-from keiryo.packages import keygen, package, read_manifest
-from keiryo.packages.store import PackageStore
-from keiryo.runtime import open_session
 
 KEY = "bench-key-0123456789abcdef"
 
@@ -156,31 +153,11 @@ def main() -> int:
     ap.add_argument("--soak", type=float, default=0.0, help="soak seconds at concurrency 32 with batching (0: skip)")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="keiryo-bench-serve-"))
-    priv, pub = keygen(work / "key.pem")
-    pkg = package(args.reuse, name="demo", version="1", private_key=priv, out=work / "pkg", candidate=args.candidate)
-    store = PackageStore(work / "registry")
-    store.push(pkg, pub)
-    store.promote("demo", "1", "production")
     # the package's I/O, as the model describes it (digits: one FP32 input "image" -> "logits")
-    manifest = read_manifest(pkg)
-    inp, outp = manifest["inputs"], manifest["outputs"]
-    if len(inp) != 1 or inp[0]["datatype"] != "FP32":
-        raise SystemExit(f"this load test sends one FP32 input; the package takes {[(t['name'], t['datatype']) for t in inp]}")
-    shape = [1, *(d if d > 0 else 1 for d in inp[0]["shape"][1:])]
-    x = np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)
-    body, headers = binary_request(x, inp[0]["name"], outp[0]["name"])
-    feed = {inp[0]["name"]: x}
-
-    with open_session("onnxruntime", pkg / manifest["model_file"], args.threads) as s:
-        for _ in range(200):
-            s.run(feed)
-        ts = []
-        for _ in range(2000):
-            t = time.perf_counter()
-            s.run(feed)
-            ts.append(time.perf_counter() - t)
-    bare = statistics.median(ts) * 1000
+    demo = publish_demo(args.reuse, args.candidate, "serve")
+    work, pub, x = demo.work, demo.pub, demo.x
+    body, headers = binary_request(x, demo.input["name"], demo.manifest["outputs"][0]["name"])
+    bare = bare_p50_ms(demo.model, {demo.input["name"]: x}, args.threads)
 
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     rows: dict[tuple[str, int], dict[str, float]] = {}

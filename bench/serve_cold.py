@@ -15,26 +15,18 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from _serving import publish_demo
 
-from keiryo.packages import keygen, package
-from keiryo.packages.store import PackageStore
+from keiryo.testing.live import free_port
 
 KEY = "bench-cold-start-key-0123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -43,21 +35,15 @@ def main() -> int:
     ap.add_argument("--candidate", default="int8")
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="keiryo-bench-serve-cold-"))
-    priv, pub = keygen(work / "key.pem")
-    pkg = package(args.reuse, name="demo", version="1", private_key=priv, out=work / "pkg", candidate=args.candidate)
-    store = PackageStore(work / "registry")
-    store.push(pkg, pub)
-    store.promote("demo", "1", "production")
-    inp = json.loads((pkg / "keiryo.json").read_text())["inputs"][0]
-    shape = [1, *(d if d > 0 else 1 for d in inp["shape"][1:])]
+    demo = publish_demo(args.reuse, args.candidate, "serve-cold")
+    work, pub, inp, shape, registry = demo.work, demo.pub, demo.input, demo.shape, demo.registry
     body = json.dumps({"inputs": [{"name": inp["name"], "datatype": "FP32", "shape": shape, "data": [0.0] * math.prod(shape)}]})
     exe = str(Path(sys.executable).with_name("keiryo"))
     times = []
     for i in range(args.runs):
-        port = _free_port()
-        cmd = [exe, "serve", "--registry", str(store.root), "--model", "demo@production", "--public-key", str(pub)]
-        cmd += ["--trusted-root", str(store.root / "tuf" / "1.root.json"), "--tuf-cache", str(work / f"cache{i}")]
+        port = free_port()
+        cmd = [exe, "serve", "--registry", str(registry), "--model", "demo@production", "--public-key", str(pub)]
+        cmd += ["--trusted-root", str(registry / "tuf" / "1.root.json"), "--tuf-cache", str(work / f"cache{i}")]
         cmd += ["--port", str(port), "--poll-s", "0"]
         t0 = time.perf_counter()
         proc = subprocess.Popen(

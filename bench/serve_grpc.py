@@ -25,18 +25,16 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from _checks import report
+from _serving import publish_demo
 from serve import KEY, binary_request, closed_loop, run
 
 from keiryo.machine import cpu
-from keiryo.packages import keygen, package, read_manifest
-from keiryo.packages.store import PackageStore
 from keiryo.runtime import open_session
 
 
@@ -126,16 +124,9 @@ def main() -> int:
     from keiryo.serve._oip import grpc_predict_v2_pb2 as pb
     from keiryo.serve._oip import grpc_predict_v2_pb2_grpc as pb_grpc
 
-    work = Path(tempfile.mkdtemp(prefix="keiryo-bench-grpc-"))
-    priv, pub = keygen(work / "key.pem")
-    pkg = package(args.reuse, name="demo", version="1", private_key=priv, out=work / "pkg", candidate=args.candidate)
-    store = PackageStore(work / "registry")
-    store.push(pkg, pub)
-    store.promote("demo", "1", "production")
-    manifest = read_manifest(pkg)
-    inp, outp = manifest["inputs"][0], manifest["outputs"][0]
-    shape = [1, *(d if d > 0 else 1 for d in inp["shape"][1:])]
-    x = np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)
+    demo = publish_demo(args.reuse, args.candidate, "grpc")
+    work, pub, pkg, manifest, inp, x = demo.work, demo.pub, demo.pkg, demo.manifest, demo.input, demo.x
+    outp = manifest["outputs"][0]
 
     with open_session("onnxruntime", pkg / manifest["model_file"], args.threads) as s:
         feed = {inp["name"]: x}

@@ -24,17 +24,14 @@ import resource
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import httpx
-import numpy as np
 from _checks import cpu_line, report
+from _serving import publish_demo
 
-from keiryo.packages import keygen, package, read_manifest
-from keiryo.packages.store import PackageStore
 from keiryo.testing.live import free_port
 
 KEY = "bench-key-0123456789abcdef"
@@ -130,16 +127,9 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))  # 1,000 sockets here, as many there
 
-    work = Path(tempfile.mkdtemp(prefix="keiryo-bench-hostile-"))
-    priv, pub = keygen(work / "key.pem")
-    pkg = package(args.reuse, name="demo", version="1", private_key=priv, out=work / "pkg", candidate="int8")
-    store = PackageStore(work / "registry")
-    store.push(pkg, pub)
-    store.promote("demo", "1", "production")
-    m = read_manifest(pkg)
-    inp = m["inputs"][0]
-    shape = [1, *(d if d > 0 else 1 for d in inp["shape"][1:])]
-    raw = np.random.default_rng(0).uniform(0, 1, shape).astype("<f4").tobytes()
+    demo = publish_demo(args.reuse, "int8", "hostile")
+    work, pub, inp, shape = demo.work, demo.pub, demo.input, demo.shape
+    raw = demo.x.astype("<f4").tobytes()
     head = json.dumps(
         {"inputs": [{"name": inp["name"], "shape": shape, "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}]}
     )
@@ -151,7 +141,7 @@ def main() -> int:
         str(Path(sys.executable).with_name("keiryo")),
         "serve",
         "--registry",
-        str(work / "registry"),
+        str(demo.registry),
         "--model",
         "demo@production",
     ]

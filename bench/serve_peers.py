@@ -23,21 +23,16 @@ import os
 import re
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 from _checks import cpu_line, report
+from _serving import bare_p50_ms, publish_demo
 
-from keiryo.packages import keygen, package, read_manifest
-from keiryo.packages.store import PackageStore
-from keiryo.runtime import open_session
 from keiryo.testing.live import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,32 +291,15 @@ def main() -> int:
     if missing or shutil.which("wrk") is None:
         raise SystemExit(f"missing peer environments {missing} or wrk: run with --setup (and apt-get install wrk)")
 
-    work = Path(tempfile.mkdtemp(prefix="keiryo-bench-peers-"))
-    priv, pub = keygen(work / "key.pem")
-    pkg = package(args.reuse, name="demo", version="1", private_key=priv, out=work / "pkg", candidate=args.candidate)
-    store = PackageStore(work / "registry")
-    store.push(pkg, pub)
-    store.promote("demo", "1", "production")
-    manifest = read_manifest(pkg)
-    inp = manifest["inputs"][0]
-    shape = [1, *(d if d > 0 else 1 for d in inp["shape"][1:])]
-    x = np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)
+    demo = publish_demo(args.reuse, args.candidate, "peers")
+    work, pub, inp, shape, x, model = demo.work, demo.pub, demo.input, demo.shape, demo.x, demo.model
     body = json.dumps(
         {"inputs": [{"name": inp["name"], "shape": shape, "datatype": "FP32", "data": x.ravel().tolist()}]}
     ).encode()
-    model = pkg / manifest["model_file"]
-    with open_session("onnxruntime", model, args.threads) as s:
-        for _ in range(200):
-            s.run({inp["name"]: x})
-        ts = []
-        for _ in range(2000):
-            t = time.perf_counter()
-            s.run({inp["name"]: x})
-            ts.append(time.perf_counter() - t)
-    bare = statistics.median(ts) * 1e3
+    bare = bare_p50_ms(model, {inp["name"]: x}, args.threads)
 
     conns = [int(c) for c in args.conns.split(",")]
-    servers = start_peers(work, model, args.threads, work / "registry", pub)
+    servers = start_peers(work, model, args.threads, demo.registry, pub)
     rows: dict[str, dict[int, dict[str, float]]] = {}
     try:
         for label, (_, url, path) in servers.items():  # every server answers the same request first

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,17 +23,12 @@ from keiryo.packages.store import PackageStore  # noqa: E402
 from keiryo.serve import ServeSettings, create_app  # noqa: E402
 from keiryo.serve._oip import grpc_predict_v2_pb2 as pb  # noqa: E402
 from keiryo.serve._oip import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
+from keiryo.testing.live import free_port  # noqa: E402
 
 API = "grpc-inference-key-0123456789"
 ADMIN = "grpc-admin-key-0123456789abc"
 AUTH = (("authorization", f"Bearer {API}"),)
 ADMIN_AUTH = (("authorization", f"Bearer {ADMIN}"),)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +56,7 @@ def live(signed, tmp_path_factory):
         max_queue_delay_ms=5,
     )
     app = create_app(store, settings)
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **uvicorn_options(settings))
     )
@@ -339,7 +333,7 @@ def test_keiryo_serve_grpc_port_with_mutual_tls(live, digits, tmp_path):
     from pathlib import Path
 
     certs = _certs(tmp_path)
-    port, gport = _free_port(), _free_port()
+    port, gport = free_port(), free_port()
     signed = live["signed"]
     cmd = [str(Path(sys.executable).parent / "keiryo"), "serve", "--registry", str(live["store"].root), "--model", "tiny@1.0.0"]
     cmd += ["--public-key", str(signed["pub"]), "--port", str(port), "--grpc-port", str(gport), "--poll-s", "0"]

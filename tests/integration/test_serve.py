@@ -19,46 +19,10 @@ from keiryo.packages import keygen, package
 from keiryo.packages.store import PackageStore
 from keiryo.runtime import open_session
 from keiryo.serve import ServeSettings, create_app
+from keiryo.testing.live import LiveServer, free_port
 
 API = "inference-key-0123456789"
 ADMIN = "admin-key-0123456789abc"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """The app under uvicorn with the options ``keiryo serve`` uses (connection deadlines and cap)."""
-
-    def __init__(self, app, port: int):
-        import uvicorn
-
-        from keiryo.serve.app import uvicorn_options
-
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        opts = uvicorn_options(app.server.settings)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **opts))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("server did not become ready")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +48,7 @@ def world(tiny_results, tmp_path_factory):
         body_timeout_s=1.0,
     )
     app = create_app(store, settings)
-    with LiveServer(app, _free_port()) as srv:
+    with LiveServer(app, free_port()) as srv:
         yield {"srv": srv, "store": store, "app": app, "pub": pub, "dir": d}
 
 
@@ -336,7 +300,7 @@ def test_keiryo_serve_exits_cleanly_on_sigterm_with_every_access_line_written(wo
     import sys
     from pathlib import Path
 
-    port = _free_port()
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / "keiryo"), "serve", "--registry", str(world["store"].root)]
     cmd += ["--model", "tiny@production", "--public-key", str(world["pub"]), "--port", str(port), "--poll-s", "0"]
     proc = subprocess.Popen(cmd, env={**os.environ, "KEIRYO_API_KEYS": API}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -490,7 +454,7 @@ def test_a_text_model_with_int64_token_inputs_is_served(tmp_path):
     x = {k: v[:3] for k, v in data.test.numpy().items()}
     with open_session("onnxruntime", pkg / manifest["model_file"]) as s:
         want = s.run(x)[0]
-    with LiveServer(app, _free_port()) as srv:
+    with LiveServer(app, free_port()) as srv:
         c = httpclient.InferenceServerClient(url=f"127.0.0.1:{srv.port}")
         meta = c.get_model_metadata("text", headers=dict(H))
         assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("input_ids", "INT64"), ("attention_mask", "INT64")]
@@ -627,7 +591,7 @@ def test_tls_and_mutual_tls(world, tmp_path):
     ca = _cert(tmp_path, "ca", ca=True)
     _cert(tmp_path, "server", ca)
     _cert(tmp_path, "client", ca)
-    port = _free_port()
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / "keiryo"), "serve", "--registry", str(world["store"].root), "--model", "tiny@1.0.0"]
     cmd += ["--public-key", str(world["pub"]), "--port", str(port), "--poll-s", "0", "--tuf-cache", str(tmp_path / "cache")]
     cmd += ["--ssl-certfile", str(tmp_path / "server.crt"), "--ssl-keyfile", str(tmp_path / "server.key")]
@@ -711,7 +675,7 @@ def test_a_big_json_body_is_parsed_off_the_loop_and_big_bodies_past_the_cap_get_
     x = np.tile(x, (-(-rows // len(x)), 1, 1, 1))[:rows]
     body = json.dumps({**_good(x), "parameters": {"binary_data_output": True}}).encode()  # a cheap answer
     assert 10 * 2**20 < len(body) < 12 * 2**20
-    port = _free_port()
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / "keiryo"), "serve", "--registry", str(world["store"].root), "--model", "tiny@1.0.0"]
     cmd += ["--public-key", str(world["pub"]), "--port", str(port), "--poll-s", "0", "--tuf-cache", str(tmp_path / "cache")]
     cmd += ["--body-limit-mb", "12", "--parse-in-flight-mb", f"{len(body) * 1.5 / 2**20:.3f}"]  # one big body at a time
@@ -798,7 +762,7 @@ def test_drift_gauges_move_with_shifted_traffic_and_the_crossing_is_logged_once(
     x = digits.test.inputs["image"].numpy()
     assert len(x) >= 300
     caplog.set_level(logging.WARNING, logger="keiryo.serve")
-    with LiveServer(create_app(world["store"], settings), _free_port()) as srv, httpx.Client(base_url=srv.url, headers=H) as c:
+    with LiveServer(create_app(world["store"], settings), free_port()) as srv, httpx.Client(base_url=srv.url, headers=H) as c:
 
         def send(rows):
             for i in range(0, len(rows), 30):
