@@ -254,10 +254,9 @@ def test_no_session_or_a_bad_key_shows_the_sign_in_never_a_blank_page(browser, w
         assert API not in pg.content()
         # an expired or forged session: the next request is a 401 and the page asks to sign in again
         ctx.add_cookies([{"name": "keiryo_app", "value": "1.forged", "url": world["url"]}])
-        pg.evaluate("() => window.keiryoApp.engine.infer(new Float32Array(64)).catch((e) => e.status)")
         assert pg.evaluate("() => window.keiryoApp.engine.infer(new Float32Array(64)).then(() => 200, (e) => e.status)") == 401
-        pg.select_option("#model", "digits@staging")  # any call now fails with 401 -> the sign-in form
-        pg.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        pg.wait_for_selector("#login:not([hidden])", timeout=10_000)  # the model list's next poll: 401 -> sign in
+        assert "Session refused" in pg.inner_text("#login-reason") and pg.locator("#main").is_hidden()
         _shot(pg, "app-sign-in")
     finally:
         ctx.close()
