@@ -582,6 +582,9 @@ def serve(
     threads: Annotated[int, typer.Option(min=1, help="intra-op threads per model session")] = 1,
     max_batch_size: Annotated[int, typer.Option(min=1, help="dynamic batching: rows per run (1 = off)")] = 32,
     max_queue_delay_ms: Annotated[float, typer.Option(min=0, help="dynamic batching: wait for more requests")] = 2.0,
+    inline_below_ms: Annotated[
+        float, typer.Option(min=0, help="a lone request to a model whose runs take under this runs on the event loop (0: never)")
+    ] = 1.0,
     max_queue: Annotated[int, typer.Option(min=1, help="waiting requests per model before 503")] = 256,
     body_limit_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 16.0,
     parse_in_flight_mb: Annotated[
@@ -636,6 +639,7 @@ def serve(
         threads=threads,
         max_batch_size=max_batch_size,
         max_queue_delay_ms=max_queue_delay_ms,
+        inline_below_ms=inline_below_ms,
         max_queue=max_queue,
         body_limit_bytes=int(body_limit_mb * 2**20),
         parse_bytes_in_flight=int(parse_in_flight_mb * 2**20),
