@@ -203,6 +203,14 @@ def train(
     delta: Annotated[Optional[float], typer.Option("--delta", help="--dp: delta (default 1/N rounded down to 10^-k)")] = None,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="--dp: per-sample clipping norm")] = 1.0,
     accountant: Annotated[str, typer.Option("--accountant", help="--dp: prv | rdp (the other is reported beside)")] = "prv",
+    grad_sample_mode: Annotated[
+        str,
+        typer.Option(
+            "--grad-sample-mode",
+            help="--dp: hooks (per-sample gradients, Opacus's default) | ghost (ghost clipping: the same clipping and "
+            "guarantee without materializing per-sample gradients; faster when they dominate)",
+        ),
+    ] = "hooks",
 ) -> None:
     """Train a model on the data's train split with the task's loss (AdamW, cosine schedule, early stopping on val).
 
@@ -216,7 +224,7 @@ def train(
         raise ConfigError(f"--out {out}: weights are written as .safetensors; give a path ending in .safetensors")
     from keiryo.cli.privacy import dp_config
 
-    dp_cfg = dp_config(dp, target_epsilon, delta, max_grad_norm, accountant)
+    dp_cfg = dp_config(dp, target_epsilon, delta, max_grad_norm, accountant, grad_sample_mode)
     handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, seed=seed, device=device, dp=dp_cfg)  # type: ignore[arg-type]
     res = run_train(handle, splits, t, cfg)

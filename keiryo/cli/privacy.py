@@ -15,7 +15,14 @@ from keiryo.errors import ConfigError
 privacy_app = typer.Typer(help="Privacy tools: keys for encrypted packages.", no_args_is_help=True)
 
 
-def dp_config(dp: bool, target_epsilon: float | None, delta: float | None, max_grad_norm: float, accountant: str) -> Any:
+def dp_config(
+    dp: bool,
+    target_epsilon: float | None,
+    delta: float | None,
+    max_grad_norm: float,
+    accountant: str,
+    grad_sample_mode: str = "hooks",
+) -> Any:
     """The ``--dp`` options as a :class:`~keiryo.privacy.dp.DPConfig` (None without ``--dp``)."""
     from keiryo.privacy.dp import DPConfig
 
@@ -27,7 +34,13 @@ def dp_config(dp: bool, target_epsilon: float | None, delta: float | None, max_g
     if target_epsilon is None:
         raise ConfigError("--dp needs --target-epsilon (the run's privacy budget, e.g. 8; smaller is more private)")
     return DPConfig.parse(
-        {"target_epsilon": target_epsilon, "delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant},
+        {
+            "target_epsilon": target_epsilon,
+            "delta": delta,
+            "max_grad_norm": max_grad_norm,
+            "accountant": accountant,
+            "grad_sample_mode": grad_sample_mode,
+        },
         where="--dp options",
     )
 

@@ -70,6 +70,23 @@ def test_dp_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert code == 2 and "--dp needs --target-epsilon" in one_line_error(err)
     code, _, err = run_cli("train", *MODEL, "--target-epsilon", "3", "--out", w, capsys=capsys)
     assert code == 2 and "--target-epsilon: only with --dp" in one_line_error(err)
+    bad_mode = ("--dp", "--target-epsilon", "3", "--grad-sample-mode", "fast")
+    code, _, err = run_cli("train", *MODEL, *bad_mode, "--out", w, capsys=capsys)
+    assert code == 2 and "grad_sample_mode" in one_line_error(err) and "ghost" in one_line_error(err)
+
+
+def test_dp_training_with_ghost_clipping_from_the_command_line(tmp_path, capsys):
+    import json
+
+    from safetensors import safe_open
+
+    w = tmp_path / "w.safetensors"
+    args = ["--epochs", "2", "--batch-size", "32", "--dp", "--target-epsilon", "8", "--grad-sample-mode", "ghost"]
+    code, _, err = run_cli("train", *MODEL, *args, "--out", str(w), capsys=capsys)
+    assert code == 0, err
+    with safe_open(str(w), "pt") as f:
+        rec = json.loads(f.metadata()["keiryo.privacy"])
+    assert rec["grad_sample_mode"] == "ghost" and rec["epsilon"] <= 8.0
 
 
 @pytest.mark.slow
