@@ -19,6 +19,7 @@ const state = {
   warm: new Map(), // "served@version" -> Promise<BrowserEngine>, opened ahead so switching engines is instant
   window: new Window(100),
   pollS: 2,
+  polling: false,
 };
 window.keiryoApp = state; // for tests and the curious: read-only use
 
@@ -407,8 +408,10 @@ async function start() {
   } catch (e) {
     return handleError(e);
   }
+  if (state.polling) return; // signed in again: the one poll loop is still running
+  state.polling = true;
   const poll = async () => {
-    await refreshModels();
+    if (!$("main").hidden) await refreshModels(); // not while the sign-in form is up
     setTimeout(poll, state.pollS * 1000);
   };
   setTimeout(poll, state.pollS * 1000);
