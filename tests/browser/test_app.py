@@ -48,6 +48,35 @@ def text_results(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def colors_results(tmp_path_factory):
+    """An RGB classifier from an image folder (red vs blue, 16x16): the generic preprocessing path of the page."""
+    from PIL import Image
+
+    from keiryo.benchmark import BenchConfig
+    from keiryo.data import DataSpec, load_data
+    from keiryo.model import ModelSpec, load_model
+    from keiryo.pipeline import RunOptions, compress, load_recipe
+    from keiryo.tasks import get_task
+    from keiryo.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("colors")
+    rng = np.random.default_rng(0)
+    for name, rgb in (("blue", (30, 60, 220)), ("red", (220, 40, 30))):
+        (root / "images" / name).mkdir(parents=True)
+        for i in range(40):
+            px = np.clip(np.array(rgb) + rng.normal(0, 30, (20, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(px).save(root / "images" / name / f"{i}.png")
+    data = load_data(DataSpec(source=str(root / "images"), options={"size": 16, "channels": 3}))
+    h = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", options={"width": 4}), data, output_name="logits")
+    cfg = TrainConfig(epochs=20, lr=1e-2, batch_size=8, patience=20)
+    res = train(h, data, get_task("classification").bind(h.output_names), cfg, progress=False)
+    assert res.best_val == 1.0  # red and blue are told apart (else the page test below would say nothing)
+    opts = RunOptions(bench=BenchConfig(iterations=5, warmup=1, throughput_iterations=1, throughput_batch=2), progress=False)
+    compress(h, data, [load_recipe("fp32")], root / "out", opts=opts)
+    return root / "out"
+
+
 @contextlib.contextmanager
 def keiryo_cli(*args: str):
     """``python -m keiryo ARGS`` as its own process; yields (base url, login code) once the printed login
@@ -83,7 +112,7 @@ def keiryo_cli(*args: str):
 
 
 @pytest.fixture(scope="module")
-def world(tiny_results, text_results, tmp_path_factory):
+def world(tiny_results, text_results, colors_results, tmp_path_factory):
     """digits 1.0.0 (fp32) at staging, 2.0.0 (int8) at production, a text model; `keiryo app` over that registry."""
     out, _ = tiny_results
     d = tmp_path_factory.mktemp("app")
@@ -94,6 +123,8 @@ def world(tiny_results, text_results, tmp_path_factory):
         store.promote("digits", version, alias)
     store.push(package(text_results, name="text", version="1.0.0", private_key=priv, out=d / "text", candidate="fp32"), pub)
     store.promote("text", "1.0.0", "production")
+    store.push(package(colors_results, name="rgb", version="1.0.0", private_key=priv, out=d / "rgb", candidate="fp32"), pub)
+    store.promote("rgb", "1.0.0", "production")
     args = ["app", "--registry", str(store.root), "--public-key", str(pub), "--port", str(free_port()), "--api-key", API]
     args += ["--tuf-cache", str(d / "tuf-cache"), "--poll-s", "0.3", "--session-ttl-s", "600"]
     with keiryo_cli(*args) as (url, code):
@@ -184,6 +215,17 @@ def _draw(page, mask) -> None:
 
 
 def _predicted(page, label: str, engine: str, timeout: float = 20_000) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        _wait_label(page, label, engine, timeout)
+    except PlaywrightTimeout:  # say what the page shows instead
+        got = page.evaluate("() => [document.getElementById('prediction').dataset.label, document.getElementById('prediction')"
+                            ".dataset.engine, document.getElementById('status').textContent]")  # fmt: skip
+        raise AssertionError(f"expected {label!r} on the {engine} engine; the page shows {got}") from None
+
+
+def _wait_label(page, label: str, engine: str, timeout: float) -> None:
     page.wait_for_function(
         "([l, e]) => { const p = document.getElementById('prediction');"
         " return p.dataset.label === l && p.dataset.engine === e; }",
@@ -262,6 +304,23 @@ def test_no_session_or_a_bad_key_shows_the_sign_in_never_a_blank_page(browser, w
         ctx.close()
 
 
+def test_an_rgb_classifier_from_an_image_folder_classifies_uploads_on_both_engines(page, world, tmp_path):
+    """The generic path: 3 channels, resized, scaled to [0, 1] as the manifest's image_folder preprocessing says."""
+    from PIL import Image
+
+    _ready(page, "server")
+    page.select_option("#model", "rgb@production")
+    _ready(page, "server", "rgb@production")
+    for i, (engine, color, rgb) in enumerate((("server", "red", (230, 30, 20)), ("browser", "blue", (20, 50, 230)))):
+        if engine == "browser":
+            page.locator("input[name=engine][value=browser]").check()
+            _ready(page, "browser", "rgb@production")
+        photo = tmp_path / f"{i}.png"
+        Image.new("RGB", (300, 200), rgb).save(photo)  # any size: resized to the model's 16x16
+        page.set_input_files("#upload", str(photo))
+        _predicted(page, color, engine)
+
+
 def test_an_unreachable_server_is_said_and_the_in_browser_engine_offered(page, world, digits, tiny_trained):
     mask, label = _digit_to_draw(world, digits, tiny_trained)
     _ready(page, "server")
@@ -312,7 +371,7 @@ def test_the_page_is_isolated_and_its_assets_never_escape_static(world):
     assert r.status_code == 303 and "HttpOnly" in r.headers["set-cookie"]
     cookie = r.headers["set-cookie"].split(";")[0]
     models = httpx.get(f"{url}/app/api/models", headers={"Cookie": cookie}).json()["models"]
-    assert {m["id"] for m in models} == {"digits@production", "digits@staging", "text@production"}
+    assert {m["id"] for m in models} == {"rgb@production", "digits@production", "digits@staging", "text@production"}
     # the in-browser engine gets the signed model bytes; the text model is refused for it
     got = httpx.get(f"{url}/app/api/models/digits@production/versions/2.0.0/model", headers={"Cookie": cookie})
     assert got.status_code == 200 and len(got.content) > 1000
