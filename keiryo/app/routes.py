@@ -19,13 +19,11 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 
 from keiryo.app.imaging import browser_support, image_spec
 from keiryo.app.sessions import AppSessions
+from keiryo.runtime.web import ISOLATION_HEADERS, STATIC
 from keiryo.serve.errors import HTTPError
 
-STATIC = Path(__file__).resolve().parent / "static"
-ISOLATION = {
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cross-Origin-Embedder-Policy": "require-corp",
-    "Cross-Origin-Resource-Policy": "same-origin",
+ISOLATION = {  # the web runtime's cross-origin isolation, plus what a page for people needs
+    **ISOLATION_HEADERS,
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Content-Security-Policy": (

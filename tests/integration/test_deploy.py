@@ -152,20 +152,26 @@ def test_docker_context_has_a_verified_registry_and_a_slim_cpu_image(signed, tmp
     assert code != 0 and "exists" in one_line_error(err)
 
 
-def test_k8s_needs_a_verified_package_and_a_crafted_name_never_reaches_the_yaml(signed, tmp_path, capsys):
+def _crafted(pkg, bad):
+    """A copy of ``pkg`` whose manifest name would start a second YAML document (a privileged Pod); unsigned."""
     import json
     import shutil
+
+    shutil.copytree(pkg, bad)
+    m = json.loads((bad / "keiryo.json").read_text())
+    m["name"] = "x\n---\napiVersion: v1\nkind: Pod\nspec: {hostPID: true}"
+    (bad / "keiryo.json").write_text(json.dumps(m))
+    return bad
+
+
+def test_k8s_needs_a_verified_package_and_a_crafted_name_never_reaches_the_yaml(signed, tmp_path, capsys):
 
     from keiryo.packages.signing import sign_dir
 
     pkg, pub = signed
     code, _, err = run_cli("deploy", "k8s", str(pkg), "--out", str(tmp_path / "a"), capsys=capsys)
     assert code != 0 and "pass --public-key" in one_line_error(err)
-    bad = tmp_path / "bad"
-    shutil.copytree(pkg, bad)
-    m = json.loads((bad / "keiryo.json").read_text())
-    m["name"] = "x\n---\napiVersion: v1\nkind: Pod\nspec: {hostPID: true}"
-    (bad / "keiryo.json").write_text(json.dumps(m))
+    bad = _crafted(pkg, tmp_path / "bad")
     code, _, err = run_cli("deploy", "k8s", str(bad), "--public-key", str(pub), "--out", str(tmp_path / "b"), capsys=capsys)
     assert code != 0 and not (tmp_path / "b").exists()  # the signature no longer matches
     priv = pkg.parent / "key.pem"
@@ -210,17 +216,11 @@ def test_knative_service_scales_to_zero_and_its_pod_spec_validates(signed, tmp_p
 
 
 def test_knative_needs_the_key_and_refuses_a_crafted_package(signed, tmp_path, capsys):
-    import json
-    import shutil
 
     pkg, pub = signed
     code, _, err = run_cli("deploy", "knative", str(pkg), "--out", str(tmp_path / "a"), capsys=capsys)
     assert code != 0 and "pass --public-key" in one_line_error(err)
-    bad = tmp_path / "bad"
-    shutil.copytree(pkg, bad)
-    m = json.loads((bad / "keiryo.json").read_text())
-    m["name"] = "x\n---\napiVersion: v1\nkind: Pod\nspec: {hostPID: true}"
-    (bad / "keiryo.json").write_text(json.dumps(m))
+    bad = _crafted(pkg, tmp_path / "bad")
     code, _, err = run_cli("deploy", "knative", str(bad), "--public-key", str(pub), "--out", str(tmp_path / "b"), capsys=capsys)
     assert code != 0 and not (tmp_path / "b").exists()  # the signature no longer matches
     code, _, err = run_cli("deploy", "kn", str(pkg), "--public-key", str(pub), "--out", str(tmp_path / "c"), capsys=capsys)
