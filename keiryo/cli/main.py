@@ -592,7 +592,7 @@ def serve(
     max_queue_delay_ms: Annotated[float, typer.Option(min=0, help="dynamic batching: wait for more requests")] = 2.0,
     inline_below_ms: Annotated[
         float, typer.Option(min=0, help="a lone request to a model whose runs take under this runs on the event loop (0: never)")
-    ] = 1.0,
+    ] = 0.0,
     max_queue: Annotated[int, typer.Option(min=1, help="waiting requests per model before 503")] = 256,
     body_limit_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 16.0,
     parse_in_flight_mb: Annotated[

@@ -12,7 +12,8 @@ taking under ``inline_below_ms`` (a moving average of measured runs), the reques
 the event loop and, if no other request reached the batcher meanwhile, runs right away on the loop's
 thread. The queue wake-up and the hand-off to the session thread and back cost about as much as such
 a model's whole run; blocking the loop for under that long costs less. Requests that arrive together
-all take the queue and the session thread (and batch).
+all take the queue and the session thread (and batch). Off by default (0): requests that arrive one loop
+turn apart, as concurrent gRPC calls do, then each run alone on the loop instead of batching.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Batcher:
         max_queue: int = 256,
         on_queue_time: Callable[[float], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
-        inline_below_ms: float = 1.0,
+        inline_below_ms: float = 0.0,
     ):
         self._run = run
         self.inline_below = inline_below_ms / 1000
