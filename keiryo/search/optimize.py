@@ -86,11 +86,13 @@ def _write_atomic_dir(final: Path, files: dict[str, bytes]) -> None:
             (tmp / name).write_bytes(data)
 
 
+def _trial_files(out: Path) -> list[Path]:
+    """The trial records, never those in a ``.NNNN.partial-*`` folder a killed run left behind."""
+    return sorted(out.glob("trials/[0-9]*/candidate.json"))
+
+
 def _load_trials(out: Path) -> list[dict[str, Any]]:
-    cands = []
-    for f in sorted(out.glob("trials/*/candidate.json")):
-        cands.append(json.loads(f.read_text()))
-    return cands
+    return [json.loads(f.read_text()) for f in _trial_files(out)]
 
 
 def optimize(
@@ -170,7 +172,11 @@ def optimize(
     strategy = OptunaStrategy(
         out / "study.db", cfg.templates, cfg.constraints, cfg.target, cfg.sampler, cfg.seed, resume, recorded, task
     )
-    records = [json.loads(f.read_text()) for f in out.glob("trials/*/candidate.json")]
+    if resume:
+        from keiryo._atomic import remove_stale
+
+        remove_stale(out / "trials")  # half-written trial folders of the killed run
+    records = _load_trials(out)
     done_before = sum(1 for r in records if not r.get("duplicate_of"))  # interrupted trials without a record do not count
     duplicates = len(records) - done_before
     if resume:

@@ -72,7 +72,7 @@ def test_search_results_report_and_best(searched):
     trials = [c for c in res["candidates"] if c["name"] != "fp32"]
     assert len(trials) == 4 and res["search"]["trials_finished"] == 4
     # every trial sampled is recorded, a file byte-identical to one already measured included (it is not counted)
-    records = sorted((json.loads(p.read_text()) for p in searched.glob("trials/*/candidate.json")), key=lambda r: r["trial"])
+    records = sorted((json.loads(p.read_text()) for p in searched.glob("trials/[0-9]*/candidate.json")), key=lambda r: r["trial"])
     dupes = [r for r in records if r.get("duplicate_of")]
     assert len(records) == len(trials) + len(dupes)
     assert res["search"]["duplicates"] == [{"trial": r["trial"], "of": r["duplicate_of"]} for r in dupes]
@@ -112,17 +112,17 @@ def test_resume_after_kill_9_recomputes_no_completed_trial(tiny16, tmp_path):
         [*args, "--trials", "6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + 240
-    while time.time() < deadline and len(list(out.glob("trials/*/candidate.json"))) < 2:
+    while time.time() < deadline and len(list(out.glob("trials/[0-9]*/candidate.json"))) < 2:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in out.glob("trials/*/candidate.json")}
+    before = {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in out.glob("trials/[0-9]*/candidate.json")}
     assert len(before) >= 2 and not (out / "results.json").exists()
     counted = sum(1 for _, text in before.values() if not json.loads(text).get("duplicate_of"))  # duplicates do not count
     done = subprocess.run([*args, "--trials", "6", "--resume"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert f"resuming: {counted} finished trial(s) kept" in done.stderr
-    after = {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in out.glob("trials/*/candidate.json")}
+    after = {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in out.glob("trials/[0-9]*/candidate.json")}
     for name, stamp in before.items():
         assert after[name] == stamp, f"trial {name} was recomputed"
     ok = [c for c in json.loads((out / "results.json").read_text())["candidates"] if c.get("trial") is not None]
@@ -135,7 +135,7 @@ def test_resume_after_a_power_cut_at_a_trial_write_finds_no_stray_folder(tiny16,
     leftover temporary folder never breaks --resume, which finishes and leaves none behind."""
     out = tmp_path / "s"
     args = [KEIRYO, *base_args(tiny16), "--out", str(out), "--template", "ptq", "--trials", "3"]
-    env = {**os.environ, "KEIRYO_FAULT": "atomic_dir.before_swap:powerloss"}
+    env = {**os.environ, "KEIRYO_FAULT": "atomic_dir.before_swap@2:powerloss"}  # 1: the fp32 reference
     killed = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
