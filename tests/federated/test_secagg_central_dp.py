@@ -74,6 +74,40 @@ def test_secagg_aggregates_what_fedavg_would_and_the_server_sees_only_masked_vec
     assert r["clients_ok"] == 3 and r["partitions"] == [0, 1, 2] and r["upload_bytes"] > r["fp32_bytes"] > 0
 
 
+def test_secagg_with_client_side_dp_sums_clipped_noised_updates_and_reports_local_epsilon(tmp_path):
+    """--secagg with --dp-epsilon: LocalDpMod clips and noises each client's update before SecAgg+ masks it. The
+    global model is the row-weighted mean of the clipped updates plus the mean of the clients' noise (std
+    sigma * sqrt(sum n_i^2) / sum n_i), the server sees only masked integers, and the record is local DP."""
+    clip, eps, delta = 0.05, 20.0, 1e-5
+    cfg = FederatedConfig.parse(
+        {"clients": 3, "rounds": 1, "alpha": 1.0, "model_options": MLP, "compression": None, "secagg": {},
+         "dp": {"epsilon": eps, "delta": delta, "clipping_norm": clip}, "out": str(tmp_path)}
+    )  # fmt: skip
+    replies: list = []
+    s = run_federated(cfg, watch=replies.extend)
+    got = {k: v.numpy() for k, v in load_weights(tmp_path / "model.safetensors").items()}
+    start, local, rows = _clients_by_hand(cfg)
+
+    def clipped(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        d = {k: (w[k] - start[k]).astype(np.float64) for k in w}
+        norm = float(np.sqrt(sum((v**2).sum() for v in d.values())))
+        assert norm > clip  # every client moved further than the clip: clipping is what is tested
+        return {k: v * clip / norm for k, v in d.items()}
+
+    mean = {k: sum(n * clipped(w)[k] for n, w in zip(rows, local, strict=True)) / sum(rows) for k in got}
+    noise = np.concatenate([(got[k] - start[k] - mean[k]).ravel() for k in got])
+    sigma = clip * np.sqrt(2 * np.log(1.25 / delta)) / eps  # Flower's LocalDpMod, per client
+    expected = sigma * np.sqrt(sum(n * n for n in rows)) / sum(rows)
+    assert 0.8 * expected < noise.std() < 1.2 * expected, (noise.std(), expected)
+
+    masked = [m for m in replies if m.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS)]
+    assert len(masked) == 3 and all(len(rec) == 0 for m in replies for rec in m.content.array_records.values())
+    rec = model_privacy(s)
+    assert rec is not None and rec["mechanism"] == "client-level local DP" and rec["clipping_norm"] == clip
+    assert rec["per_round"] == {"epsilon": eps, "delta": delta} and rec["epsilon"] > 0
+    assert "the server" in rec["holds_against"]
+
+
 def test_secagg_refuses_sparse_updates_and_too_few_clients():
     with pytest.raises(ConfigError, match=r"--secagg: SecAgg\+ masks dense vectors .* use --updates fp32"):
         FederatedConfig.parse({"clients": 3, "secagg": {}})
