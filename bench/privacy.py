@@ -60,7 +60,7 @@ def int8_accuracy(h, data, calib: MemorySplit, out: Path) -> tuple[float, float]
     return by["fp32"], by["int8"]
 
 
-def epoch_times(data, epochs: int, batch_size: int = 256, options: dict | None = None) -> None:
+def epoch_times(data, epochs: int, batch_size: int = 256, options: dict | None = None, model: str = MODEL) -> None:
     """Time per epoch, DP (ε = 8) against non-DP on the same schedule, measured inside the epoch loop (the one-off
     noise search and the final ε accounting are not epochs), epochs of the two interleaved so machine drift hits
     both alike; the DP step split into its parts: data (Poisson sampling), forward, backward with Opacus's
@@ -70,7 +70,7 @@ def epoch_times(data, epochs: int, batch_size: int = 256, options: dict | None =
     from keiryo.train import evaluate_torch
 
     def setup(mode: str | None):
-        h = load_model(MODEL, data, options=options or OPTIONS, seed=0, output_name="logits")
+        h = load_model(model, data, options=OPTIONS if options is None else options, seed=0, output_name="logits")
         task = get_task("classification").bind(h.output_names)
         opt = torch.optim.AdamW(h.module.parameters(), lr=0.05)
         if mode is None:
@@ -134,13 +134,14 @@ def main() -> int:
     ap.add_argument("--timing", action="store_true", help="only the time per epoch, DP against non-DP (~30 s)")
     ap.add_argument("--batch-size", type=int, default=256, help="--timing: batch size")
     ap.add_argument("--hidden", type=int, default=64, help="--timing: width of the MLP's hidden layer")
+    ap.add_argument("--model", default=MODEL, help="--timing: zoo model (zoo:mlp, or zoo:mobilenetv2: the demo's CNN)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = load_data("digits")
     if args.timing:
-        options = {"hidden": [args.hidden]}
-        print(f"CPU: {cpu()}; digits train {len(data.train)}; {MODEL} {options}; one torch thread")
-        epoch_times(data, args.epochs, args.batch_size, options)
+        options = {"hidden": [args.hidden]} if args.model == MODEL else {}
+        print(f"CPU: {cpu()}; digits train {len(data.train)}; {args.model} {options}; one torch thread")
+        epoch_times(data, args.epochs, args.batch_size, options, args.model)
         return 0
     print(f"CPU: {cpu()}; digits train {len(data.train)}, test {len(data.test)}; {MODEL} {OPTIONS}, {args.epochs} epochs")
     rows = {}

@@ -207,10 +207,10 @@ def train(
         str,
         typer.Option(
             "--grad-sample-mode",
-            help="--dp: hooks (per-sample gradients, Opacus's default) | ghost (ghost clipping: the same clipping and "
-            "guarantee without materializing per-sample gradients; faster when they dominate)",
+            help="--dp: auto (ghost where it applies, else hooks) | hooks (per-sample gradients, Opacus's default) | "
+            "ghost (ghost clipping: the same clipping and guarantee without materializing per-sample gradients; faster)",
         ),
-    ] = "hooks",
+    ] = "auto",
 ) -> None:
     """Train a model on the data's train split with the task's loss (AdamW, cosine schedule, early stopping on val).
 

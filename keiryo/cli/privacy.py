@@ -21,7 +21,7 @@ def dp_config(
     delta: float | None,
     max_grad_norm: float,
     accountant: str,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "auto",
 ) -> Any:
     """The ``--dp`` options as a :class:`~keiryo.privacy.dp.DPConfig` (None without ``--dp``)."""
     from keiryo.privacy.dp import DPConfig
