@@ -78,7 +78,12 @@ def epoch_times(data, epochs: int, batch_size: int = 256, options: dict | None =
         cfg = DPConfig(target_epsilon=8, delta=1e-5, max_grad_norm=0.5, accountant="rdp", grad_sample_mode=mode)
         h.module, conv = prepare_module(h.module, cfg)
         opt = torch.optim.AdamW(h.module.parameters(), lr=0.05)
-        return h, task, opt, make_private(h.module, opt, data.train, batch_size, epochs + 2, cfg, 0, conv, task.loss)
+        return (
+            h,
+            task,
+            opt,
+            make_private(h.module, opt, data.train, batch_size, epochs + 2, cfg, 0, conv, task.loss, task.sample_losses),
+        )
 
     def epoch(h, task, opt, run, parts: list[float]) -> tuple[float, float]:
         """(seconds of the training steps, seconds of the whole epoch: steps + validation metrics)."""

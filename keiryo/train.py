@@ -150,8 +150,11 @@ def train(
     if cfg.dp is not None:
         from keiryo.privacy.dp import make_private
 
-        per_sample = task.loss if loss_fn is None else None  # ghost clipping: the task's loss, sample by sample
-        dp_run = make_private(module, opt, data.train, cfg.batch_size, cfg.epochs, cfg.dp, cfg.seed, conversion, per_sample)
+        own = loss_fn is None  # ghost clipping needs the loss sample by sample: only the task's own has that form
+        dp_run = make_private(
+            module, opt, data.train, cfg.batch_size, cfg.epochs, cfg.dp, cfg.seed, conversion,
+            task.loss if own else None, task.sample_losses if own else None,
+        )  # fmt: skip
         opt = dp_run.optimizer
     amp_dtype = None
     if cfg.amp and device.type == "cuda" and dp_run is None:

@@ -294,13 +294,18 @@ def train_dataset(split: Any) -> torch.utils.data.Dataset:
 
 class PerSampleLoss:
     """A loss as Opacus's ghost clipping takes it: with ``reduction = "none"`` one value per sample (the task's
-    loss, or ``loss_fn``, applied to each sample through ``torch.func.vmap``), else their mean."""
+    ``sample_losses`` where it has them, else its loss applied to each sample through ``torch.func.vmap``), else
+    their mean."""
 
-    def __init__(self, loss: Any):
-        self.loss = loss
+    def __init__(self, loss: Any, sample_losses: Any = None):
+        self.loss, self.sample_losses = loss, sample_losses
         self.reduction = "mean"
 
     def __call__(self, outputs: list[torch.Tensor], targets: torch.Tensor | None) -> torch.Tensor:
+        per = self.sample_losses(list(outputs), targets) if self.sample_losses is not None else None
+        if per is not None:
+            return per if self.reduction == "none" else per.mean()
+
         def one(outs: list[torch.Tensor], y: torch.Tensor | None) -> torch.Tensor:
             return self.loss([o.unsqueeze(0) for o in outs], None if y is None else y.unsqueeze(0))
 
@@ -377,9 +382,11 @@ def make_private(
     seed: int,
     conversion: list[dict[str, Any]] | None = None,
     loss: Any = None,
+    sample_losses: Any = None,
 ) -> DPRun:
     """``PrivacyEngine.make_private`` with the noise for ``cfg.target_epsilon`` over ``epochs``; under ghost
-    clipping ``loss(outputs, targets)`` is the (batch-mean) loss :class:`PerSampleLoss` applies sample by sample."""
+    clipping ``loss(outputs, targets)`` is the (batch-mean) loss :class:`PerSampleLoss` applies sample by sample
+    (``sample_losses(outputs, targets)``, where given and not None, gives them in one call)."""
     opacus = _opacus()
     ds = train_dataset(split)
     n = len(ds)  # type: ignore[arg-type]
@@ -414,7 +421,7 @@ def make_private(
             poisson_sampling=cfg.poisson_sampling,
             noise_generator=torch.Generator().manual_seed(seed),
             grad_sample_mode=cfg.grad_sample_mode,
-            **({"criterion": PerSampleLoss(loss)} if ghost else {}),
+            **({"criterion": PerSampleLoss(loss, sample_losses)} if ghost else {}),
         )
     gsm, dp_opt, dp_loader = (made[0], made[1], made[3]) if ghost else made
     if cfg.poisson_sampling:  # Opacus samples from its own generator: seed it for reproducible runs

@@ -152,6 +152,11 @@ class Task:
             f"task {self.name} has no supervised loss; train it by distillation from the original model (the distill step)"
         )
 
+    def sample_losses(self, outputs: list[torch.Tensor], targets: torch.Tensor | None) -> torch.Tensor | None:
+        """Each sample's loss (shape ``[N]``, whose mean is :meth:`loss`), or None where the task has no such form
+        (DP ghost clipping then takes it sample by sample through ``torch.func.vmap``, which is slower)."""
+        return None
+
     def distill_loss(
         self,
         student: list[torch.Tensor],

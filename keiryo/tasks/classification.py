@@ -98,6 +98,10 @@ class Classification(Task):
         assert targets is not None
         return F.cross_entropy(outputs[i], targets, label_smoothing=self.label_smoothing)
 
+    def sample_losses(self, outputs: list[torch.Tensor], targets: torch.Tensor | None) -> torch.Tensor | None:
+        assert targets is not None
+        return F.cross_entropy(outputs[self.index], targets, label_smoothing=self.label_smoothing, reduction="none")
+
     def distill_loss(
         self,
         student: list[torch.Tensor],
@@ -163,6 +167,9 @@ class TokenClassification(Classification):
         else:
             put(out, "fidelity", proportion_ci((pred == ref).reshape(-1)))
         return out
+
+    def sample_losses(self, outputs: list[torch.Tensor], targets: torch.Tensor | None) -> torch.Tensor | None:
+        return None  # the loss is a mean over labelled tokens, not over samples
 
     def loss(self, outputs: list[torch.Tensor], targets: torch.Tensor | None) -> torch.Tensor:
         i = self.index

@@ -78,6 +78,12 @@ class MultiLabel(Task):
         assert targets is not None
         return F.binary_cross_entropy_with_logits(outputs[i], targets.float())
 
+    def sample_losses(self, outputs: list[torch.Tensor], targets: torch.Tensor | None) -> torch.Tensor | None:
+        assert targets is not None
+        o = outputs[self.index]
+        per = F.binary_cross_entropy_with_logits(o, targets.float(), reduction="none")
+        return per.reshape(o.shape[0], -1).mean(1)
+
     def distill_loss(
         self,
         student: list[torch.Tensor],

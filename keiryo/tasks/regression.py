@@ -77,3 +77,8 @@ class Regression(Task):
         assert targets is not None
         p = outputs[i]
         return F.mse_loss(p.reshape(p.shape[0], -1), targets.float().reshape(p.shape[0], -1))
+
+    def sample_losses(self, outputs: list[torch.Tensor], targets: torch.Tensor | None) -> torch.Tensor | None:
+        assert targets is not None
+        p = outputs[self.index]
+        return F.mse_loss(p.reshape(p.shape[0], -1), targets.float().reshape(p.shape[0], -1), reduction="none").mean(1)

@@ -188,6 +188,30 @@ def test_why_qat_refuses_dp_opacus_gets_no_per_sample_gradients_through_fake_qua
     run.close()
 
 
+def test_sample_losses_are_the_per_sample_form_of_each_tasks_loss():
+    """Ghost clipping takes each sample's loss from the task in one call (``sample_losses``) instead of vmap: for
+    every task that has the form, their mean is the task's loss and each equals the loss of that sample alone."""
+    from keiryo.privacy.dp import PerSampleLoss
+
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "classification": (torch.randn(6, 4, generator=g), torch.randint(0, 4, (6,), generator=g)),
+        "regression": (torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g)),
+        "multilabel": (torch.randn(6, 5, generator=g), (torch.rand(6, 5, generator=g) > 0.5).float()),
+    }
+    for name, (out, y) in cases.items():
+        task = get_task(name).bind(["out"])
+        per = task.sample_losses([out], y)
+        assert per is not None and per.shape == (6,), name
+        assert torch.allclose(per.mean(), task.loss([out], y), atol=1e-6), name
+        one = torch.stack([task.loss([out[i : i + 1]], y[i : i + 1]) for i in range(6)])
+        assert torch.allclose(per, one, atol=1e-6), name
+        fast, vmapped = PerSampleLoss(task.loss, task.sample_losses), PerSampleLoss(task.loss)
+        fast.reduction = vmapped.reduction = "none"
+        assert torch.allclose(fast([out], y), vmapped([out], y), atol=1e-6), name
+    assert get_task("token-classification").bind(["out"]).sample_losses([torch.zeros(2, 3, 4)], None) is None
+
+
 def test_ghost_clipping_takes_the_same_steps_as_per_sample_gradients(digits):
     """grad_sample_mode ghost (Opacus's ghost clipping: per-sample norms without materializing per-sample gradients)
     clips and noises like the default hooks mode: the same seeds give the same Poisson batches and noise, so two
