@@ -591,8 +591,12 @@ def serve(
     max_batch_size: Annotated[int, typer.Option(min=1, help="dynamic batching: rows per run (1 = off)")] = 32,
     max_queue_delay_ms: Annotated[float, typer.Option(min=0, help="dynamic batching: wait for more requests")] = 2.0,
     inline_below_ms: Annotated[
-        float, typer.Option(min=0, help="a lone request to a model whose runs take under this runs on the event loop (0: never)")
-    ] = 0.0,
+        float,
+        typer.Option(
+            min=0,
+            help="a lone request to an idle model whose runs take under this runs on the event loop (0: never)",
+        ),
+    ] = 2.0,
     max_queue: Annotated[int, typer.Option(min=1, help="waiting requests per model before 503")] = 256,
     body_limit_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 16.0,
     parse_in_flight_mb: Annotated[

@@ -7,24 +7,36 @@ session once in a worker thread and hands each request its rows. ``max_batch_siz
 request alone (no batching). The queue is bounded: when ``max_queue`` requests wait, new ones are
 refused at once (:class:`QueueFull`, HTTP 503) instead of piling up latency.
 
-The idle fast path: when nothing is queued or running and a one-request run of this model has been
-taking under ``inline_below_ms`` (a moving average of measured runs), the request waits one turn of
-the event loop and, if no other request reached the batcher meanwhile, runs right away on the loop's
-thread. The queue wake-up and the hand-off to the session thread and back cost about as much as such
-a model's whole run; blocking the loop for under that long costs less. Requests that arrive together
-all take the queue and the session thread (and batch). Off by default (0): requests that arrive one loop
-turn apart, as concurrent gRPC calls do, then each run alone on the loop instead of batching.
+The idle fast path: when nothing is queued or running and this model's recent lone runs took under
+``inline_below_ms`` for this many rows (the median of the last few, per row, times the request's rows), the
+request waits one turn of the event loop and, if no other request reached the batcher meanwhile, runs right
+away on the loop's thread. The queue wake-up and the hand-off to the session thread and back cost about as
+much as such a model's whole run; blocking the loop for under that long costs less. Requests that arrive
+together all take the queue and the session thread (and batch).
+
+Requests that arrive one loop turn apart (concurrent gRPC calls: grpc.aio accepts one call per turn) would
+each find the batcher idle and run alone on the loop, never batching. So the fast path is taken only while
+the traffic is seen to be serial: after a request that was alone for its whole stay (it found the batcher
+idle and no other request arrived before it was answered), and every ``PROBE_EVERY``-th eligible request
+still takes the queue and the session thread, leaving the loop free: if others arrive meanwhile, they batch
+and the fast path stays off until a request is alone again. A lone client pays the hand-off on one request
+in ``PROBE_EVERY``; concurrent clients lose batching for at most that many requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+PROBE_EVERY = 8  # one eligible lone request in this many takes the queue anyway, to see whether others come
+_RECENT = 8  # lone runs whose median (per row) estimates the next one
 
 
 class QueueFull(RuntimeError):
@@ -50,11 +62,14 @@ class Batcher:
         max_queue: int = 256,
         on_queue_time: Callable[[float], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
-        inline_below_ms: float = 0.0,
+        inline_below_ms: float = 2.0,
     ):
         self._run = run
         self.inline_below = inline_below_ms / 1000
-        self._lone_s: float | None = None  # moving average of one-request runs, seconds
+        self._lone: deque[float] = deque(maxlen=_RECENT)  # seconds per row of recent one-request runs
+        self._arrivals = 0  # requests that reached submit(), ever
+        self._serial = False  # the last request answered was alone for its whole stay
+        self._inline_runs = 0  # fast-path runs since a request last took the queue
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_ms / 1000
         self.max_queue = max_queue
@@ -69,36 +84,56 @@ class Batcher:
         self._queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._worker())
 
-    async def submit(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _per_row_s(self) -> float | None:
+        """Seconds per row of this model's recent lone runs (their median), None before the first."""
+        return statistics.median(self._lone) if self._lone else None
+
+    async def submit(self, inputs: dict[str, np.ndarray], timeout: float | None = None) -> dict[str, np.ndarray]:
+        """The model's outputs for ``inputs`` (their rows only); ``timeout``: seconds to wait for the queue
+        and the session (TimeoutError), not applied to a fast-path run, which is under ``inline_below_ms``."""
         assert self._queue is not None, "Batcher.start() was not called"
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
         rows = int(next(iter(inputs.values())).shape[0])
-        if self.in_flight == 0 and self._queue.empty() and self._lone_s is not None and self._lone_s < self.inline_below:
-            self.in_flight += 1  # seen by requests that arrived with this one: they take the queue
-            try:
-                await asyncio.sleep(0)  # one loop turn: requests ready at the same time reach submit() too
-                alone = self.in_flight == 1 and self._queue.empty()
-                if alone and rows <= self.max_batch_size:
-                    self._on_queue_time(0.0)
-                    self._on_batch(rows)
-                    return self._timed(inputs)
-            finally:
-                self.in_flight -= 1
+        self._arrivals += 1
+        arrival = self._arrivals
+        idle = self.in_flight == 0 and self._queue.empty()
+        if idle and self._serial and self.inline_below > 0 and rows <= self.max_batch_size:
+            per_row = self._per_row_s()
+            if per_row is not None and per_row * rows < self.inline_below and self._inline_runs < PROBE_EVERY - 1:
+                self.in_flight += 1  # seen by requests that arrived with this one: they take the queue
+                try:
+                    await asyncio.sleep(0)  # one loop turn: requests ready at the same time reach submit() too
+                    alone = self._arrivals == arrival and self._queue.empty()
+                    if alone:
+                        self._inline_runs += 1
+                        self._on_queue_time(0.0)
+                        self._on_batch(rows)
+                        return self._timed(inputs, rows)
+                finally:
+                    self.in_flight -= 1
+                self._serial = False  # company came in that turn
+        self._inline_runs = 0
         item = _Item(inputs, rows, asyncio.get_running_loop().create_future())
         self.in_flight += 1
         try:
-            await self._queue.put(item)
-            return await item.future
+            async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
+                await self._queue.put(item)
+                out = await item.future
+            self._serial = idle and self._arrivals == arrival  # alone from arrival to answer
+            return out
+        except BaseException:
+            self._serial = False
+            raise
         finally:
             self._settle(item)
 
-    def _timed(self, feed: dict[str, np.ndarray], lone: bool = True) -> dict[str, np.ndarray]:
+    def _timed(self, feed: dict[str, np.ndarray], lone_rows: int = 0) -> dict[str, np.ndarray]:
+        """Run the session; a one-request run (``lone_rows`` > 0) is timed for the fast path's estimate."""
         t = time.perf_counter()
         out = self._run(feed)
-        if lone:
-            dt = time.perf_counter() - t
-            self._lone_s = dt if self._lone_s is None else 0.8 * self._lone_s + 0.2 * dt
+        if lone_rows:
+            self._lone.append((time.perf_counter() - t) / lone_rows)
         return out
 
     def _settle(self, item: _Item) -> None:
@@ -146,7 +181,8 @@ class Batcher:
         feed = {n: np.concatenate([b.inputs[n] for b in live]) if len(live) > 1 else live[0].inputs[n] for n in names}
         self._on_batch(sum(b.rows for b in live))
         try:
-            out = await asyncio.get_running_loop().run_in_executor(self._pool, self._timed, feed, len(live) == 1)
+            lone_rows = live[0].rows if len(live) == 1 else 0
+            out = await asyncio.get_running_loop().run_in_executor(self._pool, self._timed, feed, lone_rows)
         except Exception as e:  # the session failed: every request of the batch gets the error
             for b in live:
                 self._settle(b)

@@ -172,8 +172,7 @@ class Server:
 
     async def run(self, served: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The one inference path of every transport: the model's batcher, under the request deadline."""
-        async with asyncio.timeout(self.settings.request_timeout_s):  # no extra task, unlike wait_for
-            return await served.batcher.submit(inputs)
+        return await served.batcher.submit(inputs, self.settings.request_timeout_s)
 
     async def infer_rest(self, served: Any, body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str], str]:
         """One OIP REST inference request (JSON or the binary extension): parse, :meth:`run`, build the

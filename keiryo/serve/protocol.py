@@ -16,9 +16,14 @@ import numpy as np
 
 try:  # the serve extra's JSON parser: 5-10x faster on arrays of numbers than json (117 -> ~15 us for 256
     # floats), and stricter (no NaN/Infinity literals, nesting capped at 1,024, numbers past a double refused)
+    from orjson import dumps as _dumps
     from orjson import loads as _loads
-except ImportError:  # pragma: no cover - the standard library's parser, with the same checks after it
+except ImportError:  # pragma: no cover - the standard library's, with the same checks around them
     _loads = json.loads  # type: ignore[assignment]
+
+    def _dumps(obj: Any) -> bytes:  # type: ignore[misc]
+        return json.dumps(obj, separators=(",", ":")).encode()
+
 
 HEADER = "inference-header-content-length"
 
@@ -242,7 +247,7 @@ def build_response(
     resp: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": out_json}
     if req.id is not None:
         resp["id"] = req.id
-    head = json.dumps(resp, separators=(",", ":")).encode()
+    head = _dumps(resp)  # compact; the same doubles as json.dumps (shortest round-trip form), several times faster
     if not blobs:
         return head, {}, "application/json"
     return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head))}, "application/octet-stream"

@@ -4,10 +4,73 @@ SIGTERM drains)."""
 from __future__ import annotations
 
 import logging
+import sys
+import threading
+import time
+from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from keiryo.serve.settings import ServeSettings, TLSSettings, uvicorn_options
+
+
+class BackgroundLines(logging.Handler):
+    """A handler that formats each record in the caller's thread and leaves the line in a deque; a
+    background thread writes what has gathered, at most every ``interval`` seconds, in one write.
+
+    The caller never blocks on a slow stream, and, unlike a ``QueueHandler`` (whose listener thread is
+    woken by every record and then takes the GIL from the event loop: about 0.1 ms per request on 2 busy
+    cores), the writer wakes once per ``interval`` however many lines came: at one request at a time, the
+    access log no longer costs a thread switch per request. Lines reach the stream within ``interval``."""
+
+    def __init__(self, stream: IO[str] | None = None, interval: float = 0.05):
+        super().__init__()
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self._lines: deque[str] = deque()
+        self._pending = threading.Event()  # set by the first line after a write
+        self._closing = False
+        self._thread = threading.Thread(target=self._write_loop, name="keiryo-log", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if not self._pending.is_set():
+            self._pending.set()
+
+    def _write_loop(self) -> None:
+        while True:
+            self._pending.wait()
+            if self._closing:
+                return
+            time.sleep(self.interval)  # gather what comes in meanwhile
+            self._pending.clear()
+            self._write()
+
+    def _write(self) -> None:
+        out = []
+        while self._lines:
+            out.append(self._lines.popleft())
+        if out:
+            try:
+                self.stream.write("\n".join(out) + "\n")
+                self.stream.flush()
+            except Exception:  # a closed or broken stream: the lines are lost, the server goes on
+                pass
+
+    def stop(self) -> None:
+        """Write out what is left and end the thread."""
+        self._closing = True
+        self._pending.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self._write()
 
 
 def run_server(
@@ -24,21 +87,19 @@ def run_server(
     """Run with uvicorn; SIGTERM drains in-flight requests before exiting.
 
     keiryo's log lines (one JSON access line per request) go to stderr from a background thread
-    (``QueueHandler`` → ``QueueListener``): a write to a slow stderr pipe never blocks the event loop,
-    and the write system calls leave the loop's thread (they were a fifth of its time under load)."""
-    import queue
+    (:class:`BackgroundLines`): a write to a slow stderr pipe never blocks the event loop, the write
+    system calls leave the loop's thread (they were a fifth of its time under load), and the writer
+    wakes once per 50 ms, not once per line."""
     import signal
-    import sys
-    from logging.handlers import QueueHandler, QueueListener
 
     import uvicorn
 
     from keiryo.serve.app import create_app
 
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = QueueListener(records, logging.StreamHandler())  # the QueueHandler has formatted the line
+    listener = BackgroundLines()
+    listener.setFormatter(logging.Formatter("%(message)s"))
     level = getattr(logging, log_level.upper(), logging.INFO)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[QueueHandler(records)], force=True)
+    logging.basicConfig(level=level, handlers=[listener], force=True)
     listener.start()
     # uvicorn drains on SIGTERM, then raises the signal again for the handler that was there before
     # it: make that handler end the process through the ``finally`` below instead of killing it

@@ -50,7 +50,10 @@ class ServeSettings(KeiryoConfig):
     max_queue_delay_ms: float = Field(2.0, ge=0, description="how long the first request waits for others")
     max_queue: int = Field(256, ge=1, description="requests waiting per model before 503")
     inline_below_ms: float = Field(
-        0.0, ge=0, description="an idle model whose lone runs take under this runs on the event loop (0: never)"
+        2.0,
+        ge=0,
+        description="a lone request to an idle model whose lone runs take under this runs on the event loop, "
+        "while traffic is serial (0: never; see keiryo.serve.batching)",
     )
     body_limit_bytes: int = Field(16 * 2**20, ge=1024)
     request_timeout_s: float = Field(10.0, gt=0)

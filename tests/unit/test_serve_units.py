@@ -95,6 +95,47 @@ def test_an_idle_fast_model_runs_on_the_loop_and_company_still_batches():
     assert all(t.startswith("keiryo-session") for t in threads)
 
 
+def test_calls_accepted_one_at_a_time_still_batch_with_the_fast_path_on():
+    """Concurrent calls that reach the batcher one after another, never in the same loop turn (grpc.aio
+    accepts one call per turn, then waits for its message), each find the batcher idle. Once traffic was
+    serial the fast path is on, yet they must not all run alone on the loop: a probe takes the session
+    thread, the others arrive meanwhile and batch, and the fast path stays off while they keep coming."""
+    import threading
+
+    from keiryo.serve.batching import PROBE_EVERY
+
+    calls: list[tuple[int, bool]] = []
+
+    def run(feed):
+        calls.append((len(feed["input"]), threading.current_thread() is threading.main_thread()))
+        time.sleep(0.002)
+        return {"out": feed["input"] * 2}
+
+    async def main():
+        b = Batcher(run, max_batch_size=32, max_queue_delay_ms=5, inline_below_ms=20)
+        b.start()
+        for _ in range(4):  # a lone client: measured, then the fast path
+            await b.submit({"input": np.ones((1, 2), np.float32)})
+
+        async def call(i: int):
+            await asyncio.sleep(0.0002)  # its message arrives
+            out = await b.submit({"input": np.full((1, 2), i, np.float32)})
+            np.testing.assert_array_equal(out["out"], 2 * i)
+
+        tasks = []
+        for i in range(64):  # accepted one at a time, as a gRPC server's accept loop does
+            tasks.append(asyncio.create_task(call(i)))
+            await asyncio.sleep(0.0001)
+        await asyncio.gather(*tasks)
+        await b.drain()
+
+    asyncio.run(main())
+    lone, burst = calls[:4], calls[4:]
+    assert [on_loop for _, on_loop in lone] == [False, True, True, True]  # serial traffic: on the loop
+    assert sum(on_loop for _, on_loop in burst) < PROBE_EVERY  # then at most until the probe
+    assert sum(rows for rows, _ in burst) == 64 and len(burst) <= 48  # batched (each alone: 64 runs)
+
+
 def test_a_request_queued_behind_a_batch_does_not_wait_for_requests_already_answered():
     """Requests whose answers are set no longer count as "on their way": the next batch starts at once."""
     calls: list[int] = []
