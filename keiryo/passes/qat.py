@@ -7,6 +7,10 @@ symmetric int8 weights (straight-through gradients). The wrappers are then
 removed: the result is a plain float model whose weights and activation ranges
 are robust to that quantization. Follow it with ``quantize.int8_static`` (the
 recipe ``qat`` does), so what ships is the ordinary int8 ONNX file, measured.
+
+With ``train.dp`` (DP-SGD), the layers are wrapped by :class:`PrivateFakeQuant` instead: input ranges fixed
+from the calibration split before training, weights owned by the wrapper so Opacus gets exact per-sample
+gradients (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -108,6 +112,79 @@ class ClampInput(nn.Module):
         return self.inner(x.clamp(self.lo, self.hi))
 
 
+class PrivateFakeQuant(nn.Module):
+    """The fake-quant wrapper for DP-SGD (``train.dp``): the same int8 grid as :class:`FakeQuant`, two differences.
+
+    * Input ranges are **fixed before training** from the calibration split (``--calib-data``: public or
+      synthetic data keeps them inside the guarantee), not observed on private batches.
+    * The layer's weight and bias are **owned by this module** and passed to the layer with
+      ``torch.func.functional_call``, so Opacus sees one trainable module and computes its per-sample gradients
+      exactly (functorch: vmap of this forward), straight-through the weight rounding. :meth:`release` gives the
+      layer its parameters back.
+    """
+
+    inner: Any
+
+    def __init__(self, inner: nn.Module, cfg: QatConfig, lo: float, hi: float):
+        super().__init__()
+        self.a_max = 2**cfg.activation_bits - 1
+        self.w_max = 2 ** (cfg.weight_bits - 1) - 1
+        self.lo, self.hi = min(lo, 0.0), max(hi, 0.0)
+        self.a_scale = max((self.hi - self.lo) / self.a_max, 1e-8)
+        self.a_zero = int(round(-self.lo / self.a_scale))
+        self.weight = inner.weight
+        self.bias = inner.bias
+        del inner.weight, inner.bias
+        inner.weight = inner.bias = None  # plain attributes: functional_call supplies the tensors
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero, 0, self.a_max)
+        w = self.weight
+        w_scale = (w.detach().abs().reshape(w.shape[0], -1).amax(dim=1) / self.w_max).clamp(min=1e-8)
+        wq = torch.fake_quantize_per_channel_affine(
+            w, w_scale, torch.zeros(w.shape[0], dtype=torch.int32), 0, -self.w_max, self.w_max
+        )
+        return torch.func.functional_call(self.inner, {"weight": wq, "bias": self.bias}, (xq,))
+
+    def range(self) -> tuple[float, float]:
+        return (0 - self.a_zero) * self.a_scale, (self.a_max - self.a_zero) * self.a_scale
+
+    def release(self) -> nn.Module:
+        inner = self.inner
+        del inner.weight, inner.bias
+        inner.weight = self.weight
+        inner.bias = self.bias  # None stays a plain attribute, as nn.Linear(bias=False) has it
+        return inner
+
+
+def observed_ranges(module: nn.Module, layers: dict[str, nn.Module], split: Any, batch_size: int = 64) -> dict[str, Any]:
+    """Each layer's input min/max over ``split`` (eval mode, no gradients): the fixed ranges of DP QAT."""
+    from keiryo.model.io import call_module
+
+    found: dict[str, list[float]] = {n: [0.0, 0.0] for n in layers}
+
+    def hook(name: str) -> Any:
+        def record(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            found[name][0] = min(found[name][0], float(args[0].min()))
+            found[name][1] = max(found[name][1], float(args[0].max()))
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for x, _ in split.batches(batch_size, shuffle=False):
+                call_module(module, x, list(x))
+    finally:
+        module.train(was)
+        for h in handles:
+            h.remove()
+    return found
+
+
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
@@ -115,27 +192,27 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 @register_pass("quantize.qat", QatConfig, stage="torch", summary="quantization-aware fine-tuning (then int8 static)")
 def qat(handle: Any, cfg: QatConfig, ctx: PassContext) -> PassResult:
-    ctx.require_data("quantize.qat")
-    if cfg.train.dp is not None:
-        raise PassError(  # tried: Opacus stops with "Per sample gradient is not initialized" (see docs/privacy.md)
-            "quantize.qat: train.dp is not supported: its fake-quantized layers use their weights functionally, where "
-            "Opacus computes no per-sample gradients, and it sets activation ranges from the min/max of private batches, "
-            "which DP-SGD does not cover; train with DP first (a fine-tune or distill step with train.dp), then "
-            "quantize.int8_static calibrated on public or synthetic data (--calib-data)"
-        )
+    data = ctx.require_data("quantize.qat")
+    private = cfg.train.dp is not None
     handle = handle.clone()
     layers = prunable_layers(handle.module)
     if not layers:
         raise PassError("quantize.qat: the model has no Conv or Linear layer to quantize")
-    for name, m in layers.items():
-        _replace(handle.module, name, FakeQuant(m, cfg))
-    # the state's parameter names (masks, palettes) gain ".inner": layers stay wrapped (ClampInput) afterwards
     comp = handle.metadata.get("compression", {})
-    for kind in ("masks", "palettes"):
-        for pname in list(comp.get(kind, {})):
-            layer, _, leaf = pname.rpartition(".")
-            if layer in layers:
-                comp[kind][f"{layer}.inner.{leaf}"] = comp[kind].pop(pname)
+    if private:  # ranges fixed from the calibration split; weights keep their names (PrivateFakeQuant.weight)
+        start = observed_ranges(handle.module, layers, data.calib)
+        for name, m in layers.items():
+            _replace(handle.module, name, PrivateFakeQuant(m, cfg, *start[name]))
+    else:
+        for name, m in layers.items():
+            _replace(handle.module, name, FakeQuant(m, cfg))
+        # the state's parameter names (masks, palettes) gain ".inner": layers stay wrapped (ClampInput) afterwards
+        for kind in ("masks", "palettes"):
+            for pname in list(comp.get(kind, {})):
+                layer, _, leaf = pname.rpartition(".")
+                if layer in layers:
+                    comp[kind][f"{layer}.inner.{leaf}"] = comp[kind].pop(pname)
+    learned = cfg.learn_ranges and not private
     try:
         res = finetune(handle, ctx, cfg.train, description="quantize.qat")
     finally:
@@ -143,8 +220,9 @@ def qat(handle: Any, cfg: QatConfig, ctx: PassContext) -> PassResult:
         for name in layers:
             fq = handle.module.get_submodule(name)
             ranges[name] = fq.range()
-            _replace(handle.module, name, ClampInput(fq.inner, *ranges[name]) if cfg.learn_ranges else fq.inner)
-        if not cfg.learn_ranges:
+            inner = fq.release() if private else fq.inner
+            _replace(handle.module, name, ClampInput(inner, *ranges[name]) if learned else inner)
+        if not learned and not private:
             for kind in ("masks", "palettes"):
                 for pname in list(comp.get(kind, {})):
                     comp[kind][pname.replace(".inner.", ".")] = comp[kind].pop(pname)
@@ -156,4 +234,12 @@ def qat(handle: Any, cfg: QatConfig, ctx: PassContext) -> PassResult:
     }
     if res is not None:
         info.update(epochs=res.epochs_run, best_val=res.best_val, metric=res.metric)
+    if private:
+        calib = data.summary()["calibration"]
+        info["activation_ranges_from"] = calib
+        if calib.get("train_split", True):
+            info["privacy_note"] = (
+                "activation ranges were fixed from the private train split (calibration), which the DP guarantee does "
+                "not cover; --calib-data synthetic or a public data source is covered"
+            )
     return PassResult(handle, info)

@@ -1,5 +1,5 @@
 """DP-SGD through Opacus: delta default, reachable epsilon, BatchNorm conversion, unsupported layers, the
-guarantee a run records, DP weights reloaded, DP distillation, and QAT refusing DP."""
+guarantee a run records, DP weights reloaded, DP distillation, and DP QAT."""
 
 from __future__ import annotations
 
@@ -143,17 +143,85 @@ def test_dp_weights_reload_into_the_original_factory_with_their_guarantee(dp_tra
         assert torch.equal(again.module.eval()(x), h.module.eval()(x))
 
 
-def test_dp_distillation_records_the_guarantee_in_the_steps_info_and_qat_refuses_dp(tiny_trained, digits):
+def test_dp_distillation_records_the_guarantee_in_the_steps_info(tiny_trained, digits):
     ctx = PassContext(data=digits, teacher=tiny_trained, task=get_task("classification").bind(tiny_trained.output_names))
     dp = DPConfig(target_epsilon=4, accountant="rdp")  # RDP: a faster noise search than PRV (the default, tested above)
     res = apply(tiny_trained, DistillConfig(train=FinetuneConfig(epochs=1, lr=1e-2, batch_size=128, dp=dp)), ctx)
     rec = res.info["privacy"]
     assert rec["target_epsilon"] == 4 and rec["accountant"] == "rdp" and rec["epsilon"] <= 4 < rec["epsilon"] * 1.1
     assert "privacy_step" not in res.model.metadata
-    with pytest.raises(PassError, match="quantize.qat: train.dp is not supported") as refused:
-        apply(tiny_trained, QatConfig(train=FinetuneConfig(epochs=1, dp=dp)), ctx)
-    assert "min/max of private batches" in str(refused.value) and "--calib-data" in str(refused.value)
-    assert "\n" not in str(refused.value)  # one line
+
+
+@pytest.fixture(scope="module")
+def mlp_trained(digits):
+    """A model without BatchNorm (DP would turn it into a fresh GroupNorm), trained without DP (~2 s)."""
+    h = load_model("zoo:mlp", digits, options={"hidden": [32]}, output_name="logits", seed=0)
+    train(h, digits, get_task("classification").bind(h.output_names), TrainConfig(epochs=20, lr=1e-2), progress=False)
+    return h
+
+
+@pytest.mark.parametrize("calib", ["train", "synthetic"])
+def test_qat_with_dp_trains_on_the_int8_grid_with_ranges_from_the_calibration_split(mlp_trained, digits, calib):
+    """QAT under DP-SGD: ranges fixed from the calibration split before training (the private train split is
+    recorded as not covered; synthetic data is), the guarantee recorded, the layers plain again afterwards."""
+    from keiryo.data.splits import with_calibration
+
+    data = with_calibration(digits, calib, 128)
+    ctx = PassContext(data=data, task=get_task("classification").bind(mlp_trained.output_names))
+    dp = DPConfig(target_epsilon=8, accountant="rdp")
+    before = {k: v.clone() for k, v in mlp_trained.module.state_dict().items()}
+    res = apply(mlp_trained, QatConfig(train=FinetuneConfig(epochs=2, lr=2e-3, batch_size=128, dp=dp)), ctx)
+    rec = res.info["privacy"]
+    assert rec["mechanism"] == "DP-SGD" and rec["epsilon"] <= 8 and rec["steps"] > 0
+    assert res.info["activation_ranges_from"]["source"] == calib
+    assert ("privacy_note" in res.info) == (calib == "train")
+    lo, hi = next(iter(res.info["activation_ranges"].values()))
+    assert lo <= 0 < hi
+    after = res.model.module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)  # it trained
+    assert all(type(m).__name__ not in ("PrivateFakeQuant", "FakeQuant") for m in res.model.module.modules())
+    assert all(isinstance(m.weight, nn.Parameter) for m in res.model.module.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+    with torch.no_grad():  # still a working classifier (chance is 0.1)
+        pred = res.model.module.eval()(digits.test.inputs["image"]).argmax(1)
+    acc = float((pred == torch.as_tensor(digits.test.targets)).float().mean())
+    assert acc > 0.8, acc
+
+
+def test_per_sample_gradients_through_private_fake_quant_layers_are_exact(digits):
+    """Opacus's per-sample gradients of a QAT model under DP (PrivateFakeQuant: fixed input ranges, the layer's
+    weight owned by the wrapper) equal torch.func's vmap(grad) of each sample's loss, straight through the int8
+    rounding of weights and inputs."""
+    import copy
+
+    from opacus import GradSampleModule
+    from torch.func import functional_call, grad, vmap
+
+    from keiryo.passes.qat import PrivateFakeQuant
+
+    h = load_model("zoo:mlp", digits, options={"hidden": [16]}, output_name="logits", seed=1)
+    cfg = QatConfig()
+    for n in [n for n, m in h.module.named_modules() if isinstance(m, nn.Linear)]:
+        parent, _, leaf = n.rpartition(".")
+        layer = h.module.get_submodule(n)
+        setattr(h.module.get_submodule(parent) if parent else h.module, leaf, PrivateFakeQuant(layer, cfg, -0.5, 4.0))
+    for m in h.module.modules():  # as prepare_module does: Opacus's hooks cannot see through in-place activations
+        if getattr(m, "inplace", False):
+            m.inplace = False
+    ref_module = copy.deepcopy(h.module)
+    x, y = digits.train.inputs["image"][:12], torch.as_tensor(digits.train.targets[:12])
+    gsm = GradSampleModule(h.module, loss_reduction="sum")
+    nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    params = {k: v.detach() for k, v in ref_module.named_parameters()}
+
+    def one(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(functional_call(ref_module, p, (xi[None],)), yi[None], reduction="sum")
+
+    want = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    for name, p in h.module.named_parameters():
+        assert p.grad_sample.shape == (12, *p.shape)
+        assert torch.allclose(p.grad_sample, want[name], atol=1e-6), name
+    assert float(want[next(iter(want))].abs().max()) > 0
+    gsm._close()
 
 
 def test_dp_config_round_trips_inside_the_training_configs():
@@ -161,31 +229,6 @@ def test_dp_config_round_trips_inside_the_training_configs():
     assert TrainConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match="unknown field 'epsilon'"):
         DPConfig.parse({"target_epsilon": 1, "epsilon": 2})
-
-
-def test_why_qat_refuses_dp_opacus_gets_no_per_sample_gradients_through_fake_quant_layers(digits):
-    """The trial behind QAT's refusal: Opacus on a fake-quantized model (each Linear wrapped by QAT's FakeQuant)
-    computes no per-sample gradient for the weights F.linear uses functionally. If an Opacus release ever does,
-    this fails: revisit the refusal (the activation ranges would still need public data)."""
-    from keiryo.model.io import call_module, flatten_outputs
-    from keiryo.passes.qat import FakeQuant
-    from keiryo.privacy.dp import make_private
-
-    h = load_model("zoo:mlp", digits, options={"hidden": [16]}, output_name="logits")
-    cfg = DPConfig(target_epsilon=8, accountant="rdp")
-    linears = [n for n, m in h.module.named_modules() if isinstance(m, nn.Linear)]
-    for n in linears:
-        parent, _, leaf = n.rpartition(".")
-        setattr(h.module.get_submodule(parent) if parent else h.module, leaf, FakeQuant(h.module.get_submodule(n), QatConfig()))
-    module, _ = prepare_module(h.module, cfg)
-    run = make_private(module, torch.optim.SGD(module.parameters(), lr=0.1), digits.train, 256, 1, cfg, seed=0)
-    task = get_task("classification").bind(h.output_names)
-    x, y = next(iter(run.loader))
-    loss = task.loss(flatten_outputs(call_module(run.module, x, h.input_names))[0], task.targets(y))
-    loss.backward()
-    with pytest.raises(ValueError, match="Per sample gradient is not initialized"):
-        run.optimizer.step()
-    run.close()
 
 
 def test_sample_losses_are_the_per_sample_form_of_each_tasks_loss():
