@@ -70,6 +70,7 @@ class Batcher:
         self._arrivals = 0  # requests that reached submit(), ever
         self._serial = False  # the last request answered was alone for its whole stay
         self._inline_runs = 0  # fast-path runs since a request last took the queue
+        self.runs = {"inline": 0, "queued": 0}  # requests answered by each path (tests, debugging)
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_ms / 1000
         self.max_queue = max_queue
@@ -107,6 +108,7 @@ class Batcher:
                     alone = self._arrivals == arrival and self._queue.empty()
                     if alone:
                         self._inline_runs += 1
+                        self.runs["inline"] += 1
                         self._on_queue_time(0.0)
                         self._on_batch(rows)
                         return self._timed(inputs, rows)
@@ -114,6 +116,7 @@ class Batcher:
                     self.in_flight -= 1
                 self._serial = False  # company came in that turn
         self._inline_runs = 0
+        self.runs["queued"] += 1
         item = _Item(inputs, rows, asyncio.get_running_loop().create_future())
         self.in_flight += 1
         try:

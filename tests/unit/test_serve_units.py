@@ -342,3 +342,38 @@ def test_small_bodies_are_parsed_on_the_loop_and_big_ones_in_the_worker():
     assert not after_small and after_big
     assert json.loads(out_small[0])["outputs"][0]["data"] == [2.0, 4.0]
     assert json.loads(out_big[0])["outputs"][0]["shape"] == [1000, 2]
+
+
+def test_log_lines_are_written_by_the_background_thread_and_flushed_on_stop():
+    """keiryo serve's log handler: lines formatted in the caller's thread, written in one go by a thread that
+    wakes on its own clock (no hand-off per line), all of them out by stop()."""
+    import io
+    import logging
+
+    from keiryo.serve.run import BackgroundLines
+
+    stream = io.StringIO()
+    h = BackgroundLines(stream, interval=0.01)
+    h.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger("keiryo.test-background-lines")
+    log.addHandler(h)
+    log.propagate = False
+    try:
+        h.start()
+        log.warning("first %d", 1)
+        deadline = time.time() + 5
+        while "first 1" not in stream.getvalue() and time.time() < deadline:
+            time.sleep(0.01)
+        assert stream.getvalue() == "WARNING first 1\n"  # written by the thread, without stop()
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+        for i in range(100):
+            log.warning("line %d", i)
+        h.stop()
+    finally:
+        log.removeHandler(h)
+    lines = stream.getvalue().splitlines()
+    assert lines[1] == "ERROR failed" and "ValueError: boom" in stream.getvalue()
+    assert lines[-100:] == [f"WARNING line {i}" for i in range(100)]
