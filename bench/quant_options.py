@@ -4,6 +4,13 @@ alone on the int8 grid (activations float), on EfficientNet-Lite (bench/models/e
 crops labelled by the fp32 model (bench/models/natural_images.py). Accuracy only: no latency here.
 
     nice -n 5 .venv/bin/python bench/quant_options.py --model lite0     # ~15 min on 2 busy cores
+
+``--ladder`` runs the ``quantize.int8_auto`` ladder instead (``--rungs``, default all, QAT with distillation last;
+``--qat '{"epochs": 2}'`` sets the qat rung's options) at ``--budget`` (validation agreement points below fp32) and
+prints each rung's record and the result on the test crops: agreement, size ratio, p50 speed-up (1 thread,
+in-process, indicative) and the ladder's wall time.
+
+    nice -n 5 .venv/bin/python bench/quant_options.py --model lite0 --ladder --budget 2
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +56,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="lite0")
     ap.add_argument("--test", type=int, default=1000)
+    ap.add_argument("--ladder", action="store_true", help="run the int8-auto ladder instead of the option table")
+    ap.add_argument("--rungs", default="", help="comma-separated int8-auto rungs (default: all)")
+    ap.add_argument("--budget", type=float, default=2.0, help="int8-auto max_accuracy_drop (validation points)")
+    ap.add_argument("--qat", default="{}", help="JSON options of the qat rung (QatDistillConfig)")
     args = ap.parse_args()
     data = load_data(
         DataSpec(
@@ -68,6 +80,8 @@ def main() -> int:
         with open_session("onnxruntime", path, 2) as s:
             return float((predict(s, data.test)[0].argmax(1) == y).mean())
 
+    if args.ladder:
+        return ladder(args, data, h, export(h, "onnx", work / "src.onnx"), agree, work)
     with open_session("onnxruntime", pre, 2) as s:
         logits = predict(s, data.test)[0]
     e = np.exp(logits - logits.max(1, keepdims=True))
@@ -86,6 +100,42 @@ def main() -> int:
         few = {k: v[:128] for k, v in cal.items()}  # what quantize_int8_static's rounding_samples reads
         round_weights(pre, work / "w.onnx", few, rounding=rounding, bias_correction=bc, per_channel=True)
         print(f"| weights only on the int8 grid, {name} | {agree(work / 'w.onnx') * 100:.1f} | |", flush=True)
+    return 0
+
+
+def ladder(args: argparse.Namespace, data: Any, h: Any, fp32: Any, agree: Any, work: Path) -> int:
+    """The int8-auto ladder on the fp32 file, with the torch model as the qat rung's source; the chosen file on test."""
+    import json
+
+    from keiryo.evaluate import size_of
+    from keiryo.passes import PassContext, apply, get_pass
+
+    params: dict[str, Any] = {"max_accuracy_drop": args.budget, "qat": json.loads(args.qat)}
+    if args.rungs:
+        params["rungs"] = args.rungs.split(",")
+    cfg = get_pass("quantize.int8_auto").config.parse(params)
+    ctx = PassContext(data=data, workdir=work / "ladder", threads=1, progress=True, source=h)
+    t0 = time.monotonic()
+    res = apply(fp32, cfg, ctx)
+    wall = time.monotonic() - t0
+    info = res.info
+    print(f"EfficientNet-{args.model}: int8-auto at {args.budget} pt on {len(data.val)} validation crops; "
+          f"ladder {wall / 60:.1f} min; fp32 p50 {info['fp32_latency_p50_ms']} ms (1 thread)")  # fmt: skip
+    print("| rung | val drop pt | size | p50 ms | speed-up | seconds | notes |\n|---|---:|---:|---:|---:|---:|---|")
+    fp32_size = size_of(fp32.path).size_bytes
+    for r in info["ladder"]:
+        if r["status"] != "ok":
+            print(f"| {r['rung']} | failed: {r['error'][:100]} | | | | {r['seconds']} | |")
+            continue
+        notes = json.dumps(r.get("qat") or r.get("float_layers") or r.get("wide_activations") or "")
+        print(f"| {r['rung']} | {r['val_drop']} | {fp32_size / r['size_bytes']:.2f}x | {r['latency_p50_ms']} | "
+              f"{info['fp32_latency_p50_ms'] / r['latency_p50_ms']:.2f}x | {r['seconds']} | {notes} |", flush=True)  # fmt: skip
+    chosen = next(r for r in info["ladder"] if r["rung"] == info["chosen"] and r["status"] == "ok")
+    print(f"chosen {info['chosen']} (budget met: {info['budget_met']}): agreement on {args.test} test crops "
+          f"{agree(res.model.path) * 100:.1f}%, {fp32_size / chosen['size_bytes']:.2f}x smaller, "
+          f"{info['fp32_latency_p50_ms'] / chosen['latency_p50_ms']:.2f}x faster p50, ladder {wall / 60:.1f} min")  # fmt: skip
+    (work / "ladder.json").write_text(json.dumps(info, indent=1, default=str))
+    print(f"ladder record: {work / 'ladder.json'}")
     return 0
 
 

@@ -35,6 +35,7 @@ class PassContext:
     progress: bool = False
     step_index: int = 0
     teacher: Any = None  # the recipe's input model (ModelHandle): the teacher for distillation
+    source: Any = None  # format-level passes: the torch model (ModelHandle) their file was exported from, when known
     task: Any = None  # keiryo.tasks.Task: the losses training passes use, the metric fallback budgets
     device: str = "cpu"  # where training passes run (auto | cpu | cuda | mps)
 

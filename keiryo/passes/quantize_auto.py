@@ -10,13 +10,16 @@ The rungs, cheapest first (each a complete int8 file, measured on onnxruntime ag
 5. ``precision``: the gptq rung with float graph outputs and 16-bit activations on the 4 tensors whose int8
    rounding alone costs the most output error (measured: :mod:`keiryo.passes.quantize_precision`);
 6. ``fallback``: the gptq rung with the most sensitive layers kept float, one at a time
-   (:mod:`keiryo.passes.quantize_fallback`), until the budget is met or ``max_float_layers``.
+   (:mod:`keiryo.passes.quantize_fallback`), until the budget is met or ``max_float_layers``;
+7. ``qat``: quantization-aware fine-tuning of the torch model the file was exported from, distilled from that fp32
+   model on the calibration inputs (no labels: :func:`keiryo.passes.qat.distill_qat`), exported again and quantized
+   by ``quantize.int8_static`` with the activation ranges it learned, so what it records is the onnxruntime file.
+   It needs ``ctx.source`` (the recipe runner sets it) and is capped in time (``qat.max_seconds``, ``qat.epochs``).
 
 The first rung that meets ``max_accuracy_drop`` is the result. Every attempt is kept in the pass's info
 (``ladder``: rung, options, validation drop, size, p50 latency on this machine, seconds, or the error a backend
 raised inside it: a crash fails that rung, not the run). When no rung meets the budget, the closest one is
 the result and ``closest`` lists the best attempts; the candidate's ``budget_met`` says so.
-QAT with distillation (the rung after these) is a torch-level step: the recipe ``qat`` runs it.
 """
 
 from __future__ import annotations
@@ -27,16 +30,18 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field
 
 from keiryo.config import KeiryoConfig
 from keiryo.errors import first_line
 from keiryo.export import Artifact
 from keiryo.passes import PassContext, PassResult, register_pass
+from keiryo.passes.qat import MIN_DISTILL_SAMPLES, QatDistillConfig
 from keiryo.passes.quantize_fallback import Int8FallbackConfig, _val_metrics, fallback_search
 from keiryo.passes.quantize_ort import Int8StaticConfig, calibration_data, finish, preprocess, quantize_int8_static
 
-Rung = Literal["ptq", "mse", "bias_correction", "gptq", "precision", "fallback"]
+Rung = Literal["ptq", "mse", "bias_correction", "gptq", "precision", "fallback", "qat"]
 RUNGS: dict[str, dict[str, Any]] = {
     "ptq": {},
     "mse": {"calibration": "mse"},
@@ -51,6 +56,8 @@ RUNGS: dict[str, dict[str, Any]] = {
     },
     # the per-layer search quantizes many times: bias correction on fp32 inputs, computed once and cached
     "fallback": {"calibration": "mse", "rounding": "gptq", "bias_correction": "weights"},
+    # the int8 pass after QAT: its learned ranges on the Conv/Linear inputs, mse ranges elsewhere, float logits
+    "qat": {"calibration": "mse", "float_outputs": True},
 }
 
 
@@ -62,6 +69,7 @@ class Int8AutoConfig(KeiryoConfig):
     max_float_layers: int = Field(8, ge=0, description="the fallback rung stops after keeping this many layers float")
     latency_iterations: int = Field(50, ge=5, description="timed runs of each rung's p50 (batch 1, the run's threads)")
     quant: Int8StaticConfig = Field(default_factory=Int8StaticConfig, description="options every rung starts from")
+    qat: QatDistillConfig = Field(default_factory=QatDistillConfig, description="the qat rung's training (and its time cap)")
 
 
 def _p50_ms(path: Path, sample: dict[str, Any], threads: int, iterations: int) -> float:
@@ -81,6 +89,14 @@ def _p50_ms(path: Path, sample: dict[str, Any], threads: int, iterations: int) -
 )
 def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassResult:
     x_cal = calibration_data(ctx, cfg.quant, "quantize.int8_auto")
+    n_cal = len(next(iter(x_cal.values())))
+    if "qat" in cfg.rungs and n_cal < MIN_DISTILL_SAMPLES:  # said before the ladder's minutes, not after them
+        from keiryo.errors import DataError
+
+        raise DataError(
+            f"quantize.int8_auto: the qat rung needs at least {MIN_DISTILL_SAMPLES} calibration samples, got {n_cal}; "
+            "give more (--calib-size) or leave qat out of rungs"
+        )
     val, task = ctx.data.val, ctx.get_task()
     out = ctx.out_path("int8_auto", ".onnx")
     sample = {k: v[:1] for k, v in x_cal.items()}
@@ -105,6 +121,9 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                     fb_info = fallback_search(src, dst, x_cal, fb, ctx, tdp / "fallback")
                     rec["float_layers"] = fb_info["float_layers"]
                     drop = fb_info["val_drop_pt"]
+                elif rung == "qat":
+                    rec.update(qat_rung(dst, x_cal, qcfg, cfg.qat, ctx, tdp / "qat"))
+                    drop = float(task.drop(ref, _val_metrics(dst, val, task, ref_outs, ctx.threads)[0]))
                 else:
                     chosen_here: dict[str, Any] = {}
                     # precision adds to gptq's file: the same ranges and rounded weights (cached beside them)
@@ -157,3 +176,98 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
             f"kept the closest ({chosen['rung']}, {chosen['val_drop']})"
         )
     return finish(model, out, info)
+
+
+def qat_rung(
+    dst: Path, x: dict[str, Any], qcfg: Int8StaticConfig, cfg: QatDistillConfig, ctx: PassContext, work: Path
+) -> dict[str, Any]:
+    """The ``qat`` rung: distil a fake-quantized copy of ``ctx.source`` from it on ``x`` (unlabeled), export it, and
+    quantize that file into ``dst`` with the ranges QAT trained with. Returns what the ladder records."""
+    from keiryo.errors import PassError
+    from keiryo.export import export
+    from keiryo.passes.qat import distill_qat
+
+    if ctx.source is None:
+        raise PassError(
+            "the qat rung needs the torch model this file was exported from (PassContext.source); "
+            "run int8-auto as a recipe (keiryo compress), where the runner passes it"
+        )
+    work.mkdir()
+    student = ctx.source.clone()
+    log = None
+    if ctx.progress:
+        from keiryo._console import stderr_console
+
+        def log(msg: str) -> None:
+            stderr_console().print(f"    {msg}", highlight=False, markup=False)
+
+    rec, ranges = distill_qat(student, ctx.source, x, cfg, ctx.get_task(), ctx.seed, "int8-auto rung qat", log)
+    exported = export(student, "onnx", work / "qat-fp32.onnx")
+    src = preprocess(exported.path, work / "qat-pre.onnx") if qcfg.preprocess else exported.path
+    cache = work / "ranges.json"
+    if cfg.learn_ranges:
+        rec["learned_ranges"] = write_ranges(src, exported.path, x, qcfg, ranges, cache, work)
+    chosen: dict[str, Any] = {}
+    quantize_int8_static(src, dst, x, qcfg, cache=cache if cache.is_file() else None, report=chosen)
+    return {"qat": rec, **chosen}
+
+
+def write_ranges(
+    src: Path,
+    exported: Path,
+    x: dict[str, Any],
+    qcfg: Int8StaticConfig,
+    learned: dict[str, tuple[float, float]],
+    cache: Path,
+    work: Path,
+) -> int:
+    """An onnxruntime calibration cache for ``src``: ``qcfg``'s ranges (mse or minmax), with each Conv/Gemm input
+    that QAT trained a range for set to that range. Torch layer ``a.b`` is the node whose weight is ``a.b.weight``
+    (the exporter names initializers after parameters); a Pad in front of it (TensorFlow SAME padding) shares the
+    range. Returns how many tensors took a learned range."""
+    import onnx
+    from onnxruntime.quantization.calibrate import (
+        CalibrationMethod,
+        TensorData,
+        TensorsData,
+        load_tensors_data,
+        save_tensors_data,
+    )
+
+    from keiryo.passes.quantize_ranges import minmax_ranges, mse_ranges
+
+    n = len(next(iter(x.values())))
+    batch = min(qcfg.calib_batch, n)
+
+    class Reader:
+        def __init__(self) -> None:
+            self._it = iter([{k: v[i : i + batch] for k, v in x.items()} for i in range(0, n, batch)])
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self._it, None)
+
+    if qcfg.calibration == "mse":
+        mse_ranges(src, Reader, qcfg.op_types, qcfg.activation_type == "int8", cache, work)
+    else:
+        minmax_ranges(src, Reader, qcfg.op_types, cache, work)
+    data = dict(load_tensors_data(str(cache)).items())
+    graph = onnx.load(str(exported), load_external_data=False).graph
+    producer = {o: node for node in graph.node for o in node.output}
+    tensors: dict[str, tuple[float, float]] = {}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        layer = node.input[1].removeprefix("inner.").removesuffix(".weight")
+        if layer in learned:
+            t = node.input[0]
+            tensors[t] = learned[layer]
+            pad = producer.get(t)
+            if pad is not None and pad.op_type == "Pad":
+                tensors[pad.input[0]] = learned[layer]
+    hit = 0
+    for t, (lo, hi) in tensors.items():
+        if t in data:
+            data[t] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+            hit += 1
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
+    return hit

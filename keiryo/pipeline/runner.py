@@ -178,6 +178,7 @@ def run_steps(
                     "macs": res.macs,
                 },
             )
+    ctx.source = res.model  # what format-level steps were exported from (int8-auto's QAT rung trains it)
     for i, (spec, cfg) in enumerate(steps_cfg[n_torch:], start=n_torch + 1):
         _log(opts, f"  [{recipe.name}] step {i}/{len(steps_cfg)}: {spec.name}")
         ctx.step_index = i

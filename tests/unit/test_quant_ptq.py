@@ -258,3 +258,81 @@ def test_compress_dry_run_shows_int8_escalating_only_with_an_explicit_budget():
     r = CliRunner().invoke(app, ["compress", "-m", "mobilenetv2", "-r", "int8", "-o", "x", "--dry-run"])
     assert r.exit_code == 0, r.output
     assert "quantize.int8_static" in r.output and "int8_auto" not in r.output
+
+
+def _useless_ptq(monkeypatch):
+    """PTQ rungs write int8 files with zeroed weights (no PTQ rung can meet any budget); the qat rung's own file,
+    quantized from its fine-tuned export (``qat-pre.onnx``), is left as onnxruntime makes it."""
+    import keiryo.passes.quantize_auto as auto
+
+    real = auto.quantize_int8_static
+
+    def fake(src, dst, x, cfg, **kw):
+        real(src, dst, x, cfg, **kw)
+        if "qat" in str(src):
+            return
+        m = onnx.load(str(dst))
+        for init in m.graph.initializer:
+            if init.data_type == onnx.TensorProto.INT8:
+                init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+        onnx.save(m, str(dst))
+
+    monkeypatch.setattr(auto, "quantize_int8_static", fake)
+
+
+def test_int8_auto_climbs_to_the_qat_rung_and_distils_without_labels(tiny_trained, digits, tmp_path, monkeypatch):
+    import dataclasses
+
+    from keiryo.data.splits import MemorySplit
+
+    _useless_ptq(monkeypatch)
+    fp32 = export(tiny_trained, "onnx", tmp_path / "fp32.onnx")
+    cfg = get_pass("quantize.int8_auto").config.parse(
+        {"max_accuracy_drop": 0.0, "rungs": ["ptq", "qat"], "latency_iterations": 5, "qat": {"epochs": 2, "batch_size": 16}}
+    )
+
+    def ladder(data, where, cfg=cfg):
+        where.mkdir()
+        res = apply(fp32, cfg, PassContext(data=data, workdir=where, source=tiny_trained))
+        return res.info, onnx.load(str(res.model.path))
+
+    info, model = ladder(digits, tmp_path / "a")
+    ptq, qat = info["ladder"]
+    assert [r["rung"] for r in info["ladder"]] == ["ptq", "qat"] and qat["status"] == "ok", qat
+    assert not ptq["budget_met"] and info["chosen"] == "qat" and qat["val_drop"] < ptq["val_drop"]
+    assert qat["qat"]["steps"] == 2 * 4 and qat["qat"]["learned_ranges"] >= 3  # 64 samples, batches of 16
+    assert qat["qat"]["loss_last"] < qat["qat"]["loss_first"] and qat["size_bytes"] > 0 and qat["seconds"] > 0
+    assert qat["options"] == {"calibration": "mse", "float_outputs": True}
+    # every label the rung could see replaced by garbage: the same training, the same int8 file
+    rng = np.random.default_rng(1)
+
+    def garbage(split):
+        return MemorySplit(split.inputs, torch.from_numpy(rng.integers(0, 10, len(split))))
+
+    noisy = dataclasses.replace(digits, train=garbage(digits.train.take()), calib=garbage(digits.calib))
+    info2, model2 = ladder(noisy, tmp_path / "b", cfg.model_copy(update={"rungs": ["qat"]}))
+    again = info2["ladder"][0]
+    assert again["qat"] == {**qat["qat"], "train_seconds": again["qat"]["train_seconds"]}
+    assert again["val_drop"] == qat["val_drop"]
+    w1 = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    w2 = {i.name: numpy_helper.to_array(i) for i in model2.graph.initializer}
+    assert w1.keys() == w2.keys() and all(np.array_equal(w1[k], w2[k]) for k in w1)
+
+
+def test_int8_auto_qat_rung_needs_the_source_model_and_enough_calibration_samples(tiny_trained, digits, tmp_path):
+    import dataclasses
+
+    from keiryo.passes.qat import MIN_DISTILL_SAMPLES
+
+    fp32 = export(tiny_trained, "onnx", tmp_path / "fp32.onnx")
+    cfg = get_pass("quantize.int8_auto").config.parse({"max_accuracy_drop": 0.0, "rungs": ["qat"], "latency_iterations": 5})
+    few = dataclasses.replace(digits, calib=digits.calib[: MIN_DISTILL_SAMPLES - 1])
+    with pytest.raises(DataError) as e:
+        apply(fp32, cfg, PassContext(data=few, workdir=tmp_path, source=tiny_trained))
+    msg = str(e.value)
+    assert f"needs at least {MIN_DISTILL_SAMPLES} calibration samples, got {MIN_DISTILL_SAMPLES - 1}" in msg
+    assert "\n" not in msg
+    from keiryo.errors import PassError
+
+    with pytest.raises(PassError, match="needs the torch model this file was exported from"):  # no ctx.source
+        apply(fp32, cfg, PassContext(data=digits, workdir=tmp_path))
