@@ -729,6 +729,10 @@ def deploy(
     source: Annotated[Optional[str], typer.Option(help="agent: the registry URL (or directory) the device pulls from")] = None,
     trusted_root: Annotated[Optional[Path], typer.Option("--trusted-root", help="agent: the registry's tuf/1.root.json")] = None,
     alias: Annotated[str, typer.Option(help="agent: the alias the device follows")] = "production",
+    keiryo_wheel: Annotated[
+        Optional[Path],
+        typer.Option("--keiryo-wheel", help="docker: keiryo's wheel for the image (default: built from the source tree)"),
+    ] = None,
 ) -> None:
     """Write deploy assets: a slim CPU-only Docker build context, Kubernetes Deployment + Service + HPA + NetworkPolicy,
     a scale-to-zero Knative Service, or a systemd unit for `keiryo agent` on a device."""
@@ -742,7 +746,7 @@ def deploy(
     elif kind == "docker":
         if public_key is None:
             raise ConfigError("deploy docker: pass --public-key (the image verifies its package at every start)")
-        path = write_docker(pkg, public_key, out)
+        path = write_docker(pkg, public_key, out, wheel=keiryo_wheel)
         _console().print(f"docker build context: {path} (docker build -t IMAGE {path})", highlight=False)
     elif kind == "k8s":
         if public_key is None:

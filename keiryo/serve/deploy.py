@@ -37,6 +37,44 @@ def lock_file(runtime: str) -> Path:
     return Path(__file__).with_name(LOCKS[runtime])
 
 
+WHEEL_RE = re.compile(r"^keiryo-[0-9][0-9A-Za-z.+!_]*-py3-none-any\.whl$")
+
+
+def keiryo_wheel(given: str | Path | None, into: Path) -> Path:
+    """The keiryo wheel the image installs, in ``into``: ``given`` (``--keiryo-wheel``), else one built from the
+    source tree this keiryo runs from (``pip wheel``, a few seconds). Hashed into the lock like every other
+    distribution, so the image installs nothing unpinned."""
+    import subprocess
+    import sys
+
+    into.mkdir(parents=True, exist_ok=True)
+    if given is not None:
+        src = Path(given)
+        if not src.is_file() or not WHEEL_RE.match(src.name):
+            raise ConfigError(f"--keiryo-wheel {given}: expected a keiryo wheel file (keiryo-VERSION-py3-none-any.whl)")
+        return Path(shutil.copy2(src, into / src.name))
+    tree = Path(__file__).resolve().parents[2]
+    if not (tree / "pyproject.toml").is_file() or not (tree / "keiryo" / "serve" / "deploy.py").is_file():
+        raise ConfigError(
+            "deploy docker: keiryo is not running from a source tree, so no wheel can be built for the image; "
+            "pass --keiryo-wheel keiryo-VERSION-py3-none-any.whl"
+        )
+    with tempfile.TemporaryDirectory() as td:
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", td, str(tree)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        built = [p for p in Path(td).iterdir() if WHEEL_RE.match(p.name)]
+        if done.returncode != 0 or len(built) != 1:
+            why = (done.stderr.strip().splitlines() or ["no wheel written"])[-1]
+            raise ConfigError(f"deploy docker: building keiryo's wheel from {tree} failed ({why}); pass --keiryo-wheel")
+        return Path(shutil.move(str(built[0]), into / built[0].name))
+
+
+def _hashed_line(path: Path, where: str) -> str:
+    import hashlib
+
+    return f"{where} --hash=sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}\n"
+
+
 DNS_LABEL_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -57,16 +95,17 @@ def workload_name(manifest: dict[str, Any], max_len: int = 63) -> str:
     return name
 
 
-def _dockerfile(manifest: dict[str, Any], keiryo_spec: str) -> str:
+def _dockerfile(manifest: dict[str, Any]) -> str:
     return f"""# keiryo inference server for {manifest["name"]} {manifest["version"]} ({manifest["format"]} on {manifest["runtime"]}), CPU only.
 # Build: docker build -t {_image(manifest)} .
 # Run:   docker run -p {SERVE_PORT}:{SERVE_PORT} -e KEIRYO_API_KEYS=<key of 16+ chars> {_image(manifest)}
 FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-# The server runs the exported file: the serving set from a lock file with the sha256 of every distribution
-# (pip refuses anything unpinned or whose hash differs), then keiryo without its training stack (torch).
+# The server runs the exported file: the serving set and keiryo's own wheel (not its training stack, torch)
+# from one lock file with the sha256 of every distribution (pip refuses anything unpinned or changed).
 COPY requirements.lock /tmp/requirements.lock
-RUN pip install --require-hashes --no-deps -r /tmp/requirements.lock && pip install --no-deps "{keiryo_spec}"
+COPY wheels /tmp/wheels
+RUN pip install --require-hashes --no-deps -r /tmp/requirements.lock && rm -rf /tmp/wheels
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin keiryo
 COPY --chown=root:root registry /srv/registry
 COPY --chown=root:root public.pem /srv/public.pem
@@ -81,9 +120,9 @@ ENTRYPOINT ["keiryo", "serve", "--registry", "/srv/registry", "--model", "{manif
 """
 
 
-def write_docker(pkg: str | Path, public_key: str | Path, out: str | Path, *, keiryo_spec: str | None = None) -> Path:
-    """A docker build context in ``out`` (written aside, then renamed into place)."""
-    from keiryo import __version__
+def write_docker(pkg: str | Path, public_key: str | Path, out: str | Path, *, wheel: str | Path | None = None) -> Path:
+    """A docker build context in ``out`` (written aside, then renamed into place); ``wheel``: keiryo's wheel for
+    the image (default: built from the source tree, :func:`keiryo_wheel`)."""
     from keiryo.packages.store import PackageStore
 
     src, dst = Path(pkg), Path(out)
@@ -98,8 +137,10 @@ def write_docker(pkg: str | Path, public_key: str | Path, out: str | Path, *, ke
         name, version = store.push(src, public_key, by="keiryo deploy")  # verifies the package
         store.promote(name, version, "production", by="keiryo deploy")
         shutil.copy2(public_key, tmp / "public.pem")
-        shutil.copyfile(lock, tmp / "requirements.lock")
-        (tmp / "Dockerfile").write_text(_dockerfile(manifest, keiryo_spec or f"keiryo=={__version__}"), encoding="utf-8")
+        whl = keiryo_wheel(wheel, tmp / "wheels")
+        text = lock.read_text(encoding="utf-8").rstrip("\n") + "\n" + _hashed_line(whl, f"/tmp/wheels/{whl.name}")
+        (tmp / "requirements.lock").write_text(text, encoding="utf-8")
+        (tmp / "Dockerfile").write_text(_dockerfile(manifest), encoding="utf-8")
         (tmp / ".dockerignore").write_text("**/.lock\n", encoding="utf-8")
     return dst
 

@@ -3,6 +3,10 @@ and the Docker build context holds a verified registry the server can start from
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+import sys
+
 import pytest
 import yaml
 from test_cli import one_line_error, run_cli
@@ -137,12 +141,33 @@ def test_docker_context_has_a_verified_registry_and_a_slim_cpu_image(signed, tmp
     assert code == 0, err
     df = (out / "Dockerfile").read_text()
     assert df.startswith("# keiryo inference server") and "FROM python:3.11-slim" in df
-    assert '--no-deps "keiryo==' in df and "torch" not in df.replace("(torch)", "")  # the server does not need torch
-    assert "pip install --require-hashes --no-deps -r /tmp/requirements.lock" in df
-    assert "COPY requirements.lock /tmp/requirements.lock" in df
+    assert "torch" not in df.replace("training stack, torch", "")  # the server does not need torch
+    assert "pip install --require-hashes --no-deps -r /tmp/requirements.lock" in df and "pip install --no-deps" not in df
+    assert "COPY requirements.lock /tmp/requirements.lock" in df and "COPY wheels /tmp/wheels" in df
     from keiryo.serve.deploy import lock_file
 
-    assert (out / "requirements.lock").read_bytes() == lock_file("onnxruntime").read_bytes()
+    # the serving lock, plus keiryo's own wheel (built from this source tree) pinned by its sha256
+    (whl,) = (out / "wheels").iterdir()
+    lock = (out / "requirements.lock").read_text()
+    assert lock.startswith(lock_file("onnxruntime").read_text().rstrip("\n") + "\n")
+    digest = hashlib.sha256(whl.read_bytes()).hexdigest()
+    assert lock.endswith(f"/tmp/wheels/{whl.name} --hash=sha256:{digest}\n") and whl.name.startswith("keiryo-")
+    # pip holds the image to that hash: the wheel as written installs, one changed byte is refused
+    only = tmp_path / "keiryo.lock"
+    only.write_text(f"{whl} --hash=sha256:{digest}\n")
+    pip = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--require-hashes", "--no-index", "-r", str(only)]
+    ok = subprocess.run(pip, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-500:]
+    blob = bytearray(whl.read_bytes())
+    blob[len(blob) // 2] ^= 1
+    whl.write_bytes(bytes(blob))
+    bad = subprocess.run(pip, capture_output=True, text=True)
+    assert bad.returncode != 0 and "DO NOT MATCH THE HASHES" in bad.stderr
+    code, _, err = run_cli(
+        "deploy", "docker", str(pkg), "--public-key", str(pub), "--keiryo-wheel", str(pub), "--out", str(tmp_path / "d3"),
+        capsys=capsys,
+    )  # fmt: skip
+    assert code != 0 and "--keiryo-wheel" in one_line_error(err) and not (tmp_path / "d3").exists()
     assert "USER 10001" in df and '"tiny@production"' in df
     store = PackageStore(out / "registry")
     assert store.resolve("tiny@production") == ("tiny", "1.0.0")
