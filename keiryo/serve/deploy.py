@@ -95,6 +95,22 @@ def workload_name(manifest: dict[str, Any], max_len: int = 63) -> str:
     return name
 
 
+# the image's HEALTHCHECK: /v2/health/ready over plain HTTP, else over TLS (the server's certificate is not checked:
+# the probe talks to itself on 127.0.0.1); a server that demands client certificates (mTLS) fails it
+HEALTHCHECK_PY = f"""import ssl
+import sys
+import urllib.request
+
+for scheme, ctx in (("http", None), ("https", ssl._create_unverified_context())):
+    try:
+        with urllib.request.urlopen(f"{{scheme}}://127.0.0.1:{SERVE_PORT}/v2/health/ready", timeout=2, context=ctx) as r:
+            sys.exit(0 if r.status == 200 else 1)
+    except Exception:
+        continue
+sys.exit(1)
+"""
+
+
 def _dockerfile(manifest: dict[str, Any]) -> str:
     return f"""# keiryo inference server for {manifest["name"]} {manifest["version"]} ({manifest["format"]} on {manifest["runtime"]}), CPU only.
 # Build: docker build -t {_image(manifest)} .
@@ -111,9 +127,10 @@ COPY --chown=root:root registry /srv/registry
 COPY --chown=root:root public.pem /srv/public.pem
 USER 10001
 EXPOSE {SERVE_PORT}
-HEALTHCHECK --interval=10s --timeout=2s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:{SERVE_PORT}/v2/health/ready').status != 200)"
+COPY --chown=root:root healthcheck.py /srv/healthcheck.py
+HEALTHCHECK --interval=10s --timeout=5s CMD ["python", "/srv/healthcheck.py"]
 # more `keiryo serve` options as arguments: docker run IMAGE --ssl-certfile ... (Kubernetes: args);
-# the HEALTHCHECK speaks plain HTTP: over TLS, docker run --no-healthcheck (Kubernetes ignores it)
+# the HEALTHCHECK speaks HTTP or TLS; with --ssl-ca-certs (mTLS) run with --no-healthcheck (Kubernetes ignores it)
 ENTRYPOINT ["keiryo", "serve", "--registry", "/srv/registry", "--model", "{manifest["name"]}@production", \\
      "--public-key", "/srv/public.pem", "--trusted-root", "/srv/registry/tuf/1.root.json", \\
      "--tuf-cache", "/tmp/keiryo-tuf", "--host", "0.0.0.0", "--port", "{SERVE_PORT}"]
@@ -141,6 +158,7 @@ def write_docker(pkg: str | Path, public_key: str | Path, out: str | Path, *, wh
         text = lock.read_text(encoding="utf-8").rstrip("\n") + "\n" + _hashed_line(whl, f"/tmp/wheels/{whl.name}")
         (tmp / "requirements.lock").write_text(text, encoding="utf-8")
         (tmp / "Dockerfile").write_text(_dockerfile(manifest), encoding="utf-8")
+        (tmp / "healthcheck.py").write_text(HEALTHCHECK_PY, encoding="utf-8")
         (tmp / ".dockerignore").write_text("**/.lock\n", encoding="utf-8")
     return dst
 

@@ -620,6 +620,40 @@ def test_tls_and_mutual_tls(world, tmp_path):
         proc.wait(30)
 
 
+def test_the_docker_healthcheck_passes_over_http_and_tls_and_fails_when_nothing_answers(world, tmp_path):
+    """The image's HEALTHCHECK script (written by `keiryo deploy docker`), pointed at this test's ports: the plain
+    server and a TLS one (certificate made here) are healthy, a port where nothing listens is not."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from keiryo.serve.deploy import HEALTHCHECK_PY, SERVE_PORT
+
+    def healthy(port: int) -> bool:
+        script = tmp_path / f"health{port}.py"
+        script.write_text(HEALTHCHECK_PY.replace(f":{SERVE_PORT}/", f":{port}/"))
+        return subprocess.run([sys.executable, str(script)], timeout=30).returncode == 0
+
+    ca = _cert(tmp_path, "ca", ca=True)
+    _cert(tmp_path, "server", ca)
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "keiryo"), "serve", "--registry", str(world["store"].root), "--model", "tiny@1.0.0"]
+    cmd += ["--public-key", str(world["pub"]), "--port", str(port), "--poll-s", "0", "--tuf-cache", str(tmp_path / "cache")]
+    cmd += ["--ssl-certfile", str(tmp_path / "server.crt"), "--ssl-keyfile", str(tmp_path / "server.key")]
+    proc = subprocess.Popen(cmd, env={**os.environ, "KEIRYO_API_KEYS": API}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not healthy(port):
+            time.sleep(0.3)
+        assert healthy(port)  # over TLS
+        assert healthy(world["srv"].port)  # plain HTTP
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert not healthy(port)  # nothing answers any more
+
+
 def test_slow_and_idle_clients_are_cut_off_and_the_server_keeps_serving(world, digits):
     """An idle connection, a header sent a byte at a time, and a stalled authenticated body are closed
     within their deadlines (1 s here), while normal requests go on being served."""
