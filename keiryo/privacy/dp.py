@@ -444,15 +444,49 @@ def make_private(
 
 
 def privacy_of(results: dict[str, Any], cand: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The DP record behind a candidate: a training step's own (its ``info.privacy``), else the input
-    model's (weights trained with ``keiryo train --dp``); None when no DP training is recorded."""
+    """The DP guarantee behind a candidate: the input model's (weights trained with ``keiryo train --dp`` or
+    ``keiryo federate``) and each DP training step's (``info.privacy``), composed when there are several (they
+    train on the same data: the guarantees add up, :func:`compose`); None when no DP training is recorded."""
     steps = ((cand or {}).get("report") or {}).get("steps") or []
-    for step in reversed(steps):
-        rec = (step.get("info") or {}).get("privacy")
-        if rec:
-            return dict(rec)
-    rec = (results.get("model") or {}).get("privacy")
-    return dict(rec) if rec else None
+    recs = [dict(r) for r in [(results.get("model") or {}).get("privacy")] if r]
+    recs += [dict(rec) for step in steps if (rec := (step.get("info") or {}).get("privacy"))]
+    if not recs:
+        return None
+    return recs[0] if len(recs) == 1 else compose(recs)
+
+
+def compose(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One guarantee for several DP trainings in sequence on the same data. DP-SGD runs compose exactly through
+    the accountants (their histories concatenated, at the largest delta); any other mix (a federated model then a
+    DP-SGD step) by basic composition: the epsilons and the deltas add up."""
+    parts = [{k: r[k] for k in ("mechanism", "epsilon", "delta", "accountant", "steps", "rounds") if k in r} for r in recs]
+    sgd = all(r.get("mechanism") == "DP-SGD" and {"noise_multiplier", "sample_rate", "steps"} <= set(r) for r in recs)
+    if sgd:
+        delta = max(float(r["delta"]) for r in recs)
+        history = [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"])) for r in recs]
+        by = {a: round(epsilon_of(a, history, delta), 4) for a in ACCOUNTANTS}
+        accountant = recs[-1].get("accountant", "prv")
+        return {
+            "mechanism": "DP-SGD",
+            "composition": f"{len(recs)} DP-SGD runs on the same data, composed by the accountants",
+            "epsilon": by[accountant],
+            "delta": delta,
+            "accountant": accountant,
+            "epsilon_by_accountant": by,
+            "steps": sum(int(r["steps"]) for r in recs),
+            "unit": recs[-1].get("unit", "one record of the train split"),
+            "composed_of": parts,
+        }
+    return {
+        "mechanism": "basic composition",
+        "composition": f"{len(recs)} DP trainings in sequence: epsilons and deltas add up",
+        "epsilon": round(sum(float(r["epsilon"]) for r in recs), 4),
+        "delta": sum(float(r["delta"]) for r in recs),
+        "accountant": "basic",
+        "epsilon_by_accountant": {"basic": round(sum(float(r["epsilon"]) for r in recs), 4)},
+        "unit": "; ".join(dict.fromkeys(str(r.get("unit", "")) for r in recs)),
+        "composed_of": parts,
+    }
 
 
 def read_weights_privacy(path: str) -> dict[str, Any] | None:
@@ -477,7 +511,16 @@ def read_weights_privacy(path: str) -> dict[str, Any] | None:
 
 
 def summary_line(rec: dict[str, Any]) -> str:
-    """One line for people: what the model promises (DP-SGD, or a federated model's client-level DP)."""
+    """One line for people: what the model promises (DP-SGD, a federated model's client-level DP, or their
+    composition)."""
+    if "composed_of" in rec:
+        parts = ", ".join(f"{p['mechanism']} {p['epsilon']:g}" for p in rec["composed_of"])
+        other = {k: v for k, v in rec.get("epsilon_by_accountant", {}).items() if k != rec.get("accountant")}
+        beside = "".join(f", {k.upper()} {v:g}" for k, v in other.items())
+        return (
+            f"({rec['epsilon']:g}, {rec['delta']:g})-DP ({rec['composition']}; {rec['accountant'].upper()} accountant"
+            f"{beside}): {parts}"
+        )
     if "rounds" in rec and "clients" in rec:
         basic = rec.get("epsilon_by_accountant", {}).get("basic")
         beside = f", basic composition {basic:g}" if basic is not None else ""

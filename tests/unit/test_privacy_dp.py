@@ -278,3 +278,32 @@ def test_ghost_clipping_takes_the_same_steps_as_per_sample_gradients(digits):
         m, _ = prepare_module(load_model(SPEC, digits, output_name="logits").module, DPConfig(target_epsilon=8))
         make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), digits.train, 256, 1,
                      DPConfig(target_epsilon=8, accountant="rdp", grad_sample_mode="ghost"), seed=0)  # fmt: skip
+
+
+def test_a_dp_model_then_a_dp_step_reports_their_composition_not_the_last_one():
+    """A model trained with DP, then a DP step of a recipe (fine-tune, distill, QAT) on the same data: the
+    candidate's guarantee is their composition (accountants over both histories), never the step's alone;
+    a federated model then a DP-SGD step add up by basic composition. The one-line summary says so."""
+    from keiryo.privacy.dp import privacy_of, summary_line
+
+    def sgd(sigma: float, q: float, steps: int, delta: float) -> dict:
+        eps = epsilon_of("prv", [(sigma, q, steps)], delta)
+        return {"mechanism": "DP-SGD", "epsilon": eps, "delta": delta, "accountant": "prv", "noise_multiplier": sigma,
+                "sample_rate": q, "steps": steps, "unit": "one record of the train split"}  # fmt: skip
+
+    trained, step = sgd(1.1, 0.2, 100, 1e-5), sgd(2.0, 0.2, 20, 1e-5)
+    results = {"model": {"privacy": trained}}
+    cand = {"report": {"steps": [{"info": {}}, {"info": {"privacy": step}}]}}
+    rec = privacy_of(results, cand)
+    want = epsilon_of("prv", [(1.1, 0.2, 100), (2.0, 0.2, 20)], 1e-5)
+    assert rec["epsilon"] == pytest.approx(want, rel=1e-3) and rec["delta"] == 1e-5 and rec["steps"] == 120
+    assert max(trained["epsilon"], step["epsilon"]) < rec["epsilon"] <= trained["epsilon"] + step["epsilon"]
+    assert [p["epsilon"] for p in rec["composed_of"]] == [trained["epsilon"], step["epsilon"]]
+    assert "2 DP-SGD runs" in summary_line(rec) and "\n" not in summary_line(rec)
+    assert privacy_of(results, {"report": {"steps": []}}) == trained  # one record: itself
+    assert privacy_of({"model": {}}, cand) == step
+
+    federated = {"mechanism": "client-level local DP", "epsilon": 2.5, "delta": 1e-5, "accountant": "rdp", "rounds": 3}
+    mixed = privacy_of({"model": {"privacy": federated}}, cand)
+    assert mixed["mechanism"] == "basic composition" and mixed["epsilon"] == pytest.approx(2.5 + step["epsilon"], abs=1e-3)
+    assert mixed["delta"] == pytest.approx(2e-5) and "add up" in summary_line(mixed)
