@@ -24,15 +24,30 @@ access_log = logging.getLogger("keiryo.access")
 _json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
+_sink: Callable[[str], None] | None = None  # where access lines go when keiryo serve set up the logging (run.py)
+
+
+def set_access_sink(sink: Callable[[str], None] | None) -> None:
+    """Send access lines straight to ``sink`` (``keiryo serve``'s own log writer, when it is the only
+    destination of the ``keiryo.access`` logger's records), or back through the logger (None)."""
+    global _sink
+    _sink = sink
+
+
 def log_access(rid: str, method: str, path: str, status: int, seconds: float, client: str | None) -> None:
     """One JSON access-log line, built by hand and handed to the ``keiryo.access`` logger's handlers
     without ``Logger.info``'s caller lookup: access logging was a quarter of a request's Python time
-    (18 of 68 µs in-process), now about 9 µs. Handlers, filters and levels apply as usual."""
+    (18 of 68 µs in-process), then about 9 µs. Handlers, filters and levels apply as usual, except under
+    ``keiryo serve``, whose log writer is the only handler: the line goes to it directly (no record, no
+    formatter; about 1 µs)."""
     q = _json_str
     line = (
         f'{{"request_id": {q(rid)}, "method": {q(method)}, "path": {q(path)}, "status": {status}, '
         f'"ms": {seconds * 1000:.3f}, "client": {q(client) if client else "null"}}}'
     )
+    if _sink is not None:
+        _sink(line)
+        return
     access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, line, (), None))
 
 

@@ -134,6 +134,7 @@ def parse_request(body: bytes, header_length: str | None, expected: dict[str, di
         raise ProtocolError("request needs a non-empty 'inputs' list")
     arrays: dict[str, np.ndarray] = {}
     offset = 0
+    bools: bool | None = None  # whether the JSON text holds a true or false anywhere (looked for once)
     for i, t in enumerate(inputs):
         t = _obj(t, f"inputs[{i}]")
         name: str = t.get("name")  # type: ignore[assignment]  # check_tensor makes sure: a name of the model's
@@ -153,7 +154,9 @@ def parse_request(body: bytes, header_length: str | None, expected: dict[str, di
             data = t.get("data")
             if data is None:
                 raise ProtocolError(f"input {name!r}: no 'data' and no binary_data_size")
-            arr = _typed(data, dtype, dt, name, strict_bools=b"true" in head or b"false" in head)
+            if bools is None:  # a search for one byte is fast: the keys of a plain request hold no "r" and no "l"
+                bools = (b"r" in head and b"true" in head) or (b"l" in head and b"false" in head)
+            arr = _typed(data, dtype, dt, name, strict_bools=bools)
             if arr.size != count:
                 raise ProtocolError(f"input {name!r}: {arr.size} elements for shape {shape} ({count} expected)")
         add_input(arrays, name, arr, shape)
@@ -213,11 +216,14 @@ def _has_bool(x: Any) -> bool:
     return False
 
 
+_NAMES = {dt: name for name, dt in DATATYPES.items()}  # numpy dtype -> datatype (native byte order)
+
+
 def datatype_of(a: np.ndarray) -> str:
-    for name, dt in DATATYPES.items():
-        if a.dtype == dt:
-            return name
-    raise ProtocolError(f"output dtype {a.dtype} has no Open Inference Protocol datatype")
+    name = _NAMES.get(a.dtype)
+    if name is None:
+        raise ProtocolError(f"output dtype {a.dtype} has no Open Inference Protocol datatype")
+    return name
 
 
 def build_response(

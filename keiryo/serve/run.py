@@ -39,6 +39,10 @@ class BackgroundLines(logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def write_line(self, line: str) -> None:
+        """A line already formatted (the access log's, when this handler is its only destination)."""
+        self._lines.append(line)
+
     def _write_loop(self) -> None:
         while not self._closing.wait(self.interval):
             self._write()
@@ -60,6 +64,26 @@ class BackgroundLines(logging.Handler):
         if self._thread.is_alive():
             self._thread.join(5)
         self._write()
+
+
+def _only_destination(logger: logging.Logger, handler: logging.Handler) -> bool:
+    """Whether every record ``logger`` passes on reaches ``handler`` alone, unfiltered and unformatted but
+    for its message (as ``keiryo serve`` sets the logging up)."""
+    chain: logging.Logger | None = logger
+    while chain is not None and chain.parent is not None:
+        if chain.handlers or chain.filters or not chain.propagate:
+            return False
+        chain = chain.parent  # type: ignore[assignment]
+    root = logging.getLogger()
+    fmt = handler.formatter
+    return (
+        root.handlers == [handler]
+        and not root.filters
+        and not handler.filters
+        and fmt is not None
+        and fmt._fmt == "%(message)s"
+        and handler.level <= logging.INFO
+    )
 
 
 def run_server(
@@ -84,12 +108,15 @@ def run_server(
     import uvicorn
 
     from keiryo.serve.app import create_app
+    from keiryo.serve.front import set_access_sink
 
     listener = BackgroundLines()
     listener.setFormatter(logging.Formatter("%(message)s"))
     level = getattr(logging, log_level.upper(), logging.INFO)
     logging.basicConfig(level=level, handlers=[listener], force=True)
     listener.start()
+    if _only_destination(logging.getLogger("keiryo.access"), listener):
+        set_access_sink(listener.write_line)  # every access line ends here: no record, no formatter
     # uvicorn drains on SIGTERM, then raises the signal again for the handler that was there before
     # it: make that handler end the process through the ``finally`` below instead of killing it
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
@@ -98,4 +125,5 @@ def run_server(
         uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options(settings, tls, limit_concurrency))
     finally:
         signal.signal(signal.SIGTERM, previous)
+        set_access_sink(None)
         listener.stop()  # writes out what is still queued
