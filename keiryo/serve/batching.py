@@ -26,7 +26,6 @@ in ``PROBE_EVERY``; concurrent clients lose batching for at most that many reque
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -86,8 +85,10 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._worker())
 
     def _per_row_s(self) -> float | None:
-        """Seconds per row of this model's recent lone runs (their median), None before the first."""
-        return statistics.median(self._lone) if self._lone else None
+        """Seconds per row of this model's recent lone runs (their median, the upper one of an even count), None
+        before the first; sorted by hand: statistics.median costs a few µs per request."""
+        lone = self._lone
+        return sorted(lone)[len(lone) // 2] if lone else None
 
     async def submit(self, inputs: dict[str, np.ndarray], timeout: float | None = None) -> dict[str, np.ndarray]:
         """The model's outputs for ``inputs`` (their rows only); ``timeout``: seconds to wait for the queue
