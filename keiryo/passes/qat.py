@@ -251,11 +251,14 @@ class QatDistillConfig(KeiryoConfig):
     max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps (0: no cap besides epochs)")
     max_seconds: float = Field(480.0, gt=0, description="stop training after this long: the ladder's time cap")
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-5, gt=0, description="Adam step size of the weights (pretrained: keep it small)")
-    range_lr: float = Field(1e-3, gt=0, description="Adam step size of the learned activation ranges")
+    lr: float = Field(1e-3, gt=0, description="SGD step size of the weights (pretrained: keep it small)")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum")
+    range_lr: float = Field(1e-5, gt=0, description="Adam step size of the learned activation ranges (scale, zero point)")
     temperature: float = Field(1.0, gt=0.0, description="of the task's distillation loss (KL for classification)")
     observe_steps: int = Field(4, ge=1, description="batches that set the initial activation ranges (min/max)")
-    learn_ranges: bool = Field(True, description="learn activation ranges (LSQ); they become Clip ops in the export")
+    learn_ranges: bool = Field(
+        True, description="learn activation ranges (LSQ); the int8 file takes them as its Conv/Linear input ranges"
+    )
 
 
 def distill_qat(
@@ -306,9 +309,13 @@ def distill_qat(
     student.module.eval().to(memory_format=torch.channels_last)  # batch norm and dropout as exported
     for fq in fqs:
         fq.train()  # only the fake-quant observers see training mode
+    # Plain SGD: a weight moves with its own gradient. Adam moves every weight by about its step size, noise-driven
+    # ones too, and each move across a rounding boundary is a new rounding error: on EfficientNet-Lite0 Adam at
+    # 2e-5..1e-4 (and SGD on gradients normalized per layer) raised the distillation loss 1.2-25x within 16 steps.
     ranges = [p for fq in fqs for p in (fq.scale, fq.zero_point)]
-    weights = [p for p in student.module.parameters() if all(p is not r for r in ranges)]
-    opt = torch.optim.Adam([{"params": weights, "lr": cfg.lr}, {"params": ranges, "lr": cfg.range_lr}])
+    taken = {id(p) for p in ranges}
+    sgd = torch.optim.SGD([p for p in student.module.parameters() if id(p) not in taken], lr=cfg.lr, momentum=cfg.momentum)
+    opt = torch.optim.Adam(ranges, lr=cfg.range_lr)
     gen = torch.Generator().manual_seed(seed)
     t0, steps, losses, stopped = time.perf_counter(), 0, [], "epochs"
     try:
@@ -319,7 +326,9 @@ def distill_qat(
                 s_out = flatten_outputs(student({k: v[idx] for k, v in xs.items()}))[0]
                 loss = task.distill_loss(s_out, [t[idx] for t in teacher_out], None, 1.0, cfg.temperature)
                 opt.zero_grad(set_to_none=True)
+                sgd.zero_grad(set_to_none=True)
                 loss.backward()
+                sgd.step()
                 opt.step()
                 steps += 1
                 losses.append(float(loss.detach()))
@@ -344,6 +353,7 @@ def distill_qat(
     k = max(1, len(losses) // 10)
     info = {
         "samples": n,
+        "lr": cfg.lr,
         "steps": steps,
         "stopped_by": stopped,
         "train_seconds": round(time.perf_counter() - t0, 1),
