@@ -85,7 +85,7 @@ def _p50_ms(path: Path, sample: dict[str, Any], threads: int, iterations: int) -
     "quantize.int8_auto",
     Int8AutoConfig,
     stage="onnx",
-    summary="int8 PTQ escalated rung by rung (mse ranges, bias correction, GPTQ, float fallback) until the budget is met",
+    summary="int8 escalated rung by rung (mse ranges, bias correction, GPTQ, float fallback, QAT) until the budget is met",
 )
 def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassResult:
     x_cal = calibration_data(ctx, cfg.quant, "quantize.int8_auto")

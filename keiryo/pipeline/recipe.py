@@ -105,7 +105,8 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "steps": [_q("quantize.int8_static", calibration="mse", rounding="gptq", bias_correction="full")],
     },
     "int8-auto": {
-        "description": "int8 PTQ escalated (minmax, mse, bias correction, GPTQ, float fallback) until val drop <= 0.5 pt",
+        "description": "int8 escalated (PTQ: minmax, mse, bias correction, GPTQ, float fallback; then QAT distilled from fp32) "
+        "until val drop <= 0.5 pt",
         "steps": [_q("quantize.int8_auto")],  # the budget: the step's own, else --max-drop, else 0.5
     },
     "qat": {
