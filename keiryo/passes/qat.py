@@ -120,8 +120,10 @@ class PrivateFakeQuant(nn.Module):
     """
 
     inner: Any
+    weight: nn.Parameter
+    bias: nn.Parameter | None
 
-    def __init__(self, inner: nn.Module, cfg: QatConfig, lo: float, hi: float):
+    def __init__(self, inner: Any, cfg: QatConfig, lo: float, hi: float):
         super().__init__()
         self.a_max = 2**cfg.activation_bits - 1
         self.w_max = 2 ** (cfg.weight_bits - 1) - 1
@@ -141,7 +143,8 @@ class PrivateFakeQuant(nn.Module):
         wq = torch.fake_quantize_per_channel_affine(
             w, w_scale, torch.zeros(w.shape[0], dtype=torch.int32), 0, -self.w_max, self.w_max
         )
-        return torch.func.functional_call(self.inner, {"weight": wq, "bias": self.bias}, (xq,))
+        params: dict[str, Any] = {"weight": wq, "bias": self.bias}
+        return torch.func.functional_call(self.inner, params, (xq,))
 
     def range(self) -> tuple[float, float]:
         return (0 - self.a_zero) * self.a_scale, (self.a_max - self.a_zero) * self.a_scale
