@@ -29,7 +29,22 @@ from keiryo.export import Artifact
 from keiryo.passes import PassContext, PassResult, register_pass
 
 
-class Int8StaticConfig(KeiryoConfig):
+class SmoothingOptions(KeiryoConfig):
+    """SmoothQuant-style smoothing, an option of both int8 passes (keiryo/passes/quantize_smooth.py)."""
+
+    smooth_alpha: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="SmoothQuant: move activation outliers of MatMul/Gemm inputs into the weights (s = max|x|^alpha / "
+        "max|w|^(1-alpha), per input channel, measured on the calibration split); None: off",
+    )
+    smooth_min_ratio: float = Field(
+        5.0, ge=1, description="smoothing skips activations whose largest channel max is below this many times the median"
+    )
+
+
+class Int8StaticConfig(SmoothingOptions):
     calibration: Literal["minmax", "entropy", "percentile", "mse"] = Field(
         "minmax", description="activation ranges: minmax | entropy (KL) | percentile | mse (least expected error, clip-aware)"
     )
@@ -64,19 +79,9 @@ class Int8StaticConfig(KeiryoConfig):
         description="this many activations, those whose int8 rounding alone costs the most output error on the "
         "calibration inputs (measured), get 16-bit activations; their consumers run in float",
     )
-    smooth_alpha: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        description="SmoothQuant: move activation outliers of MatMul/Gemm inputs into the weights (s = max|x|^alpha / "
-        "max|w|^(1-alpha), per input channel, measured on the calibration split); None: off",
-    )
-    smooth_min_ratio: float = Field(
-        5.0, ge=1, description="smoothing skips activations whose largest channel max is below this many times the median"
-    )
 
 
-class Int8DynamicConfig(KeiryoConfig):
+class Int8DynamicConfig(SmoothingOptions):
     per_channel: bool = Field(
         True,
         description="int8 weight scale per output channel (True) or per tensor; per channel kept all-MiniLM-L6-v2's "
@@ -88,16 +93,6 @@ class Int8DynamicConfig(KeiryoConfig):
         description="op types quantized; Gather quantizes embedding tables (int8 rows, dequantized after the lookup)",
     )
     exclude_nodes: list[str] = Field(default_factory=list)
-    smooth_alpha: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        description="SmoothQuant: move activation outliers of MatMul/Gemm inputs into the weights (s = max|x|^alpha / "
-        "max|w|^(1-alpha), per input channel, measured on the calibration split); None: off",
-    )
-    smooth_min_ratio: float = Field(
-        5.0, ge=1, description="smoothing skips activations whose largest channel max is below this many times the median"
-    )
     calib_samples: int = Field(128, ge=1, description="calibration rows smoothing measures activations on")
 
 
