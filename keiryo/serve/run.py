@@ -20,13 +20,18 @@ class BackgroundLines(logging.Handler):
     The caller never blocks on a slow stream and never wakes another thread: a ``QueueHandler``'s
     listener is woken by every record and then takes the GIL from the event loop, about 0.1 ms per
     request on 2 busy cores. Here the writer wakes on its own clock however many lines came (an idle
-    server's wake-ups find nothing and go back to sleep). Lines reach the stream within ``interval``."""
+    server's wake-ups find nothing and go back to sleep). Lines reach the stream within ``interval``.
 
-    def __init__(self, stream: IO[str] | None = None, interval: float = 0.05):
+    The buffer is bounded (``max_lines``): when the stream stalls (a full stderr pipe nobody reads) and requests
+    keep coming, the oldest lines are dropped and their count written once the stream moves again, so a flood
+    of requests cannot grow the server's memory through its log."""
+
+    def __init__(self, stream: IO[str] | None = None, interval: float = 0.05, max_lines: int = 65536):
         super().__init__()
         self.stream = stream if stream is not None else sys.stderr
         self.interval = interval
-        self._lines: deque[str] = deque()
+        self._lines: deque[str] = deque(maxlen=max_lines)
+        self.dropped = 0  # lines pushed out of the full buffer, not yet reported
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._write_loop, name="keiryo-log", daemon=True)
 
@@ -35,12 +40,14 @@ class BackgroundLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._lines.append(self.format(record))
+            self.write_line(self.format(record))
         except Exception:
             self.handleError(record)
 
     def write_line(self, line: str) -> None:
         """A line already formatted (the access log's, when this handler is its only destination)."""
+        if len(self._lines) == self._lines.maxlen:
+            self.dropped += 1  # approximate under races: only the writer thread reads it
         self._lines.append(line)
 
     def _write_loop(self) -> None:
@@ -49,6 +56,9 @@ class BackgroundLines(logging.Handler):
 
     def _write(self) -> None:
         out = []
+        if self.dropped:
+            n, self.dropped = self.dropped, 0
+            out.append(f"keiryo: {n} log line(s) dropped: the log stream was too slow")
         while self._lines:
             out.append(self._lines.popleft())
         if out:

@@ -377,3 +377,37 @@ def test_log_lines_are_written_by_the_background_thread_and_flushed_on_stop():
     lines = stream.getvalue().splitlines()
     assert lines[1] == "ERROR failed" and "ValueError: boom" in stream.getvalue()
     assert lines[-100:] == [f"WARNING line {i}" for i in range(100)]
+
+
+def test_a_stalled_log_stream_never_grows_the_buffer_past_its_bound():
+    """A stderr nobody reads blocks the writer thread; requests keep logging: the buffer stays at max_lines, the
+    oldest lines are dropped, and once the stream moves their count is written before the newest lines."""
+    import io
+    import threading
+
+    from keiryo.serve.run import BackgroundLines
+
+    class Stalled(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.go = threading.Event()
+
+        def write(self, text: str) -> int:
+            self.go.wait(10)
+            return super().write(text)
+
+    stream = Stalled()
+    h = BackgroundLines(stream, interval=0.01, max_lines=50)
+    h.start()
+    try:
+        h.write_line("first")
+        time.sleep(0.1)  # the writer took "first" and is stuck in write()
+        for i in range(1000):
+            h.write_line(f"line {i}")
+        assert len(h._lines) == 50 and h.dropped == 950
+    finally:
+        stream.go.set()
+        h.stop()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "first" and "950 log line(s) dropped" in lines[1]
+    assert lines[2:] == [f"line {i}" for i in range(950, 1000)]
