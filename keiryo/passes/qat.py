@@ -37,6 +37,12 @@ class QatConfig(KeiryoConfig):
     learn_ranges: bool = Field(True, description="learn activation ranges (LSQ); they become Clip ops in the export")
 
 
+def int8_grid_weight(w: torch.Tensor, w_max: int) -> torch.Tensor:
+    """``w`` fake-quantized per output channel, symmetric over [-w_max, w_max] (straight-through gradient)."""
+    scale = (w.detach().abs().reshape(w.shape[0], -1).amax(dim=1) / w_max).clamp(min=1e-8)
+    return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(w.shape[0], dtype=torch.int32), 0, -w_max, w_max)
+
+
 class FakeQuant(nn.Module):
     """Wraps a Conv/Linear: fake-quantizes its input (per tensor) and weight (per output channel).
 
@@ -81,11 +87,7 @@ class FakeQuant(nn.Module):
                     self.zero_point.requires_grad_(True)
         grad_factor = 1.0 / math.sqrt(x[0].numel() * self.a_max)
         xq = torch._fake_quantize_learnable_per_tensor_affine(x, self.scale, self.zero_point, 0, self.a_max, grad_factor)
-        w = self.inner.weight
-        w_scale = (w.detach().abs().reshape(w.shape[0], -1).amax(dim=1) / self.w_max).clamp(min=1e-8)
-        wq = torch.fake_quantize_per_channel_affine(
-            w, w_scale, torch.zeros(w.shape[0], dtype=torch.int32), 0, -self.w_max, self.w_max
-        )
+        wq = int8_grid_weight(self.inner.weight, self.w_max)
         # the layer's own forward with the int8-grid weight: subclasses (TensorFlow SAME padding) keep their padding
         return torch.func.functional_call(self.inner, {"weight": wq}, (xq,), strict=False)
 
@@ -138,11 +140,7 @@ class PrivateFakeQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero, 0, self.a_max)
-        w = self.weight
-        w_scale = (w.detach().abs().reshape(w.shape[0], -1).amax(dim=1) / self.w_max).clamp(min=1e-8)
-        wq = torch.fake_quantize_per_channel_affine(
-            w, w_scale, torch.zeros(w.shape[0], dtype=torch.int32), 0, -self.w_max, self.w_max
-        )
+        wq = int8_grid_weight(self.weight, self.w_max)
         params: dict[str, Any] = {"weight": wq, "bias": self.bias}
         return torch.func.functional_call(self.inner, params, (xq,))
 
