@@ -34,12 +34,12 @@ from keiryo.train import TrainConfig, train
 MODEL, OPTIONS = "zoo:mlp", {"hidden": [64]}
 
 
-def run(data, seed: int, epsilon: float | None, epochs: int):
+def run(data, seed: int, epsilon: float | None, epochs: int, model: str = MODEL, options: dict | None = None, lr: float = 0.05):
     """(model, result, seconds per epoch of training: the one-off noise calibration of a DP run is not counted)."""
-    h = load_model(MODEL, data, options=OPTIONS, seed=seed, output_name="logits")
+    h = load_model(model, data, options=OPTIONS if options is None else options, seed=seed, output_name="logits")
     task = get_task("classification").bind(h.output_names)
     dp = DPConfig(target_epsilon=epsilon, delta=1e-5, max_grad_norm=0.5) if epsilon else None
-    cfg = TrainConfig(epochs=epochs, lr=0.05, batch_size=256, patience=epochs, seed=seed, threads=1, dp=dp)
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=256, patience=epochs, seed=seed, threads=1, dp=dp)
     calibration = 0.0
     if dp is not None:  # the noise search (PRV accountant) runs once per run, before the first step: time it apart
         batches = -(-len(data.train) // 256)
@@ -60,7 +60,14 @@ def int8_accuracy(h, data, calib: MemorySplit, out: Path) -> tuple[float, float]
     return by["fp32"], by["int8"]
 
 
-def epoch_times(data, epochs: int, batch_size: int = 256, options: dict | None = None, model: str = MODEL) -> None:
+def epoch_times(
+    data,
+    epochs: int,
+    batch_size: int = 256,
+    options: dict | None = None,
+    model: str = MODEL,
+    modes: tuple[str, ...] = ("hooks", "ghost"),
+) -> None:
     """Time per epoch, DP (ε = 8) against non-DP on the same schedule, measured inside the epoch loop (the one-off
     noise search and the final ε accounting are not epochs), epochs of the two interleaved so machine drift hits
     both alike; the DP step split into its parts: data (Poisson sampling), forward, backward with Opacus's
@@ -111,7 +118,7 @@ def epoch_times(data, epochs: int, batch_size: int = 256, options: dict | None =
         evaluate_torch(h, data.val, task)
         return steps, time.perf_counter() - t0
 
-    runs = {"non-DP": setup(None), "DP (hooks)": setup("hooks"), "DP (ghost)": setup("ghost")}
+    runs = {"non-DP": setup(None), **{f"DP ({m})": setup(m) for m in modes}}
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     parts = {k: [0.0] * 4 for k in runs}
     for i in range(epochs + 2):
@@ -140,22 +147,34 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=256, help="--timing: batch size")
     ap.add_argument("--hidden", type=int, default=64, help="--timing: width of the MLP's hidden layer")
     ap.add_argument("--model", default=MODEL, help="--timing: zoo model (zoo:mlp, or zoo:mobilenetv2: the demo's CNN)")
+    ap.add_argument("--lr", type=float, default=0.05, help="learning rate (AdamW), DP and non-DP alike")
+    ap.add_argument("--modes", default="hooks,ghost", help="--timing: Opacus modes timed against non-DP (hooks, ghost)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = load_data("digits")
+    if args.model != MODEL:  # the demo's CNN on the demo's data (digits at 16x16)
+        from keiryo.demo import DEMO_DATA
+
+        data = load_data(DEMO_DATA)
     if args.timing:
         options = {"hidden": [args.hidden]} if args.model == MODEL else {}
         print(f"CPU: {cpu()}; digits train {len(data.train)}; {args.model} {options}; one torch thread")
-        epoch_times(data, args.epochs, args.batch_size, options, args.model)
+        epoch_times(data, args.epochs, args.batch_size, options, args.model, tuple(args.modes.split(",")))
         return 0
-    print(f"CPU: {cpu()}; digits train {len(data.train)}, test {len(data.test)}; {MODEL} {OPTIONS}, {args.epochs} epochs")
+    options = OPTIONS if args.model == MODEL else {}
+    print(
+        f"CPU: {cpu()}; digits train {len(data.train)}, test {len(data.test)}; {args.model} {options}, {args.epochs} "
+        f"epochs, lr {args.lr}",
+        flush=True,
+    )
     rows = {}
     keep = {}
     for eps in (None, 8.0, 3.0):
         accs, times, eps_spent = [], [], []
         for seed in range(args.seeds):
-            h, res, per_epoch = run(data, seed, eps, args.epochs)
+            h, res, per_epoch = run(data, seed, eps, args.epochs, args.model, options, args.lr)
             accs.append(100 * res.test_metrics["accuracy"])
+            print(f"  eps={eps} seed {seed}: {accs[-1]:.2f} %, {per_epoch:.2f} s/epoch", flush=True)
             times.append(per_epoch)
             if res.privacy:
                 eps_spent.append(res.privacy["epsilon"])

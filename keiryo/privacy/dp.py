@@ -70,7 +70,11 @@ class DPConfig(KeiryoConfig):
 
 
 def _opacus() -> Any:
-    return require("opacus", "Opacus (differentially private training)", "privacy")
+    opacus = require("opacus", "Opacus (differentially private training)", "privacy")
+    from keiryo.privacy.grad_samplers import register
+
+    register()  # grouped convolutions' per-sample gradients at their own cost
+    return opacus
 
 
 def default_delta(n: int) -> float:

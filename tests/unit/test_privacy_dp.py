@@ -224,6 +224,90 @@ def test_per_sample_gradients_through_private_fake_quant_layers_are_exact(digits
     gsm._close()
 
 
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (lambda: nn.Conv2d(12, 12, 3, 2, 1, groups=12), (5, 12, 9, 9)),  # depthwise, strided
+        (lambda: nn.Conv2d(6, 12, (3, 2), stride=(3, 2), padding=(1, 0), groups=3, dilation=(1, 2)), (4, 6, 11, 10)),
+        (lambda: nn.Conv2d(6, 6, 3, padding="same", groups=6, dilation=2, bias=False), (3, 6, 8, 8)),
+        (lambda: nn.Conv1d(4, 4, 4, padding="same", groups=2, dilation=3), (3, 4, 13)),  # asymmetric "same"
+        (lambda: nn.Conv1d(4, 8, 3, stride=2, padding=1, groups=4), (3, 4, 12)),
+        (lambda: nn.Conv2d(4, 6, 3, padding=1), (3, 4, 5, 5)),  # one group: Opacus's own sampler
+    ],
+)
+def test_per_sample_gradients_of_grouped_convolutions_are_exact(layer, shape):
+    """keiryo's sampler for grouped convolutions (registered with Opacus when DP starts) gives each sample's
+    gradient as torch.func's vmap(grad) does, through Opacus's GradSampleModule, for depthwise, grouped,
+    strided, dilated and "same"-padded layers."""
+    import copy
+
+    from opacus import GradSampleModule
+    from torch.func import functional_call, grad, vmap
+
+    from keiryo.privacy import grad_samplers
+    from keiryo.privacy.dp import _opacus
+
+    _opacus()
+    torch.manual_seed(0)
+    net = nn.Sequential(layer(), nn.Tanh())
+    ref = copy.deepcopy(net)  # Opacus's hooks stay off the reference
+    params = {k: v.detach() for k, v in ref.named_parameters()}
+    x = torch.randn(shape)
+    gsm = GradSampleModule(net, loss_reduction="sum")
+    (gsm(x) ** 2).sum().backward()
+
+    def one(p: dict, xi: torch.Tensor) -> torch.Tensor:
+        return (functional_call(ref, p, (xi[None],)) ** 2).sum()
+
+    want = vmap(grad(one), in_dims=(None, 0))(params, x)
+    for name, p in net.named_parameters():
+        assert p.grad_sample.shape == (shape[0], *p.shape)
+        assert torch.allclose(p.grad_sample, want[name], atol=1e-5), name
+    gsm._close()
+    assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is grad_samplers.grouped_conv_grad_sample
+
+
+@pytest.mark.parametrize(
+    "layer, shape, ghost",
+    [
+        (lambda: nn.Conv2d(64, 96, 1), (6, 64, 2, 2), True),  # wide, few positions: the ghost norm is cheaper
+        (lambda: nn.Conv2d(128, 128, 3, padding=1, groups=2), (5, 128, 2, 2), True),
+        (lambda: nn.Conv1d(40, 40, 3, padding="same", groups=2), (4, 40, 3), True),
+        (lambda: nn.Conv2d(12, 12, 3, 2, 1, groups=12), (5, 12, 9, 9), False),  # depthwise: the gradient itself
+        (lambda: nn.Conv2d(3, 8, 3, padding=1, bias=False), (4, 3, 8, 8), False),
+    ],
+)
+def test_per_sample_gradient_norms_of_convolutions_for_ghost_clipping_are_exact(layer, shape, ghost):
+    """keiryo's norm sampler for convolutions (ghost clipping) gives each sample's gradient norm, by the ghost
+    norm or by the gradient itself, whichever costs less for the layer, equal to the norm of torch.func's
+    per-sample gradient."""
+    import copy
+
+    from torch.func import functional_call, grad, vmap
+
+    from keiryo.privacy import grad_samplers
+    from keiryo.privacy.dp import _opacus
+
+    _opacus()
+    torch.manual_seed(0)
+    conv = layer()
+    ref = copy.deepcopy(conv)
+    x = torch.randn(shape)
+    y = conv(x)
+    backprops = torch.randn_like(y)
+    norms = grad_samplers.conv_norm_sample(conv, [x], backprops)
+    positions = y[0, 0].numel()
+    explicit, ghost_cost = grad_samplers._sizes(conv, positions)
+    assert (ghost_cost < explicit) == ghost
+
+    def one(p: dict, xi: torch.Tensor, bi: torch.Tensor) -> torch.Tensor:
+        return (functional_call(ref, p, (xi[None],)) * bi[None]).sum()
+
+    want = vmap(grad(one), in_dims=(None, 0, 0))({k: v.detach() for k, v in ref.named_parameters()}, x, backprops)
+    for name, p in conv.named_parameters():
+        assert torch.allclose(norms[p], want[name].flatten(1).norm(dim=1), rtol=1e-4), name
+
+
 def test_dp_config_round_trips_inside_the_training_configs():
     cfg = TrainConfig(dp=DPConfig(target_epsilon=3, delta=1e-5))
     assert TrainConfig.from_json(cfg.to_json()) == cfg
