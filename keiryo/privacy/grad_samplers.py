@@ -45,9 +45,7 @@ def _pads(layer: nn.Conv1d | nn.Conv2d) -> list[int]:
     return pads
 
 
-def grouped_conv_grad_sample(
-    layer: Any, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[Any, torch.Tensor]:
+def grouped_conv_grad_sample(layer: Any, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[Any, torch.Tensor]:
     """Opacus's grad-sampler signature: ``{parameter: per-sample gradient}`` of a Conv1d/Conv2d.
 
     The weight gradient of one sample's channel pair is the correlation of that input channel with the
