@@ -76,7 +76,8 @@ def grouped_conv_grad_sample(layer: Any, activations: list[torch.Tensor], backpr
             groups=n * cin,
         )
         k = layer.kernel_size
-        out = out[(..., *(slice(0, kk) for kk in k))]  # a stride that does not divide the input leaves extra positions
+        # a stride that does not divide the input leaves extra positions
+        out = out[(..., *(slice(0, kk) for kk in k))]  # type: ignore[index]
         ret[layer.weight] = out.reshape(n, g, ip, op, *k).transpose(2, 3).reshape(n, *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = backprops.reshape(n, layer.out_channels, -1).sum(dim=2)
@@ -90,7 +91,7 @@ def _sizes(layer: nn.Conv1d | nn.Conv2d, positions: int) -> tuple[int, int]:
     return positions * layer.out_channels * ip * kernel, g * positions * positions * (op + ip * kernel)
 
 
-def conv_norm_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[Any, torch.Tensor]:
+def conv_norm_sample(layer: Any, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[Any, torch.Tensor]:
     """Opacus's norm-sampler signature (ghost clipping): ``{parameter: each sample's gradient norm}`` of a
     Conv1d/Conv2d, by the cheaper of two exact ways for this layer's shapes: the gradient itself (one sample's
     gradient is ``positions x weight size`` multiply-adds), or the ghost norm ``<G G^T, A A^T>`` over the output
