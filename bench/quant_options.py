@@ -47,6 +47,9 @@ OPTIONS = {
                                                         "float_outputs": True, "wide_activations": 1},
     "`int8-gptq` + float outputs + 2 wide activations": {"calibration": "mse", "rounding": "gptq", "bias_correction": "full",
                                                          "float_outputs": True, "wide_activations": 2},
+    "mse + granularity measured": {"calibration": "mse", "granularity": "measured"},
+    "`int8-gptq` + float outputs + granularity measured": {"calibration": "mse", "rounding": "gptq", "bias_correction": "full",
+                                                           "float_outputs": True, "granularity": "measured"},
 }  # fmt: skip
 WEIGHTS_ONLY = {"nearest": ("nearest", "off"), "nearest + bias": ("nearest", "weights"), "gptq": ("gptq", "off"),
                 "gptq + bias": ("gptq", "weights")}  # fmt: skip
@@ -60,6 +63,7 @@ def main() -> int:
     ap.add_argument("--rungs", default="", help="comma-separated int8-auto rungs (default: all)")
     ap.add_argument("--budget", type=float, default=2.0, help="int8-auto max_accuracy_drop (validation points)")
     ap.add_argument("--qat", default="{}", help="JSON options of the qat rung (QatDistillConfig)")
+    ap.add_argument("--only", default="", help="only the option rows whose name contains this (no weights-only rows)")
     args = ap.parse_args()
     data = load_data(
         DataSpec(
@@ -89,14 +93,21 @@ def main() -> int:
     print(f"EfficientNet-{args.model}, {len(y)} test crops; top-1 margin < 0.05 on {np.mean(p[:, -1] - p[:, -2] < 0.05):.0%}")
     print("| int8 static options | agreement % | seconds |\n|---|---:|---:|")
     for name, kw in OPTIONS.items():
+        if args.only not in name:
+            continue
         t0 = time.monotonic()
+        report: dict[str, Any] = {}
         try:
-            quantize_int8_static(pre, work / "q.onnx", cal, Int8StaticConfig(**kw))
+            quantize_int8_static(pre, work / "q.onnx", cal, Int8StaticConfig(**kw), report=report)
         except Exception as e:  # a calibrator's crash is a row
             print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | |")
             continue
         print(f"| {name} | {agree(work / 'q.onnx') * 100:.1f} | {time.monotonic() - t0:.0f} |", flush=True)
+        if "granularity" in report:
+            print("  granularity:", {k: v for k, v in report["granularity"].items() if k not in ("weights", "activations")})
     for name, (rounding, bc) in WEIGHTS_ONLY.items():
+        if args.only:
+            break
         few = {k: v[:128] for k, v in cal.items()}  # what quantize_int8_static's rounding_samples reads
         round_weights(pre, work / "w.onnx", few, rounding=rounding, bias_correction=bc, per_channel=True)
         print(f"| weights only on the int8 grid, {name} | {agree(work / 'w.onnx') * 100:.1f} | |", flush=True)

@@ -73,6 +73,15 @@ class Int8StaticConfig(SmoothingOptions):
     float_outputs: bool = Field(
         False, description="the graph outputs (logits, embeddings) leave the last int8 layer in float, not on a 256-level grid"
     )
+    granularity: Literal["fixed", "measured"] = Field(
+        "fixed",
+        description="fixed: per_channel for every weight, asymmetric activations; measured: chosen layer by layer "
+        "on the calibration inputs, the simpler form wherever it costs at most granularity_tolerance more error: "
+        "per-tensor weights (error of the layer's output) and symmetric activations (the tensor's rounding error)",
+    )
+    granularity_tolerance: float = Field(
+        0.05, ge=0, le=1, description="granularity=measured: extra relative error the simpler form may cost"
+    )
     wide_activations: int = Field(
         0,
         ge=0,
@@ -170,9 +179,16 @@ def quantize_int8_static(
         extra["CalibPercentile"] = cfg.percentile
     with quiet(), tempfile.TemporaryDirectory(prefix="keiryo-calib-") as td:
         fp32_src = src
-        if cfg.rounding != "nearest" or cfg.bias_correction != "off":
-            src, extra["TensorQuantOverrides"] = rounded_weights(src, x, cfg, Path(td), cache)
         try:
+            weights = None
+            if cfg.granularity == "measured":  # measured on the float weights, before any rounding
+                from keiryo.passes.quantize_granularity import weight_choice
+
+                weights = weight_choice(src, x, cfg, cache)
+                cfg = cfg.model_copy(update={"per_channel": True})  # the per-tensor layers are overridden one by one
+            if cfg.rounding != "nearest" or cfg.bias_correction != "off":
+                pc = {k: c["per_channel"] for k, c in weights.items()} if weights is not None else None
+                src, extra["TensorQuantOverrides"] = rounded_weights(src, x, cfg, Path(td), cache, pc)
             if cfg.calibration == "mse" and not (cache is not None and cache.is_file()):
                 from keiryo.passes.quantize_ranges import mse_ranges
 
@@ -192,6 +208,16 @@ def quantize_int8_static(
                     minmax_ranges(src, Reader, cfg.op_types, cache, Path(td))
                 wide = widest(src, cache, x, cfg, report)
                 extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}), **wide}
+            if weights is not None:
+                from keiryo.passes.quantize_granularity import granularity_overrides
+
+                cache = cache or Path(td) / "ranges.json"
+                if not cache.is_file():
+                    from keiryo.passes.quantize_ranges import minmax_ranges
+
+                    minmax_ranges(src, Reader, cfg.op_types, cache, Path(td))
+                chosen = granularity_overrides(src, cache, x, cfg, weights, report)
+                extra["TensorQuantOverrides"] = {**chosen, **extra.get("TensorQuantOverrides", {})}
             if cfg.bias_correction == "full":
                 from keiryo.passes.quantize_rounding import correct_biases_on_int8_inputs
 
@@ -267,9 +293,15 @@ def run_quantize_static(
 
 
 def rounded_weights(
-    src: Path, x: dict[str, np.ndarray], cfg: Int8StaticConfig, workdir: Path, cache: Path | None
+    src: Path,
+    x: dict[str, np.ndarray],
+    cfg: Int8StaticConfig,
+    workdir: Path,
+    cache: Path | None,
+    per_channel: dict[str, bool] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """``src`` with weights on the int8 grid (GPTQ and/or bias correction) and the overrides pinning their scales.
+    """``src`` with weights on the int8 grid (GPTQ and/or bias correction) and the overrides pinning their scales;
+    ``per_channel``: the grid of each weight where chosen per layer (else ``cfg.per_channel``).
 
     With a calibration ``cache`` (the per-layer fallback quantizes many times), the rounded file is kept beside it.
     """
@@ -288,7 +320,7 @@ def rounded_weights(
         {k: v[:rows] for k, v in x.items()},
         rounding=cfg.rounding,
         bias_correction=cfg.bias_correction,
-        per_channel=cfg.per_channel,
+        per_channel=cfg.per_channel if per_channel is None else per_channel,
         nodes=None,
     )
     if keep is not None:

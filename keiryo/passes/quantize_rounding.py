@@ -209,7 +209,7 @@ def round_weights(
     *,
     rounding: str,
     bias_correction: str,
-    per_channel: bool,
+    per_channel: bool | dict[str, bool],
     batch: int = 8,
     max_columns: int = 8192,
     damp: float = 0.01,
@@ -218,6 +218,7 @@ def round_weights(
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Write ``dst``: ``src`` with int8-grid weights (``rounding`` nearest|gptq) and corrected biases.
 
+    ``per_channel``: one grid for every weight, or each weight initializer's (missing: per-channel).
     Returns the ``TensorQuantOverrides`` that pin onnxruntime to those scales, and a summary for the pass info.
     """
     import onnx
@@ -241,7 +242,8 @@ def round_weights(
     shifts = []
     for lay in layers:
         w = numpy_helper.to_array(inits[lay.weight]).astype(np.float32)
-        scale = grid_scales(w, per_channel)
+        pc = per_channel if isinstance(per_channel, bool) else per_channel.get(lay.weight, True)
+        scale = grid_scales(w, pc)
         g = lay.group
         rows = len(w) // g
         wt = torch.from_numpy(w.reshape(g, rows, -1)).double()
@@ -266,7 +268,7 @@ def round_weights(
             b = numpy_helper.to_array(inits[lay.bias]).astype(np.float32)
             inits[lay.bias].CopyFrom(numpy_helper.from_array((b + delta).astype(np.float32), lay.bias))
             shifts.append(float(np.abs(delta).max()))
-        if per_channel:
+        if pc:
             overrides[lay.weight] = [{"axis": 0, "scale": np.float32(s), "zero_point": np.int8(0)} for s in scale]
         else:
             overrides[lay.weight] = [{"scale": np.float32(scale[0]), "zero_point": np.int8(0)}]

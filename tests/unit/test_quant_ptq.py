@@ -232,6 +232,71 @@ def test_wide_activations_go_to_the_measured_worst_tensor(cancelling, digits, tm
     assert err["w.onnx"] < err["n.onnx"]
 
 
+class MixedRanges(nn.Module):
+    """A conv whose channels have alike ranges, then a 1x1 conv with one channel 50x the others; a centred input
+    (image - 0.5) and a ReLU output (one-sided) as activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.alike = nn.Conv2d(1, 8, 3, padding=1)
+        self.skewed = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8 * 64, 10)
+        with torch.no_grad():
+            self.alike.weight.copy_(torch.rand(8, 1, 3, 3, generator=g).sign() * 0.5)  # every channel's max is 0.5
+            w = torch.randn(8, 8, 1, 1, generator=g) * 0.1
+            w[0] *= 50
+            self.skewed.weight.copy_(w)
+            self.skewed.bias.zero_()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.alike(image - 0.5))
+        return self.head(torch.flatten(torch.tanh(self.skewed(x)), 1))
+
+
+def test_measured_granularity_picks_per_tensor_or_per_channel_and_the_activation_symmetry_by_error(digits, tmp_path):
+    h = load_model(f"{__file__}:MixedRanges", digits, output_name="logits")
+    fp32 = export(h, "onnx", tmp_path / "fp32.onnx")
+    pre = preprocess(fp32.path, tmp_path / "pre.onnx")
+    x = digits.calib.numpy()
+    report: dict = {}
+    cfg = Int8StaticConfig(granularity="measured")
+    quantize_int8_static(pre, tmp_path / "m.onnx", x, cfg, cache=tmp_path / "r.json", report=report)
+    g = report["granularity"]
+    model = onnx.load(str(pre))
+    conv = {n.name: n for n in model.graph.node if n.op_type == "Conv"}
+    alike, skewed = (next(n.input[1] for n in conv.values() if k in n.name + n.input[1]) for k in ("alike", "skewed"))
+    assert g["weights"][alike]["per_channel"] is False  # alike channels: one scale costs nothing
+    assert g["weights"][skewed]["per_channel"] is True  # one scale would starve seven channels
+    e = g["weights"][skewed]
+    assert e["error_per_tensor"] > 10 * e["error_per_channel"]
+    relu = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+    centred = next(n.output[0] for n in model.graph.node if n.op_type == "Sub")  # image - 0.5
+    assert g["activations"][relu]["symmetric"] is False  # one-sided: the symmetric grid wastes half its levels
+    assert g["activations"][centred]["symmetric"] is True
+    assert g["weights_per_tensor"] >= 1 and g["weights_per_channel"] >= 1 and g["activations_symmetric"] >= 1
+    # the file onnxruntime wrote follows the choices
+    q = onnx.load(str(tmp_path / "m.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    dq = {n.output[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    scale_of = {n.input[0].removesuffix("_quantized"): inits[n.input[1]] for n in dq.values() if n.input[1] in inits}
+    assert scale_of[alike].size == 1 and scale_of[skewed].size == 8
+    zp = {n.input[0]: int(inits[n.input[2]]) for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[2] in inits}
+    assert zp[centred] == 128 and zp[relu] == 0
+    # and it costs no more output error than the habit (per-channel, asymmetric) beyond the tolerance's worth
+    quantize_int8_static(pre, tmp_path / "f.onnx", x, Int8StaticConfig(), cache=tmp_path / "r.json")
+    ref = outputs(fp32.path, digits.test)
+    err = {p: np.abs(outputs(tmp_path / p, digits.test) - ref).mean() for p in ("m.onnx", "f.onnx")}
+    assert err["m.onnx"] <= err["f.onnx"] * 1.25
+    # GPTQ rounds each weight on the grid chosen for it
+    cfg = Int8StaticConfig(granularity="measured", rounding="gptq", bias_correction="weights")
+    quantize_int8_static(pre, tmp_path / "g.onnx", x, cfg, cache=tmp_path / "g.json")
+    q = onnx.load(str(tmp_path / "g.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    scales = {n.input[0]: inits[n.input[1]].size for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    assert [v for k, v in scales.items() if "alike" in k] == [1] and [v for k, v in scales.items() if "skewed" in k] == [8]
+
+
 def test_an_explicit_budget_turns_int8_into_int8_auto_at_that_budget():
     from keiryo.pipeline.recipe import with_budget
 
