@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import tempfile
 import time
@@ -147,6 +148,11 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=256, help="--timing: batch size")
     ap.add_argument("--hidden", type=int, default=64, help="--timing: width of the MLP's hidden layer")
     ap.add_argument("--model", default=MODEL, help="--timing: zoo model (zoo:mlp, or zoo:mobilenetv2: the demo's CNN)")
+    ap.add_argument(
+        "--options",
+        default=None,
+        help='JSON options of a zoo --model (the demo\'s: none; a narrower variant: \'{"width": 0.35, "last_channel": 128}\')',
+    )
     ap.add_argument("--lr", type=float, default=0.05, help="learning rate (AdamW), DP and non-DP alike")
     ap.add_argument("--modes", default="hooks,ghost", help="--timing: Opacus modes timed against non-DP (hooks, ghost)")
     args = ap.parse_args()
@@ -156,12 +162,13 @@ def main() -> int:
         from keiryo.demo import DEMO_DATA
 
         data = load_data(DEMO_DATA)
+    extra = json.loads(args.options) if args.options else {}
     if args.timing:
-        options = {"hidden": [args.hidden]} if args.model == MODEL else {}
+        options = {"hidden": [args.hidden]} if args.model == MODEL else extra
         print(f"CPU: {cpu()}; digits train {len(data.train)}; {args.model} {options}; one torch thread")
         epoch_times(data, args.epochs, args.batch_size, options, args.model, tuple(args.modes.split(",")))
         return 0
-    options = OPTIONS if args.model == MODEL else {}
+    options = OPTIONS if args.model == MODEL else extra
     print(
         f"CPU: {cpu()}; digits train {len(data.train)}, test {len(data.test)}; {args.model} {options}, {args.epochs} "
         f"epochs, lr {args.lr}",
