@@ -16,6 +16,7 @@ in-process, indicative) and the ladder's wall time.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -63,7 +64,7 @@ def main() -> int:
     ap.add_argument("--rungs", default="", help="comma-separated int8-auto rungs (default: all)")
     ap.add_argument("--budget", type=float, default=2.0, help="int8-auto max_accuracy_drop (validation points)")
     ap.add_argument("--qat", default="{}", help="JSON options of the qat rung (QatDistillConfig)")
-    ap.add_argument("--only", default="", help="only the option rows whose name contains this (no weights-only rows)")
+    ap.add_argument("--only", default="", help="only the option rows whose name matches this regex (no weights-only rows)")
     args = ap.parse_args()
     data = load_data(
         DataSpec(
@@ -93,7 +94,7 @@ def main() -> int:
     print(f"EfficientNet-{args.model}, {len(y)} test crops; top-1 margin < 0.05 on {np.mean(p[:, -1] - p[:, -2] < 0.05):.0%}")
     print("| int8 static options | agreement % | seconds |\n|---|---:|---:|")
     for name, kw in OPTIONS.items():
-        if args.only not in name:
+        if not re.search(args.only, name):
             continue
         t0 = time.monotonic()
         report: dict[str, Any] = {}

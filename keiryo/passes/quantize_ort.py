@@ -179,16 +179,16 @@ def quantize_int8_static(
         extra["CalibPercentile"] = cfg.percentile
     with quiet(), tempfile.TemporaryDirectory(prefix="keiryo-calib-") as td:
         fp32_src = src
-        try:
-            weights = None
-            if cfg.granularity == "measured":  # measured on the float weights, before any rounding
-                from keiryo.passes.quantize_granularity import weight_choice
+        weights = None
+        if cfg.granularity == "measured":  # measured on the float weights, before any rounding
+            from keiryo.passes.quantize_granularity import weight_choice
 
-                weights = weight_choice(src, x, cfg, cache)
-                cfg = cfg.model_copy(update={"per_channel": True})  # the per-tensor layers are overridden one by one
-            if cfg.rounding != "nearest" or cfg.bias_correction != "off":
-                pc = {k: c["per_channel"] for k, c in weights.items()} if weights is not None else None
-                src, extra["TensorQuantOverrides"] = rounded_weights(src, x, cfg, Path(td), cache, pc)
+            weights = weight_choice(src, x, cfg, cache)
+            cfg = cfg.model_copy(update={"per_channel": True})  # the per-tensor layers are overridden one by one
+        if cfg.rounding != "nearest" or cfg.bias_correction != "off":
+            pc = {k: c["per_channel"] for k, c in weights.items()} if weights is not None else None
+            src, extra["TensorQuantOverrides"] = rounded_weights(src, x, cfg, Path(td), cache, pc)
+        try:
             if cfg.calibration == "mse" and not (cache is not None and cache.is_file()):
                 from keiryo.passes.quantize_ranges import mse_ranges
 
