@@ -94,18 +94,11 @@ def activation_symmetry(
     """``{activation: {"symmetric": bool, "error_asymmetric": e, "error_symmetric": e}}`` (mean squared error over
     the calibration values, relative to their mean square)."""
     import onnx
-    import onnxruntime as ort
 
-    model = onnx.load(str(src))
+    from keiryo.passes.quantize_ranges import tensor_session
+
     names = [k for k, (lo, hi) in ranges.items() if hi > lo]
-    outputs = {o.name for o in model.graph.output}
-    for k in names:
-        if k not in outputs:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = tensor_session(onnx.load(str(src)), names)
     sums = {k: np.zeros(3) for k in names}  # asymmetric error, symmetric error, energy
     n = min(rows, len(next(iter(x.values()))))
     for start in range(0, n, 8):

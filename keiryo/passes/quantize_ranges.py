@@ -23,6 +23,22 @@ SAMPLES = 1 << 17  # values per tensor and batch that go into its histogram
 FRACTIONS = np.concatenate([np.linspace(0.2, 0.9, 36), np.linspace(0.9, 1.0, 21)[1:]])
 
 
+def tensor_session(model: Any, names: list[str]) -> Any:
+    """An onnxruntime session of ``model`` (an ``onnx.ModelProto``, changed in place) that also returns the
+    intermediate tensors ``names``; graph optimizations off, so the graph runs as written (no fusion renames)."""
+    import onnx
+    import onnxruntime as ort
+
+    outputs = {o.name for o in model.graph.output}
+    for k in names:
+        if k not in outputs:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def clip_bounds(model: Any) -> dict[str, tuple[float, float]]:
     """Bounds that an activation cannot leave: ``Clip`` outputs (constant min/max) and ``Relu`` outputs."""
     from onnx import numpy_helper
@@ -71,7 +87,6 @@ def mse_ranges(
 ) -> Path:
     """Compute MSE-optimal, clip-aware ranges of ``src``'s quantized activations; save them as an onnxruntime cache."""
     import onnx
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, create_calibrator, save_tensors_data
 
@@ -84,13 +99,7 @@ def mse_ranges(
     lohi = {k: (float(np.min(minmax[k].range_value[0])), float(np.max(minmax[k].range_value[1]))) for k in names}
     model = onnx.load(str(src))
     bounds = clip_bounds(model)
-    graph_outputs = {o.name for o in model.graph.output}
-    for k in names:
-        if k not in graph_outputs:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = tensor_session(model, names)
     hists = {k: np.zeros(BINS, np.int64) for k in names}
     it = reader()
     while (feed := it.get_next()) is not None:

@@ -139,17 +139,10 @@ def collect(
     import onnx
     import torch
 
-    model = onnx.load(str(src))
-    outputs = {o.name for o in model.graph.output}
-    wanted = list(dict.fromkeys(lay.input for lay in layers))
-    for name in wanted:
-        if name not in outputs:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    import onnxruntime as ort
+    from keiryo.passes.quantize_ranges import tensor_session
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written: no fusion renames
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    wanted = list(dict.fromkeys(lay.input for lay in layers))
+    sess = tensor_session(onnx.load(str(src)), wanted)
     n = len(next(iter(x.values())))
     rng = np.random.default_rng(seed)
     for start in range(0, n, batch):
