@@ -13,7 +13,7 @@ the same gradients (tested against ``torch.func``), 20-50x faster than Opacus's 
 Ghost clipping (keiryo's default) needs only each sample's gradient norm. Opacus has no norm sampler for
 convolutions, so it materialized every layer's per-sample gradients (the demo's 2.2 M parameters times the
 batch); :func:`conv_norm_sample` takes, layer by layer, the cheaper exact way. On the demo's CNN a DP epoch
-went from over 15 minutes (not finished) to 1.89x the non-DP epoch (``bench/privacy.py --timing --model
+went from over 15 minutes (not finished) to 1.95x the non-DP epoch (``bench/privacy.py --timing --model
 zoo:mobilenetv2``).
 """
 
