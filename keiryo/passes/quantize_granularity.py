@@ -151,12 +151,11 @@ def granularity_overrides(
 
 
 def overrides(choice: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """``TensorQuantOverrides``: a per-tensor override for each weight kept per-tensor (the others follow
-    ``per_channel=True``), and the symmetry of each activation."""
+    """``TensorQuantOverrides``: each measured weight per-channel (axis 0: Conv and Gemm-transB weights are
+    output-channel first) or per-tensor, whatever ``per_channel`` says for the others; each activation's symmetry."""
     out: dict[str, list[dict[str, Any]]] = {}
     for name, c in choice["weights"].items():
-        if not c["per_channel"]:
-            out[name] = [{"symmetric": True}]
+        out[name] = [{"axis": 0}] if c["per_channel"] else [{"symmetric": True}]
     for name, c in choice["activations"].items():
         out[name] = [{"symmetric": bool(c["symmetric"])}]
     return out

@@ -183,8 +183,7 @@ def quantize_int8_static(
         if cfg.granularity == "measured":  # measured on the float weights, before any rounding
             from keiryo.passes.quantize_granularity import weight_choice
 
-            weights = weight_choice(src, x, cfg, cache)
-            cfg = cfg.model_copy(update={"per_channel": True})  # the per-tensor layers are overridden one by one
+            weights = weight_choice(src, x, cfg, cache)  # each measured weight gets its own override below
         if cfg.rounding != "nearest" or cfg.bias_correction != "off":
             pc = {k: c["per_channel"] for k, c in weights.items()} if weights is not None else None
             src, extra["TensorQuantOverrides"] = rounded_weights(src, x, cfg, Path(td), cache, pc)

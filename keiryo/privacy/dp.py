@@ -73,7 +73,7 @@ def _opacus() -> Any:
     opacus = require("opacus", "Opacus (differentially private training)", "privacy")
     from keiryo.privacy.grad_samplers import register
 
-    register()  # grouped convolutions' per-sample gradients at their own cost
+    register()  # convolutions' per-sample gradients and norms at their own cost (grad_samplers.py)
     return opacus
 
 
