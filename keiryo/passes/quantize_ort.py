@@ -199,24 +199,20 @@ def quantize_int8_static(
                 # KL search has one candidate (the full range): the same ranges as minmax. Compute them with
                 # cfg.entropy_bins here and hand them over as a calibration cache.
                 cache = entropy_ranges(src, Reader(), cfg, cache or Path(td) / "entropy.json", Path(td))
-            if cfg.wide_activations:
+            if cfg.wide_activations or weights is not None:
                 cache = cache or Path(td) / "ranges.json"
-                if not cache.is_file():  # the ranges the sensitivity is measured with: quantize_static reads them too
+                if not cache.is_file():  # the ranges the measurements below use: quantize_static reads them too
                     from keiryo.passes.quantize_ranges import minmax_ranges
 
                     minmax_ranges(src, Reader, cfg.op_types, cache, Path(td))
-                wide = widest(src, cache, x, cfg, report)
-                extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}), **wide}
-            if weights is not None:
-                from keiryo.passes.quantize_granularity import granularity_overrides
+                if cfg.wide_activations:
+                    wide = widest(src, cache, x, cfg, report)
+                    extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}), **wide}
+                if weights is not None:
+                    from keiryo.passes.quantize_granularity import granularity_overrides
 
-                cache = cache or Path(td) / "ranges.json"
-                if not cache.is_file():
-                    from keiryo.passes.quantize_ranges import minmax_ranges
-
-                    minmax_ranges(src, Reader, cfg.op_types, cache, Path(td))
-                chosen = granularity_overrides(src, cache, x, cfg, weights, report)
-                extra["TensorQuantOverrides"] = {**chosen, **extra.get("TensorQuantOverrides", {})}
+                    chosen = granularity_overrides(src, cache, x, cfg, weights, report)
+                    extra["TensorQuantOverrides"] = {**chosen, **extra.get("TensorQuantOverrides", {})}
             if cfg.bias_correction == "full":
                 from keiryo.passes.quantize_rounding import correct_biases_on_int8_inputs
 
