@@ -131,9 +131,9 @@ def train(
         raise ConfigError(f"task {task.name} has no labels to train on; use a distill step (it learns from the original model)")
     conversion: list[dict[str, Any]] = []
     if cfg.dp is not None:  # layers DP-SGD cannot train (BatchNorm) are replaced before the optimizer sees them
-        from keiryo.privacy.dp import prepare_module
+        from keiryo.privacy.dp import make_dp_ready
 
-        handle.module, conversion = prepare_module(handle.module, cfg.dp)
+        conversion = make_dp_ready(handle, cfg.dp.small_groups)
     module = handle.module
     device = resolve_device(cfg.device)
     prev_threads = torch.get_num_threads()

@@ -34,7 +34,12 @@ ModelOpts = Annotated[
     Optional[list[str]], typer.Option("--model-opt", help="model option key=value (repeatable), e.g. width=0.5")
 ]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", "-w", help=".safetensors or a state_dict .pt (weights_only)")]
-DataOpt = Annotated[str, typer.Option("--data", "-d", help="digits | file.npz | image folder | file.csv | module:function")]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data", "-d", help="digits | font-digits | sensors | tokens | file.npz | image folder | file.csv | module:function"
+    ),
+]
 DataOpts = Annotated[Optional[list[str]], typer.Option("--data-opt", help="data option key=value (repeatable), e.g. size=16")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed for the split and training")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="intra-op threads for measurement")]
@@ -211,11 +216,20 @@ def train(
             "ghost (ghost clipping: the same clipping and guarantee without materializing per-sample gradients; faster)",
         ),
     ] = "auto",
+    dp_ready: Annotated[
+        bool,
+        typer.Option(
+            "--dp-ready",
+            help="replace the layers DP-SGD cannot train (BatchNorm -> GroupNorm, as --dp does) and train without DP: "
+            "pretraining on public data for a later --dp fine-tune (the weights file records the conversion)",
+        ),
+    ] = False,
 ) -> None:
     """Train a model on the data's train split with the task's loss (AdamW, cosine schedule, early stopping on val).
 
     With --dp: DP-SGD through Opacus (Poisson sampling, every epoch run, the last kept); the guarantee is
-    stored in the weights file and travels into results.json and the package manifest."""
+    stored in the weights file and travels into results.json and the package manifest. With --dp-ready (public
+    data, no DP): the model DP-SGD will fine-tune, pretrained: `keiryo train --weights W --dp` takes it on."""
     from keiryo.model import save_weights
     from keiryo.train import TrainConfig
     from keiryo.train import train as run_train
@@ -226,6 +240,11 @@ def train(
 
     dp_cfg = dp_config(dp, target_epsilon, delta, max_grad_norm, accountant, grad_sample_mode)
     handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt)
+    if dp_ready and dp_cfg is None:
+        from keiryo.privacy.dp import make_dp_ready
+
+        for e in make_dp_ready(handle):
+            _console().print(f"dp-ready: {e['layer']}: {e['from']} -> {e['to']}", highlight=False)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, seed=seed, device=device, dp=dp_cfg)  # type: ignore[arg-type]
     res = run_train(handle, splits, t, cfg)
     test = res.test_metrics.get(t.primary)
@@ -236,6 +255,9 @@ def train(
         f"test_{t.primary}": f"{test:.6f}",
         f"val_{t.primary}": f"{res.best_val:.6f}",
     }
+    from keiryo.privacy.dp import conversion_metadata
+
+    meta.update(conversion_metadata(handle))
     if res.privacy is not None:
         from keiryo.privacy.dp import PRIVACY_METADATA_KEY, summary_line
 

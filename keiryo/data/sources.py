@@ -1,6 +1,7 @@
 """One reader per data source; each returns :class:`RawData` (named input arrays + targets).
 
-Built-in sources: ``digits`` (scikit-learn's bundled images), ``sensors`` (generated
+Built-in sources: ``digits`` (scikit-learn's bundled images), ``font-digits`` (digits rendered from the
+fonts inside matplotlib, preprocessed like ``digits``: public data for pretraining), ``sensors`` (generated
 sensor windows with a numeric target: regression), ``tokens`` (generated token-id
 sequences with an attention mask: sequence classification). Files: ``.npz`` and
 ``.safetensors`` of named arrays, ``.csv``, image folders (read lazily, with declared
@@ -65,6 +66,10 @@ class ArraysOptions(KeiryoConfig):
     inputs: list[str] | None = Field(None, description="input arrays in the model's order (default: all other arrays)")
 
 
+class FontDigitOptions(ImageOptions):
+    samples: int = Field(10000, ge=10, le=1_000_000, description="how many digits to render (classes balanced)")
+
+
 class SensorOptions(KeiryoConfig):
     samples: int = Field(2000, ge=10, le=1_000_000)
     channels: int = Field(3, ge=1, le=64)
@@ -96,18 +101,31 @@ def read_digits(spec: DataSpec) -> RawData:
 
     opts = ImageOptions.parse(spec.options, where="digits options")
     d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[:, None]
-    x = _resize(x, opts.size, opts.channels)
+    return _digit_images(d.images, d.target.astype(np.int64), opts, "sklearn.load_digits", "digits")
+
+
+def _digit_images(images: np.ndarray, y: np.ndarray, opts: ImageOptions, source: str, where: str) -> RawData:
+    """8x8 digit images of ink counts 0..16 (the UCI preprocessing), scaled to [0, 1] and resized as asked."""
+    x = _resize((images.astype(np.float32) / 16.0)[:, None], opts.size, opts.channels)
     prep = {
-        "source": "sklearn.load_digits",
+        "source": source,
         "scale": "pixel / 16",
         "size": opts.size or 8,
         "channels": opts.channels,
         "layout": "NCHW",
         "resize": "bilinear",
     }
-    ds, y = arrays_dataset({opts.name: x}, d.target.astype(np.int64), "digits")
-    return RawData(ds, y, [str(i) for i in range(10)], prep)
+    ds, yy = arrays_dataset({opts.name: x}, y, where)
+    return RawData(ds, yy, [str(i) for i in range(10)], prep)
+
+
+def read_font_digits(spec: DataSpec) -> RawData:
+    """Digits rendered from fonts (keiryo.data.fonts), the same scale, layout and names as ``digits``."""
+    from keiryo.data.fonts import render_digits
+
+    opts = FontDigitOptions.parse(spec.options, where="font-digits options")
+    images, y = render_digits(opts.samples, spec.seed + 4242)
+    return _digit_images(images, y, opts, "keiryo.data.fonts", "font-digits")
 
 
 def read_sensors(spec: DataSpec) -> RawData:
@@ -457,7 +475,7 @@ def _require_file(path: Path, expected: str) -> None:
         raise InputFileError(f"{path}: not a file; expected {expected}")
 
 
-BUILTIN = {"digits": read_digits, "sensors": read_sensors, "tokens": read_tokens}
+BUILTIN = {"digits": read_digits, "font-digits": read_font_digits, "sensors": read_sensors, "tokens": read_tokens}
 
 
 def read_source(spec: DataSpec) -> RawData:

@@ -79,18 +79,22 @@ def load_model(
         except DataError:
             first_shape = tuple(d if isinstance(d, int) else 1 for d in specs[0].shape[1:])
         module = build_module(spec, first_shape, num_classes)
-    privacy = None
+    privacy, conversion = None, []
     if spec.weights:
-        from keiryo.privacy.dp import apply_conversion, read_weights_privacy
+        from keiryo.privacy.dp import apply_conversion, read_weights_conversion, read_weights_privacy
 
         state = load_weights(spec.weights)
         privacy = read_weights_privacy(spec.weights)  # weights from `keiryo train --dp`: the guarantee travels on
-        if privacy and privacy.get("norm_conversion"):
-            module = apply_conversion(module, privacy["norm_conversion"])  # the layers DP training replaced
+        conversion = read_weights_conversion(spec.weights, privacy)  # the layers replaced for DP-SGD
+        if conversion:
+            module = apply_conversion(module, conversion)
         apply_state_dict(module, state, spec.weights)
     module.eval()
     outputs = infer_outputs(module, specs, output_name, f"model {spec.source}")
-    return ModelHandle(module, IOSpec(inputs=specs, outputs=outputs), spec, {"privacy": privacy} if privacy else {})
+    meta: dict[str, Any] = {"privacy": privacy} if privacy else {}
+    if spec.weights and conversion:
+        meta["norm_conversion"] = conversion
+    return ModelHandle(module, IOSpec(inputs=specs, outputs=outputs), spec, meta)
 
 
 def input_specs(inputs: Any) -> list[TensorSpec]:

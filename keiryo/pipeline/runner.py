@@ -36,6 +36,7 @@ from keiryo.passes import PassContext, apply
 from keiryo.pipeline.cache import StepCache
 from keiryo.pipeline.candidate import Candidate
 from keiryo.pipeline.recipe import Recipe
+from keiryo.privacy.dp import conversion_metadata
 from keiryo.runtime import open_session, unavailable_reason
 
 __all__ = ["Baseline", "RunOptions", "StepsOutput", "compress", "export_variant", "run_recipe", "run_steps"]
@@ -401,7 +402,7 @@ def compress(
     with atomic_dir(out) as tmp:
         _log(opts, f"measuring baseline (torch, {opts.bench.threads} thread(s)); task {task.name}")
         baseline = measure_baseline(handle, data, task, opts.bench)
-        save_weights(handle.module, tmp / "baseline.safetensors", {"source": handle.spec.source})
+        save_weights(handle.module, tmp / "baseline.safetensors", {"source": handle.spec.source, **conversion_metadata(handle)})
         candidates: list[Candidate] = []
         memo: dict[str, tuple[ModelHandle, dict[str, Any]]] = {}
         for r in recipes:

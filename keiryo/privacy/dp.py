@@ -44,6 +44,8 @@ log = logging.getLogger("keiryo.privacy")
 
 ACCOUNTANTS = ("prv", "rdp")
 PRIVACY_METADATA_KEY = "keiryo.privacy"  # the record's key in a .safetensors file's metadata
+# the layers replaced for DP-SGD (BatchNorm -> GroupNorm) in weights trained without DP: `keiryo train --dp-ready`
+NORM_CONVERSION_KEY = "keiryo.norm_conversion"
 
 
 class DPConfig(KeiryoConfig):
@@ -156,9 +158,10 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def prepare_module(module: nn.Module, cfg: DPConfig) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """A copy of ``module`` that DP-SGD can train (``ModuleValidator.fix``), its GroupNorms checked, and the
-    conversion layer by layer: ``[{layer, from, to, channels_per_group, note?}]``."""
+def prepare_module(module: nn.Module, small_groups: str = "regroup") -> tuple[nn.Module, list[dict[str, Any]]]:
+    """A copy of ``module`` that DP-SGD can train (``ModuleValidator.fix``), its GroupNorms checked
+    (``small_groups``: :attr:`DPConfig.small_groups`), and the conversion layer by layer:
+    ``[{layer, from, to, channels_per_group, note?}]``."""
     _opacus()
     from opacus.validators import ModuleValidator
 
@@ -178,10 +181,10 @@ def prepare_module(module: nn.Module, cfg: DPConfig) -> tuple[nn.Module, list[di
                     f"layer {name!r}: {_describe(old)} becomes {_describe(new)}, one channel per group: each channel of "
                     "each sample is normalised on its own, which wrecks small models"
                 )
-                if cfg.small_groups == "error":
+                if small_groups == "error":
                     raise PassError(f"{why}; refused (dp small_groups: error); use small_groups: regroup or widen the layer")
-                if cfg.small_groups == "warn" or groups is None:
-                    if groups is None and cfg.small_groups == "regroup":
+                if small_groups == "warn" or groups is None:
+                    if groups is None and small_groups == "regroup":
                         why += " (a single channel cannot be regrouped)"
                     log.warning(why)
                     entry["warning"] = why
@@ -200,6 +203,24 @@ def prepare_module(module: nn.Module, cfg: DPConfig) -> tuple[nn.Module, list[di
             m.inplace = False
     check_supported(fixed)
     return fixed, report
+
+
+def make_dp_ready(handle: Any, small_groups: str = "regroup") -> list[dict[str, Any]]:
+    """Replace the layers of ``handle.module`` that DP-SGD cannot train (:func:`prepare_module`) and return the
+    model's whole conversion: what its weights already carried (``handle.metadata["norm_conversion"]``, from
+    ``keiryo train --dp-ready`` or an earlier DP run) then what this call replaced. The result is stored back in
+    ``handle.metadata``, so weights saved from the handle rebuild the same layers (:func:`read_weights_conversion`)."""
+    handle.module, new = prepare_module(handle.module, small_groups)
+    conversion = [*(handle.metadata.get("norm_conversion") or []), *new]
+    if conversion:
+        handle.metadata["norm_conversion"] = conversion
+    return conversion
+
+
+def conversion_metadata(handle: Any) -> dict[str, str]:
+    """The weights-file metadata that rebuilds ``handle``'s converted layers on load (empty if none)."""
+    conversion = handle.metadata.get("norm_conversion")
+    return {NORM_CONVERSION_KEY: json.dumps(conversion)} if conversion else {}
 
 
 def check_supported(module: nn.Module) -> None:
@@ -493,18 +514,22 @@ def compose(recs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def read_weights_privacy(path: str) -> dict[str, Any] | None:
-    """The DP record stored in a .safetensors file's metadata by ``keiryo train --dp``, or the one of a federated
-    model trained with DP (``keiryo federate``: its ``keiryo.federated`` summary); None if absent."""
+def _weights_metadata(path: str) -> dict[str, str]:
     if not str(path).endswith(".safetensors"):
-        return None
+        return {}
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return dict(f.metadata() or {})
     except Exception:  # an unreadable file is reported by load_weights with its own message
-        return None
+        return {}
+
+
+def read_weights_privacy(path: str) -> dict[str, Any] | None:
+    """The DP record stored in a .safetensors file's metadata by ``keiryo train --dp``, or the one of a federated
+    model trained with DP (``keiryo federate``: its ``keiryo.federated`` summary); None if absent."""
+    meta = _weights_metadata(path)
     raw = meta.get(PRIVACY_METADATA_KEY)
     if raw:
         return dict(json.loads(raw))
@@ -512,6 +537,15 @@ def read_weights_privacy(path: str) -> dict[str, Any] | None:
 
     fed = meta.get(FEDERATED_METADATA_KEY)
     return model_privacy(json.loads(fed)) if fed else None
+
+
+def read_weights_conversion(path: str, privacy: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The layers replaced so DP-SGD could train the weights in ``path`` (BatchNorm -> GroupNorm): stored by
+    ``keiryo train --dp-ready`` (:data:`NORM_CONVERSION_KEY`), or inside the DP record ``privacy`` of ``--dp``."""
+    raw = _weights_metadata(path).get(NORM_CONVERSION_KEY)
+    if raw:
+        return list(json.loads(raw))
+    return list((privacy or {}).get("norm_conversion") or [])
 
 
 def summary_line(rec: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from keiryo.budget import Constraint, check_constraints, select_best, violation
 from keiryo.config import KeiryoConfig
 from keiryo.errors import ConfigError, ConstraintNotMetError
+from keiryo.privacy.dp import conversion_metadata
 from keiryo.search.space import TEMPLATES, templates_for
 
 
@@ -139,7 +140,7 @@ def optimize(
     (out / "cache").mkdir(exist_ok=True)
     weights = out / "baseline.safetensors"
     if not resume:
-        save_weights(handle.module, weights, {"source": handle.spec.source})
+        save_weights(handle.module, weights, {"source": handle.spec.source, **conversion_metadata(handle)})
         state.write_text(json.dumps({"model_hash": handle.content_hash(), "config": cfg.model_dump(mode="json")}, indent=2))
     t_start = time.monotonic()
     _log(opts, f"measuring baseline (torch, {opts.bench.threads} thread(s))")

@@ -89,6 +89,42 @@ def test_dp_training_with_ghost_clipping_from_the_command_line(tmp_path, capsys)
     assert rec["grad_sample_mode"] == "ghost" and rec["epsilon"] <= 8.0
 
 
+def test_public_pretraining_with_dp_ready_layers_then_a_dp_fine_tune(tmp_path, capsys):
+    """`--dp-ready` trains on public data (font-digits) with the layers DP-SGD needs (BatchNorm -> GroupNorm),
+    records the conversion in the weights file, and a `--dp` fine-tune on the private digits takes those weights
+    on: the DP record names the whole conversion, and both files reload into the original factory."""
+    from safetensors import safe_open
+
+    from keiryo.data import load_data
+    from keiryo.model import load_model
+    from keiryo.model.handle import ModelSpec
+    from keiryo.privacy.dp import NORM_CONVERSION_KEY
+
+    pre, fine = tmp_path / "public.safetensors", tmp_path / "dp.safetensors"
+    code, out, err = run_cli(
+        "train", "--model", "keiryo.testing:tiny_cnn", "--data", "font-digits", "--data-opt", "samples=400",
+        "--epochs", "1", "--dp-ready", "--out", str(pre), capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "dp-ready: features.1: BatchNorm2d(8) -> GroupNorm(4, 8)" in out and "privacy:" not in out
+    with safe_open(str(pre), "pt") as f:
+        meta = f.metadata()
+    assert "keiryo.privacy" not in meta  # trained without DP: no guarantee is claimed
+    conversion = json.loads(meta[NORM_CONVERSION_KEY])
+    assert [c["to"] for c in conversion] == ["GroupNorm(4, 8)", "GroupNorm(8, 16)"]
+
+    args = ["--epochs", "1", "--batch-size", "128", "--dp", "--target-epsilon", "8"]
+    code, out, err = run_cli("train", *MODEL, "--weights", str(pre), *args, "--out", str(fine), capsys=capsys)
+    assert code == 0, err
+    with safe_open(str(fine), "pt") as f:
+        rec = json.loads(f.metadata()["keiryo.privacy"])
+    assert rec["norm_conversion"] == conversion  # what the weights carried, though this run replaced nothing
+    digits = load_data("digits")
+    for w in (pre, fine):
+        h = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", weights=str(w)), digits, output_name="logits")
+        assert type(h.module.features[1]).__name__ == "GroupNorm" and h.metadata["norm_conversion"] == conversion
+
+
 @pytest.mark.slow
 def test_a_federated_model_with_client_dp_carries_its_record_into_the_signed_manifest(tmp_path, capsys):
     """A federated model's client-level DP record (its weights' ``keiryo.federated`` metadata) flows through

@@ -52,7 +52,7 @@ def test_an_unreachable_epsilon_names_the_smallest_reachable_one():
 
 
 def test_batchnorm_becomes_groupnorm_with_two_or_more_channels_per_group_reported_layer_by_layer():
-    fixed, report = prepare_module(TinyCNN(width=8), DPConfig(target_epsilon=8))
+    fixed, report = prepare_module(TinyCNN(width=8))
     assert [(r["layer"], r["from"], r["to"], r["channels_per_group"]) for r in report] == [
         ("features.1", "BatchNorm2d(8)", "GroupNorm(4, 8)", 2),
         ("features.4", "BatchNorm2d(16)", "GroupNorm(8, 16)", 2),
@@ -60,11 +60,11 @@ def test_batchnorm_becomes_groupnorm_with_two_or_more_channels_per_group_reporte
     assert "one channel per group" in report[0]["note"]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fixed.modules())
     with pytest.raises(PassError, match=r"layer 'features.1': BatchNorm2d\(8\) becomes GroupNorm\(8, 8\), one channel per group"):
-        prepare_module(TinyCNN(width=8), DPConfig(target_epsilon=8, small_groups="error"))
-    _, warned = prepare_module(TinyCNN(width=8), DPConfig(target_epsilon=8, small_groups="warn"))
+        prepare_module(TinyCNN(width=8), "error")
+    _, warned = prepare_module(TinyCNN(width=8), "warn")
     assert warned[0]["to"] == "GroupNorm(8, 8)" and "wrecks small models" in warned[0]["warning"]
     # 64 channels: Opacus's gcd(32, 64) = 32 groups of 2 is already fine and kept
-    _, wide = prepare_module(nn.Sequential(nn.Conv2d(1, 64, 3), nn.BatchNorm2d(64)), DPConfig(target_epsilon=8))
+    _, wide = prepare_module(nn.Sequential(nn.Conv2d(1, 64, 3), nn.BatchNorm2d(64)))
     assert wide[0]["to"] == "GroupNorm(32, 64)" and "note" not in wide[0]
 
 
@@ -83,7 +83,7 @@ class _Running(nn.Module):
 def test_a_layer_opacus_cannot_train_is_named_with_the_fix():
     model = nn.Sequential(nn.Linear(4, 4), _Running(), nn.Linear(4, 2))
     with pytest.raises(UnsupportedOpError, match=r"layer '1' \(_Running\).*buffers \(running.*fix: move the buffers") as e:
-        prepare_module(model, DPConfig(target_epsilon=8))
+        prepare_module(model)
     assert e.value.layer == "1"
 
 
@@ -359,7 +359,7 @@ def test_ghost_clipping_takes_the_same_steps_as_per_sample_gradients(digits):
     with pytest.raises(ConfigError, match="ghost: only with the task's own loss"):
         from keiryo.privacy.dp import make_private
 
-        m, _ = prepare_module(load_model(SPEC, digits, output_name="logits").module, DPConfig(target_epsilon=8))
+        m, _ = prepare_module(load_model(SPEC, digits, output_name="logits").module)
         make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), digits.train, 256, 1,
                      DPConfig(target_epsilon=8, accountant="rdp", grad_sample_mode="ghost"), seed=0)  # fmt: skip
 
