@@ -83,30 +83,25 @@ def init() -> Loaded:
         return _loaded
 
 
-def _answer(status: int, body: bytes, media: str = "application/json", extra: dict[str, str] | None = None) -> dict[str, Any]:
-    binary = media != "application/json"
-    return {
-        "statusCode": status,
-        "headers": {"content-type": media, **(extra or {})},
-        "body": base64.b64encode(body).decode() if binary else body.decode(),
-        "isBase64Encoded": binary,
-    }
+Response = tuple[int, dict[str, str], bytes]  # status, headers, body
 
 
-def _error(status: int, message: str) -> dict[str, Any]:
-    return _answer(status, json.dumps({"error": message}).encode())
+def _json(status: int, doc: Any) -> Response:
+    return status, {"content-type": "application/json"}, json.dumps(doc).encode()
 
 
-def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
-    """One API Gateway proxy event -> one OIP response."""
+def _error(status: int, message: str) -> Response:
+    return _json(status, {"error": message})
+
+
+def respond(method: str, path: str, headers: dict[str, str], body: bytes) -> Response:
+    """One OIP request (``headers`` with lower-case names) -> (status, headers, body); the function's core, which
+    :func:`handler` (function platforms) and :mod:`keiryo.serverless_http` (Knative) put their transport around."""
     from keiryo.serve.protocol import NonFiniteOutput, ProtocolError, build_response, parse_request
 
     m = init()
-    headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
-    method = (event.get("httpMethod") or event.get("requestContext", {}).get("http", {}).get("method") or "POST").upper()
-    path = event.get("rawPath") or event.get("path") or "/"
     if path.startswith("/v2/health/"):
-        return _answer(200, json.dumps({"live": True} if path.endswith("live") else {"ready": True}).encode())
+        return _json(200, {"live": True} if path.endswith("live") else {"ready": True})
     if m.keys:
         auth = headers.get("authorization", "")
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
@@ -117,20 +112,39 @@ def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
             return _error(401, "missing or invalid API key")
     if method == "GET":
         meta = {"name": m.name, "versions": [m.version], "platform": f"{m.manifest['runtime']}_{m.manifest['format']}"}
-        return _answer(200, json.dumps({**meta, "inputs": m.manifest["inputs"], "outputs": m.manifest["outputs"]}).encode())
+        return _json(200, {**meta, "inputs": m.manifest["inputs"], "outputs": m.manifest["outputs"]})
     try:
-        raw = event.get("body") or ""
-        body = base64.b64decode(raw, validate=True) if event.get("isBase64Encoded") else str(raw).encode()
         req = parse_request(body, headers.get("inference-header-content-length"), m.inputs)
         outs = m.session.run(req.inputs)
         outputs = {o["name"]: v for o, v in zip(m.manifest["outputs"], outs, strict=True)}
         content, extra, media = build_response(m.name, m.version, req, outputs)
-    except (ProtocolError, ValueError) as e:
-        if isinstance(e, NonFiniteOutput):
-            return _error(500, str(e))
-        return _error(400, str(e) if isinstance(e, ProtocolError) else f"body is not valid base64: {e}")
+    except NonFiniteOutput as e:
+        return _error(500, str(e))
+    except ProtocolError as e:
+        return _error(400, str(e))
     except PackageNotFoundError as e:
         return _error(404, str(e))
     except KeiryoError as e:  # the session failed on a valid request: the function's side
         return _error(500, str(e))
-    return _answer(200, content, media, extra)
+    return 200, {"content-type": media, **extra}, content
+
+
+def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+    """One API Gateway proxy event -> one OIP response (binary bodies base64-encoded both ways)."""
+    headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
+    method = (event.get("httpMethod") or event.get("requestContext", {}).get("http", {}).get("method") or "POST").upper()
+    path = event.get("rawPath") or event.get("path") or "/"
+    raw = event.get("body") or ""
+    try:
+        body = base64.b64decode(raw, validate=True) if event.get("isBase64Encoded") else str(raw).encode()
+    except ValueError as e:
+        status, out_headers, content = _error(400, f"body is not valid base64: {e}")
+    else:
+        status, out_headers, content = respond(method, path, headers, body)
+    binary = out_headers["content-type"] != "application/json"
+    return {
+        "statusCode": status,
+        "headers": out_headers,
+        "body": base64.b64encode(content).decode() if binary else content.decode(),
+        "isBase64Encoded": binary,
+    }

@@ -730,7 +730,7 @@ def deploy(
     cpu: Annotated[str, typer.Option(help="k8s, knative: CPU request = limit")] = "1",
     memory: Annotated[str, typer.Option(help="k8s, knative: memory request = limit")] = "1Gi",
     concurrency: Annotated[
-        int, typer.Option(min=1, max=10000, help="knative: in-flight requests per pod the autoscaler aims at")
+        int, typer.Option(min=1, max=10000, help="knative: in-flight requests per pod (the autoscaler's target and the hard cap)")
     ] = 32,
     tls_secret: Annotated[
         Optional[str], typer.Option("--tls-secret", help="k8s: a kubernetes.io/tls Secret: the server speaks HTTPS")

@@ -25,6 +25,9 @@ from keiryo.packages.package import read_manifest
 from keiryo.packages.trust import EXPIRY_DAYS
 
 SERVE_PORT = 8000
+# where the image of `keiryo deploy docker` keeps the registry (the package at alias production) and the public key,
+# and the TUF cache under the writable /tmp
+IMAGE_REGISTRY, IMAGE_PUBLIC_KEY, IMAGE_TUF_CACHE = "/srv/registry", "/srv/public.pem", "/tmp/keiryo-tuf"
 # what the server imports (the CLI, the package layer, the runtime of the file, the HTTP stack), pinned with hashes:
 # keiryo/serve/requirements-RUNTIME.lock, made by scripts/lock-serve from keiryo/serve/requirements*.in
 LOCKS = {"onnxruntime": "requirements-onnxruntime.lock", "litert": "requirements-litert.lock"}
@@ -131,9 +134,9 @@ COPY --chown=root:root healthcheck.py /srv/healthcheck.py
 HEALTHCHECK --interval=10s --timeout=5s CMD ["python", "/srv/healthcheck.py"]
 # more `keiryo serve` options as arguments: docker run IMAGE --ssl-certfile ... (Kubernetes: args);
 # the HEALTHCHECK speaks HTTP or TLS; with --ssl-ca-certs (mTLS) run with --no-healthcheck (Kubernetes ignores it)
-ENTRYPOINT ["keiryo", "serve", "--registry", "/srv/registry", "--model", "{manifest["name"]}@production", \\
-     "--public-key", "/srv/public.pem", "--trusted-root", "/srv/registry/tuf/1.root.json", \\
-     "--tuf-cache", "/tmp/keiryo-tuf", "--host", "0.0.0.0", "--port", "{SERVE_PORT}"]
+ENTRYPOINT ["keiryo", "serve", "--registry", "{IMAGE_REGISTRY}", "--model", "{manifest["name"]}@production", \\
+     "--public-key", "{IMAGE_PUBLIC_KEY}", "--trusted-root", "{IMAGE_REGISTRY}/tuf/1.root.json", \\
+     "--tuf-cache", "{IMAGE_TUF_CACHE}", "--host", "0.0.0.0", "--port", "{SERVE_PORT}"]
 """
 
 
@@ -360,10 +363,12 @@ def knative_service(
     memory: str = "1Gi",
     timeout_s: int = 60,
 ) -> dict[str, Any]:
-    """A Knative Service (``serving.knative.dev/v1``) running the ``keiryo deploy docker`` image: scaled to zero
-    when idle (``min-scale: "0"``, the KPA autoscaler), scaled on in-flight requests per pod (``target``); the
-    server verifies and loads the package before ``/v2/health/ready`` answers, so no request reaches a pod
-    that is not ready (the activator holds them during a cold start)."""
+    """A Knative Service (``serving.knative.dev/v1``) running the ``keiryo deploy docker`` image's serverless
+    function (:mod:`keiryo.serverless_http`: no FastAPI, no uvicorn, a short scale from zero) on the package the
+    image holds: scaled to zero when idle (``min-scale: "0"``, the KPA autoscaler), scaled on in-flight requests per
+    pod (``target``), at most ``concurrency`` at once per pod (``containerConcurrency``: the queue-proxy queues the
+    rest). The function verifies and loads the package before it binds its port, so no request reaches a pod that
+    is not ready (the activator holds them during a cold start)."""
     if not (1 <= max_scale <= 1000 and 1 <= concurrency <= 10000 and 1 <= timeout_s <= 3600):
         raise ConfigError(
             f"max_scale {max_scale}, concurrency {concurrency}, timeout_s {timeout_s}: expected 1-1000, 1-10000, 1-3600"
@@ -388,15 +393,25 @@ def knative_service(
                     },
                 },
                 "spec": {
-                    # no hard cap per pod: the server's own queue (--max-queue) answers 503 past its bound
-                    "containerConcurrency": 0,
+                    # a hard cap per pod: the queue-proxy holds requests past it, the function's threads never pile up
+                    "containerConcurrency": concurrency,
                     "timeoutSeconds": timeout_s,
                     "containers": [
                         {
                             "name": "server",
                             "image": image or _image(manifest),
-                            "ports": [{"name": "http1", "containerPort": SERVE_PORT}],
-                            "env": _api_key_env(f"{name}-keys"),
+                            "command": ["python", "-m", "keiryo.serverless_http"],  # in place of `keiryo serve`
+                            "ports": [{"name": "http1", "containerPort": SERVE_PORT}],  # Knative sets $PORT to it
+                            "env": [
+                                *_api_key_env(f"{name}-keys")[:1],  # the function has no admin routes
+                                {"name": "KEIRYO_REGISTRY", "value": IMAGE_REGISTRY},
+                                {"name": "KEIRYO_MODEL", "value": f"{manifest['name']}@production"},
+                                {"name": "KEIRYO_PUBLIC_KEY", "value": IMAGE_PUBLIC_KEY},
+                                {"name": "KEIRYO_TRUSTED_ROOT", "value": f"{IMAGE_REGISTRY}/tuf/1.root.json"},
+                                {"name": "KEIRYO_TUF_CACHE", "value": IMAGE_TUF_CACHE},
+                                # the queue-proxy's pooled keep-alive connections beside the ones in use
+                                {"name": "KEIRYO_MAX_CONNECTIONS", "value": str(2 * concurrency + 16)},
+                            ],
                             "readinessProbe": probe,
                             "livenessProbe": {
                                 **probe,

@@ -228,14 +228,20 @@ def test_knative_service_scales_to_zero_and_its_pod_spec_validates(signed, tmp_p
     assert all(isinstance(v, str) for v in ann.values())  # Knative refuses non-string annotation values
     assert "min-scale: '0'" in text  # quoted in the file, not the integer 0
     spec = dict(tmpl["spec"])
-    assert spec.pop("containerConcurrency") == 0 and spec.pop("timeoutSeconds") == 60
+    assert spec.pop("containerConcurrency") == 16 and spec.pop("timeoutSeconds") == 60
     (c,) = spec["containers"]
+    # the image's serverless function, not `keiryo serve`, on the package the image holds
+    assert c["command"] == ["python", "-m", "keiryo.serverless_http"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KEIRYO_REGISTRY"] == "/srv/registry" and env["KEIRYO_MODEL"] == "tiny@production"
+    assert env["KEIRYO_PUBLIC_KEY"] == "/srv/public.pem" and env["KEIRYO_TRUSTED_ROOT"] == "/srv/registry/tuf/1.root.json"
+    assert env["KEIRYO_TUF_CACHE"].startswith("/tmp/") and env["KEIRYO_MAX_CONNECTIONS"] == "48"
     assert len(c["ports"]) == 1 and c["ports"][0] == {"name": "http1", "containerPort": 8000}  # Knative: one port
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
     assert c["image"] == "keiryo-tiny:1.0.0"  # what `keiryo deploy docker` tells you to build
     assert c["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # the image's --tuf-cache is under /tmp
-    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"]} == {"keiryo-tiny-keys"}
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e} == {"keiryo-tiny-keys"}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "revision"}, "spec": spec}
     kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
 
