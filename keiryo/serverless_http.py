@@ -21,7 +21,6 @@ internet directly is ``keiryo serve``'s job.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -30,11 +29,10 @@ import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 from urllib.parse import unquote
 
 from keiryo.errors import KeiryoError
+from keiryo.serve.stdlib_http import BoundedHTTPServer, OIPRequestHandler
 from keiryo.serverless import Loaded, init, respond
 
 log = logging.getLogger("keiryo.serverless")
@@ -51,14 +49,8 @@ def _env_int(name: str, default: int) -> int:
     return int(raw)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: the queue-proxy reuses its connections
-    server_version = "keiryo"
-    sys_version = ""
+class _Handler(OIPRequestHandler):
     server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
-        pass  # no line per request; failures of the function itself are in its answers
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self._serve("GET")
@@ -66,102 +58,37 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._serve("POST")
 
-    def _reply(self, status: int, headers: dict[str, str], body: bytes, close: bool = False) -> None:
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("content-length", str(len(body)))
-        if close:
-            self.send_header("connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _error(self, status: int, message: str, close: bool = False) -> None:
-        self._reply(status, {"content-type": "application/json"}, json.dumps({"error": message}).encode(), close)
-
     def _serve(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
         loaded = self.server.loaded
         if path not in _HEALTH or method != "GET":
             m = _MODEL_PATH.match(path)
             if m is None or (method == "POST") != bool(m.group(3)):
-                return self._error(404, f"{method} {path[:200]}: not an OIP route of this function", close=method == "POST")
+                return self.error(404, f"{method} {path[:200]}: not an OIP route of this function", close=method == "POST")
             name, version = unquote(m.group(1)), m.group(2) and unquote(m.group(2))
             if name != loaded.name or version not in (None, loaded.version):
                 wanted = f"{name[:100]!r}" + (f" version {version[:50]!r}" if version else "")
-                return self._error(404, f"model {wanted} not found; this function serves {loaded.name!r} {loaded.version}", True)
+                return self.error(404, f"model {wanted} not found; this function serves {loaded.name!r} {loaded.version}", True)
         body = b""
         if method == "POST":
-            if "chunked" in self.headers.get("transfer-encoding", "").lower():
-                return self._error(411, "chunked bodies are not accepted; send Content-Length", close=True)
-            length = (self.headers.get("content-length") or "").strip()
-            if not length.isdigit():
-                return self._error(411, f"Content-Length {length[:40]!r}: expected the body's size in bytes", close=True)
-            if int(length) > self.server.max_body:
-                return self._error(413, f"body of {length} bytes: over the limit of {self.server.max_body}", close=True)
-            try:
-                body = self.rfile.read(int(length))
-            except TimeoutError:
-                self.close_connection = True  # the client stalled mid-body: nothing to answer
+            read = self.read_body(self.server.max_body)
+            if read is None:  # answered (411, 413) or the client stalled
                 return None
-            if len(body) < int(length):
-                self.close_connection = True  # the client went away
-                return None
+            body = read
         with self.server.inflight:
             try:
                 status, headers, content = respond(method, path, {k.lower(): v for k, v in self.headers.items()}, body)
             except Exception:  # a fault of the function, not of the request: logged once, answered 500
                 log.exception("keiryo serverless: %s %s failed", method, path[:200])
-                return self._error(500, "internal error of the function (logged)")
-        self._reply(status, headers, content)
+                return self.error(500, "internal error of the function (logged)")
+        self.reply(status, headers, content)
         return None
 
 
-class _InFlight:
-    """Requests being answered (not idle keep-alive connections): what a SIGTERM waits for."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> None:
-        with self._lock:
-            self.count += 1
-
-    def __exit__(self, *_: Any) -> None:
-        with self._lock:
-            self.count -= 1
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # an idle keep-alive connection never holds up the exit
-    request_queue_size = 128
-
+class _Server(BoundedHTTPServer):
     def __init__(self, addr: tuple[str, int], loaded: Loaded, max_body: int, max_connections: int, timeout_s: int) -> None:
-        self.loaded, self.max_body, self.read_timeout = loaded, max_body, timeout_s
-        self.inflight = _InFlight()
-        self._slots = threading.BoundedSemaphore(max_connections)
-        super().__init__(addr, _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):  # past the connection cap: refused at once, never queued
-            body = b'{"error": "too many connections; retry"}'
-            head = f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            try:
-                request.sendall(head.encode() + b"connection: close\r\nretry-after: 1\r\n\r\n" + body)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            request.settimeout(self.read_timeout)  # every read: the request line, headers, body, the next request
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+        self.loaded, self.max_body = loaded, max_body
+        super().__init__(addr, _Handler, max_connections=max_connections, read_timeout_s=timeout_s)
 
 
 def make_server(host: str, port: int) -> _Server:

@@ -6,7 +6,8 @@ active model, on the standard library's threaded HTTP server (no FastAPI, no tor
   binary tensors, as the server); ``GET /agent/status`` (state record, active version).
 - Requests read the active model once, so a swap never fails a request: in-flight requests finish
   on the version they started on.
-- Optional bearer key (``api_key``); bodies over ``body_limit_bytes`` are refused with 413.
+- Optional bearer key (``api_key``); bodies over ``body_limit_bytes`` are refused with 413; at most
+  ``max_connections`` at once, every read timing out after ``read_timeout_s`` (:mod:`keiryo.serve.stdlib_http`).
 """
 
 from __future__ import annotations
@@ -14,31 +15,20 @@ from __future__ import annotations
 import hmac
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from keiryo.errors import KeiryoError, PackageNotFoundError, RuntimeSessionError
+from keiryo.serve.stdlib_http import BoundedHTTPServer, OIPRequestHandler
 
 
-def _handler(agent: Any, api_key: str | None, body_limit: int) -> type[BaseHTTPRequestHandler]:
+def _handler(agent: Any, api_key: str | None, body_limit: int) -> type[OIPRequestHandler]:
     from keiryo.serve.protocol import HEADER, ProtocolError, build_response, parse_request
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(OIPRequestHandler):
         server_version = "keiryo-agent"
-        protocol_version = "HTTP/1.1"
-        timeout = 30  # seconds a client may stall a connection
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
 
         def _send(self, status: int, body: bytes, media: str = "application/json", extra: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", media)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (extra or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
+            self.reply(status, {"Content-Type": media, **(extra or {})}, body)
 
         def _json(self, status: int, obj: Any) -> None:
             self._send(status, json.dumps(obj).encode())
@@ -82,16 +72,9 @@ def _handler(agent: Any, api_key: str | None, body_limit: int) -> type[BaseHTTPR
                 return None
             if self.path != f"/v2/models/{agent.cfg.name}/infer":
                 return self._json(404, {"error": f"unknown path {self.path[:100]!r}; this device serves {agent.cfg.name}"})
-            try:
-                n = int(self.headers.get("Content-Length", "-1"))
-            except ValueError:
-                n = -1
-            if not 0 <= n <= body_limit:
-                self.close_connection = True
-                return self._json(
-                    413 if n > body_limit else 411, {"error": f"a body of 0..{body_limit} bytes with Content-Length"}
-                )
-            body = self.rfile.read(n)
+            body = self.read_body(body_limit)
+            if body is None:  # answered (411, 413) or the client stalled
+                return None
             try:
                 act = agent.active
                 if act is None:
@@ -121,9 +104,11 @@ class Endpoint:
         *,
         api_key: str | None = None,
         body_limit_bytes: int = 16 << 20,
+        max_connections: int = 64,
+        read_timeout_s: float = 30,
     ):
-        self.httpd = ThreadingHTTPServer((host, port), _handler(agent, api_key, body_limit_bytes))
-        self.httpd.daemon_threads = True
+        handler = _handler(agent, api_key, body_limit_bytes)
+        self.httpd = BoundedHTTPServer((host, port), handler, max_connections=max_connections, read_timeout_s=read_timeout_s)
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="keiryo-agent-endpoint", daemon=True)
 

@@ -109,10 +109,8 @@ def _raw(port: int, request: bytes, timeout: float = 10) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request)
         out = b""
-        while chunk := s.recv(65536):
+        while chunk := s.recv(65536):  # every answer here closes the connection
             out += chunk
-            if b"\r\n\r\n" in out and b"connection: close" in out.lower():
-                break
         return out
 
 
