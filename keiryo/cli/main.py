@@ -241,10 +241,15 @@ def train(
     dp_cfg = dp_config(dp, target_epsilon, delta, max_grad_norm, accountant, grad_sample_mode)
     handle, splits, t = _load(model, model_opt, weights, data, data_opt, seed, task, task_opt)
     if dp_ready and dp_cfg is None:
+        from collections import Counter
+
         from keiryo.privacy.dp import make_dp_ready
 
-        for e in make_dp_ready(handle):
-            _console().print(f"dp-ready: {e['layer']}: {e['from']} -> {e['to']}", highlight=False)
+        conv = make_dp_ready(handle)
+        kinds = Counter(f"{e['from'].split('(')[0]} -> {e['to'].split('(')[0]}" for e in conv)
+        first = f" (first: {conv[0]['layer']} {conv[0]['from']} -> {conv[0]['to']})" if conv else ""
+        what = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "none needed"
+        _console().print(f"dp-ready: {len(conv)} layer(s) replaced for DP-SGD: {what}{first}", highlight=False)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, seed=seed, device=device, dp=dp_cfg)  # type: ignore[arg-type]
     res = run_train(handle, splits, t, cfg)
     test = res.test_metrics.get(t.primary)

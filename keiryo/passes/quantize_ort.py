@@ -152,6 +152,7 @@ def quantize_int8_static(
     ``report`` receives what the per-tensor precision options chose (``wide_activations``, ``float_outputs``)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 
+    exclude = [*(exclude or []), *float_only_nodes(src)]
     n = len(next(iter(x.values())))
     # onnxruntime's histogram calibrators (entropy, percentile) pool every batch's outputs with
     # np.asarray(list_of_batches) (calibrate.py, HistogramCollector.collect_value), so a shorter last
@@ -230,6 +231,17 @@ def quantize_int8_static(
         except Exception as e:
             out.unlink(missing_ok=True)
             raise PassError(f"int8 static quantization failed on {src.name}: {type(e).__name__}: {first_line(e, 300)}") from e
+
+
+def float_only_nodes(src: Path) -> list[str]:
+    """Nodes kept in float whatever the config: ``InstanceNormalization`` (how GroupNorm exports, the DP-SGD form
+    of BatchNorm). onnxruntime's CPU provider has no int8 kernel for it, so quantizing it only adds Q/DQ pairs, and
+    onnxruntime's QDQ quantizer fails on models with several of them ("Quantization parameter shared mode is not
+    supported for weight yet", or with the neighbouring Reshapes excluded, a graph that does not load)."""
+    import onnx
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "InstanceNormalization" and n.name]
 
 
 def widest(

@@ -106,7 +106,8 @@ def test_public_pretraining_with_dp_ready_layers_then_a_dp_fine_tune(tmp_path, c
         "--epochs", "1", "--dp-ready", "--out", str(pre), capsys=capsys,
     )  # fmt: skip
     assert code == 0, err
-    assert "dp-ready: features.1: BatchNorm2d(8) -> GroupNorm(4, 8)" in out and "privacy:" not in out
+    assert "dp-ready: 2 layer(s) replaced for DP-SGD: 2 BatchNorm2d -> GroupNorm" in out and "privacy:" not in out
+    assert "(first: features.1 BatchNorm2d(8) -> GroupNorm(4, 8))" in out
     with safe_open(str(pre), "pt") as f:
         meta = f.metadata()
     assert "keiryo.privacy" not in meta  # trained without DP: no guarantee is claimed

@@ -194,6 +194,30 @@ def test_doctor_quant_ranks_every_layer_and_names_a_fix(digits):
     assert rep["metric"] == "accuracy_drop" and rep["predicted_fix"]
 
 
+def test_int8_static_quantizes_a_groupnorm_model_around_its_float_normalizations(digits, tmp_path):
+    """The demo's MobileNetV2 family made ready for DP-SGD (GroupNorm where BatchNorm was, exported as
+    InstanceNormalization between Reshapes): onnxruntime's quantizer fails on its graph ("Quantization parameter
+    shared mode is not supported for weight yet"); keiryo keeps the InstanceNormalization nodes in float (onnxruntime
+    has no int8 kernel for them) and quantizes the rest."""
+    from keiryo.privacy.dp import make_dp_ready
+
+    h = load_model("zoo:mobilenetv2", digits, options={"width": 0.25, "last_channel": 64}, output_name="logits")
+    make_dp_ready(h)
+    fp32 = export(h, "onnx", tmp_path / "fp32.onnx")
+    pre = preprocess(fp32.path, tmp_path / "pre.onnx")
+    quantize_int8_static(pre, tmp_path / "q.onnx", digits.calib.numpy(), Int8StaticConfig())
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    producer = {o: n for n in q.graph.node for o in n.output}
+    norms = [n for n in q.graph.node if n.op_type == "InstanceNormalization"]
+    inits = {i.name for i in q.graph.initializer}
+    assert len(norms) == 52 and all(n.input[1] in inits and n.input[2] in inits for n in norms)  # float scale, bias
+    convs = [n for n in q.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 52 and all(producer[n.input[1]].op_type == "DequantizeLinear" for n in convs)  # int8 weights
+    ref, got = outputs(fp32.path, digits.test), outputs(tmp_path / "q.onnx", digits.test)
+    corr = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
+    assert corr > 0.98, corr  # untrained: the logits are compared, not the classes
+
+
 def test_float_outputs_keep_int8_layers_and_leave_the_logits_unrounded(cancelling, digits, tmp_path):
     fp32, pre = cancelling
     x = digits.calib.numpy()
