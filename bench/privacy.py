@@ -6,8 +6,14 @@ on the private calibration split, and on synthetic inputs that the DP guarantee 
 Model: the zoo MLP (one hidden layer of 64) on digits 8x8, 30 epochs, batch 256, lr 0.05, clipping norm 0.5
 (the same schedule with and without DP). One thread, so the time per epoch compares like with like.
 
+With --pretrain: the demo's MobileNetV2 family (width 0.25, GroupNorm, 139 k parameters, digits 8x8) pretrained
+without DP on public font-digits (rendered from fonts), then fine-tuned on the private digits with and without DP
+(lr 0.01); int8 calibrated on the private split and on the public font-digits.
+
     nice -n 5 .venv/bin/python bench/privacy.py            # ~6 min on 2 shared cores
     nice -n 5 .venv/bin/python bench/privacy.py --timing   # time per epoch only, DP against non-DP (~30 s)
+    .venv/bin/python bench/privacy.py --pretrain           # ~35 min
+    .venv/bin/python bench/privacy.py --pretrain --timing --epochs 5 --modes ghost
 """
 
 from __future__ import annotations
