@@ -87,7 +87,12 @@ def load_model(
         privacy = read_weights_privacy(spec.weights)  # weights from `keiryo train --dp`: the guarantee travels on
         conversion = read_weights_conversion(spec.weights, privacy)  # the layers replaced for DP-SGD
         if conversion:
-            module = apply_conversion(module, conversion)
+            try:
+                module = apply_conversion(module, conversion)
+            except (AttributeError, KeyError, TypeError, ValueError) as e:
+                raise InputFileError(
+                    f"{spec.weights}: its recorded layer conversion (for DP-SGD) does not fit {spec.source}: {first_line(e, 200)}"
+                ) from e
         apply_state_dict(module, state, spec.weights)
     module.eval()
     outputs = infer_outputs(module, specs, output_name, f"model {spec.source}")

@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import nn
 
 from keiryo.config import KeiryoConfig
-from keiryo.errors import ConfigError, PassError, UnsupportedOpError, first_line
+from keiryo.errors import ConfigError, InputFileError, PassError, UnsupportedOpError, first_line
 from keiryo.privacy._backend import require
 
 log = logging.getLogger("keiryo.privacy")
@@ -260,6 +260,9 @@ def apply_conversion(module: nn.Module, conversion: list[dict[str, Any]]) -> nn.
         module = ModuleValidator.fix(module)
     for e in conversion:
         if "groups" in e:
+            old = module.get_submodule(e["layer"])  # AttributeError for a layer the model does not have
+            if not isinstance(old, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+                raise TypeError(f"layer {e['layer']!r} is {type(old).__name__}, not a normalization layer")
             _replace(module, e["layer"], nn.GroupNorm(int(e["groups"]), int(e["channels"]), affine=bool(e.get("affine", True))))
     return module
 
@@ -543,9 +546,13 @@ def read_weights_conversion(path: str, privacy: dict[str, Any] | None) -> list[d
     """The layers replaced so DP-SGD could train the weights in ``path`` (BatchNorm -> GroupNorm): stored by
     ``keiryo train --dp-ready`` (:data:`NORM_CONVERSION_KEY`), or inside the DP record ``privacy`` of ``--dp``."""
     raw = _weights_metadata(path).get(NORM_CONVERSION_KEY)
-    if raw:
-        return list(json.loads(raw))
-    return list((privacy or {}).get("norm_conversion") or [])
+    try:
+        conversion = json.loads(raw) if raw else (privacy or {}).get("norm_conversion") or []
+    except ValueError as e:
+        raise InputFileError(f"{path}: its {NORM_CONVERSION_KEY} metadata is not JSON ({e})") from e
+    if not isinstance(conversion, list) or not all(isinstance(e, dict) and isinstance(e.get("layer"), str) for e in conversion):
+        raise InputFileError(f"{path}: its layer conversion is not a list of {{layer, from, to, ...}} records")
+    return conversion
 
 
 def summary_line(rec: dict[str, Any]) -> str:

@@ -125,6 +125,18 @@ def test_public_pretraining_with_dp_ready_layers_then_a_dp_fine_tune(tmp_path, c
         h = load_model(ModelSpec(source="keiryo.testing:tiny_cnn", weights=str(w)), digits, output_name="logits")
         assert type(h.module.features[1]).__name__ == "GroupNorm" and h.metadata["norm_conversion"] == conversion
 
+    # a weights file whose recorded conversion does not fit the model, or is not JSON: one line naming the file
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(pre))
+    for i, bad in enumerate(('[{"layer": "features.nope", "groups": 4, "channels": 8, "to": "GroupNorm(4, 8)"}]', "{oops")):
+        w = tmp_path / f"bad{i}.safetensors"
+        save_file(state, str(w), metadata={**meta, NORM_CONVERSION_KEY: bad})
+        args = ["--weights", str(w), "--epochs", "1", "--out", str(tmp_path / "o.safetensors")]
+        code, _, err = run_cli("train", *MODEL, *args, capsys=capsys)
+        assert code == 2 and str(w) in one_line_error(err), err
+        assert ("does not fit keiryo.testing:tiny_cnn" if i == 0 else "metadata is not JSON") in one_line_error(err)
+
 
 @pytest.mark.slow
 def test_a_federated_model_with_client_dp_carries_its_record_into_the_signed_manifest(tmp_path, capsys):
