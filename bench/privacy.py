@@ -110,11 +110,13 @@ def epoch_times(
     options: dict | None = None,
     model: str = MODEL,
     modes: tuple[str, ...] = ("hooks", "ghost"),
+    same_layers: bool = False,
 ) -> None:
     """Time per epoch, DP (ε = 8) against non-DP on the same schedule, measured inside the epoch loop (the one-off
     noise search and the final ε accounting are not epochs), epochs of the two interleaved so machine drift hits
     both alike; the DP step split into its parts: data (Poisson sampling), forward, backward with Opacus's
-    per-sample gradients, and the optimizer step (per-sample clipping and noise). Medians over ``epochs``."""
+    per-sample gradients, and the optimizer step (per-sample clipping and noise). Medians over ``epochs``.
+    ``same_layers``: the non-DP model has the DP model's layers (GroupNorm for BatchNorm), as after --dp-ready."""
     from keiryo.model.io import call_module, flatten_outputs
     from keiryo.privacy.dp import make_private, prepare_module
     from keiryo.train import evaluate_torch
@@ -122,6 +124,8 @@ def epoch_times(
     def setup(mode: str | None):
         h = load_model(model, data, options=OPTIONS if options is None else options, seed=0, output_name="logits")
         task = get_task("classification").bind(h.output_names)
+        if mode is None and same_layers:  # the non-DP run on the DP model's layers (GroupNorm), as --pretrain trains it
+            h.module, _ = prepare_module(h.module)
         opt = torch.optim.AdamW(h.module.parameters(), lr=0.05)
         if mode is None:
             return h, task, opt, None
@@ -217,7 +221,7 @@ def main() -> int:
     if args.timing:
         options = {"hidden": [args.hidden]} if model == MODEL else extra or (CNN_OPTIONS if args.pretrain else {})
         print(f"CPU: {cpu()}; digits train {len(data.train)}; {model} {options}; one torch thread")
-        epoch_times(data, args.epochs, args.batch_size, options, model, tuple(args.modes.split(",")))
+        epoch_times(data, args.epochs, args.batch_size, options, model, tuple(args.modes.split(",")), args.pretrain)
         return 0
     options = OPTIONS if model == MODEL else extra or (CNN_OPTIONS if args.pretrain else {})
     print(

@@ -8,7 +8,9 @@ demo's MobileNetV2 (depthwise layers of up to 960 channels) a DP step spent most
 ghost clipping, which has no norm sampler for convolutions, takes the same path. Here the gradients of a grouped
 layer come from one grouped convolution over the batch (the gradient of the layer's output as the kernels):
 the same gradients (tested against ``torch.func``), 20-230x faster than Opacus's on the demo's depthwise layers
-(batch 256, one thread). Layers with one group keep Opacus's sampler.
+(batch 256, one thread). A 1x1 convolution of one group (stride 1, no padding) is one batched matmul per
+sample, without Opacus's unfolding copy (DP epoch of the DP-ready 8x8 MobileNetV2 variant: 2.37x -> 2.21x with
+per-sample gradients); other layers with one group keep Opacus's sampler.
 
 Ghost clipping (keiryo's default) needs only each sample's gradient norm. Opacus has no norm sampler for
 convolutions, so it materialized every layer's per-sample gradients (the demo's 2.2 M parameters times the
@@ -45,6 +47,18 @@ def _pads(layer: nn.Conv1d | nn.Conv2d) -> list[int]:
     return pads
 
 
+def _pointwise(layer: Any) -> bool:
+    """A 1x1 convolution of one group, stride 1, no padding: its per-sample gradient needs no unfolding."""
+    return (
+        type(layer) in (nn.Conv1d, nn.Conv2d)
+        and layer.groups == 1
+        and all(k == 1 for k in layer.kernel_size)
+        and all(st == 1 for st in layer.stride)
+        and not isinstance(layer.padding, str)
+        and all(p == 0 for p in layer.padding)
+    )
+
+
 def grouped_conv_grad_sample(layer: Any, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[Any, torch.Tensor]:
     """Opacus's grad-sampler signature: ``{parameter: per-sample gradient}`` of a Conv1d/Conv2d.
 
@@ -52,6 +66,13 @@ def grouped_conv_grad_sample(layer: Any, activations: list[torch.Tensor], backpr
     output channel's gradient: one grouped convolution over the whole batch (a group per sample and input
     channel, the gradients as kernels dilated by the layer's stride, strided by its dilation)."""
     g = getattr(layer, "groups", 1)
+    if _pointwise(layer) and layer.weight.requires_grad:  # a 1x1 convolution is a matmul per sample: no unfold copy
+        n, x = backprops.shape[0], activations[0].to(backprops.dtype)
+        b = backprops.reshape(n, layer.out_channels, -1)
+        ret = {layer.weight: torch.bmm(b, x.reshape(n, layer.in_channels, -1).transpose(1, 2)).view(n, *layer.weight.shape)}
+        if layer.bias is not None and layer.bias.requires_grad:
+            ret[layer.bias] = b.sum(dim=2)
+        return ret
     if g == 1 or type(layer) not in (nn.Conv1d, nn.Conv2d) or layer.padding_mode != "zeros":
         return _opacus_conv(layer, activations, backprops)
     x = activations[0].to(backprops.dtype)

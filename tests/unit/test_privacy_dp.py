@@ -233,6 +233,9 @@ def test_per_sample_gradients_through_private_fake_quant_layers_are_exact(digits
         (lambda: nn.Conv1d(4, 4, 4, padding="same", groups=2, dilation=3), (3, 4, 13)),  # asymmetric "same"
         (lambda: nn.Conv1d(4, 8, 3, stride=2, padding=1, groups=4), (3, 4, 12)),
         (lambda: nn.Conv2d(4, 6, 3, padding=1), (3, 4, 5, 5)),  # one group: Opacus's own sampler
+        (lambda: nn.Conv2d(8, 16, 1), (4, 8, 3, 5)),  # 1x1: a matmul per sample
+        (lambda: nn.Conv1d(8, 6, 1, bias=False), (4, 8, 7)),
+        (lambda: nn.Conv2d(8, 16, 1, stride=2), (4, 8, 5, 5)),  # strided 1x1: Opacus's own sampler
     ],
 )
 def test_per_sample_gradients_of_grouped_convolutions_are_exact(layer, shape):
