@@ -69,10 +69,10 @@ def grouped_conv_grad_sample(layer: Any, activations: list[torch.Tensor], backpr
     if _pointwise(layer) and layer.weight.requires_grad:  # a 1x1 convolution is a matmul per sample: no unfold copy
         n, x = backprops.shape[0], activations[0].to(backprops.dtype)
         b = backprops.reshape(n, layer.out_channels, -1)
-        ret = {layer.weight: torch.bmm(b, x.reshape(n, layer.in_channels, -1).transpose(1, 2)).view(n, *layer.weight.shape)}
+        per_sample = torch.bmm(b, x.reshape(n, layer.in_channels, -1).transpose(1, 2)).view(n, *layer.weight.shape)
         if layer.bias is not None and layer.bias.requires_grad:
-            ret[layer.bias] = b.sum(dim=2)
-        return ret
+            return {layer.weight: per_sample, layer.bias: b.sum(dim=2)}
+        return {layer.weight: per_sample}
     if g == 1 or type(layer) not in (nn.Conv1d, nn.Conv2d) or layer.padding_mode != "zeros":
         return _opacus_conv(layer, activations, backprops)
     x = activations[0].to(backprops.dtype)
