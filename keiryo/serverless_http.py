@@ -31,7 +31,7 @@ import threading
 import time
 from urllib.parse import unquote
 
-from keiryo.errors import KeiryoError
+from keiryo.errors import ConfigError, KeiryoError
 from keiryo.serve.stdlib_http import BoundedHTTPServer, OIPRequestHandler
 from keiryo.serverless import Loaded, init, respond
 
@@ -45,7 +45,7 @@ def _env_int(name: str, default: int) -> int:
     if not raw:
         return default
     if not raw.isdigit() or int(raw) < 1:
-        raise KeiryoError(f"${name}={raw!r}: expected a positive integer")
+        raise ConfigError(f"${name}={raw!r}: expected a positive integer")
     return int(raw)
 
 
