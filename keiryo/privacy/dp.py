@@ -364,10 +364,16 @@ class DPRun:
     epochs: int
     conversion: list[dict[str, Any]] = field(default_factory=list)
     criterion: Any = None  # ghost clipping: Opacus's DPLossFastGradientClipping (its loss.backward() runs both passes)
+    hooks: list[Any] = field(default_factory=list)  # keiryo's own (grad_samplers.keep_group_norm_outputs)
 
     def close(self) -> None:
-        """Remove Opacus's hooks and per-sample gradients: the wrapped module is a plain module again."""
+        """Remove Opacus's hooks and keiryo's, and per-sample gradients: the wrapped module is a plain module again."""
+        from keiryo.privacy.grad_samplers import forget_outputs
+
         self.module.remove_hooks()  # type: ignore[operator]
+        for h in self.hooks:
+            h.remove()
+        forget_outputs(self.module)
         for p in self.module.parameters():
             for attr in ("grad_sample", "summed_grad", "_forward_counter"):
                 if hasattr(p, attr):
@@ -454,6 +460,9 @@ def make_private(
     gsm, dp_opt, dp_loader = (made[0], made[1], made[3]) if ghost else made
     if cfg.poisson_sampling:  # Opacus samples from its own generator: seed it for reproducible runs
         dp_loader.batch_sampler.generator = torch.Generator().manual_seed(seed + 1)
+    from keiryo.privacy.grad_samplers import keep_group_norm_outputs
+
+    hooks = keep_group_norm_outputs(module)  # GroupNorm's per-sample gradients from its output (grad_samplers.py)
     return DPRun(
         gsm,
         dp_opt,
@@ -468,6 +477,7 @@ def make_private(
         epochs,
         conversion or [],
         made[2] if ghost else None,
+        hooks,
     )
 
 

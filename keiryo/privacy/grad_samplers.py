@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _opacus_conv: Any = None
+_opacus_group_norm: Any = None
 
 
 def _pads(layer: nn.Conv1d | nn.Conv2d) -> list[int]:
@@ -151,14 +152,63 @@ def _unfold(layer: nn.Conv1d | nn.Conv2d, padded: torch.Tensor) -> torch.Tensor:
     return F.unfold(padded, kernel, dilation=dilation, stride=stride)
 
 
+def _keep_output(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    """Forward hook of a GroupNorm under DP: its output, for :func:`group_norm_grad_sample` (as Opacus keeps inputs)."""
+    if layer.training and torch.is_grad_enabled():
+        layer._keiryo_output = (inputs[0].data_ptr(), tuple(inputs[0].shape), output.detach())  # type: ignore[assignment]
+
+
+def keep_group_norm_outputs(module: nn.Module) -> list[Any]:
+    """Hook every affine GroupNorm of ``module`` so its per-sample gradients come from its own output; the hook
+    handles (remove them, and :func:`forget_outputs`, when DP training ends)."""
+    return [m.register_forward_hook(_keep_output) for m in module.modules() if isinstance(m, nn.GroupNorm) and m.affine]
+
+
+def forget_outputs(module: nn.Module) -> None:
+    for m in module.modules():
+        if hasattr(m, "_keiryo_output"):
+            del m._keiryo_output
+
+
+def group_norm_grad_sample(layer: Any, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[Any, torch.Tensor]:
+    """Per-sample gradients of an affine GroupNorm from the output its forward hook kept: with ``y = x̂ γ + β``,
+    one sample's weight gradient is ``Σ x̂ g = (Σ y g − β Σ g) / γ`` per channel and its bias gradient ``Σ g``.
+    Opacus's sampler recomputes ``x̂`` with a second ``group_norm`` of the input instead, which is used here too
+    without a kept output for this input or where ``|γ|`` is small against ``|β|`` (the division would lose
+    precision)."""
+    kept, x = getattr(layer, "_keiryo_output", None), activations[0]
+    gamma = layer.weight.detach()
+    beta = layer.bias.detach()
+    if (
+        kept is None
+        or kept[0] != x.data_ptr()
+        or kept[1] != tuple(x.shape)
+        or bool((gamma.abs() * 1e3 < beta.abs().clamp(min=1e-3)).any())
+    ):
+        return _opacus_group_norm(layer, activations, backprops)
+    del layer._keiryo_output
+    n, c = backprops.shape[:2]
+    b = backprops.reshape(n, c, -1)
+    gs = b.sum(dim=2)
+    ret: dict[Any, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        yg = (kept[2].to(b.dtype).reshape(n, c, -1) * b).sum(dim=2)
+        ret[layer.weight] = (yg - beta * gs) / gamma
+    if layer.bias.requires_grad:
+        ret[layer.bias] = gs
+    return ret
+
+
 def register() -> None:
     """Make :func:`grouped_conv_grad_sample` and :func:`conv_norm_sample` Opacus's samplers for Conv1d and
-    Conv2d (idempotent)."""
-    global _opacus_conv
+    Conv2d, and :func:`group_norm_grad_sample` for GroupNorm (idempotent)."""
+    global _opacus_conv, _opacus_group_norm
     if _opacus_conv is not None:
         return
-    from opacus.grad_sample import conv, register_grad_sampler, register_norm_sampler
+    from opacus.grad_sample import conv, group_norm, register_grad_sampler, register_norm_sampler
 
     _opacus_conv = conv.compute_conv_grad_sample
+    _opacus_group_norm = group_norm.compute_group_norm_grad_sample
     register_grad_sampler([nn.Conv1d, nn.Conv2d])(grouped_conv_grad_sample)
     register_norm_sampler([nn.Conv1d, nn.Conv2d])(conv_norm_sample)
+    register_grad_sampler(nn.GroupNorm)(group_norm_grad_sample)

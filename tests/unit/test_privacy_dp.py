@@ -270,6 +270,59 @@ def test_per_sample_gradients_of_grouped_convolutions_are_exact(layer, shape):
     assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is grad_samplers.grouped_conv_grad_sample
 
 
+@pytest.mark.parametrize("beta_scale", [0.5, 1e4])  # the second: |gamma| tiny against |beta|, Opacus's way is taken
+def test_per_sample_gradients_of_group_norm_from_its_kept_output_are_exact(beta_scale):
+    """GroupNorm's per-sample gradients from the output its forward hook kept ((sum y g - beta sum g) / gamma) equal
+    torch.func's vmap(grad), for a layer used twice in one forward pass too; without the hook, or where gamma is
+    small against beta, Opacus's own sampler answers; the hooks leave nothing behind."""
+    import copy
+
+    from opacus import GradSampleModule
+    from torch.func import functional_call, grad, vmap
+
+    from keiryo.privacy import grad_samplers
+    from keiryo.privacy.dp import _opacus
+
+    _opacus()
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(3, 12)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.normal_(0, beta_scale)
+    net = nn.Sequential(nn.Conv2d(2, 12, 3, padding=1), norm, nn.Tanh(), nn.Conv2d(12, 12, 1), norm, nn.Tanh())
+    ref = copy.deepcopy(net)
+    params = {k: v.detach() for k, v in ref.named_parameters()}
+    x = torch.randn(5, 2, 6, 6)
+    gsm = GradSampleModule(net, loss_reduction="sum")
+    hooks = grad_samplers.keep_group_norm_outputs(net)
+    calls = []
+    opacus_way = grad_samplers._opacus_group_norm
+
+    def counted(*a):
+        calls.append(1)
+        return opacus_way(*a)
+
+    grad_samplers._opacus_group_norm = counted
+    try:
+        (gsm(x) ** 2).sum().backward()
+    finally:
+        grad_samplers._opacus_group_norm = opacus_way
+
+    def one(p: dict, xi: torch.Tensor) -> torch.Tensor:
+        return (functional_call(ref, p, (xi[None],)) ** 2).sum()
+
+    want = vmap(grad(one), in_dims=(None, 0))(params, x)
+    for name, p in net.named_parameters():
+        assert torch.allclose(p.grad_sample, want[name], rtol=1e-4, atol=1e-4), name
+    # used twice: the kept output matches the last call only, so the first call's gradient came from Opacus's way
+    assert len(calls) == (2 if beta_scale > 1 else 1)
+    for h in hooks:
+        h.remove()
+    grad_samplers.forget_outputs(net)
+    gsm._close()
+    assert not hasattr(norm, "_keiryo_output") and not norm._forward_hooks
+
+
 @pytest.mark.parametrize(
     "layer, shape, ghost",
     [
