@@ -212,8 +212,9 @@ def train(
         str,
         typer.Option(
             "--grad-sample-mode",
-            help="--dp: auto (ghost where it applies, else hooks) | hooks (per-sample gradients, Opacus's default) | "
-            "ghost (ghost clipping: the same clipping and guarantee without materializing per-sample gradients; faster)",
+            help="--dp: auto (hooks for a CNN whose per-sample gradients fit in 4 GiB, else ghost where it applies, else "
+            "hooks) | hooks (per-sample gradients, Opacus's default) | ghost (ghost clipping: the same clipping and "
+            "guarantee without materializing per-sample gradients)",
         ),
     ] = "auto",
     dp_ready: Annotated[

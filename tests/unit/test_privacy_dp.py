@@ -364,6 +364,24 @@ def test_per_sample_gradient_norms_of_convolutions_for_ghost_clipping_are_exact(
         assert torch.allclose(norms[p], want[name].flatten(1).norm(dim=1), rtol=1e-4), name
 
 
+def test_auto_mode_takes_per_sample_gradients_for_a_cnn_that_fits_and_ghost_clipping_otherwise(monkeypatch):
+    from keiryo.privacy import dp
+
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3), nn.GroupNorm(4, 8), nn.Flatten(), nn.Linear(8 * 36, 10))
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    assert dp.auto_mode(cnn, 256, own_loss=True) == "hooks"  # measured faster on the CNNs (bench/privacy.py --timing)
+    assert dp.auto_mode(mlp, 256, own_loss=True) == "ghost"  # and ghost clipping on the MLP
+    assert dp.auto_mode(mlp, 8, own_loss=True) == "hooks"  # ghost clipping needs a batch of 16+
+    assert dp.auto_mode(mlp, 256, own_loss=False) == "hooks"  # and the task's own loss
+    params = sum(p.numel() for p in cnn.parameters())
+    monkeypatch.setattr(dp, "PER_SAMPLE_BYTES", params * 256 * 4 - 1)  # per-sample gradients would not fit
+    assert dp.auto_mode(cnn, 256, own_loss=True) == "ghost"
+    for p in cnn.parameters():  # only trainable parameters count
+        p.requires_grad_(False)
+    cnn[3].weight.requires_grad_(True)
+    assert dp.auto_mode(cnn, 256, own_loss=True) == "hooks"
+
+
 def test_dp_config_round_trips_inside_the_training_configs():
     cfg = TrainConfig(dp=DPConfig(target_epsilon=3, delta=1e-5))
     assert TrainConfig.from_json(cfg.to_json()) == cfg
