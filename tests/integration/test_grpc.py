@@ -228,12 +228,15 @@ def test_grpc_requests_share_the_metrics_and_the_batcher(live, digits):
     x = digits.test.inputs["image"][:1].numpy()
     metrics = live["app"].server.metrics.registry
     sample = {"model": "tiny", "endpoint": "grpc_infer", "status": "200"}
-    before = metrics.get_sample_value("keiryo_requests_total", sample) or 0.0
-    batches = metrics.get_sample_value("keiryo_batch_size_count", {"model": "tiny"}) or 0.0
-    with cf.ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda _: live["stub"].ModelInfer(_grpc_request(x, raw=True), metadata=AUTH), range(64)))
-    assert metrics.get_sample_value("keiryo_requests_total", sample) == before + 64
-    ran = metrics.get_sample_value("keiryo_batch_size_count", {"model": "tiny"}) - batches
+    for _ in range(3):  # on a machine busy with other work the calls may all arrive one by one: burst again
+        before = metrics.get_sample_value("keiryo_requests_total", sample) or 0.0
+        batches = metrics.get_sample_value("keiryo_batch_size_count", {"model": "tiny"}) or 0.0
+        with cf.ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda _: live["stub"].ModelInfer(_grpc_request(x, raw=True), metadata=AUTH), range(64)))
+        assert metrics.get_sample_value("keiryo_requests_total", sample) == before + 64
+        ran = metrics.get_sample_value("keiryo_batch_size_count", {"model": "tiny"}) - batches
+        if ran < 64:
+            break
     assert ran < 64  # concurrent gRPC calls were batched together
     for i in range(50):  # unknown names from the request never become labels
         with pytest.raises(grpc.RpcError):
