@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -97,8 +96,6 @@ def make_server(host: str, port: int) -> _Server:
     max_body = _env_int("KEIRYO_MAX_BODY_BYTES", 64 * 1024 * 1024)
     conns = _env_int("KEIRYO_MAX_CONNECTIONS", 64)
     timeout_s = _env_int("KEIRYO_READ_TIMEOUT_S", 30)
-    if ":" in host:
-        _Server.address_family = socket.AF_INET6
     return _Server((host, port), loaded, max_body, conns, timeout_s)
 
 

@@ -97,7 +97,7 @@ def load_model(
     module.eval()
     outputs = infer_outputs(module, specs, output_name, f"model {spec.source}")
     meta: dict[str, Any] = {"privacy": privacy} if privacy else {}
-    if spec.weights and conversion:
+    if conversion:
         meta["norm_conversion"] = conversion
     return ModelHandle(module, IOSpec(inputs=specs, outputs=outputs), spec, meta)
 

@@ -14,6 +14,7 @@ uvicorn, no torch.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -45,6 +46,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         self.read_timeout_s = read_timeout_s
         self.inflight = InFlight()
         self._slots = threading.BoundedSemaphore(max_connections)
+        if ":" in addr[0]:  # an IPv6 host: this server's socket only (the class attribute stays IPv4)
+            self.address_family = socket.AF_INET6
         super().__init__(addr, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
