@@ -16,6 +16,7 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from keiryo.serve.auth import Authorize
+from keiryo.serve.deadlines import Deadlines
 from keiryo.serve.errors import HTTPError, error_body, status_of
 from keiryo.serve.lifecycle import Server
 from keiryo.serve.protocol import HEADER
@@ -75,6 +76,14 @@ class Front:
         # request ids: a random per-process prefix and a counter (unique, without the getrandom
         # system call uuid4 makes per request; that was 12% of the event loop's time under load)
         self._ids = map(f"{os.urandom(6).hex()}-{{:x}}".format, itertools.count(1))
+        # body reads past body_timeout_s: one sweep per tick over the reads in progress (deadlines.py), not a
+        # timer per read; the task of a stalled read is cancelled and answers 408
+        self._deadlines: Deadlines | None = None
+        self._stalled: set[Any] = set()
+
+    def _stall(self, task: Any) -> None:
+        self._stalled.add(task)
+        task.cancel()
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
@@ -93,11 +102,21 @@ class Front:
             nonlocal seen, body_done
             if body_done:  # after the body only a disconnect can come: no deadline on waiting for it
                 return await receive()
+            task = asyncio.current_task()
+            deadlines = self._deadlines
+            if deadlines is None or deadlines.loop is not asyncio.get_running_loop():
+                deadlines = self._deadlines = Deadlines(asyncio.get_running_loop(), Deadlines.tick_for(body_timeout))
+            deadlines.watch(task, body_timeout, self._stall)
             try:
-                async with asyncio.timeout(body_timeout):
-                    message = await receive()
-            except TimeoutError:
+                message = await receive()
+            except asyncio.CancelledError:
+                if task not in self._stalled:
+                    raise
+                self._stalled.discard(task)
+                task.uncancel()  # type: ignore[union-attr]
                 raise HTTPError(408, f"request body stalled for over {body_timeout:g} s") from None
+            finally:
+                deadlines.forget(task)
             if message["type"] == "http.request":
                 body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
@@ -115,7 +134,7 @@ class Front:
         path = scope["path"]
         infer = _INFER.fullmatch(path) if scope["method"] == "POST" else None
         metrics = self.server.metrics
-        metrics.in_flight.inc()
+        metrics.per_request.in_flight += 1
         try:
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
@@ -128,7 +147,7 @@ class Front:
             else:
                 await self.api(scope, counted_receive, send_with_id)
         finally:
-            metrics.in_flight.dec()
+            metrics.per_request.in_flight -= 1
             dt = time.perf_counter() - t0
             parts = path.split("/")
             model = parts[3] if len(parts) > 3 and parts[2] == "models" else ""

@@ -131,7 +131,7 @@ class InferenceServicer:
         status = 499  # what is counted when no answer was made: the client went away (cancelled) first
         metadata = {m.key: m.value for m in context.invocation_metadata() or ()}
         metrics = self.server.metrics
-        metrics.in_flight.inc()
+        metrics.per_request.in_flight += 1
         try:
             if auth is not None:
                 header = metadata.get("authorization")
@@ -145,7 +145,7 @@ class InferenceServicer:
             await context.abort(code, error_message(status, e))
             raise  # abort raises; never reached
         finally:
-            metrics.in_flight.dec()
+            metrics.per_request.in_flight -= 1
             dt = time.perf_counter() - t0
             endpoint = "grpc_infer" if rpc == "ModelInfer" else "grpc_other"
             metrics.request(self.server.label(model) if model else "", endpoint, status, dt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -52,13 +53,23 @@ class ServedModel:
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.session.run(feed)
         out = {o["name"]: np.asarray(v) for o, v in zip(self.manifest["outputs"], outs, strict=True)}
-        if self.drift is not None:  # once per batch, in the session's thread: off the event loop
+        if self.drift is not None:  # once per batch
             try:
-                self.drift.observe(feed, out)
-            except Exception as e:  # monitoring never fails a request: turned off, said once
-                self.drift = None
-                events_log.error(json.dumps({"event": "drift_monitor_failed", "model": self.name, "error": repr(e)}))
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # in the session's thread: off the event loop already
+                self._observe(feed, out)
+            else:  # the batcher's fast path runs on the loop: observed after this request's answer is written
+                loop.call_soon(self._observe, feed, out)
         return out
+
+    def _observe(self, feed: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
+        if self.drift is None:
+            return
+        try:
+            self.drift.observe(feed, out)
+        except Exception as e:  # monitoring never fails a request: turned off, said once
+            self.drift = None
+            events_log.error(json.dumps({"event": "drift_monitor_failed", "model": self.name, "error": repr(e)}))
 
 
 def load_served(

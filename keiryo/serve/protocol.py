@@ -18,8 +18,11 @@ try:  # the serve extra's JSON parser: 5-10x faster on arrays of numbers than js
     # floats), and stricter (no NaN/Infinity literals, nesting capped at 1,024, numbers past a double refused)
     from orjson import dumps as _dumps
     from orjson import loads as _loads
+
+    _NULL_FOR_NONFINITE = True  # orjson writes NaN and +-Inf as null
 except ImportError:  # pragma: no cover - the standard library's, with the same checks around them
     _loads = json.loads  # type: ignore[assignment]
+    _NULL_FOR_NONFINITE = False
 
     def _dumps(obj: Any) -> bytes:  # type: ignore[misc]
         return json.dumps(obj, separators=(",", ":")).encode()
@@ -226,6 +229,13 @@ def datatype_of(a: np.ndarray) -> str:
     return name
 
 
+def _check_finite(name: str, a: np.ndarray) -> None:
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise NonFiniteOutput(
+            f"output {name!r} holds NaN or Inf, which JSON cannot carry; ask for it in binary (binary_data_output)"
+        )
+
+
 def build_response(
     model: str, version: str, req: InferRequest, outputs: dict[str, np.ndarray]
 ) -> tuple[bytes, dict[str, str], str]:
@@ -244,16 +254,18 @@ def build_response(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise NonFiniteOutput(
-                    f"output {n!r} holds NaN or Inf, which JSON cannot carry; ask for it in binary (binary_data_output)"
-                )
+            if a.dtype.kind == "f" and not _NULL_FOR_NONFINITE:
+                _check_finite(n, a)
             entry["data"] = a.reshape(-1).tolist()
         out_json.append(entry)
     resp: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": out_json}
     if req.id is not None:
         resp["id"] = req.id
     head = _dumps(resp)  # compact; the same doubles as json.dumps (shortest round-trip form), several times faster
+    if _NULL_FOR_NONFINITE and b"null" in head:  # orjson wrote NaN/Inf as null: looked for only then (1.3 µs per output)
+        for entry in out_json:
+            if "data" in entry:
+                _check_finite(entry["name"], np.asarray(outputs[entry["name"]]))
     if not blobs:
         return head, {}, "application/json"
     return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head))}, "application/octet-stream"

@@ -136,6 +136,49 @@ def test_calls_accepted_one_at_a_time_still_batch_with_the_fast_path_on():
     assert sum(rows for rows, _ in burst) == 64 and len(burst) <= 48  # batched (each alone: 64 runs)
 
 
+def test_a_lone_clients_probes_space_out_and_company_still_batches_within_probe_max():
+    """Each probe that finds nobody doubles the interval to the next (up to PROBE_MAX): a lone client's requests
+    take the session thread ever more rarely (each hand-off costs half a millisecond of CPU on a small virtual
+    machine); concurrent calls that come after a long serial stretch still batch within PROBE_MAX requests."""
+    import threading
+
+    from keiryo.serve.batching import PROBE_EVERY, PROBE_MAX
+
+    calls: list[tuple[int, bool]] = []
+
+    def run(feed):
+        calls.append((len(feed["input"]), threading.current_thread() is threading.main_thread()))
+        time.sleep(0.0005)
+        return {"out": feed["input"] * 2}
+
+    async def main():
+        b = Batcher(run, max_batch_size=32, max_queue_delay_ms=5, inline_below_ms=20)
+        b.start()
+        for _ in range(600):  # a lone client
+            await b.submit({"input": np.ones((1, 2), np.float32)})
+        lone = dict(b.runs)
+
+        async def call(i: int):
+            await asyncio.sleep(0.0002)
+            out = await b.submit({"input": np.full((1, 2), i, np.float32)})
+            np.testing.assert_array_equal(out["out"], 2 * i)
+
+        tasks = []
+        for i in range(2 * PROBE_MAX):  # then concurrent calls, accepted one at a time
+            tasks.append(asyncio.create_task(call(i)))
+            await asyncio.sleep(0.0001)
+        await asyncio.gather(*tasks)
+        await b.drain()
+        return lone
+
+    lone = asyncio.run(main())
+    # the first request (measured) and probes after 8, 16, 32, 64, then every 128: 9 of 600, not 600 / 8 = 75
+    assert lone["queued"] <= 10 and lone["inline"] == 600 - lone["queued"]
+    burst = calls[600:]
+    assert sum(on_loop for _, on_loop in burst) < PROBE_MAX  # on the loop at most until the next probe
+    assert sum(rows for rows, _ in burst) == 2 * PROBE_MAX and len(burst) < 2 * PROBE_MAX - PROBE_EVERY  # and batched
+
+
 def test_a_request_queued_behind_a_batch_does_not_wait_for_requests_already_answered():
     """Requests whose answers are set no longer count as "on their way": the next batch starts at once."""
     calls: list[int] = []
@@ -217,6 +260,19 @@ def test_response_binary_and_json():
     np.testing.assert_array_equal(np.frombuffer(body[n:], np.float32), [1.5, -2.0])
     body, headers, media = build_response("m", "1", InferRequest(None, {}, ["logits"], set(), False), out)
     assert media == "application/json" and json.loads(body)["outputs"][0]["data"] == [1.5, -2.0]
+
+
+def test_non_finite_json_outputs_are_found_after_serialising_and_a_null_in_a_name_is_not_one():
+    from keiryo.serve.protocol import NonFiniteOutput
+
+    finite = {"null": np.array([[1.0, 2.0]], np.float32)}
+    body, _, _ = build_response("null", "1", InferRequest("null", {}, None, set(), False), finite)
+    assert json.loads(body)["outputs"][0]["data"] == [1.0, 2.0]
+    both = {"a": np.array([[1.0]], np.float32), "b": np.array([[np.nan]], np.float16)}
+    with pytest.raises(NonFiniteOutput, match="'b'"):
+        build_response("m", "1", InferRequest(None, {}, None, set(), False), both)
+    body, _, _ = build_response("m", "1", InferRequest(None, {}, None, {"b"}, False), both)  # b in binary: fine
+    assert body
 
 
 # ---------------------------------------------------------------- big bodies off the event loop (serve/offload.py)
@@ -411,3 +467,75 @@ def test_a_stalled_log_stream_never_grows_the_buffer_past_its_bound():
     lines = stream.getvalue().splitlines()
     assert lines[0] == "first" and "950 log line(s) dropped" in lines[1]
     assert lines[2:] == [f"line {i}" for i in range(950, 1000)]
+
+
+# ---------------------------------------------------------------- per-request bookkeeping without a lock or timer each
+
+
+def test_request_metrics_expose_what_prometheus_clients_own_metrics_would():
+    """The plain-number request metrics scrape as the same samples prometheus_client's Counter, Histogram
+    and Gauge give for the same observations (bucket edges included: a value on a bound counts in it)."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from keiryo.serve.metrics import LATENCY_BUCKETS, Metrics
+
+    ours = Metrics()
+    ref = CollectorRegistry()
+    requests = Counter("keiryo_requests", "x", ["model", "endpoint", "status"], registry=ref)
+    latency = Histogram("keiryo_request_latency_seconds", "x", ["model"], buckets=LATENCY_BUCKETS, registry=ref)
+    in_flight = Gauge("keiryo_in_flight_requests", "x", registry=ref)
+    values = [0.0005, 0.0004, 0.001, 0.0011, 10, 11, 0.3, 0.3, 2.5]
+    for i, v in enumerate(values):
+        status = 200 if i % 3 else 404
+        ours.request("demo", "infer", status, v)
+        requests.labels("demo", "infer", str(status)).inc()
+        latency.labels("demo").observe(v)
+    ours.request("", "other", 401, 0.1)  # counted, not timed
+    requests.labels("", "other", "401").inc()
+    ours.per_request.in_flight += 2
+    in_flight.inc(2)
+
+    def samples(registry):
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for m in registry.collect()
+            for s in m.samples
+            if not s.name.endswith("_created") and s.name.startswith(("keiryo_requests", "keiryo_request_", "keiryo_in"))
+        }
+
+    got, want = samples(ours.registry), samples(ref)
+    assert got == pytest.approx(want) and len(want) == 3 + len(LATENCY_BUCKETS) + 1 + 2 + 1
+    assert ours.registry.get_sample_value("keiryo_request_latency_seconds_bucket", {"model": "demo", "le": "0.0005"}) == 2
+    hooks = ours.batch_hooks("demo")
+    hooks["on_batch"](3)
+    assert ours.registry.get_sample_value("keiryo_batch_size_bucket", {"model": "demo", "le": "4.0"}) == 1
+    assert ours.registry.get_sample_value("keiryo_batch_size_count", {"model": "demo"}) == 1
+
+
+def test_deadlines_fire_once_after_their_time_and_not_when_forgotten_or_moved():
+    from keiryo.serve.deadlines import Deadlines
+
+    fired: list[tuple[str, float]] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        d = Deadlines(loop, tick=0.01)
+        t0 = loop.time()
+
+        def fire(key):
+            fired.append((key, loop.time() - t0))
+
+        d.watch("a", 0.05, fire)
+        d.watch("b", 0.05, fire)
+        d.watch("c", 0.05, fire)
+        d.forget("b")
+        await asyncio.sleep(0.03)
+        d.watch("c", 0.1, fire)  # moved: due 0.13 s from the start
+        assert d.watching("c") and not d.watching("b")
+        await asyncio.sleep(0.2)
+        assert not d.watching("c") and d._timer is None  # nothing watched: no timer left ticking
+
+    asyncio.run(main())
+    assert [k for k, _ in fired] == ["a", "c"]
+    (_, ta), (_, tc) = fired
+    assert 0.05 <= ta < 0.05 + 0.01 + 0.03 and 0.13 <= tc < 0.13 + 0.01 + 0.03
