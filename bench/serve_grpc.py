@@ -13,6 +13,10 @@ same input (batch 1, raw_input_contents / the binary extension):
 - gRPC ModelInfer at concurrency 1 from a plain Python `grpc` channel with keiryo's stubs (p50 of --calls);
 - gRPC ServerLive at concurrency 1: an RPC that does no work, the transport's own floor;
 - REST binary at concurrency 1 with bench/serve.py's minimal HTTP/1.1 client, for comparison;
+- the floor (``_grpc_floor.py``): the least a Python gRPC server can do for the same ModelInfer, a ``grpc.aio``
+  server on uvloop and a synchronous ``grpc.server``, each decoding the raw contents, running the same model on
+  the handler's thread and answering, with nothing else (no key, checks, metrics, log or batcher), measured by
+  h2load beside keiryo: what grpcio itself adds to the bare call on this machine;
 - gRPC throughput at concurrency 8 and 32 (closed loop, grpc.aio client on one thread).
 
 The added p50 is the served p50 minus the bare p50. Client and server share the machine's cores.
@@ -89,6 +93,18 @@ def h2load_p50(port: int, method: str, message: bytes, calls: int, reply: int, w
     data = int(traffic.split("headers")[1].split("(")[-1].split(")")[0]) if "headers" in traffic else -1
     ok = ok and data == n * (reply + 5)
     return statistics.median(int(r[2]) for r in rows[200:]) / 1000, ok
+
+
+def start_floor(model: Path, mode: str, threads: int) -> tuple[subprocess.Popen, int]:
+    """``_grpc_floor.py`` in its own process (``mode``: aio or sync), listening once this returns."""
+    port = _port()
+    cmd = [sys.executable, str(Path(__file__).with_name("_grpc_floor.py")), str(model), str(port), mode, str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"the {mode} floor server did not start")
+    return proc, port
 
 
 def _request(pb: Any, x: np.ndarray, inp: str) -> Any:
@@ -209,6 +225,21 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(30)
+    floors = {}  # mode -> (ModelInfer p50, ServerLive p50, every call answered in full), by h2load
+    for mode in ("aio", "sync"):
+        fproc, fport = start_floor(pkg / manifest["model_file"], mode, args.threads)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{fport}") as ch:
+                fstub = pb_grpc.GRPCInferenceServiceStub(ch)
+                freply = fstub.ModelInfer(req)
+                fsame = np.array_equal(np.frombuffer(freply.raw_output_contents[0], "<f4").reshape(want.shape), want)
+                flive = fstub.ServerLive(pb.ServerLiveRequest()).ByteSize()
+            fi = h2load_p50(fport, "ModelInfer", req.SerializeToString(), args.calls, freply.ByteSize(), work)
+            fl = h2load_p50(fport, "ServerLive", b"", args.calls, flive, work)
+            floors[mode] = (fi[0], fl[0], fi[1] and fl[1] and bool(fsame))
+        finally:
+            fproc.terminate()
+            fproc.wait(30)
 
     c = cpu()
     print(
@@ -234,8 +265,17 @@ def main() -> int:
         f"of the gRPC added p50 (h2load), the empty RPC's round trip {h2_live[0]:.3f} ms, the server's own work "
         f"{added - h2_live[0]:.3f} ms; the Python client's empty RPC {live_p50:.3f} ms"
     )
+    for mode, (fi_p50, fl_p50, _) in floors.items():
+        name = "grpc.aio on uvloop" if mode == "aio" else "grpc.server, a 1-thread pool"
+        print(
+            f"the floor, {name} (_grpc_floor.py; the model run and nothing else), h2load: ModelInfer p50 {fi_p50:.3f} ms "
+            f"(added {fi_p50 - bare:.3f} ms), ServerLive p50 {fl_p50:.3f} ms"
+        )
+    best_floor = min(f[0] for f in floors.values()) - bare
+    print(f"keiryo's gRPC added p50 {added:.3f} ms against grpcio's own floor of {best_floor:.3f} ms added")
     checks = [
         ("gRPC output bit-identical to the bare session's", same, str(same)),
+        ("the floor servers answer every call, with the same output", all(f[2] for f in floors.values()), str(floors)),
         ("every h2load call answered with a full reply", h2[1] and h2_live[1], f"{h2[1]}, {h2_live[1]}"),
         ("gRPC added p50 over a bare onnxruntime call at concurrency 1 <= 0.4 ms (h2load)", added <= 0.4, f"{added:.3f} ms"),
         (

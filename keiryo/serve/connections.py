@@ -1,19 +1,78 @@
-"""Connection-level defences uvicorn does not have: a deadline for a request's headers.
+"""keiryo's HTTP/1.1 connection protocol: uvicorn's (httptools), with what uvicorn does not do.
 
-uvicorn closes a keep-alive connection that stays idle *after* a response, but not one that never
-sends a request, nor one that sends a header a byte at a time (every byte resets its idle timer):
-300 such connections held open for minutes exhaust a server's sockets. :func:`header_timeout_protocol`
-subclasses uvicorn's HTTP protocol so that a connection must deliver complete request headers within
-``seconds`` of being opened (or of its previous response); otherwise it is closed. The deadlines are
-entries in a :class:`~keiryo.serve.deadlines.Deadlines` of the loop (no timer per request). A body that
-stalls is the ASGI front's business (a read timeout per chunk, 408).
+- **A deadline for a request's headers.** uvicorn closes a keep-alive connection that stays idle *after* a
+  response, but not one that never sends a request, nor one that sends a header a byte at a time (every byte
+  resets its idle timer): 300 such connections held open for minutes exhaust a server's sockets. Here a
+  connection must deliver complete request headers within ``header_timeout_s`` of being opened (or of its
+  previous response); otherwise it is closed. The deadlines are entries in the loop's
+  :class:`~keiryo.serve.deadlines.Deadlines` (no timer per request). A body that stalls is the ASGI front's
+  business (a read timeout per chunk, 408).
+- **One write per response.** uvicorn writes a response's status line and headers when the app starts the
+  response, and the body when it sends it: two ``send`` system calls and two TCP segments for every small
+  answer, and a client that wakes for the first and waits for the second. :class:`OneWrite` holds the head
+  until the first body write of the same loop turn and sends both at once (or sends the head alone at the end
+  of that turn, so a response whose body comes later still starts at once).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from keiryo.serve.deadlines import Deadlines
+
+
+class OneWrite:
+    """A transport that holds a response's head (its first write after a request's headers, unless it is a
+    ``1xx`` interim response) until the next write or the end of the loop turn, and writes both together.
+    Everything else passes through to the real transport."""
+
+    __slots__ = ("_transport", "_loop", "_head", "expect_head")
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop):
+        self._transport, self._loop = transport, loop
+        self._head: bytes | None = None
+        self.expect_head = False  # a request's headers came in and its response has not started
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            if len(data) < 65536:
+                self._transport.write(b"".join((head, data)))  # one send
+            else:
+                self._transport.writelines((head, data))  # no copy of a big body (one writev on uvloop)
+        elif self.expect_head and data[:9] == b"HTTP/1.1 " and data[9:10] != b"1":
+            self.expect_head = False
+            self._head = data
+            self._loop.call_soon(self.flush)  # a body that comes in a later turn must not hold the head back
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return bool(self._transport.is_closing())
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the transport's interface (abort, set_protocol, ...)
+        return getattr(self._transport, name)
 
 
 def _close(protocol: Any) -> None:
@@ -21,22 +80,25 @@ def _close(protocol: Any) -> None:
         protocol.transport.close()  # no response: the client never finished asking
 
 
-def header_timeout_protocol(seconds: float) -> type:
+def http_protocol(header_timeout_s: float) -> type:
+    """The protocol class for uvicorn's ``http`` setting."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+    seconds = header_timeout_s
     tick = Deadlines.tick_for(seconds)
 
-    class HeaderTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc]
+    class KeiryoHTTPProtocol(HttpToolsProtocol):  # type: ignore[misc]
         _deadlines: Deadlines | None = None  # the server loop's, shared by its connections
 
         def _headers_due(self) -> Deadlines:
-            d = HeaderTimeoutProtocol._deadlines
+            d = KeiryoHTTPProtocol._deadlines
             if d is None or d.loop is not self.loop:  # a new server (tests start several, one loop each)
-                d = HeaderTimeoutProtocol._deadlines = Deadlines(self.loop, tick)
+                d = KeiryoHTTPProtocol._deadlines = Deadlines(self.loop, tick)
             return d
 
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
+            self._one_write = OneWrite(transport, self.loop)
+            super().connection_made(self._one_write)  # type: ignore[arg-type]  # a Transport in all it is asked for
             self._headers_due().watch(self, seconds, _close)
 
         def on_message_begin(self) -> None:
@@ -47,9 +109,11 @@ def header_timeout_protocol(seconds: float) -> type:
 
         def on_headers_complete(self) -> None:
             self._headers_due().forget(self)
+            self._one_write.expect_head = True
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:
+            self._one_write.flush()  # a response without a body write (none has one here, but an app may)
             super().on_response_complete()
             self._headers_due().watch(self, seconds, _close)  # the next request's headers are due as well
 
@@ -57,4 +121,4 @@ def header_timeout_protocol(seconds: float) -> type:
             self._headers_due().forget(self)
             super().connection_lost(exc)
 
-    return HeaderTimeoutProtocol
+    return KeiryoHTTPProtocol

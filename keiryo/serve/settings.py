@@ -120,13 +120,14 @@ def uvicorn_options(
     settings: ServeSettings, tls: TLSSettings | None = None, limit_concurrency: int | None = 1000
 ) -> dict[str, Any]:
     """uvicorn's settings for keiryo's server: drain time, connection deadlines and cap, TLS."""
-    from keiryo.serve.connections import header_timeout_protocol
+    from keiryo.serve.connections import http_protocol
 
     return {
         "access_log": False,
         "timeout_graceful_shutdown": 30,
         "timeout_keep_alive": 5,  # idle keep-alive connections are closed
-        "http": header_timeout_protocol(settings.header_timeout_s),  # and so are ones that never finish a header
+        # and so are ones that never finish a header; a response's head and body leave in one write
+        "http": http_protocol(settings.header_timeout_s),
         "limit_concurrency": limit_concurrency,  # connections + tasks past this get 503 instead of memory
         **(tls.uvicorn() if tls else {}),
     }

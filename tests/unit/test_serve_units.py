@@ -539,3 +539,44 @@ def test_deadlines_fire_once_after_their_time_and_not_when_forgotten_or_moved():
     assert [k for k, _ in fired] == ["a", "c"]
     (_, ta), (_, tc) = fired
     assert 0.05 <= ta < 0.05 + 0.01 + 0.03 and 0.13 <= tc < 0.13 + 0.01 + 0.03
+
+
+def test_one_write_sends_a_responses_head_with_its_body_and_never_holds_it_past_the_turn():
+    from keiryo.serve.connections import OneWrite
+
+    class Transport:
+        def __init__(self):
+            self.sent: list[bytes] = []
+            self.closed = False
+
+        def write(self, data):
+            self.sent.append(bytes(data))
+
+        def writelines(self, parts):
+            self.sent.append(b"".join(parts))
+
+        def close(self):
+            self.closed = True
+
+    async def main():
+        t = Transport()
+        w = OneWrite(t, asyncio.get_running_loop())
+        w.expect_head = True
+        w.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # an interim answer goes at once: the client waits for it
+        assert t.sent == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        w.write(b"{}")
+        assert t.sent[1:] == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]  # one send
+        w.write(b"more")  # no request's headers came since: passes through
+        assert t.sent[-1] == b"more"
+        w.expect_head = True
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")  # a body that comes in a later turn
+        assert len(t.sent) == 3
+        await asyncio.sleep(0)
+        assert t.sent[-1].startswith(b"HTTP/1.1 200") and len(t.sent) == 4  # the head went at the end of its turn
+        w.expect_head = True
+        w.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        w.close()  # closing sends what is held first
+        assert t.sent[-1].startswith(b"HTTP/1.1 400") and t.closed
+
+    asyncio.run(main())
