@@ -81,6 +81,7 @@ def h2load_p50(port: int, method: str, message: bytes, calls: int, reply: int, w
 
     body, log = workdir / f"{method}.grpc", workdir / f"{method}.log"
     body.write_bytes(b"\x00" + struct.pack(">I", len(message)) + message)  # uncompressed, length-prefixed
+    log.unlink(missing_ok=True)  # h2load appends to its log
     n = calls + 200
     cmd = ["h2load", "-n", str(n), "-c", "1", "-m", "1", "-t", "1", "-d", str(body), "--log-file", str(log)]
     cmd += ["-H", "content-type: application/grpc", "-H", "te: trailers", "-H", f"authorization: Bearer {KEY}"]
