@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ class ServedModel:
     batcher: Batcher
     loaded_at: float = field(default_factory=time.time)
     drift: DriftMonitor | None = None  # running summaries vs the manifest's drift reference (keiryo.drift)
+    # a fast-path run's summaries are updated on the loop after its answer, maybe while a batch runs in the session thread
+    _drift_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def inputs(self) -> dict[str, dict[str, Any]]:
@@ -63,10 +66,11 @@ class ServedModel:
         return out
 
     def _observe(self, feed: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
-        if self.drift is None:
-            return
         try:
-            self.drift.observe(feed, out)
+            with self._drift_lock:
+                if self.drift is None:
+                    return
+                self.drift.observe(feed, out)
         except Exception as e:  # monitoring never fails a request: turned off, said once
             self.drift = None
             events_log.error(json.dumps({"event": "drift_monitor_failed", "model": self.name, "error": repr(e)}))
