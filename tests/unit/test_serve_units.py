@@ -95,27 +95,26 @@ def test_an_idle_fast_model_runs_on_the_loop_and_company_still_batches():
     assert all(t.startswith("keiryo-session") for t in threads)
 
 
-def test_calls_accepted_one_at_a_time_still_batch_with_the_fast_path_on():
-    """Concurrent calls that reach the batcher one after another, never in the same loop turn (grpc.aio
-    accepts one call per turn, then waits for its message), each find the batcher idle. Once traffic was
-    serial the fast path is on, yet they must not all run alone on the loop: a probe takes the session
-    thread, the others arrive meanwhile and batch, and the fast path stays off while they keep coming."""
+def _lone_then_burst(lone: int, burst: int, run_s: float) -> tuple[list[tuple[int, bool]], dict[str, int]]:
+    """A lone client's ``lone`` requests, then ``burst`` concurrent calls accepted one at a time (as a gRPC
+    server's accept loop does: one call per 0.1 ms, its message 0.2 ms later), on a model taking ``run_s``.
+    Returns each run's (rows, whether it ran on the loop's thread) and the batcher's path counts after the
+    lone client."""
     import threading
-
-    from keiryo.serve.batching import PROBE_EVERY
 
     calls: list[tuple[int, bool]] = []
 
     def run(feed):
         calls.append((len(feed["input"]), threading.current_thread() is threading.main_thread()))
-        time.sleep(0.002)
+        time.sleep(run_s)
         return {"out": feed["input"] * 2}
 
     async def main():
         b = Batcher(run, max_batch_size=32, max_queue_delay_ms=5, inline_below_ms=20)
         b.start()
-        for _ in range(4):  # a lone client: measured, then the fast path
+        for _ in range(lone):
             await b.submit({"input": np.ones((1, 2), np.float32)})
+        runs = dict(b.runs)
 
         async def call(i: int):
             await asyncio.sleep(0.0002)  # its message arrives
@@ -123,13 +122,24 @@ def test_calls_accepted_one_at_a_time_still_batch_with_the_fast_path_on():
             np.testing.assert_array_equal(out["out"], 2 * i)
 
         tasks = []
-        for i in range(64):  # accepted one at a time, as a gRPC server's accept loop does
+        for i in range(burst):
             tasks.append(asyncio.create_task(call(i)))
             await asyncio.sleep(0.0001)
         await asyncio.gather(*tasks)
         await b.drain()
+        return runs
 
-    asyncio.run(main())
+    return calls, asyncio.run(main())
+
+
+def test_calls_accepted_one_at_a_time_still_batch_with_the_fast_path_on():
+    """Concurrent calls that reach the batcher one after another, never in the same loop turn (grpc.aio
+    accepts one call per turn, then waits for its message), each find the batcher idle. Once traffic was
+    serial the fast path is on, yet they must not all run alone on the loop: a probe takes the session
+    thread, the others arrive meanwhile and batch, and the fast path stays off while they keep coming."""
+    from keiryo.serve.batching import PROBE_EVERY
+
+    calls, _ = _lone_then_burst(4, 64, 0.002)
     lone, burst = calls[:4], calls[4:]
     assert [on_loop for _, on_loop in lone] == [False, True, True, True]  # serial traffic: on the loop
     assert sum(on_loop for _, on_loop in burst) < PROBE_EVERY  # then at most until the probe
@@ -140,39 +150,10 @@ def test_a_lone_clients_probes_space_out_and_company_still_batches_within_probe_
     """Each probe that finds nobody doubles the interval to the next (up to PROBE_MAX): a lone client's requests
     take the session thread ever more rarely (each hand-off costs half a millisecond of CPU on a small virtual
     machine); concurrent calls that come after a long serial stretch still batch within PROBE_MAX requests."""
-    import threading
-
     from keiryo.serve.batching import PROBE_EVERY, PROBE_MAX
 
-    calls: list[tuple[int, bool]] = []
-
-    def run(feed):
-        calls.append((len(feed["input"]), threading.current_thread() is threading.main_thread()))
-        time.sleep(0.0005)
-        return {"out": feed["input"] * 2}
-
-    async def main():
-        b = Batcher(run, max_batch_size=32, max_queue_delay_ms=5, inline_below_ms=20)
-        b.start()
-        for _ in range(600):  # a lone client
-            await b.submit({"input": np.ones((1, 2), np.float32)})
-        lone = dict(b.runs)
-
-        async def call(i: int):
-            await asyncio.sleep(0.0002)
-            out = await b.submit({"input": np.full((1, 2), i, np.float32)})
-            np.testing.assert_array_equal(out["out"], 2 * i)
-
-        tasks = []
-        for i in range(2 * PROBE_MAX):  # then concurrent calls, accepted one at a time
-            tasks.append(asyncio.create_task(call(i)))
-            await asyncio.sleep(0.0001)
-        await asyncio.gather(*tasks)
-        await b.drain()
-        return lone
-
-    lone = asyncio.run(main())
-    # the first request (measured) and probes after 8, 16, 32, 64, then every 128: 9 of 600, not 600 / 8 = 75
+    calls, lone = _lone_then_burst(600, 2 * PROBE_MAX, 0.0005)
+    # the first request (measured) and probes after 8, 16, 32, 64, then every 128: 8 of 600, not 600 / 8 = 75
     assert lone["queued"] <= 10 and lone["inline"] == 600 - lone["queued"]
     burst = calls[600:]
     assert sum(on_loop for _, on_loop in burst) < PROBE_MAX  # on the loop at most until the next probe
