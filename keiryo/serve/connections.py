@@ -9,30 +9,32 @@
   business (a read timeout per chunk, 408).
 - **One write per response.** uvicorn writes a response's status line and headers when the app starts the
   response, and the body when it sends it: two ``send`` system calls and two TCP segments for every small
-  answer, and a client that wakes for the first and waits for the second. :class:`OneWrite` holds the head
-  until the first body write of the same loop turn and sends both at once (or sends the head alone at the end
-  of that turn, so a response whose body comes later still starts at once).
+  answer, and a client that wakes for the first and waits for the second. The protocol puts its
+  :class:`OneWrite` transport in the request's scope (``scope["extensions"]["keiryo.one_write"]``); an app that
+  sends the body right after the start (the front's inference answers) calls ``hold_next()`` first, and the
+  head then leaves with the body in one write.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from keiryo.serve.deadlines import Deadlines
 
 
 class OneWrite:
-    """A transport that holds a response's head (its first write after a request's headers, unless it is a
-    ``1xx`` interim response) until the next write or the end of the loop turn, and writes both together.
-    Everything else passes through to the real transport."""
+    """The connection's transport, which can hold a response's head (``hold_next()``, then the next write) until
+    the write after it and send both at once. Everything else passes through to the real transport."""
 
-    __slots__ = ("_transport", "_loop", "_head", "expect_head")
+    __slots__ = ("_transport", "_hold", "_head")
 
-    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop):
-        self._transport, self._loop = transport, loop
+    def __init__(self, transport: Any):
+        self._transport = transport
+        self._hold = False  # the next write is a head whose body comes in the same loop turn
         self._head: bytes | None = None
-        self.expect_head = False  # a request's headers came in and its response has not started
+
+    def hold_next(self) -> None:
+        self._hold = True
 
     def write(self, data: bytes) -> None:
         head = self._head
@@ -42,14 +44,14 @@ class OneWrite:
                 self._transport.write(b"".join((head, data)))  # one send
             else:
                 self._transport.writelines((head, data))  # no copy of a big body (one writev on uvloop)
-        elif self.expect_head and data[:9] == b"HTTP/1.1 " and data[9:10] != b"1":
-            self.expect_head = False
+        elif self._hold:
+            self._hold = False
             self._head = data
-            self._loop.call_soon(self.flush)  # a body that comes in a later turn must not hold the head back
         else:
             self._transport.write(data)
 
     def flush(self) -> None:
+        self._hold = False
         head = self._head
         if head is not None:
             self._head = None
@@ -97,7 +99,7 @@ def http_protocol(header_timeout_s: float) -> type:
             return d
 
         def connection_made(self, transport: Any) -> None:
-            self._one_write = OneWrite(transport, self.loop)
+            self._one_write = OneWrite(transport)
             super().connection_made(self._one_write)  # type: ignore[arg-type]  # a Transport in all it is asked for
             self._headers_due().watch(self, seconds, _close)
 
@@ -109,11 +111,12 @@ def http_protocol(header_timeout_s: float) -> type:
 
         def on_headers_complete(self) -> None:
             self._headers_due().forget(self)
-            self._one_write.expect_head = True
+            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})  # type: ignore[assignment]
+            extensions["keiryo.one_write"] = self._one_write
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:
-            self._one_write.flush()  # a response without a body write (none has one here, but an app may)
+            self._one_write.flush()  # held, and no body came (never with the front's answers; a safety net)
             super().on_response_complete()
             self._headers_due().watch(self, seconds, _close)  # the next request's headers are due as well
 

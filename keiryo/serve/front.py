@@ -132,18 +132,20 @@ class Front:
             await send(message)
 
         path = scope["path"]
+        one_write = (scope.get("extensions") or {}).get("keiryo.one_write")  # keiryo's HTTP protocol (connections.py)
         infer = _INFER.fullmatch(path) if scope["method"] == "POST" else None
         metrics = self.server.metrics
         metrics.per_request.in_flight += 1
         try:
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
-                await _respond(send_with_id, 413, json.dumps({"error": f"request body over the limit of {limit} bytes"}).encode())
+                body = json.dumps({"error": f"request body over the limit of {limit} bytes"}).encode()
+                await _respond(send_with_id, 413, body, one_write=one_write)
             elif path in self.private and not self._allowed(headers):
                 e = HTTPError(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
-                await _respond(send_with_id, 401, error_body(401, e), extra=e.headers)
+                await _respond(send_with_id, 401, error_body(401, e), extra=e.headers, one_write=one_write)
             elif infer is not None:
-                await self._infer(headers, counted_receive, send_with_id, infer[1], infer[2])
+                await self._infer(headers, counted_receive, send_with_id, infer[1], infer[2], one_write)
             else:
                 await self.api(scope, counted_receive, send_with_id)
         finally:
@@ -166,7 +168,13 @@ class Front:
         return True
 
     async def _infer(
-        self, headers: dict[bytes, bytes], receive: Callable[..., Any], send: Callable[..., Any], name: str, version: str | None
+        self,
+        headers: dict[bytes, bytes],
+        receive: Callable[..., Any],
+        send: Callable[..., Any],
+        name: str,
+        version: str | None,
+        one_write: Any,
     ) -> None:
         try:
             self.authorize(headers.get(b"authorization", b"").decode("latin-1"))
@@ -183,16 +191,25 @@ class Front:
             content, extra, media = await self.server.infer_rest(
                 served, b"".join(chunks), header_length.decode("latin-1") if header_length is not None else None
             )
-            await _respond(send, 200, content, media, extra)
+            await _respond(send, 200, content, media, extra, one_write)
         except Exception as e:
             status = status_of(e)
-            await _respond(send, status, error_body(status, e), extra=getattr(e, "headers", None))
+            await _respond(send, status, error_body(status, e), extra=getattr(e, "headers", None), one_write=one_write)
 
 
 async def _respond(
-    send: Callable[..., Any], status: int, body: bytes, media: str = "application/json", extra: dict[str, str] | None = None
+    send: Callable[..., Any],
+    status: int,
+    body: bytes,
+    media: str = "application/json",
+    extra: dict[str, str] | None = None,
+    one_write: Any = None,
 ) -> None:
+    """Start and end a response. ``one_write``: keiryo's HTTP protocol's transport from the scope
+    (connections.OneWrite): the head is held and leaves with the body, in one system call."""
     headers = [(b"content-type", media.encode()), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (extra or {}).items()]
+    if one_write is not None:
+        one_write.hold_next()
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -126,7 +126,7 @@ def uvicorn_options(
         "access_log": False,
         "timeout_graceful_shutdown": 30,
         "timeout_keep_alive": 5,  # idle keep-alive connections are closed
-        # and so are ones that never finish a header; a response's head and body leave in one write
+        # and so are ones that never finish a header; the front's answers leave in one write
         "http": http_protocol(settings.header_timeout_s),
         "limit_concurrency": limit_concurrency,  # connections + tasks past this get 503 instead of memory
         **(tls.uvicorn() if tls else {}),
