@@ -90,27 +90,21 @@ def http_protocol(header_timeout_s: float) -> type:
     tick = Deadlines.tick_for(seconds)
 
     class KeiryoHTTPProtocol(HttpToolsProtocol):  # type: ignore[misc]
-        _deadlines: Deadlines | None = None  # the server loop's, shared by its connections
-
-        def _headers_due(self) -> Deadlines:
-            d = KeiryoHTTPProtocol._deadlines
-            if d is None or d.loop is not self.loop:  # a new server (tests start several, one loop each)
-                d = KeiryoHTTPProtocol._deadlines = Deadlines(self.loop, tick)
-            return d
+        _due: Deadlines  # the server loop's header deadlines, shared by its connections
 
         def connection_made(self, transport: Any) -> None:
             self._one_write = OneWrite(transport)
             super().connection_made(self._one_write)  # type: ignore[arg-type]  # a Transport in all it is asked for
-            self._headers_due().watch(self, seconds, _close)
+            self._due = Deadlines.of(self.loop, tick)
+            self._due.watch(self, seconds, _close)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            d = self._headers_due()
-            if not d.watching(self):  # the deadline runs from the connection's start or its previous response
-                d.watch(self, seconds, _close)
+            if not self._due.watching(self):  # the deadline runs from the connection's start or its previous response
+                self._due.watch(self, seconds, _close)
 
         def on_headers_complete(self) -> None:
-            self._headers_due().forget(self)
+            self._due.forget(self)
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})  # type: ignore[assignment]
             extensions["keiryo.one_write"] = self._one_write
             super().on_headers_complete()
@@ -118,10 +112,10 @@ def http_protocol(header_timeout_s: float) -> type:
         def on_response_complete(self) -> None:
             self._one_write.flush()  # held, and no body came (never with the front's answers; a safety net)
             super().on_response_complete()
-            self._headers_due().watch(self, seconds, _close)  # the next request's headers are due as well
+            self._due.watch(self, seconds, _close)  # the next request's headers are due as well
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._headers_due().forget(self)
+            self._due.forget(self)
             super().connection_lost(exc)
 
     return KeiryoHTTPProtocol

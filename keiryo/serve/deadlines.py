@@ -12,6 +12,7 @@ tick later.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable, Hashable
 
 
@@ -46,6 +47,21 @@ class Deadlines:
         self._timer = self.loop.call_later(self.tick, self._sweep) if self._due else None
 
     @staticmethod
+    def of(loop: asyncio.AbstractEventLoop, tick: float) -> Deadlines:
+        """The loop's deadlines swept every ``tick`` (one per loop and tick: servers on different loops, in
+        tests, never share one)."""
+        mine = _BY_LOOP.get(loop)
+        if mine is None:
+            mine = _BY_LOOP[loop] = {}
+        d = mine.get(tick)
+        if d is None:
+            d = mine[tick] = Deadlines(loop, tick)
+        return d
+
+    @staticmethod
     def tick_for(seconds: float) -> float:
         """A tick that lets a deadline of ``seconds`` overrun by at most a quarter of it (and by 1 s at most)."""
         return min(1.0, seconds / 4)
+
+
+_BY_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, Deadlines]] = weakref.WeakKeyDictionary()

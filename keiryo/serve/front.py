@@ -78,7 +78,6 @@ class Front:
         self._ids = map(f"{os.urandom(6).hex()}-{{:x}}".format, itertools.count(1))
         # body reads past body_timeout_s: one sweep per tick over the reads in progress (deadlines.py), not a
         # timer per read; the task of a stalled read is cancelled and answers 408
-        self._deadlines: Deadlines | None = None
         self._stalled: set[Any] = set()
 
     def _stall(self, task: Any) -> None:
@@ -97,15 +96,14 @@ class Front:
         body_done = False
         limit = self.limit
         body_timeout = self.server.settings.body_timeout_s
+        body_tick = Deadlines.tick_for(body_timeout)
 
         async def counted_receive() -> Any:
             nonlocal seen, body_done
             if body_done:  # after the body only a disconnect can come: no deadline on waiting for it
                 return await receive()
             task = asyncio.current_task()
-            deadlines = self._deadlines
-            if deadlines is None or deadlines.loop is not asyncio.get_running_loop():
-                deadlines = self._deadlines = Deadlines(asyncio.get_running_loop(), Deadlines.tick_for(body_timeout))
+            deadlines = Deadlines.of(asyncio.get_running_loop(), body_tick)
             deadlines.watch(task, body_timeout, self._stall)
             try:
                 message = await receive()

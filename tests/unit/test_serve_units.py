@@ -518,6 +518,13 @@ def test_deadlines_fire_once_after_their_time_and_not_when_forgotten_or_moved():
 
     asyncio.run(main())
     assert [k for k, _ in fired] == ["a", "c"]
+
+    async def of():  # one per loop and tick
+        loop = asyncio.get_running_loop()
+        return Deadlines.of(loop, 0.5), Deadlines.of(loop, 0.5), Deadlines.of(loop, 0.25)
+
+    (a1, a2, a3), (b1, _, _) = asyncio.run(of()), asyncio.run(of())
+    assert a1 is a2 and a1 is not a3 and b1 is not a1 and b1.loop is not a1.loop
     (_, ta), (_, tc) = fired
     assert 0.05 <= ta < 0.05 + 0.01 + 0.03 and 0.13 <= tc < 0.13 + 0.01 + 0.03
 
