@@ -254,7 +254,7 @@ def build_response(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            if a.dtype.kind == "f" and not _NULL_FOR_NONFINITE:
+            if not _NULL_FOR_NONFINITE:
                 _check_finite(n, a)
             entry["data"] = a.reshape(-1).tolist()
         out_json.append(entry)
