@@ -188,6 +188,13 @@ def quantize_int8_static(
         if cfg.rounding != "nearest" or cfg.bias_correction != "off":
             pc = {k: c["per_channel"] for k, c in weights.items()} if weights is not None else None
             src, extra["TensorQuantOverrides"] = rounded_weights(src, x, cfg, Path(td), cache, pc)
+            kept_float = float_layers(fp32_src, [*cfg.exclude_nodes, *exclude], include)
+            if kept_float:  # the rounding covers every layer (cached across fallback trials); float ones get theirs back
+                from keiryo.passes.quantize_rounding import restore_float_layers
+
+                src = restore_float_layers(src, fp32_src, kept_float, Path(td) / "rounded-float.onnx")
+                floats = {n.input[1] for n in _graph(fp32_src).node if n.name in kept_float}
+                extra["TensorQuantOverrides"] = {k: v for k, v in extra["TensorQuantOverrides"].items() if k not in floats}
         try:
             if cfg.calibration == "mse" and not (cache is not None and cache.is_file()):
                 from keiryo.passes.quantize_ranges import mse_ranges
@@ -233,15 +240,28 @@ def quantize_int8_static(
             raise PassError(f"int8 static quantization failed on {src.name}: {type(e).__name__}: {first_line(e, 300)}") from e
 
 
+def _graph(src: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(src), load_external_data=False).graph
+
+
+def float_layers(src: Path, exclude: list[str], include: list[str] | None) -> set[str]:
+    """The weight layers (Conv, Gemm) of ``src`` that quantization leaves in float: the excluded ones, and with an
+    ``include`` list every layer not on it."""
+    layers = {n.name for n in _graph(src).node if n.op_type in ("Conv", "Gemm")}
+    kept = layers & set(exclude)
+    if include is not None:
+        kept |= layers - set(include)
+    return kept
+
+
 def float_only_nodes(src: Path) -> list[str]:
     """Nodes kept in float whatever the config: ``InstanceNormalization`` (how GroupNorm exports, the DP-SGD form
     of BatchNorm). onnxruntime's CPU provider has no int8 kernel for it, so quantizing it only adds Q/DQ pairs, and
     onnxruntime's QDQ quantizer fails on models with several of them ("Quantization parameter shared mode is not
     supported for weight yet", or with the neighbouring Reshapes excluded, a graph that does not load)."""
-    import onnx
-
-    graph = onnx.load(str(src), load_external_data=False).graph
-    return [n.name for n in graph.node if n.op_type == "InstanceNormalization" and n.name]
+    return [n.name for n in _graph(src).node if n.op_type == "InstanceNormalization" and n.name]
 
 
 def widest(

@@ -339,3 +339,30 @@ def correct_biases_on_int8_inputs(
         "int8_input_layers": sum(lay.act_q is not None for lay in layers),
         "max_bias_shift": round(max(shifts, default=0.0), 6),
     }
+
+
+def restore_float_layers(rounded: Path, original: Path, nodes: set[str], dst: Path) -> Path:
+    """``rounded`` with the weight and bias of each node in ``nodes`` (layers kept float) taken back from
+    ``original``, written to ``dst``: a layer onnxruntime leaves in float runs with its own weights, not with the
+    int8-grid ones the rounding pass computed for every layer (and cached for any choice of float layers). A bias
+    the rounding pass added to a bias-less layer becomes zeros."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(rounded))
+    ref = onnx.load(str(original))
+    ref_inits = {i.name: i for i in ref.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name not in nodes or node.op_type not in ("Conv", "Gemm"):
+            continue
+        for name in node.input[1:3]:
+            if not name or name not in inits:
+                continue
+            if name in ref_inits:
+                inits[name].CopyFrom(ref_inits[name])
+            else:  # the rounding pass's own bias: the layer had none
+                zeros = np.zeros_like(numpy_helper.to_array(inits[name]))
+                inits[name].CopyFrom(numpy_helper.from_array(zeros, name))
+    onnx.save(model, str(dst))
+    return dst

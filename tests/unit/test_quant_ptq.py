@@ -98,6 +98,27 @@ def test_gptq_and_bias_correction_cut_the_int8_error_on_cancelling_kernels(cance
     assert full["full"][1] < 0.7 * full["nearest"][1], full
 
 
+def test_a_layer_kept_float_runs_with_its_own_weights_not_the_rounded_ones(cancelling, digits, tmp_path):
+    """The rounding pass rounds every layer once (cached for all fallback trials); a layer left float (exclude, or
+    not in include) must get its fp32 weight and bias back, or it keeps the rounding error it was kept float for."""
+    _, pre = cancelling
+    x = digits.calib.numpy()
+    fp32 = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(pre)).graph.initializer}
+    graph = onnx.load(str(pre)).graph
+    dw = next(n for n in graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute))
+    cfg = Int8StaticConfig(rounding="gptq", bias_correction="weights")
+    cache = tmp_path / "calib.json"
+    for tag, kw in (("all", {}), ("exclude", {"exclude": [dw.name]}), ("include", {"include": ["no-such-node"]})):
+        quantize_int8_static(pre, tmp_path / f"{tag}.onnx", x, cfg, cache=cache, **kw)
+        inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / f"{tag}.onnx")).graph.initializer}
+        w, b = dw.input[1], dw.input[2]
+        if tag == "all":  # quantized: its float weight is gone, its bias corrected
+            assert w not in inits and not np.allclose(inits[b], fp32[b])
+        else:  # float: the very fp32 kernels and bias, though the cached rounded file has them on the int8 grid
+            assert np.array_equal(inits[w], fp32[w]) and np.array_equal(inits[b], fp32[b])
+    assert cache.with_suffix(".rounded.onnx").is_file()
+
+
 def test_learned_rounding_refuses_a_too_small_calibration_set(cancelling, digits, tmp_path):
     _, pre = cancelling
     few = {k: v[: MIN_ROUNDING_SAMPLES - 1] for k, v in digits.calib.numpy().items()}
