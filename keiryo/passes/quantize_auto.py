@@ -60,7 +60,13 @@ RUNGS: dict[str, dict[str, Any]] = {
         "granularity": "measured",
     },
     # the per-layer search quantizes many times: bias correction on fp32 inputs, computed once and cached
-    "fallback": {"calibration": "mse", "rounding": "gptq", "bias_correction": "weights", "granularity": "measured"},
+    "fallback": {
+        "calibration": "mse",
+        "rounding": "gptq",
+        "bias_correction": "weights",
+        "granularity": "measured",
+        "float_outputs": True,
+    },
     # the int8 pass after QAT: its learned ranges on the Conv/Linear inputs, mse ranges elsewhere, float logits
     "qat": {"calibration": "mse", "float_outputs": True},
 }

@@ -73,23 +73,29 @@ def fallback_search(
     cache = tdp / "calib.json"
     ref, ref_outs = _val_metrics(src, val, task, None, ctx.threads)
 
-    def drop_with(exclude: list[str] | None = None, include: list[str] | None = None, tag: str = "q") -> float:
+    def drop_with(exclude: list[str] | None = None, include: list[str] | None = None, tag: str = "q") -> tuple[float, float]:
+        """The task's drop, and the outputs' squared error relative to the fp32 outputs' (a continuous measure:
+        on a few hundred samples many layers tie at the same drop)."""
         dst = tdp / f"{tag}.onnx"
         quantize_int8_static(src, dst, x_cal, cfg.quant, exclude=exclude, include=include, cache=cache)
-        return float(task.drop(ref, _val_metrics(dst, val, task, ref_outs, ctx.threads)[0]))
+        metrics, outs = _val_metrics(dst, val, task, ref_outs, ctx.threads)
+        err = sum(float(np.mean((o - r) ** 2) / max(np.mean(r**2), 1e-12)) for o, r in zip(outs, ref_outs, strict=True))
+        return float(task.drop(ref, metrics)), err
 
-    full_drop = drop_with(tag="full")
+    full_drop = drop_with(tag="full")[0]
     float_layers: list[str] = []
     sensitivity: dict[str, float] = {}
+    error: dict[str, float] = {}
     trail: list[dict[str, Any]] = [{"float_layers": 0, "val_drop_pt": round(full_drop, 3)}]
     drop = full_drop
     if full_drop > cfg.max_accuracy_drop:
         for node in quantizable_nodes(src):
-            sensitivity[node] = round(drop_with(include=[node], tag="one"), 3)
-        ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
+            d, e = drop_with(include=[node], tag="one")
+            sensitivity[node], error[node] = round(d, 3), e
+        ranked = sorted(sensitivity, key=lambda n: (-sensitivity[n], -error[n]))
         for node in ranked[: cfg.max_float_layers]:
             float_layers.append(node)
-            drop = drop_with(exclude=float_layers, tag="fb")
+            drop = drop_with(exclude=float_layers, tag="fb")[0]
             trail.append({"float_layers": len(float_layers), "added": node, "val_drop_pt": round(drop, 3)})
             if drop <= cfg.max_accuracy_drop:
                 break
@@ -100,7 +106,8 @@ def fallback_search(
         "val_drop_all_int8_pt": round(full_drop, 3),
         "val_drop_pt": round(drop, 3),
         "float_layers": float_layers,
-        "sensitivity_pt": dict(sorted(sensitivity.items(), key=lambda kv: -kv[1])),
+        "sensitivity_pt": {n: sensitivity[n] for n in sorted(sensitivity, key=lambda n: (-sensitivity[n], -error[n]))},
+        "sensitivity_output_error": {n: float(f"{error[n]:.4g}") for n in sorted(error, key=lambda n: -error[n])},
         "trail": trail,
         "budget_met": drop <= cfg.max_accuracy_drop,
     }

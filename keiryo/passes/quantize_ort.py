@@ -229,6 +229,9 @@ def quantize_int8_static(
                 rows = min(cfg.rounding_samples, n)
                 correct_biases_on_int8_inputs(fp32_src, src, out, {k: v[:rows] for k, v in x.items()})
             run_quantize_static(src, out, Reader, method, cfg, exclude, include, extra, cache)
+            pinned = keep_float_layers_float(out, float_layers(fp32_src, [*cfg.exclude_nodes, *exclude], include))
+            if report is not None and pinned:
+                report["float_layers_pinned"] = pinned
             if cfg.float_outputs:
                 from keiryo.passes.quantize_precision import float_graph_outputs
 
@@ -254,6 +257,65 @@ def float_layers(src: Path, exclude: list[str], include: list[str] | None) -> se
     if include is not None:
         kept |= layers - set(include)
     return kept
+
+
+def keep_float_layers_float(qdq: Path, nodes: set[str]) -> list[str]:
+    """Stop onnxruntime from quantizing the float layers of ``qdq`` behind keiryo's back (in place); the layers
+    pinned.
+
+    onnxruntime (1.21+) runs ``WeightBiasQuantization`` at every session's basic optimization level: a Conv or Gemm
+    with float weights whose input comes from a per-tensor DequantizeLinear and whose output reaches a
+    QuantizeLinear (through Relu/Clip at most) gets its weights quantized **symmetric per tensor** at load, so a
+    layer kept float for fidelity runs with coarser weights than the int8 ones (on EfficientNet-Lite0 one
+    depthwise layer left float cost 10 points of agreement). The transformer only takes a per-tensor input
+    DequantizeLinear: each such layer gets its own DequantizeLinear of the same values with per-channel
+    parameters (the same scale and zero point repeated over the input channels, axis 1), which dequantizes
+    exactly alike and leaves the layer float in any onnxruntime session."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if not nodes:
+        return []
+    model = onnx.load(str(qdq))
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    pinned: list[str] = []
+    added: list[Any] = []
+    for node in model.graph.node:
+        if node.name not in nodes or node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+            continue
+        dq = producer.get(node.input[0])
+        w = inits.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or w is None or dq.input[1] not in inits:
+            continue
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        if scale.size != 1:
+            continue
+        zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else None
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            channels = int(w.dims[1]) * int(group)
+        else:  # Gemm: input (N, K); weight (K, M), or (M, K) with transB
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            channels = int(w.dims[1] if trans_b else w.dims[0])
+        tag = f"{node.name}_keiryo_float_input"
+        model.graph.initializer.append(numpy_helper.from_array(np.full(channels, scale.reshape(()), scale.dtype), f"{tag}_scale"))
+        inputs = [dq.input[0], f"{tag}_scale"]
+        if zp is not None:
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.full(channels, zp.reshape(()), zp.dtype), f"{tag}_zero_point")
+            )
+            inputs.append(f"{tag}_zero_point")
+        added.append(helper.make_node("DequantizeLinear", inputs, [tag], name=f"{tag}_DequantizeLinear", axis=1))
+        node.input[0] = tag
+        pinned.append(node.name)
+    if pinned:
+        model.graph.node.extend(added)
+        from keiryo.export.onnx import toposort
+
+        toposort(model)
+        onnx.save(model, str(qdq))
+    return pinned
 
 
 def float_only_nodes(src: Path) -> list[str]:

@@ -39,6 +39,20 @@ class CancellingDepthwise(nn.Module):
         return self.head(torch.flatten(self.dw(x), 1))
 
 
+class ThreeConvs(nn.Module):
+    """Conv -> ReLU6 three times, then a linear head: the middle convolution sits between two int8 ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)])
+        self.head = nn.Linear(8 * 64, 10)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        for c in self.convs:
+            image = torch.nn.functional.relu6(c(image))
+        return self.head(torch.flatten(image, 1))
+
+
 @pytest.fixture(scope="module")
 def cancelling(digits, tmp_path_factory):
     h = load_model(f"{__file__}:CancellingDepthwise", digits, output_name="logits")
@@ -117,6 +131,29 @@ def test_a_layer_kept_float_runs_with_its_own_weights_not_the_rounded_ones(cance
         else:  # float: the very fp32 kernels and bias, though the cached rounded file has them on the int8 grid
             assert np.array_equal(inits[w], fp32[w]) and np.array_equal(inits[b], fp32[b])
     assert cache.with_suffix(".rounded.onnx").is_file()
+
+
+def test_a_float_layer_between_int8_ones_stays_float_in_any_onnxruntime_session(digits, tmp_path):
+    """onnxruntime's WeightBiasQuantization (basic level, on by default) quantizes per tensor the float weights of a
+    Conv fed by a per-tensor DequantizeLinear and feeding a QuantizeLinear: the file must not let it."""
+    import onnxruntime as ort
+
+    h = load_model(f"{__file__}:ThreeConvs", digits, output_name="logits")
+    pre = preprocess(export(h, "onnx", tmp_path / "fp32.onnx").path, tmp_path / "pre.onnx")
+    graph = onnx.load(str(pre)).graph
+    stem = [n for n in graph.node if n.op_type == "Conv"][1]  # DQ -> Conv -> Clip -> Q: the pattern it takes
+    report = {}
+    out = tmp_path / "q.onnx"
+    quantize_int8_static(pre, out, digits.calib.numpy(), Int8StaticConfig(exclude_nodes=[stem.name]), report=report)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    conv = next(n for n in optimized.graph.node if n.name == stem.name)
+    assert conv.input[1] == stem.input[1], "onnxruntime put a Q/DQ on the float layer's weights"
+    assert not [n.name for n in optimized.graph.node if "_weight_q" in n.name]
+    assert report["float_layers_pinned"] == [stem.name]
 
 
 def test_learned_rounding_refuses_a_too_small_calibration_set(cancelling, digits, tmp_path):
