@@ -11,8 +11,10 @@ The rungs, cheapest first (each a complete int8 file, measured on onnxruntime ag
    (:mod:`keiryo.passes.quantize_granularity`; so are the rungs after it but qat);
 5. ``precision``: the gptq rung with float graph outputs and 16-bit activations on the 4 tensors whose int8
    rounding alone costs the most output error (measured: :mod:`keiryo.passes.quantize_precision`);
-6. ``fallback``: the gptq rung with the most sensitive layers kept float, one at a time
-   (:mod:`keiryo.passes.quantize_fallback`), until the budget is met or ``max_float_layers``;
+6. ``fallback``: layers kept float one at a time, by output error per millisecond they add in float
+   (:mod:`keiryo.passes.quantize_fallback`, on gptq weights with the cheap bias correction its many trials can
+   share), until the budget is met or ``max_float_layers``; then the same float layers with the full bias
+   correction, kept when it does better on the validation split;
 7. ``qat``: quantization-aware fine-tuning of the torch model the file was exported from, distilled from that fp32
    model on the calibration inputs (no labels: :func:`keiryo.passes.qat.distill_qat`), exported again and quantized
    by ``quantize.int8_static`` with the activation ranges it learned, so what it records is the onnxruntime file.
@@ -40,7 +42,7 @@ from keiryo.errors import first_line
 from keiryo.export import Artifact
 from keiryo.passes import PassContext, PassResult, register_pass
 from keiryo.passes.qat import MIN_DISTILL_SAMPLES, QatDistillConfig
-from keiryo.passes.quantize_fallback import Int8FallbackConfig, _val_metrics, fallback_search
+from keiryo.passes.quantize_fallback import Int8FallbackConfig, _val_metrics, fallback_search, p50_ms
 from keiryo.passes.quantize_ort import Int8StaticConfig, calibration_data, finish, preprocess, quantize_int8_static
 
 Rung = Literal["ptq", "mse", "bias_correction", "gptq", "precision", "fallback", "qat"]
@@ -83,15 +85,6 @@ class Int8AutoConfig(KeiryoConfig):
     qat: QatDistillConfig = Field(default_factory=QatDistillConfig, description="the qat rung's training (and its time cap)")
 
 
-def _p50_ms(path: Path, sample: dict[str, Any], threads: int, iterations: int) -> float:
-    from keiryo.benchmark import BenchConfig, run_benchmark
-    from keiryo.runtime import open_session
-
-    cfg = BenchConfig(threads=threads, warmup=5, iterations=iterations, throughput_batch=1, throughput_iterations=1)
-    with open_session("onnxruntime", path, threads) as s:
-        return round(run_benchmark(s, sample, cfg).latency_p50_ms, 4)
-
-
 @register_pass(
     "quantize.int8_auto",
     Int8AutoConfig,
@@ -117,7 +110,7 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
         tdp = Path(td)
         src = preprocess(model.path, tdp / "pre.onnx") if cfg.quant.preprocess else model.path
         ref, ref_outs = _val_metrics(src, val, task, None, ctx.threads)
-        fp32_p50 = _p50_ms(src, sample, ctx.threads, cfg.latency_iterations)
+        fp32_p50 = p50_ms(src, sample, ctx.threads, cfg.latency_iterations)
         for rung in cfg.rungs:
             qcfg = cfg.quant.model_copy(update=RUNGS[rung])
             dst = tdp / f"{rung}.onnx"
@@ -126,12 +119,28 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
             try:
                 if rung == "fallback":
                     fb = Int8FallbackConfig(
-                        max_accuracy_drop=cfg.max_accuracy_drop, max_float_layers=cfg.max_float_layers, quant=qcfg
+                        max_accuracy_drop=cfg.max_accuracy_drop,
+                        max_float_layers=cfg.max_float_layers,
+                        latency_iterations=cfg.latency_iterations,
+                        quant=qcfg,
                     )
                     (tdp / "fallback").mkdir()
                     fb_info = fallback_search(src, dst, x_cal, fb, ctx, tdp / "fallback")
                     rec["float_layers"] = fb_info["float_layers"]
                     drop = fb_info["val_drop_pt"]
+                    if fb_info["float_layers"]:  # the chosen layers float, the rest with the full bias correction
+                        full = tdp / "fallback-full.onnx"
+                        fcfg = qcfg.model_copy(update={"bias_correction": "full"})
+                        cache = tdp / "gptq.ranges.json"  # the gptq rung's ranges and rounded weights, where it ran
+                        quantize_int8_static(
+                            src, full, x_cal, fcfg, exclude=fb_info["float_layers"], cache=cache if cache.is_file() else None
+                        )
+                        full_drop = float(task.drop(ref, _val_metrics(full, val, task, ref_outs, ctx.threads)[0]))
+                        rec["val_drop_weights_correction"] = drop
+                        if full_drop <= drop:
+                            shutil.move(full, dst)
+                            drop = full_drop
+                            rec["bias_correction"] = "full"
                 elif rung == "qat":
                     rec.update(qat_rung(dst, x_cal, qcfg, cfg.qat, ctx, tdp / "qat"))
                     drop = float(task.drop(ref, _val_metrics(dst, val, task, ref_outs, ctx.threads)[0]))
@@ -146,7 +155,7 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                     status="ok",
                     val_drop=round(drop, 4),
                     size_bytes=dst.stat().st_size,
-                    latency_p50_ms=_p50_ms(dst, sample, ctx.threads, cfg.latency_iterations),
+                    latency_p50_ms=p50_ms(dst, sample, ctx.threads, cfg.latency_iterations),
                     budget_met=drop <= cfg.max_accuracy_drop,
                 )
             except Exception as e:  # a backend's crash fails this rung only, with its message

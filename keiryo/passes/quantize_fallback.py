@@ -3,10 +3,11 @@
 1. Quantize everything; measure the task's drop (accuracy points for classification, MAE
    increase for regression, cosine for embeddings) on the **validation** split (never test)
    against the fp32 file, both run on onnxruntime.
-2. If it exceeds ``max_accuracy_drop``: measure each layer's sensitivity (the drop
-   when only that layer is quantized; calibration ranges are computed once and cached),
-3. and keep the most sensitive layers in float, one at a time, until the budget is met
-   (or ``max_float_layers`` is reached, which is reported, not hidden).
+2. If it exceeds ``max_accuracy_drop``: try each layer alone in float (calibration ranges and rounded
+   weights are computed once and cached): the output error it removes, and the latency it adds,
+3. and keep layers in float by error removed per millisecond added, one at a time, until the budget is
+   met (or ``max_float_layers`` is reached, which is reported, not hidden); if not met, the leading layers in
+   graph order are tried the same way (``try_leading``), and the lower drop is kept.
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ class Int8FallbackConfig(KeiryoConfig):
         0.5, ge=0.0, description="budget on the validation split, in the task's drop unit (accuracy points for classification)"
     )
     max_float_layers: int = Field(8, ge=0, description="stop after keeping this many layers in float")
+    latency_aware: bool = Field(
+        True, description="take layers by output error removed per millisecond added in float (False: by error removed)"
+    )
+    try_leading: bool = Field(
+        True,
+        description="when the ranked layers do not meet the budget, also try the leading layers in graph order "
+        "(high resolution, few channels: sensitive and often as fast in float) and keep the lower drop",
+    )
+    latency_iterations: int = Field(30, ge=5, description="timed runs of each trial's p50 (batch 1, the run's threads)")
     quant: Int8StaticConfig = Field(default_factory=Int8StaticConfig)
 
 
@@ -65,49 +75,91 @@ def int8_fallback(model: Artifact, cfg: Int8FallbackConfig, ctx: PassContext) ->
     return finish(model, out, info)
 
 
+def p50_ms(path: Path, sample: dict[str, Any], threads: int, iterations: int) -> float:
+    """Median latency of ``path`` on onnxruntime, batch 1 (``sample``), in ms."""
+    from keiryo.benchmark import BenchConfig, run_benchmark
+    from keiryo.runtime import open_session
+
+    cfg = BenchConfig(threads=threads, warmup=5, iterations=iterations, throughput_batch=1, throughput_iterations=1)
+    with open_session("onnxruntime", path, threads) as s:
+        return round(run_benchmark(s, sample, cfg).latency_p50_ms, 4)
+
+
 def fallback_search(
     src: Path, out: Path, x_cal: dict[str, np.ndarray], cfg: Int8FallbackConfig, ctx: PassContext, tdp: Path
 ) -> dict[str, Any]:
-    """Quantize ``src`` into ``out`` keeping the most sensitive layers float until the validation budget is met."""
+    """Quantize ``src`` into ``out``, keeping layers float one at a time until the validation budget is met.
+
+    Each layer's sensitivity is the output error when it alone is int8 (squared error relative to the fp32
+    outputs': continuous, where a few hundred samples tie many layers at the same drop; its input activation's
+    rounding counts, as it should). With ``latency_aware`` the milliseconds the layer adds when it alone is float
+    are measured too (batch 1; on CPUs a high-resolution layer with few channels often runs as fast in float as
+    in int8) and layers are taken by error per millisecond, a cost under 5% of the int8 file's p50 counting as 5%."""
     val, task = ctx.data.val, ctx.get_task()
     cache = tdp / "calib.json"
     ref, ref_outs = _val_metrics(src, val, task, None, ctx.threads)
+    sample = {k: v[:1] for k, v in x_cal.items()}
 
-    def drop_with(exclude: list[str] | None = None, include: list[str] | None = None, tag: str = "q") -> tuple[float, float]:
-        """The task's drop, and the outputs' squared error relative to the fp32 outputs' (a continuous measure:
-        on a few hundred samples many layers tie at the same drop)."""
+    def quantized(tag: str, **kw: Any) -> Path:
         dst = tdp / f"{tag}.onnx"
-        quantize_int8_static(src, dst, x_cal, cfg.quant, exclude=exclude, include=include, cache=cache)
-        metrics, outs = _val_metrics(dst, val, task, ref_outs, ctx.threads)
-        err = sum(float(np.mean((o - r) ** 2) / max(np.mean(r**2), 1e-12)) for o, r in zip(outs, ref_outs, strict=True))
-        return float(task.drop(ref, metrics)), err
+        quantize_int8_static(src, dst, x_cal, cfg.quant, cache=cache, **kw)
+        return dst
 
-    full_drop = drop_with(tag="full")[0]
-    float_layers: list[str] = []
-    sensitivity: dict[str, float] = {}
-    error: dict[str, float] = {}
-    trail: list[dict[str, Any]] = [{"float_layers": 0, "val_drop_pt": round(full_drop, 3)}]
-    drop = full_drop
-    if full_drop > cfg.max_accuracy_drop:
-        for node in quantizable_nodes(src):
-            d, e = drop_with(include=[node], tag="one")
-            sensitivity[node], error[node] = round(d, 3), e
-        ranked = sorted(sensitivity, key=lambda n: (-sensitivity[n], -error[n]))
-        for node in ranked[: cfg.max_float_layers]:
-            float_layers.append(node)
-            drop = drop_with(exclude=float_layers, tag="fb")[0]
-            trail.append({"float_layers": len(float_layers), "added": node, "val_drop_pt": round(drop, 3)})
+    def measured(path: Path) -> dict[str, float]:
+        metrics, outs = _val_metrics(path, val, task, ref_outs, ctx.threads)
+        err = sum(float(np.mean((o - r) ** 2) / max(np.mean(r**2), 1e-12)) for o, r in zip(outs, ref_outs, strict=True))
+        return {"val_drop_pt": round(float(task.drop(ref, metrics)), 3), "output_error": float(f"{err:.4g}")}
+
+    def timed(path: Path) -> float:
+        return p50_ms(path, sample, ctx.threads, cfg.latency_iterations)
+
+    def walk(order: list[str], path: str, trail: list[dict[str, Any]]) -> tuple[float, list[str]]:
+        """Float layers taken in ``order`` one at a time until the budget is met: the last drop and the layers."""
+        taken: list[str] = []
+        drop = float("inf")
+        for node in order[: cfg.max_float_layers]:
+            taken.append(node)
+            rec = measured(quantized("fb", exclude=taken))
+            drop = rec["val_drop_pt"]
+            trail.append({"path": path, "float_layers": len(taken), "added": node, **rec})
             if drop <= cfg.max_accuracy_drop:
                 break
+        return drop, taken
+
+    full_path = quantized("full")
+    full = measured(full_path)
+    if cfg.latency_aware:
+        full["p50_ms"] = timed(full_path)
+    float_layers: list[str] = []
+    alone: dict[str, dict[str, float]] = {}
+    trail: list[dict[str, Any]] = [{"float_layers": 0, **full}]
+    drop = full["val_drop_pt"]
+    if drop > cfg.max_accuracy_drop:
+        alone_order = quantizable_nodes(src)  # graph order: the leading layers see the input's full resolution
+        for node in alone_order:
+            alone[node] = measured(quantized("one", include=[node]))
+            if cfg.latency_aware:
+                alone[node]["float_cost_ms"] = round(timed(quantized("cost", exclude=[node])) - full["p50_ms"], 4)
+        floor = 0.05 * full.get("p50_ms", 1.0)
+
+        def score(n: str) -> float:
+            return alone[n]["output_error"] / max(alone[n].get("float_cost_ms", floor), floor)
+
+        ranked = sorted(alone, key=score, reverse=True)
+        alone = {n: alone[n] for n in ranked}
+        drop, float_layers = walk(ranked, "ranked", trail)
+        if drop > cfg.max_accuracy_drop and cfg.try_leading:
+            lead_drop, leading = walk(list(alone_order), "leading", trail)
+            if lead_drop < drop:
+                drop, float_layers = lead_drop, leading
     quantize_int8_static(src, out, x_cal, cfg.quant, exclude=float_layers, cache=cache)
     info: dict[str, Any] = {
         "max_accuracy_drop": cfg.max_accuracy_drop,
         "drop_metric": task.drop_name,
-        "val_drop_all_int8_pt": round(full_drop, 3),
+        "val_drop_all_int8_pt": full["val_drop_pt"],
         "val_drop_pt": round(drop, 3),
         "float_layers": float_layers,
-        "sensitivity_pt": {n: sensitivity[n] for n in sorted(sensitivity, key=lambda n: (-sensitivity[n], -error[n]))},
-        "sensitivity_output_error": {n: float(f"{error[n]:.4g}") for n in sorted(error, key=lambda n: -error[n])},
+        "alone_int8": alone,
         "trail": trail,
         "budget_met": drop <= cfg.max_accuracy_drop,
     }
