@@ -116,7 +116,7 @@ def fallback_search(
     def walk(order: list[str], path: str, trail: list[dict[str, Any]]) -> tuple[float, list[str]]:
         """Float layers taken in ``order`` one at a time until the budget is met: the last drop and the layers."""
         taken: list[str] = []
-        drop = float("inf")
+        drop = full["val_drop_pt"]
         for node in order[: cfg.max_float_layers]:
             taken.append(node)
             rec = measured(quantized("fb", exclude=taken))

@@ -185,10 +185,10 @@ def quantize_int8_static(
             from keiryo.passes.quantize_granularity import weight_choice
 
             weights = weight_choice(src, x, cfg, cache)  # each measured weight gets its own override below
+        kept_float = float_layers(fp32_src, [*cfg.exclude_nodes, *exclude], include)
         if cfg.rounding != "nearest" or cfg.bias_correction != "off":
             pc = {k: c["per_channel"] for k, c in weights.items()} if weights is not None else None
             src, extra["TensorQuantOverrides"] = rounded_weights(src, x, cfg, Path(td), cache, pc)
-            kept_float = float_layers(fp32_src, [*cfg.exclude_nodes, *exclude], include)
             if kept_float:  # the rounding covers every layer (cached across fallback trials); float ones get theirs back
                 from keiryo.passes.quantize_rounding import restore_float_layers
 
@@ -229,7 +229,7 @@ def quantize_int8_static(
                 rows = min(cfg.rounding_samples, n)
                 correct_biases_on_int8_inputs(fp32_src, src, out, {k: v[:rows] for k, v in x.items()})
             run_quantize_static(src, out, Reader, method, cfg, exclude, include, extra, cache)
-            pinned = keep_float_layers_float(out, float_layers(fp32_src, [*cfg.exclude_nodes, *exclude], include))
+            pinned = keep_float_layers_float(out, kept_float)
             if report is not None and pinned:
                 report["float_layers_pinned"] = pinned
             if cfg.float_outputs:
