@@ -139,7 +139,7 @@ def ladder(args: argparse.Namespace, data: Any, h: Any, fp32: Any, agree: Any, w
         if r["status"] != "ok":
             print(f"| {r['rung']} | failed: {r['error'][:100]} | | | | {r['seconds']} | |")
             continue
-        notes = json.dumps(r.get("qat") or r.get("float_layers") or r.get("wide_activations") or "")
+        notes = json.dumps(r.get("qat") or r.get("float_layers") or r.get("wide_activations") or r.get("refit") or "")
         print(f"| {r['rung']} | {r['val_drop']} | {fp32_size / r['size_bytes']:.2f}x | {r['latency_p50_ms']} | "
               f"{info['fp32_latency_p50_ms'] / r['latency_p50_ms']:.2f}x | {r['seconds']} | {notes} |", flush=True)  # fmt: skip
     chosen = next(r for r in info["ladder"] if r["rung"] == info["chosen"] and r["status"] == "ok")

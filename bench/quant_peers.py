@@ -7,7 +7,7 @@ Data: crops of scikit-image's bundled pictures at 224x224 labelled by the fp32 m
 (bench/models/natural_images.py): 256 calibration crops (from the train split), 200 validation crops (what
 ``int8-auto`` measures its rungs on), 1,000 test crops (disjoint crops) where agreement with fp32 is measured.
 
-Rows per model: keiryo ``int8`` (default PTQ), ``int8-gptq`` and ``int8-auto`` (via ``keiryo.pipeline.compress``);
+Rows per model: keiryo ``int8`` (default PTQ), ``int8-gptq``, ``int8-refit`` and ``int8-auto`` (via ``keiryo.pipeline.compress``);
 onnxruntime ``quantize_static`` with its defaults and with its documented CPU settings (QDQ, per-channel, U8S8);
 NNCF ``nncf.quantize`` with its defaults. Every file runs on onnxruntime, 1 thread, batch 1, latency measured in
 fresh processes interleaved over several rounds. Prints markdown tables and writes them to --md.
@@ -109,7 +109,7 @@ def run_model(variant: str, work: Path, args: argparse.Namespace) -> tuple[list[
     data = load_data(spec)
     handle = load_model(f"{MODELS / 'efficientnet_lite.py'}:{variant}", data, output_name="logits")
     opts = RunOptions(bench=BenchConfig(threads=1, iterations=50, warmup=5, throughput_iterations=1, throughput_batch=1))
-    recipes = [load_recipe("int8"), load_recipe("int8-gptq")]
+    recipes = [load_recipe("int8"), load_recipe("int8-gptq"), load_recipe("int8-refit")]
     auto = load_recipe("int8-auto").to_dict()
     auto["steps"][0]["params"] = {"max_accuracy_drop": args.budget, "max_float_layers": args.max_float_layers}
     recipes.append(load_recipe(auto))
@@ -124,7 +124,7 @@ def run_model(variant: str, work: Path, args: argparse.Namespace) -> tuple[list[
     print(f"keiryo compress: {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     ref = "fp32" if "fp32" in cands else "fp32-onnx"
     files: dict[str, Path] = {"fp32 onnxruntime": run / cands[ref]["artifact"]}
-    for n in ("int8", "int8-gptq", "int8-auto"):
+    for n in ("int8", "int8-gptq", "int8-refit", "int8-auto"):
         if cands[n]["status"] == "ok":
             files[f"keiryo `{n}`"] = run / cands[n]["artifact"]
             seconds[f"keiryo `{n}`"] = seconds[n]

@@ -190,6 +190,7 @@ def quant_sensitivity(handle: Any, data: Any, task: Any, threads: int = 1, outli
     if worst:
         fix.append(
             f"layer(s) {', '.join(worst[:3])} lose the most alone: rounding=gptq + bias_correction=full (recipe int8-gptq), "
+            "then rounding=refit for the error the int8 layers pass on (recipe int8-refit), "
             "then keep them float (recipe int8-auto's fallback rung)"
         )
     return {

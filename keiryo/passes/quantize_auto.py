@@ -9,13 +9,15 @@ The rungs, cheapest first (each a complete int8 file, measured on onnxruntime ag
 4. ``gptq``: mse ranges + Hessian-aware weight rounding + bias correction (:mod:`keiryo.passes.quantize_rounding`),
    per-tensor or per-channel weights and symmetric or asymmetric activations chosen per layer by measured error
    (:mod:`keiryo.passes.quantize_granularity`; so are the rungs after it but qat);
-5. ``precision``: the gptq rung with float graph outputs and 16-bit activations on the 4 tensors whose int8
+5. ``refit``: the gptq rung's file, then each int8 layer's weights and bias solved, in graph order, for the input
+   the int8 layers before it give it, and GPTQ-rounded (:mod:`keiryo.passes.quantize_refit`);
+6. ``precision``: the gptq rung with float graph outputs and 16-bit activations on the 4 tensors whose int8
    rounding alone costs the most output error (measured: :mod:`keiryo.passes.quantize_precision`);
-6. ``fallback``: layers kept float one at a time, by output error per millisecond they add in float
+7. ``fallback``: layers kept float one at a time, by output error per millisecond they add in float
    (:mod:`keiryo.passes.quantize_fallback`, on gptq weights with the cheap bias correction its many trials can
-   share), until the budget is met or ``max_float_layers``; then the same float layers with the full bias
-   correction, kept when it does better on the validation split;
-7. ``qat``: quantization-aware fine-tuning of the torch model the file was exported from, distilled from that fp32
+   share), until the budget is met or ``max_float_layers``; then the same float layers with the other layers
+   refitted (as in ``refit``), kept when it does better on the validation split;
+8. ``qat``: quantization-aware fine-tuning of the torch model the file was exported from, distilled from that fp32
    model on the calibration inputs (no labels: :func:`keiryo.passes.qat.distill_qat`), exported again and quantized
    by ``quantize.int8_static`` with the activation ranges it learned, so what it records is the onnxruntime file.
    It needs ``ctx.source`` (the recipe runner sets it) and is capped in time (``qat.max_seconds``, ``qat.epochs``).
@@ -45,7 +47,7 @@ from keiryo.passes.qat import MIN_DISTILL_SAMPLES, QatDistillConfig
 from keiryo.passes.quantize_fallback import Int8FallbackConfig, _val_metrics, fallback_search, p50_ms
 from keiryo.passes.quantize_ort import Int8StaticConfig, calibration_data, finish, preprocess, quantize_int8_static
 
-Rung = Literal["ptq", "mse", "bias_correction", "gptq", "precision", "fallback", "qat"]
+Rung = Literal["ptq", "mse", "bias_correction", "gptq", "refit", "precision", "fallback", "qat"]
 RUNGS: dict[str, dict[str, Any]] = {
     "ptq": {},
     "mse": {"calibration": "mse"},
@@ -53,6 +55,14 @@ RUNGS: dict[str, dict[str, Any]] = {
     # from here on, weight and activation granularity chosen per layer by measured error (on EfficientNet-Lite0:
     # +0.7 pt agreement on int8-gptq with float outputs, +0.9 on mse alone; docs/techniques.md)
     "gptq": {"calibration": "mse", "rounding": "gptq", "bias_correction": "full", "granularity": "measured"},
+    # every int8 layer solved, in graph order, for the input the int8 layers before it give it (quantize_refit.py)
+    "refit": {
+        "calibration": "mse",
+        "rounding": "refit",
+        "bias_correction": "full",
+        "granularity": "measured",
+        "float_outputs": True,
+    },
     "precision": {
         "calibration": "mse",
         "rounding": "gptq",
@@ -128,9 +138,9 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                     fb_info = fallback_search(src, dst, x_cal, fb, ctx, tdp / "fallback")
                     rec["float_layers"] = fb_info["float_layers"]
                     drop = fb_info["val_drop_pt"]
-                    if fb_info["float_layers"]:  # the chosen layers float, the rest with the full bias correction
-                        full = tdp / "fallback-full.onnx"
-                        fcfg = qcfg.model_copy(update={"bias_correction": "full"})
+                    if fb_info["float_layers"]:  # the chosen layers float, the rest refitted to their int8 inputs
+                        full = tdp / "fallback-refit.onnx"
+                        fcfg = qcfg.model_copy(update={"bias_correction": "full", "rounding": "refit"})
                         cache = tdp / "gptq.ranges.json"  # the gptq rung's ranges and rounded weights, where it ran
                         quantize_int8_static(
                             src, full, x_cal, fcfg, exclude=fb_info["float_layers"], cache=cache if cache.is_file() else None
@@ -140,14 +150,14 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                         if full_drop <= drop:
                             shutil.move(full, dst)
                             drop = full_drop
-                            rec["bias_correction"] = "full"
+                            rec["rounding"] = "refit"
                 elif rung == "qat":
                     rec.update(qat_rung(dst, x_cal, qcfg, cfg.qat, ctx, tdp / "qat"))
                     drop = float(task.drop(ref, _val_metrics(dst, val, task, ref_outs, ctx.threads)[0]))
                 else:
                     chosen_here: dict[str, Any] = {}
-                    # precision adds to gptq's file: the same ranges and rounded weights (cached beside them)
-                    ranges = tdp / f"{'gptq' if rung == 'precision' else rung}.ranges.json"
+                    # refit and precision start from gptq's file: the same ranges and rounded weights (cached beside them)
+                    ranges = tdp / f"{'gptq' if rung in ('refit', 'precision') else rung}.ranges.json"
                     quantize_int8_static(src, dst, x_cal, qcfg, cache=ranges, report=chosen_here)
                     rec.update(chosen_here)
                     drop = float(task.drop(ref, _val_metrics(dst, val, task, ref_outs, ctx.threads)[0]))

@@ -61,8 +61,17 @@ class Int8StaticConfig(SmoothingOptions):
     exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names kept in float (per-layer fallback)")
     op_types: list[str] | None = Field(None, description="only quantize these op types (default: all supported)")
     preprocess: bool = Field(True, description="run onnxruntime's quant_pre_process (shape inference + fusion) first")
-    rounding: Literal["nearest", "gptq"] = Field(
-        "nearest", description="weight rounding: nearest int8 level, or gptq (Hessian-aware, on the calibration inputs)"
+    rounding: Literal["nearest", "gptq", "refit"] = Field(
+        "nearest",
+        description="weight rounding: nearest int8 level; gptq (Hessian-aware, on the calibration inputs); refit (gptq, "
+        "then each int8 layer's weights and bias solved for the input the int8 model gives it, to match the fp32 "
+        "layer's output, and GPTQ-rounded again: keiryo/passes/quantize_refit.py)",
+    )
+    refit_chunk: int = Field(
+        1,
+        ge=1,
+        description="for rounding=refit: layers refitted together, in graph order, before the int8 inputs are read "
+        "again (1: each layer sees the refitted ones before it; more: faster, less faithful)",
     )
     bias_correction: Literal["off", "weights", "full"] = Field(
         "off",
@@ -229,6 +238,17 @@ def quantize_int8_static(
                 rows = min(cfg.rounding_samples, n)
                 correct_biases_on_int8_inputs(fp32_src, src, out, {k: v[:rows] for k, v in x.items()})
             run_quantize_static(src, out, Reader, method, cfg, exclude, include, extra, cache)
+            if cfg.rounding == "refit":
+                from keiryo.passes.quantize_refit import refit_sequentially
+
+                def requantize(refitted: Path, pinned: dict[str, list[dict[str, Any]]]) -> None:
+                    extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}), **pinned}
+                    run_quantize_static(refitted, out, Reader, method, cfg, exclude, include, extra, cache)
+
+                grid = {k: c["per_channel"] for k, c in weights.items()} if weights is not None else cfg.per_channel
+                summary = refit_sequentially(fp32_src, src, out, x, grid, requantize, Path(td), chunk=cfg.refit_chunk)
+                if report is not None:
+                    report["refit"] = summary
             pinned = keep_float_layers_float(out, kept_float)
             if report is not None and pinned:
                 report["float_layers_pinned"] = pinned
@@ -407,7 +427,7 @@ def rounded_weights(
         src,
         dst,
         {k: v[:rows] for k, v in x.items()},
-        rounding=cfg.rounding,
+        rounding="gptq" if cfg.rounding == "refit" else cfg.rounding,
         bias_correction=cfg.bias_correction,
         per_channel=cfg.per_channel if per_channel is None else per_channel,
         nodes=None,

@@ -172,8 +172,9 @@ def grid_scales(w: np.ndarray, per_channel: bool) -> np.ndarray:
     return np.where(s > 0, s, 1.0).astype(np.float32)
 
 
-def gptq(w: Any, h: Any, scale: Any, damp: float) -> Any:
-    """Round ``w`` (groups, rows, d) on the grid ``scale`` (groups, rows, 1) with per-group Hessians ``h`` (groups, d, d)."""
+def gptq(w: Any, h: Any, scale: Any, damp: float, free_last: bool = False) -> Any:
+    """Round ``w`` (groups, rows, d) on the grid ``scale`` (groups, rows, 1) with per-group Hessians ``h`` (groups, d, d);
+    ``free_last``: the last column (a bias) is not rounded and takes the error pushed onto it."""
     import torch
 
     w = w.clone()
@@ -188,6 +189,9 @@ def gptq(w: Any, h: Any, scale: Any, damp: float) -> Any:
     q = torch.zeros_like(w)
     for i in range(d):
         col = w[:, :, i]
+        if free_last and i == d - 1:
+            q[:, :, i] = col
+            break
         qi = torch.clamp(torch.round(col / scale[..., 0]), -127, 127) * scale[..., 0]
         q[:, :, i] = qi
         err = (col - qi) / hinv[:, i, i].unsqueeze(-1)

@@ -104,8 +104,23 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "description": "int8 static PTQ: mse ranges, GPTQ weight rounding, bias correction on the int8 model's inputs",
         "steps": [_q("quantize.int8_static", calibration="mse", rounding="gptq", bias_correction="full")],
     },
+    "int8-refit": {
+        "description": "int8 static PTQ: int8-gptq, then each layer's weights solved for its int8 input, layer by layer, "
+        "float logits",
+        "steps": [
+            _q(
+                "quantize.int8_static",
+                calibration="mse",
+                rounding="refit",
+                bias_correction="full",
+                granularity="measured",
+                float_outputs=True,
+            )
+        ],
+    },
     "int8-auto": {
-        "description": "int8 escalated (PTQ: minmax, mse, bias correction, GPTQ, float fallback; then QAT distilled from fp32) "
+        "description": "int8 escalated (PTQ: minmax, mse, bias correction, GPTQ, refit, 16-bit activations, float fallback; "
+        "then QAT distilled from fp32) "
         "until val drop <= 0.5 pt",
         "steps": [_q("quantize.int8_auto")],  # the budget: the step's own, else --max-drop, else 0.5
     },
