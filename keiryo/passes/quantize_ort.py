@@ -68,10 +68,10 @@ class Int8StaticConfig(SmoothingOptions):
         "layer's output, and GPTQ-rounded again: keiryo/passes/quantize_refit.py)",
     )
     refit_chunk: int = Field(
-        1,
+        2,
         ge=1,
         description="for rounding=refit: layers refitted together, in graph order, before the int8 inputs are read "
-        "again (1: each layer sees the refitted ones before it; more: faster, less faithful)",
+        "again (1: each layer sees every refitted one before it; more: faster)",
     )
     bias_correction: Literal["off", "weights", "full"] = Field(
         "off",

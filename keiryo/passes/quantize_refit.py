@@ -18,8 +18,9 @@ unrounded column, so the error GPTQ pushes forward ends partly in the bias (bias
 The layers are refitted **in graph order**, ``chunk`` at a time, and the model is quantized again after each
 chunk, so every layer is solved for the input that the already-refitted layers before it give it. Refitting
 them all at once from one quantization overcorrects: a layer compensates for an upstream error that the
-upstream refit removes too (EfficientNet-Lite0: all at once 67% agreement with fp32, 5 at a time 89.9%, one
-at a time 95.6%, against 92.6% for GPTQ with bias correction).
+upstream refit removes too (EfficientNet-Lite0, 50 layers, agreement with fp32 on 1,000 crops: all at once 67%,
+5 at a time 89.9%, 2 at a time 96.4% in 4.6 min, one at a time 95.6% in 7.7 min, against 92.6% for GPTQ with
+bias correction).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def refit_sequentially(
     requantize: Callable[[Path, dict[str, list[dict[str, Any]]]], None],
     workdir: Path,
     *,
-    chunk: int = 1,
+    chunk: int = 2,
     batch: int = 8,
     max_columns: int = 8192,
     damp: float = 0.01,

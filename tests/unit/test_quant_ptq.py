@@ -528,7 +528,7 @@ def test_refit_solves_each_layer_for_its_int8_input_and_beats_gptq_with_bias_cor
         quantize_int8_static(pre, tmp_path / f"{rounding}.onnx", x, cfg, report=reports[rounding])
         errors[rounding] = float(np.mean((outputs(tmp_path / f"{rounding}.onnx", digits.test) - ref) ** 2) / np.mean(ref**2))
     refit = reports["refit"]["refit"]
-    assert refit["layers"] == 3 and refit["chunk"] == 1, refit  # stem, mix, head: one at a time
+    assert refit["layers"] == 3 and refit["chunk"] == 2, refit  # stem, mix, head: two at a time (the default)
     # layer by layer (median of the three), on the inputs the int8 model gives them: the refitted int8 layers
     # come far closer to the fp32 layers' outputs than the fp32 weights themselves do (the mix layer now reads the
     # loud copies); the whole model's error falls by about half
