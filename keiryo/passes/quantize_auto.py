@@ -14,10 +14,10 @@ The rungs, cheapest first (each a complete int8 file, measured on onnxruntime ag
 6. ``precision``: the gptq rung with float graph outputs and 16-bit activations on the 4 tensors whose int8
    rounding alone costs the most output error (measured: :mod:`keiryo.passes.quantize_precision`);
 7. ``fallback``: layers kept float one at a time, by output error per millisecond they add in float
-   (:mod:`keiryo.passes.quantize_fallback`; its many trials share one set of weights: the refit rung's where it
-   ran, else gptq's with the cheap bias correction), until the budget is met or ``max_float_layers``; then the
-   same float layers with the other layers refitted again around them, kept when it does better on the
-   validation split;
+   (:mod:`keiryo.passes.quantize_fallback`, on gptq weights with the cheap bias correction its many trials can
+   share: a layer's sensitivity is measured without weights tuned around the others), until the budget is met or
+   ``max_float_layers``, keeping the float layers that gave the lowest drop; then the same float layers with the
+   other layers refitted around them (as in ``refit``), kept when it does better on the validation split;
 8. ``qat``: quantization-aware fine-tuning of the torch model the file was exported from, distilled from that fp32
    model on the calibration inputs (no labels: :func:`keiryo.passes.qat.distill_qat`), exported again and quantized
    by ``quantize.int8_static`` with the activation ranges it learned, so what it records is the onnxruntime file.
@@ -46,14 +46,7 @@ from keiryo.export import Artifact
 from keiryo.passes import PassContext, PassResult, register_pass
 from keiryo.passes.qat import MIN_DISTILL_SAMPLES, QatDistillConfig
 from keiryo.passes.quantize_fallback import Int8FallbackConfig, _val_metrics, fallback_search, p50_ms
-from keiryo.passes.quantize_ort import (
-    Int8StaticConfig,
-    calibration_data,
-    finish,
-    preprocess,
-    quantize_int8_static,
-    refitted_path,
-)
+from keiryo.passes.quantize_ort import Int8StaticConfig, calibration_data, finish, preprocess, quantize_int8_static
 
 Rung = Literal["ptq", "mse", "bias_correction", "gptq", "refit", "precision", "fallback", "qat"]
 RUNGS: dict[str, dict[str, Any]] = {
@@ -143,13 +136,9 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                         quant=qcfg,
                     )
                     (tdp / "fallback").mkdir()
-                    refitted = refitted_path(tdp / "gptq.ranges.json")
-                    if refitted.is_file():  # the refit rung ran: its weights are where the trials start
-                        shutil.copyfile(refitted, tdp / "fallback" / "calib.rounded.onnx")
-                        shutil.copyfile(refitted.with_suffix(".json"), tdp / "fallback" / "calib.rounded.json")
-                    rec["base"] = "refit" if refitted.is_file() else "gptq"
                     fb_info = fallback_search(src, dst, x_cal, fb, ctx, tdp / "fallback")
                     rec["float_layers"] = fb_info["float_layers"]
+                    rec["trail"] = fb_info["trail"]
                     drop = fb_info["val_drop_pt"]
                     if fb_info["float_layers"]:  # the chosen layers float, the rest refitted to their int8 inputs
                         full = tdp / "fallback-refit.onnx"

@@ -114,17 +114,19 @@ def fallback_search(
         return p50_ms(path, sample, ctx.threads, cfg.latency_iterations)
 
     def walk(order: list[str], path: str, trail: list[dict[str, Any]]) -> tuple[float, list[str]]:
-        """Float layers taken in ``order`` one at a time until the budget is met: the last drop and the layers."""
+        """Float layers taken in ``order`` one at a time until the budget is met: the lowest drop on the way and
+        the layers that gave it (a float layer can raise the drop: its int8 neighbours were tuned around it)."""
         taken: list[str] = []
-        drop = full["val_drop_pt"]
+        best = (full["val_drop_pt"], 0)
         for node in order[: cfg.max_float_layers]:
             taken.append(node)
             rec = measured(quantized("fb", exclude=taken))
-            drop = rec["val_drop_pt"]
             trail.append({"path": path, "float_layers": len(taken), "added": node, **rec})
-            if drop <= cfg.max_accuracy_drop:
+            if rec["val_drop_pt"] < best[0]:
+                best = (rec["val_drop_pt"], len(taken))
+            if rec["val_drop_pt"] <= cfg.max_accuracy_drop:
                 break
-        return drop, taken
+        return best[0], taken[: best[1]]
 
     full_path = quantized("full")
     full = measured(full_path)

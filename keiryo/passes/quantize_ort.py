@@ -198,7 +198,6 @@ def quantize_int8_static(
         if cfg.rounding != "nearest" or cfg.bias_correction != "off":
             pc = {k: c["per_channel"] for k, c in weights.items()} if weights is not None else None
             src, extra["TensorQuantOverrides"] = rounded_weights(src, x, cfg, Path(td), cache, pc)
-            weight_overrides = dict(extra["TensorQuantOverrides"])
             if kept_float:  # the rounding covers every layer (cached across fallback trials); float ones get theirs back
                 from keiryo.passes.quantize_rounding import restore_float_layers
 
@@ -243,16 +242,11 @@ def quantize_int8_static(
                 from keiryo.passes.quantize_refit import refit_sequentially
 
                 def requantize(refitted: Path, pinned: dict[str, list[dict[str, Any]]]) -> None:
-                    nonlocal src
-                    src = refitted
-                    weight_overrides.update(pinned)
                     extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}), **pinned}
                     run_quantize_static(refitted, out, Reader, method, cfg, exclude, include, extra, cache)
 
                 grid = {k: c["per_channel"] for k, c in weights.items()} if weights is not None else cfg.per_channel
                 summary = refit_sequentially(fp32_src, src, out, x, grid, requantize, Path(td), chunk=cfg.refit_chunk)
-                if cache is not None:  # kept beside the ranges, as the rounded file is: int8_auto's fallback starts from it
-                    keep_refitted(src, weight_overrides, cache)
                 if report is not None:
                     report["refit"] = summary
             pinned = keep_float_layers_float(out, kept_float)
@@ -441,21 +435,6 @@ def rounded_weights(
     if keep is not None:
         keep.with_suffix(".json").write_text(json.dumps(overrides_to_json(overrides)))
     return dst, overrides
-
-
-def refitted_path(cache: Path) -> Path:
-    """Where ``rounding=refit`` with a calibration ``cache`` keeps its refitted fp32-graph file (overrides beside it)."""
-    return cache.with_suffix(".refit.onnx")
-
-
-def keep_refitted(src: Path, overrides: dict[str, Any], cache: Path) -> None:
-    import json
-    import shutil
-
-    from keiryo.passes.quantize_rounding import overrides_to_json
-
-    shutil.copyfile(src, refitted_path(cache))
-    refitted_path(cache).with_suffix(".json").write_text(json.dumps(overrides_to_json(overrides)))
 
 
 def entropy_ranges(src: Path, reader: Any, cfg: Int8StaticConfig, cache: Path, workdir: Path) -> Path:

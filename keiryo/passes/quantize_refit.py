@@ -15,7 +15,8 @@ one half, error on the other, both ways; "no refit" is a candidate, so a layer w
 inputs keeps its weights). ``W'`` is then rounded to the int8 grid by GPTQ with ``Hq``; the bias is the last,
 unrounded column, so the error GPTQ pushes forward ends partly in the bias (bias correction comes with it).
 
-The layers are refitted **in graph order**, ``chunk`` at a time, and the model is quantized again after each
+Conv and Gemm layers are refitted (MatMul weights, as in transformers, are left to onnxruntime as with gptq). The layers are
+refitted **in graph order**, ``chunk`` at a time, and the model is quantized again after each
 chunk, so every layer is solved for the input that the already-refitted layers before it give it. Refitting
 them all at once from one quantization overcorrects: a layer compensates for an upstream error that the
 upstream refit removes too (EfficientNet-Lite0, 50 layers, agreement with fp32 on 1,000 crops: all at once 67%,

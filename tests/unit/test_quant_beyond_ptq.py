@@ -54,3 +54,24 @@ def test_qat_recovers_at_least_half_of_the_ptq_loss(outlier_mlp, digits, tmp_pat
     qat_int8 = apply(export(q.model, "onnx", tmp_path / "qat.onnx"), get_pass("quantize.int8_static").config(), ctx).model
     qat_loss = base - ort_accuracy(qat_int8.path, digits.test)
     assert qat_loss <= ptq_loss / 2, (ptq_loss, qat_loss)
+
+
+def test_fallback_keeps_the_float_layers_that_gave_the_lowest_drop_not_the_last_ones(outlier_mlp, digits, tmp_path, monkeypatch):
+    import keiryo.passes.quantize_fallback as fb
+
+    real, excluded = fb.quantize_int8_static, []
+
+    def recording(src, dst, x, cfg, **kw):
+        excluded.append(len(kw.get("exclude") or []))
+        real(src, dst, x, cfg, **kw)
+
+    monkeypatch.setattr(fb, "quantize_int8_static", recording)
+    task = get_task("classification").bind(outlier_mlp.output_names)
+    drops = {0: 3.0, 1: 1.5, 2: 2.5, 3: 2.0}  # by float layers: a second float layer makes it worse
+    task.drop = lambda baseline, candidate: drops.get(excluded[-1], 9.0)
+    fp32 = export(outlier_mlp, "onnx", tmp_path / "fp32.onnx")
+    cfg = get_pass("quantize.int8_fallback").config.parse({"max_accuracy_drop": 1.0, "try_leading": False, "latency_aware": False})
+    info = apply(fp32, cfg, PassContext(data=digits, workdir=tmp_path, task=task)).info
+    assert [t["val_drop_pt"] for t in info["trail"]] == [3.0, 1.5, 2.5, 2.0]  # budget never met: all three tried
+    assert len(info["float_layers"]) == 1 and info["val_drop_pt"] == 1.5 and not info["budget_met"]
+    assert excluded[-1] == 1  # the file written is the one with that single float layer
