@@ -70,7 +70,8 @@ def test_fallback_keeps_the_float_layers_that_gave_the_lowest_drop_not_the_last_
     drops = {0: 3.0, 1: 1.5, 2: 2.5, 3: 2.0}  # by float layers: a second float layer makes it worse
     task.drop = lambda baseline, candidate: drops.get(excluded[-1], 9.0)
     fp32 = export(outlier_mlp, "onnx", tmp_path / "fp32.onnx")
-    cfg = get_pass("quantize.int8_fallback").config.parse({"max_accuracy_drop": 1.0, "try_leading": False, "latency_aware": False})
+    opts = {"max_accuracy_drop": 1.0, "try_leading": False, "latency_aware": False}
+    cfg = get_pass("quantize.int8_fallback").config.parse(opts)
     info = apply(fp32, cfg, PassContext(data=digits, workdir=tmp_path, task=task)).info
     assert [t["val_drop_pt"] for t in info["trail"]] == [3.0, 1.5, 2.5, 2.0]  # budget never met: all three tried
     assert len(info["float_layers"]) == 1 and info["val_drop_pt"] == 1.5 and not info["budget_met"]
