@@ -141,17 +141,17 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                     rec["trail"] = fb_info["trail"]
                     drop = fb_info["val_drop_pt"]
                     if fb_info["float_layers"]:  # the chosen layers float, the rest refitted to their int8 inputs
-                        full = tdp / "fallback-refit.onnx"
-                        fcfg = qcfg.model_copy(update={"bias_correction": "full", "rounding": "refit"})
+                        refitted = tdp / "fallback-refit.onnx"
+                        rcfg = qcfg.model_copy(update={"bias_correction": "full", "rounding": "refit"})
                         cache = tdp / "gptq.ranges.json"  # the gptq rung's ranges and rounded weights, where it ran
                         quantize_int8_static(
-                            src, full, x_cal, fcfg, exclude=fb_info["float_layers"], cache=cache if cache.is_file() else None
+                            src, refitted, x_cal, rcfg, exclude=fb_info["float_layers"], cache=cache if cache.is_file() else None
                         )
-                        full_drop = float(task.drop(ref, _val_metrics(full, val, task, ref_outs, ctx.threads)[0]))
+                        refit_drop = float(task.drop(ref, _val_metrics(refitted, val, task, ref_outs, ctx.threads)[0]))
                         rec["val_drop_weights_correction"] = drop
-                        if full_drop <= drop:
-                            shutil.move(full, dst)
-                            drop = full_drop
+                        if refit_drop <= drop:
+                            shutil.move(refitted, dst)
+                            drop = refit_drop
                             rec["rounding"] = "refit"
                 elif rung == "qat":
                     rec.update(qat_rung(dst, x_cal, qcfg, cfg.qat, ctx, tdp / "qat"))

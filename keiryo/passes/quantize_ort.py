@@ -195,8 +195,8 @@ def quantize_int8_static(
 
             weights = weight_choice(src, x, cfg, cache)  # each measured weight gets its own override below
         kept_float = float_layers(fp32_src, [*cfg.exclude_nodes, *exclude], include)
+        pc = {k: c["per_channel"] for k, c in weights.items()} if weights is not None else None
         if cfg.rounding != "nearest" or cfg.bias_correction != "off":
-            pc = {k: c["per_channel"] for k, c in weights.items()} if weights is not None else None
             src, extra["TensorQuantOverrides"] = rounded_weights(src, x, cfg, Path(td), cache, pc)
             if kept_float:  # the rounding covers every layer (cached across fallback trials); float ones get theirs back
                 from keiryo.passes.quantize_rounding import restore_float_layers
@@ -245,7 +245,7 @@ def quantize_int8_static(
                     extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}), **pinned}
                     run_quantize_static(refitted, out, Reader, method, cfg, exclude, include, extra, cache)
 
-                grid = {k: c["per_channel"] for k, c in weights.items()} if weights is not None else cfg.per_channel
+                grid = pc if pc is not None else cfg.per_channel
                 summary = refit_sequentially(fp32_src, src, out, x, grid, requantize, Path(td), chunk=cfg.refit_chunk)
                 if report is not None:
                     report["refit"] = summary
