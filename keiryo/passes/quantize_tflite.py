@@ -3,7 +3,8 @@
 - ``tflite.fp16``: fp16 weights (float casting), float compute; half the file.
 - ``tflite.int8_dynamic``: int8 weights, activations quantized at run time by the kernels.
 - ``tflite.int8``: full-integer int8 (weights and activations, int8 input and output tensors),
-  activation ranges calibrated on the calibration split (the representative dataset).
+  activation ranges calibrated on the calibration split (the representative dataset): by default keiryo's
+  least-error ranges (:mod:`keiryo.passes.tflite_ranges`), not ai-edge-quantizer's moving average.
 
 Each writes a new .tflite next to the step's work files and checks that the interpreter loads it.
 """
@@ -20,6 +21,7 @@ from keiryo.config import KeiryoConfig
 from keiryo.errors import BackendUnavailableError, DataError, PassError, first_line
 from keiryo.export import Artifact
 from keiryo.passes import PassContext, PassResult, register_pass
+from keiryo.passes.tflite_ranges import SIGNATURE, activation_ranges
 
 Granularity = Literal["channelwise", "tensorwise"]
 
@@ -35,6 +37,11 @@ class TfliteInt8DynamicConfig(KeiryoConfig):
 class TfliteInt8Config(KeiryoConfig):
     granularity: Granularity = Field("channelwise", description="weight scales per output channel or per tensor")
     calib_samples: int | None = Field(None, ge=1, description="representative samples (default: the whole calibration split)")
+    calibration: Literal["mse", "minmax", "moving_average"] = Field(
+        "mse",
+        description="activation ranges: least expected squared error (mse), absolute min/max over the samples (minmax), "
+        "or ai-edge-quantizer's own moving average of each sample's min/max (moving_average: clips the larger values)",
+    )
 
 
 def _quantizer(src: Path) -> Any:
@@ -51,7 +58,15 @@ def _granularity(name: str) -> Any:
     return {"channelwise": qtyping.QuantGranularity.CHANNELWISE, "tensorwise": qtyping.QuantGranularity.TENSORWISE}[name]
 
 
-def _run(src: Artifact, out: Path, what: str, configure: Any, calib: list[dict[str, np.ndarray]] | None = None) -> None:
+def _run(
+    src: Artifact,
+    out: Path,
+    what: str,
+    configure: Any,
+    calib: list[dict[str, np.ndarray]] | None = None,
+    ranges: str = "moving_average",
+    threads: int = 1,
+) -> None:
     from keiryo._quiet import quiet, silence_native_output
 
     qt = _quantizer(src.path)
@@ -61,7 +76,11 @@ def _run(src: Artifact, out: Path, what: str, configure: Any, calib: list[dict[s
             if qt.need_calibration:
                 if not calib:
                     raise PassError(f"{what} needs calibration data")
-                result = qt.quantize(qt.calibrate({"serving_default": calib}))
+                if ranges == "moving_average":
+                    qsvs = qt.calibrate({SIGNATURE: calib})
+                else:  # ai-edge-quantizer's statistics on two samples name the tensors; keiryo gives their ranges
+                    qsvs = activation_ranges(src.path, calib, ranges, qt.calibrate({SIGNATURE: calib[:2]}), threads)
+                result = qt.quantize(qsvs)
             else:
                 result = qt.quantize()
             out.unlink(missing_ok=True)
@@ -146,7 +165,6 @@ def tflite_int8(model: Artifact, cfg: TfliteInt8Config, ctx: PassContext) -> Pas
         qt.add_static_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 8, 8, _granularity(cfg.granularity))
 
     out = ctx.out_path("int8", ".tflite")
-    _run(model, out, "tflite.int8", configure, calib)
-    return _finish(
-        model, out, {"weights": "int8", "activations": "int8", "granularity": cfg.granularity, "calib_samples": len(calib)}
-    )
+    _run(model, out, "tflite.int8", configure, calib, cfg.calibration, ctx.threads)
+    info = {"weights": "int8", "activations": "int8", "granularity": cfg.granularity, "calib_samples": len(calib)}
+    return _finish(model, out, {**info, "calibration": cfg.calibration})

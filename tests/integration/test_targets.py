@@ -91,6 +91,35 @@ def test_tflite_variants_sizes_and_accuracy_on_the_interpreter(mlp, mlp_tflite, 
         assert a > fp32_acc - 0.03, f"{name}: {a:.3f} vs fp32 {fp32_acc:.3f}"
 
 
+def test_tflite_int8_ranges_cover_what_the_samples_reach_not_ai_edge_quantizers_moving_average(mlp, mlp_tflite, digits, tmp_path):
+    """ai-edge-quantizer's own calibration averages each batch-1 sample's min/max (smoothing 0.95), so the logits'
+    range stops near the average sample's and larger logits are clipped. keiryo's ``minmax`` covers the absolute
+    range over the calibration samples, its ``mse`` (the default) trades a little clipping for finer steps; both
+    give outputs closer to fp32 than the moving average."""
+    from keiryo.runtime.litert import LiteRTSession
+
+    x = digits.calib.numpy()
+    with open_session("litert", mlp_tflite.path) as s:
+        cal_logits = s.run(x)[0]
+        ref = s.run(digits.test.numpy())[0]
+    lo, hi = float(cal_logits.min()), float(cal_logits.max())
+    ctx = PassContext(data=digits, workdir=tmp_path)
+    kept, err = {}, {}
+    for method in ("moving_average", "minmax", "mse"):
+        ctx.step_index += 1
+        res = apply(mlp_tflite, TfliteInt8Config(calibration=method), ctx)
+        assert res.info["calibration"] == method
+        out = LiteRTSession(res.model.path)._out[0]  # int8 logits: the range they can hold
+        kept[method] = (out.scale * (-128 - out.zero), out.scale * (127 - out.zero))
+        with open_session("litert", res.model.path) as s:
+            err[method] = float(np.mean((s.run(digits.test.numpy())[0] - ref) ** 2) / np.mean(ref**2))
+    step = (hi - lo) / 255
+    assert kept["minmax"][0] <= lo + step and kept["minmax"][1] >= hi - step, (kept["minmax"], lo, hi)
+    assert kept["moving_average"][1] < hi - 0.1 * (hi - lo), (kept["moving_average"], hi)  # the clipping shown
+    assert kept["moving_average"][1] < kept["mse"][1] <= kept["minmax"][1] + step
+    assert err["minmax"] < err["moving_average"] and err["mse"] < err["moving_average"], err
+
+
 class _Inner(nn.Module):
     def forward(self, x):
         return x + torch.histc(x, bins=64).unsqueeze(0)
