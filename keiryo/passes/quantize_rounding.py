@@ -137,7 +137,6 @@ def collect(
 ) -> None:
     """Run the graph on the calibration inputs and accumulate each layer's input Hessian and mean column."""
     import onnx
-    import torch
 
     from keiryo.passes.quantize_ranges import tensor_session
 
@@ -151,17 +150,24 @@ def collect(
         rows = len(next(iter(feed.values())))
         for lay in layers:
             # a random subset of positions per batch: the Hessian's estimate, not every pixel
-            cols = _columns(lay, acts[lay.input], max(1, max_columns * rows // max(n, 1)), rng)
-            if hessian:
-                h = (cols @ cols.transpose(1, 2)).double()
-                lay.h = h if lay.h is None else lay.h + h
-            if lay.act_q is not None:  # the same columns quantized as the int8 input (padding zeros stay zero)
-                sc, zp, lo, hi = lay.act_q
-                sq = ((torch.clamp(torch.round(cols / sc) + zp, lo, hi) - zp) * sc).sum(-1).double()
-                lay.mean_q = sq if lay.mean_q is None else lay.mean_q + sq
-            s = cols.sum(-1).double()
-            lay.mean = s if lay.mean is None else lay.mean + s
-            lay.count += cols.shape[-1]
+            accumulate(lay, acts[lay.input], max(1, max_columns * rows // max(n, 1)), rng, hessian)
+
+
+def accumulate(lay: Layer, x: np.ndarray, keep: int, rng: np.random.Generator, hessian: bool) -> None:
+    """Add ``keep`` random im2col columns of the layer's input ``x`` (NCHW, or rows for Gemm) to its sums."""
+    import torch
+
+    cols = _columns(lay, x, keep, rng)
+    if hessian:
+        h = (cols @ cols.transpose(1, 2)).double()
+        lay.h = h if lay.h is None else lay.h + h
+    if lay.act_q is not None:  # the same columns quantized as the int8 input (padding zeros stay zero)
+        sc, zp, lo, hi = lay.act_q
+        sq = ((torch.clamp(torch.round(cols / sc) + zp, lo, hi) - zp) * sc).sum(-1).double()
+        lay.mean_q = sq if lay.mean_q is None else lay.mean_q + sq
+    s = cols.sum(-1).double()
+    lay.mean = s if lay.mean is None else lay.mean + s
+    lay.count += cols.shape[-1]
 
 
 def grid_scales(w: np.ndarray, per_channel: bool) -> np.ndarray:
@@ -199,6 +205,24 @@ def gptq(w: Any, h: Any, scale: Any, damp: float, free_last: bool = False) -> An
     return q
 
 
+def round_layer(w: np.ndarray, lay: Layer, rounding: str, per_channel: bool, damp: float) -> tuple[Any, Any, Any]:
+    """``w`` (out-channels first) on its int8 grid, rounded to nearest or by GPTQ with the layer's Hessian; the
+    bias shift ``E[W x] - E[W_q x]`` that corrects the rounding's mean error (from the layer's mean column); the grid."""
+    import torch
+
+    scale = grid_scales(w, per_channel)
+    g = lay.group
+    rows = len(w) // g
+    wt = torch.from_numpy(w.reshape(g, rows, -1)).double()
+    st = torch.from_numpy(scale.reshape(g, rows, 1)).double()
+    if rounding == "gptq":
+        q = gptq(wt, lay.h / lay.count, st, damp)
+    else:
+        q = torch.clamp(torch.round(wt / st), -127, 127) * st
+    delta = ((wt - q) @ (lay.mean / lay.count).unsqueeze(-1)).reshape(-1).float().numpy()
+    return q.reshape(w.shape).float().numpy(), delta, scale
+
+
 def round_weights(
     src: Path,
     dst: Path,
@@ -219,7 +243,6 @@ def round_weights(
     Returns the ``TensorQuantOverrides`` that pin onnxruntime to those scales, and a summary for the pass info.
     """
     import onnx
-    import torch
     from onnx import numpy_helper
 
     n = len(next(iter(x.values())))
@@ -240,20 +263,9 @@ def round_weights(
     for lay in layers:
         w = numpy_helper.to_array(inits[lay.weight]).astype(np.float32)
         pc = per_channel if isinstance(per_channel, bool) else per_channel.get(lay.weight, True)
-        scale = grid_scales(w, pc)
-        g = lay.group
-        rows = len(w) // g
-        wt = torch.from_numpy(w.reshape(g, rows, -1)).double()
-        st = torch.from_numpy(scale.reshape(g, rows, 1)).double()
-        if rounding == "gptq":
-            q = gptq(wt, lay.h / lay.count, st, damp)
-        else:
-            q = torch.clamp(torch.round(wt / st), -127, 127) * st
-        q_np = q.reshape(w.shape).float().numpy()
+        q_np, delta, scale = round_layer(w, lay, rounding, pc, damp)
         inits[lay.weight].CopyFrom(numpy_helper.from_array(q_np, lay.weight))
         if bias_correction != "off":
-            mean = lay.mean / lay.count  # (g, d)
-            delta = ((wt - q) @ mean.unsqueeze(-1)).reshape(-1).float().numpy()  # E[W x] - E[W_q x]
             if lay.bias is None:
                 lay.bias = f"{lay.weight}_keiryo_bias"
                 model.graph.initializer.append(numpy_helper.from_array(np.zeros(len(w), np.float32), lay.bias))

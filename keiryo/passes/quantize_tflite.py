@@ -42,6 +42,12 @@ class TfliteInt8Config(KeiryoConfig):
         description="activation ranges: least expected squared error (mse), absolute min/max over the samples (minmax), "
         "or ai-edge-quantizer's own moving average of each sample's min/max (moving_average: clips the larger values)",
     )
+    rounding: Literal["gptq", "nearest"] = Field(
+        "gptq",
+        description="weights rounded on ai-edge-quantizer's grid by keiryo before it quantizes them: Hessian-aware (gptq) "
+        "or to nearest (nearest: ai-edge-quantizer's own rounding)",
+    )
+    bias_correction: bool = Field(True, description="each layer's bias takes the mean output error its rounding causes")
 
 
 def _quantizer(src: Path) -> Any:
@@ -66,10 +72,13 @@ def _run(
     calib: list[dict[str, np.ndarray]] | None = None,
     ranges: str = "moving_average",
     threads: int = 1,
+    float_file: Path | None = None,
 ) -> None:
+    """Quantize ``src`` (or ``float_file``, its float file with rounded weights) into ``out``."""
     from keiryo._quiet import quiet, silence_native_output
 
-    qt = _quantizer(src.path)
+    path = float_file or src.path
+    qt = _quantizer(path)
     try:
         with quiet("absl"), silence_native_output():
             configure(qt)
@@ -79,7 +88,7 @@ def _run(
                 if ranges == "moving_average":
                     qsvs = qt.calibrate({SIGNATURE: calib})
                 else:  # ai-edge-quantizer's statistics on two samples name the tensors; keiryo gives their ranges
-                    qsvs = activation_ranges(src.path, calib, ranges, qt.calibrate({SIGNATURE: calib[:2]}), threads)
+                    qsvs = activation_ranges(path, calib, ranges, qt.calibrate({SIGNATURE: calib[:2]}), threads)
                 result = qt.quantize(qsvs)
             else:
                 result = qt.quantize()
@@ -165,6 +174,27 @@ def tflite_int8(model: Artifact, cfg: TfliteInt8Config, ctx: PassContext) -> Pas
         qt.add_static_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 8, 8, _granularity(cfg.granularity))
 
     out = ctx.out_path("int8", ".tflite")
-    _run(model, out, "tflite.int8", configure, calib, cfg.calibration, ctx.threads)
-    info = {"weights": "int8", "activations": "int8", "granularity": cfg.granularity, "calib_samples": len(calib)}
-    return _finish(model, out, {**info, "calibration": cfg.calibration})
+    info: dict[str, Any] = {"weights": "int8", "activations": "int8", "granularity": cfg.granularity}
+    info.update(calib_samples=len(calib), calibration=cfg.calibration)
+    rounded = None
+    if cfg.rounding != "nearest" or cfg.bias_correction:
+        from keiryo.passes.quantize_rounding import MIN_ROUNDING_SAMPLES
+        from keiryo.passes.tflite_rounding import round_tflite
+
+        if cfg.rounding == "gptq" and len(calib) < MIN_ROUNDING_SAMPLES:
+            raise DataError(
+                f"tflite.int8: rounding=gptq got {len(calib)} calibration sample(s); it needs at least "
+                f"{MIN_ROUNDING_SAMPLES} (raise --calib-size or calib_samples, or set rounding: nearest)"
+            )
+        rounded = ctx.out_path("int8-rounded-float", ".tflite")
+        per_channel = cfg.granularity == "channelwise"
+        info["weight_rounding"] = round_tflite(
+            model.path, rounded, calib, rounding=cfg.rounding, bias_correction=cfg.bias_correction,
+            per_channel=per_channel, threads=ctx.threads,
+        )  # fmt: skip
+    try:
+        _run(model, out, "tflite.int8", configure, calib, cfg.calibration, ctx.threads, rounded)
+    finally:
+        if rounded is not None:
+            rounded.unlink(missing_ok=True)
+    return _finish(model, out, info)
