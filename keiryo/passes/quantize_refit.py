@@ -131,11 +131,7 @@ def _moments(
             s = seed + 7919 * start + i  # the same positions of the same samples in both models
             cx = _augment(_columns(lay, fa[lay.input], keep, np.random.default_rng(s))).double()
             cq = _augment(_columns(lay, qa[q_inputs[lay.node]], keep, np.random.default_rng(s))).double()
-            st = stats[lay.node][k % 2]
-            st[0] += cx @ cq.transpose(1, 2)
-            st[1] += cq @ cq.transpose(1, 2)
-            st[2] += cx @ cx.transpose(1, 2)
-            st[3] += cq.shape[-1]
+            add_moments(stats[lay.node][k % 2], cx, cq)
     return stats
 
 
@@ -151,28 +147,47 @@ def _refit_layer(
     """Solve ``lay`` (fp32 weights in ``ref_inits``) for its int8 input, GPTQ-round it and write it into ``model``
     (``inits``: its initializers by name); returns the overrides pinning its scales, and (error before, error
     after, ridge)."""
-    import torch
     from onnx import numpy_helper
 
-    halves = [tuple(t / h[3] for t in h[:3]) for h in stats if h[3]]
-    c, hq, hx = (sum(t) / len(halves) for t in zip(*halves, strict=True))
     w = numpy_helper.to_array(ref_inits[lay.weight]).astype(np.float64)
-    g = lay.group
-    rows = len(w) // g
     b = numpy_helper.to_array(ref_inits[lay.bias]).astype(np.float64) if lay.bias in ref_inits else np.zeros(len(w))
-    wb = torch.from_numpy(np.concatenate([w.reshape(g, rows, -1), b.reshape(g, rows, 1)], -1))  # (g, rows, d+1)
-    ridge = _held_out_ridge(wb, halves) if len(halves) == 2 else None
-    refit = wb if ridge is None else _fit(wb, c, hq, ridge)
     pc = per_channel if isinstance(per_channel, bool) else per_channel.get(lay.weight, True)
-    scale = grid_scales(refit[..., :-1].reshape(w.shape).float().numpy(), pc)
-    q = gptq(refit, hq, torch.from_numpy(scale.reshape(g, rows, 1)).double(), damp, free_last=True)
-    inits[lay.weight].CopyFrom(numpy_helper.from_array(q[..., :-1].reshape(w.shape).float().numpy(), lay.weight))
-    _set_bias(model, inits, lay, q[..., -1].reshape(-1).float().numpy())
+    qw, qb, scale, rec = solve_layer(w, b, lay.group, stats, pc, damp)
+    inits[lay.weight].CopyFrom(numpy_helper.from_array(qw, lay.weight))
+    _set_bias(model, inits, lay, qb)
     if pc:
         overrides = [{"axis": 0, "scale": np.float32(s), "zero_point": np.int8(0)} for s in scale]
     else:
         overrides = [{"scale": np.float32(scale[0]), "zero_point": np.int8(0)}]
-    return overrides, (_error(wb, wb, c, hq, hx), _error(q, wb, c, hq, hx), ridge)
+    return overrides, rec
+
+
+def solve_layer(
+    w: np.ndarray, b: np.ndarray, group: int, stats: list[list[Any]], per_channel: bool, damp: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float | None]]:
+    """The refit of one layer (fp32 weights ``w``, out-channels first, and bias ``b``) from its moments ``stats``
+    (:func:`_moments`' two halves): the int8-grid weights, the bias, the grid, and (error before, error after,
+    ridge)."""
+    import torch
+
+    halves = [tuple(t / h[3] for t in h[:3]) for h in stats if h[3]]
+    c, hq, hx = (sum(t) / len(halves) for t in zip(*halves, strict=True))
+    rows = len(w) // group
+    wb = torch.from_numpy(np.concatenate([w.reshape(group, rows, -1), b.reshape(group, rows, 1)], -1))  # (g, rows, d+1)
+    ridge = _held_out_ridge(wb, halves) if len(halves) == 2 else None
+    refit = wb if ridge is None else _fit(wb, c, hq, ridge)
+    scale = grid_scales(refit[..., :-1].reshape(w.shape).float().numpy(), per_channel)
+    q = gptq(refit, hq, torch.from_numpy(scale.reshape(group, rows, 1)).double(), damp, free_last=True)
+    qw = q[..., :-1].reshape(w.shape).float().numpy()
+    return qw, q[..., -1].reshape(-1).float().numpy(), scale, (_error(wb, wb, c, hq, hx), _error(q, wb, c, hq, hx), ridge)
+
+
+def add_moments(st: list[Any], cx: Any, cq: Any) -> None:
+    """Add the augmented columns ``cx`` (fp32 input) and ``cq`` (int8 input, same positions) to one half's sums."""
+    st[0] += cx @ cq.transpose(1, 2)
+    st[1] += cq @ cq.transpose(1, 2)
+    st[2] += cx @ cx.transpose(1, 2)
+    st[3] += cq.shape[-1]
 
 
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the mean diagonal of the layer's int8-input Hessian

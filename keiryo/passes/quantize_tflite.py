@@ -4,13 +4,17 @@
 - ``tflite.int8_dynamic``: int8 weights, activations quantized at run time by the kernels.
 - ``tflite.int8``: full-integer int8 (weights and activations, int8 input and output tensors),
   activation ranges calibrated on the calibration split (the representative dataset): by default keiryo's
-  least-error ranges (:mod:`keiryo.passes.tflite_ranges`), not ai-edge-quantizer's moving average.
+  least-error ranges (:mod:`keiryo.passes.tflite_ranges`), not ai-edge-quantizer's moving average; weights
+  rounded by keiryo on ai-edge-quantizer's grid before it quantizes them, GPTQ and bias correction by default,
+  ``rounding: refit`` for each layer solved for its int8 input (:mod:`keiryo.passes.tflite_rounding`).
 
 Each writes a new .tflite next to the step's work files and checks that the interpreter loads it.
 """
 
 from __future__ import annotations
 
+import copy
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,10 +46,18 @@ class TfliteInt8Config(KeiryoConfig):
         description="activation ranges: least expected squared error (mse), absolute min/max over the samples (minmax), "
         "or ai-edge-quantizer's own moving average of each sample's min/max (moving_average: clips the larger values)",
     )
-    rounding: Literal["gptq", "nearest"] = Field(
+    rounding: Literal["gptq", "refit", "nearest"] = Field(
         "gptq",
-        description="weights rounded on ai-edge-quantizer's grid by keiryo before it quantizes them: Hessian-aware (gptq) "
-        "or to nearest (nearest: ai-edge-quantizer's own rounding)",
+        description="weights rounded on ai-edge-quantizer's grid by keiryo before it quantizes them: Hessian-aware (gptq), "
+        "gptq then each layer solved for the input the int8 file gives it (refit: minutes), or to nearest (nearest: "
+        "ai-edge-quantizer's own rounding)",
+    )
+    refit_chunk: int = Field(2, ge=1, description="refit: layers solved between two quantizations of the file")
+    wide_outputs: bool = Field(
+        True,
+        description="the model's outputs, and the ops that write them, in 16-bit integers (TFLite's 16x8 kernels): "
+        "int8 logits tie (2-3% of EfficientNet-Lite0's crops had two top classes); false: int8 outputs, for "
+        "accelerators that take only int8",
     )
     bias_correction: bool = Field(True, description="each layer's bias takes the mean output error its rounding causes")
 
@@ -64,17 +76,9 @@ def _granularity(name: str) -> Any:
     return {"channelwise": qtyping.QuantGranularity.CHANNELWISE, "tensorwise": qtyping.QuantGranularity.TENSORWISE}[name]
 
 
-def _run(
-    src: Artifact,
-    out: Path,
-    what: str,
-    configure: Any,
-    calib: list[dict[str, np.ndarray]] | None = None,
-    ranges: str = "moving_average",
-    threads: int = 1,
-    float_file: Path | None = None,
-) -> None:
-    """Quantize ``src`` (or ``float_file``, its float file with rounded weights) into ``out``."""
+def _run(src: Artifact, out: Path, what: str, configure: Any, calibrate: Any = None, float_file: Path | None = None) -> None:
+    """Quantize ``src`` (or ``float_file``, its float file with rounded weights) into ``out``; ``calibrate(quantizer,
+    float file)`` gives the statistics a static recipe quantizes with."""
     from keiryo._quiet import quiet, silence_native_output
 
     path = float_file or src.path
@@ -83,13 +87,9 @@ def _run(
         with quiet("absl"), silence_native_output():
             configure(qt)
             if qt.need_calibration:
-                if not calib:
+                if calibrate is None:
                     raise PassError(f"{what} needs calibration data")
-                if ranges == "moving_average":
-                    qsvs = qt.calibrate({SIGNATURE: calib})
-                else:  # ai-edge-quantizer's statistics on two samples name the tensors; keiryo gives their ranges
-                    qsvs = activation_ranges(path, calib, ranges, qt.calibrate({SIGNATURE: calib[:2]}), threads)
-                result = qt.quantize(qsvs)
+                result = qt.quantize(calibrate(qt, path))
             else:
                 result = qt.quantize()
             out.unlink(missing_ok=True)
@@ -154,6 +154,18 @@ def tflite_int8_dynamic(model: Artifact, cfg: TfliteInt8DynamicConfig, ctx: Pass
     )
 
 
+def _output_scopes(path: Path) -> str:
+    """A regex matching ai-edge-quantizer's scope (its output tensor names, each followed by ';') of the ops that
+    write the model's outputs."""
+    import re
+
+    from keiryo.runtime.litert import load_interpreter
+
+    it = load_interpreter(path, delegate=False)
+    names = [d["name"] for d in it.get_output_details()]
+    return "|".join(f"(^|;){re.escape(n)};" for n in names)
+
+
 def representative_data(ctx: PassContext, n: int | None, what: str) -> list[dict[str, np.ndarray]]:
     """The calibration split as batch-1 samples keyed by the model's input names."""
     if ctx.data is None:
@@ -170,31 +182,81 @@ def tflite_int8(model: Artifact, cfg: TfliteInt8Config, ctx: PassContext) -> Pas
 
     calib = representative_data(ctx, cfg.calib_samples, "tflite.int8")
 
+    wide = _output_scopes(model.path) if cfg.wide_outputs else None
+
     def configure(qt: Any) -> None:
-        qt.add_static_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 8, 8, _granularity(cfg.granularity))
+        gran = _granularity(cfg.granularity)
+        qt.add_static_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 8, 8, gran)
+        if wide:  # the ops writing the outputs (those with a 16x8 kernel; others stay int8) and the outputs
+            qt.add_static_config(wide, qtyping.TFLOperationName.ALL_SUPPORTED, 16, 8, gran)
+            qt.add_static_config(".*", qtyping.TFLOperationName.OUTPUT, 16, 8, gran)
 
     out = ctx.out_path("int8", ".tflite")
     info: dict[str, Any] = {"weights": "int8", "activations": "int8", "granularity": cfg.granularity}
-    info.update(calib_samples=len(calib), calibration=cfg.calibration)
-    rounded = None
-    if cfg.rounding != "nearest" or cfg.bias_correction:
-        from keiryo.passes.quantize_rounding import MIN_ROUNDING_SAMPLES
-        from keiryo.passes.tflite_rounding import round_tflite
+    info.update(calib_samples=len(calib), calibration=cfg.calibration, wide_outputs=cfg.wide_outputs)
 
-        if cfg.rounding == "gptq" and len(calib) < MIN_ROUNDING_SAMPLES:
-            raise DataError(
-                f"tflite.int8: rounding=gptq got {len(calib)} calibration sample(s); it needs at least "
-                f"{MIN_ROUNDING_SAMPLES} (raise --calib-size or calib_samples, or set rounding: nearest)"
-            )
-        rounded = ctx.out_path("int8-rounded-float", ".tflite")
-        per_channel = cfg.granularity == "channelwise"
-        info["weight_rounding"] = round_tflite(
-            model.path, rounded, calib, rounding=cfg.rounding, bias_correction=cfg.bias_correction,
-            per_channel=per_channel, threads=ctx.threads,
-        )  # fmt: skip
+    def calibrate(qt: Any, path: Path) -> Any:
+        if cfg.calibration == "moving_average":
+            return qt.calibrate({SIGNATURE: calib})
+        # ai-edge-quantizer's statistics on two samples name the tensors; keiryo gives their ranges
+        return activation_ranges(path, calib, cfg.calibration, qt.calibrate({SIGNATURE: calib[:2]}), ctx.threads)
+
+    if cfg.rounding == "nearest" and not cfg.bias_correction:
+        _run(model, out, "tflite.int8", configure, calibrate)
+        return _finish(model, out, info)
+    from keiryo.passes.quantize_rounding import MIN_ROUNDING_SAMPLES
+    from keiryo.passes.tflite_rounding import refit_tflite, round_tflite
+
+    if cfg.rounding != "nearest" and len(calib) < MIN_ROUNDING_SAMPLES:
+        raise DataError(
+            f"tflite.int8: rounding={cfg.rounding} got {len(calib)} calibration sample(s); it needs at least "
+            f"{MIN_ROUNDING_SAMPLES} (raise --calib-size or calib_samples, or set rounding: nearest)"
+        )
+    per_channel = cfg.granularity == "channelwise"
+    rounded = ctx.out_path("int8-rounded-float", ".tflite")
     try:
-        _run(model, out, "tflite.int8", configure, calib, cfg.calibration, ctx.threads, rounded)
+        info["weight_rounding"] = round_tflite(
+            model.path, rounded, calib, rounding="nearest" if cfg.rounding == "nearest" else "gptq",
+            bias_correction=cfg.bias_correction, per_channel=per_channel, threads=ctx.threads,
+        )  # fmt: skip
+        if cfg.rounding == "refit":  # the ranges of the rounded file, kept while the layers are refitted for them
+            fixed: dict[str, Any] = {}
+
+            def calibrate_once(qt: Any, path: Path) -> Any:
+                if not fixed:
+                    fixed.update(calibrate(qt, path))
+                return copy.deepcopy(fixed)
+
+            def quantize(path: Path, dst: Path) -> None:
+                _run(model, dst, "tflite.int8 (refit)", configure, calibrate_once, path)
+
+            info["refit"] = refit_tflite(
+                model.path, rounded, calib, quantize, rounded.parent, per_channel=per_channel, chunk=cfg.refit_chunk,
+                threads=ctx.threads,
+            )  # fmt: skip
+            calibrate = calibrate_once
+        _run(model, out, "tflite.int8", configure, calibrate, rounded)
+        if cfg.rounding == "refit":  # kept only where the validation outputs are closer to fp32's than gptq's
+            start = rounded.parent / "refit-start-int8.tflite"
+            assert ctx.data is not None  # representative_data checked it
+            err = {k: _output_error(model.path, f, ctx.data.val) for k, f in (("gptq", start), ("refit", out))}
+            info["refit"].update(output_error_gptq=float(f"{err['gptq']:.4g}"), output_error=float(f"{err['refit']:.4g}"))
+            info["refit"]["kept"] = err["refit"] <= err["gptq"]
+            if not info["refit"]["kept"]:
+                shutil.copyfile(start, out)
     finally:
-        if rounded is not None:
-            rounded.unlink(missing_ok=True)
+        for f in ("refit-float", "refit-int8", "refit-start-int8"):
+            (rounded.parent / f"{f}.tflite").unlink(missing_ok=True)
+        rounded.unlink(missing_ok=True)
     return _finish(model, out, info)
+
+
+def _output_error(fp32: Path, quantized: Path, split: Any) -> float:
+    """Squared error of ``quantized``'s outputs relative to ``fp32``'s, over ``split`` (the validation split)."""
+    from keiryo.evaluate import predict
+    from keiryo.runtime.litert import LiteRTSession
+
+    ref, got = predict(LiteRTSession(fp32), split), predict(LiteRTSession(quantized), split)
+    err = sum(float(np.sum((g - r) ** 2)) for r, g in zip(ref, got, strict=True))
+    norm = sum(float(np.sum(r**2)) for r in ref)
+    return err / max(norm, 1e-12)

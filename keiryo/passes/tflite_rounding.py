@@ -20,6 +20,7 @@ A layer without a bias tensor is rounded without the correction; a weight shared
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,93 @@ def _pin_grid(w: np.ndarray, q: np.ndarray, scale: np.ndarray, per_channel: bool
             rows_q[g[r], c] = target
             pinned += 1
     return pinned
+
+
+def refit_tflite(
+    fp32: Path,
+    rounded: Path,
+    calib: list[dict[str, np.ndarray]],
+    quantize: Callable[[Path, Path], None],
+    workdir: Path,
+    *,
+    per_channel: bool,
+    chunk: int = 2,
+    max_columns: int = 8192,
+    damp: float = 0.01,
+    seed: int = 0,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """``rounding="refit"`` on TFLite (:mod:`keiryo.passes.quantize_refit`): the weight layers of ``rounded`` (the float
+    file with GPTQ-rounded weights, rewritten in place) solved in graph order, ``chunk`` at a time, for the input the
+    int8 file gives them; ``quantize(float_file, int8_file)`` quantizes with the pass's fixed activation ranges, and
+    the layers' inputs in the int8 file are read dequantized. The int8 file before any refit is left in ``workdir``
+    as ``refit-start-int8.tflite``. Returns the summary for the pass info."""
+    import shutil
+    import time
+
+    from ai_edge_quantizer.utils.tfl_interpreter_utils import invoke_interpreter_signature as invoke
+
+    from keiryo.passes.quantize_refit import _augment, add_moments, solve_layer
+    from keiryo.passes.quantize_rounding import _columns
+    from keiryo.passes.tflite_ranges import SIGNATURE, _interpreter
+
+    t0 = time.perf_counter()
+    buf = bytearray(rounded.read_bytes())
+    ref_buf = bytearray(fp32.read_bytes())
+    fp_it, fp_run, sub = _interpreter(fp32, threads)
+    ops, _ = weight_ops(buf, sub)
+    refs = {o.lay.node: o for o in weight_ops(ref_buf, sub)[0]}
+    fp_index = {d["name"]: d["index"] for d in fp_it.get_tensor_details(sub)}
+    todo = [o for o in ops if o.bias is not None and o.lay.node in refs]
+    keep = max(1, max_columns // max(len(calib), 1))
+    before, after, ridges = [], [], []
+    for i in range(0, len(todo), chunk):
+        layers = todo[i : i + chunk]
+        current, qfile = workdir / "refit-float.tflite", workdir / "refit-int8.tflite"
+        current.write_bytes(bytes(buf))
+        quantize(current, qfile)
+        if i == 0:  # the gptq file, before any refit: what the pass falls back to
+            shutil.copyfile(qfile, workdir / "refit-start-int8.tflite")
+        q_it, _, q_sub = _interpreter(qfile, threads)
+        q_det = {d["name"]: d for d in q_it.get_tensor_details(q_sub)}
+        stats = {o.lay.node: [[0, 0, 0, 0], [0, 0, 0, 0]] for o in layers}
+        for k, feed in enumerate(calib):
+            fp_run(**feed)
+            invoke(q_it, feed, SIGNATURE)  # the int8 file's int8 input: the sample quantized with its scale
+            for j, o in enumerate(layers):
+                d = q_det.get(o.lay.input)
+                if d is None:
+                    continue
+                xq = q_it.get_tensor(d["index"], q_sub)
+                scale, zero = d["quantization"]
+                xq = (xq.astype(np.float32) - zero) * np.float32(scale) if xq.dtype.kind in "iu" and scale else xq
+                xf = fp_it.get_tensor(fp_index[o.lay.input], sub)
+                cols = []
+                for x in (xf, xq):
+                    x = x.reshape(-1, x.shape[-1]) if o.lay.op == "Gemm" else x.transpose(0, 3, 1, 2)
+                    s = seed + 7919 * k + j  # the same positions of the same sample in both files
+                    cols.append(_augment(_columns(o.lay, x, keep, np.random.default_rng(s))).double())
+                add_moments(stats[o.lay.node][k % 2], *cols)
+        del q_it
+        for o in layers:
+            if not stats[o.lay.node][0][3]:
+                continue  # its input is not int8 in the quantized file
+            ref = refs[o.lay.node]
+            w = ref.to_onnx(ref.weight).astype(np.float64)
+            assert ref.bias is not None
+            qw, qb, scale, rec = solve_layer(w, ref.bias.astype(np.float64), o.lay.group, stats[o.lay.node], per_channel, damp)
+            _pin_grid(w.astype(np.float32), qw, scale, per_channel)
+            o.weight[...] = o.from_onnx(qw)
+            o.bias[...] = qb  # type: ignore[index]
+            before.append(rec[0])
+            after.append(rec[1])
+            ridges.append(rec[2])
+    rounded.write_bytes(bytes(buf))
+    return {
+        "layers": len(ridges),
+        "chunk": chunk,
+        "kept_weights": sum(r is None for r in ridges),
+        "output_error_fp32_weights": float(f"{np.median(before):.4g}") if before else None,
+        "output_error_refitted": float(f"{np.median(after):.4g}") if after else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

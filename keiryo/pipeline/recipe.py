@@ -169,6 +169,14 @@ FORMAT_EQUIVALENTS: dict[str, dict[str, str | None]] = {
 # Built-ins that exist only for one target (their steps are that target's passes).
 TARGET_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "tflite": {
+        "int8-gptq": {
+            "description": "TFLite full-integer int8: mse ranges, GPTQ weight rounding, bias correction (tflite.int8's defaults)",
+            "steps": [_q("tflite.int8", calibration="mse", rounding="gptq", bias_correction=True)],
+        },
+        "int8-refit": {
+            "description": "TFLite full-integer int8: int8-gptq, then each layer solved for the input the int8 file gives it",
+            "steps": [_q("tflite.int8", calibration="mse", rounding="refit", bias_correction=True)],
+        },
         "int8-tensorwise": {
             "description": "TFLite full-integer int8 with one weight scale per tensor (smaller file than per-channel)",
             "steps": [_q("tflite.int8", granularity="tensorwise")],

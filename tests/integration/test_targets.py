@@ -19,7 +19,7 @@ from test_cli import one_line_error, run_cli
 from torch import nn
 
 from keiryo.errors import BackendUnavailableError, ConfigError, UnsupportedOpError
-from keiryo.export import ParityConfig, check_parity, export
+from keiryo.export import Artifact, ParityConfig, check_parity, export
 from keiryo.export.coreml import validate_mlpackage
 from keiryo.model import ModelHandle, ModelSpec, load_model
 from keiryo.model.io import IOSpec, TensorSpec
@@ -107,7 +107,7 @@ def test_tflite_int8_ranges_cover_what_the_samples_reach_not_ai_edge_quantizers_
     kept, err = {}, {}
     for method in ("moving_average", "minmax", "mse"):
         ctx.step_index += 1
-        res = apply(mlp_tflite, TfliteInt8Config(calibration=method), ctx)
+        res = apply(mlp_tflite, TfliteInt8Config(calibration=method, wide_outputs=False), ctx)
         assert res.info["calibration"] == method
         out = LiteRTSession(res.model.path)._out[0]  # int8 logits: the range they can hold
         kept[method] = (out.scale * (-128 - out.zero), out.scale * (127 - out.zero))
@@ -118,6 +118,71 @@ def test_tflite_int8_ranges_cover_what_the_samples_reach_not_ai_edge_quantizers_
     assert kept["moving_average"][1] < hi - 0.1 * (hi - lo), (kept["moving_average"], hi)  # the clipping shown
     assert kept["moving_average"][1] < kept["mse"][1] <= kept["minmax"][1] + step
     assert err["minmax"] < err["moving_average"] and err["mse"] < err["moving_average"], err
+
+
+def test_tflite_int8_weights_are_rounded_on_ai_edge_quantizers_own_grid_and_beat_its_nearest_rounding(
+    tiny_zoo_trained, digits, tmp_path
+):
+    """keiryo rounds the float file's CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED weights (GPTQ, bias correction)
+    on the grid ai-edge-quantizer then derives from them (max|w| / 127 per channel), so its own rounding changes
+    nothing: the int8 file holds exactly keiryo's levels. On a depthwise-separable CNN the outputs are closer to
+    fp32 than with ai-edge-quantizer's nearest rounding, and closer still with the layers refitted."""
+    from keiryo.passes.quantize_tflite import representative_data
+    from keiryo.passes.tflite_ranges import _interpreter
+    from keiryo.passes.tflite_rounding import round_tflite, weight_ops
+
+    fp = export(tiny_zoo_trained, "tflite", tmp_path / "fp32.tflite")
+    ctx = PassContext(data=digits, workdir=tmp_path / "w")
+    calib = representative_data(ctx, None, "test")
+    rounded = tmp_path / "rounded.tflite"
+    info = round_tflite(fp.path, rounded, calib, rounding="gptq", bias_correction=True, per_channel=True)
+    ops, skipped = weight_ops(bytearray(rounded.read_bytes()), 0)
+    assert info["layers"] == len(ops) >= 10 and not skipped and info["bias_corrected"] == len(ops)
+    assert {o.lay.op for o in ops} == {"Conv", "Gemm"} and any(o.lay.group > 1 for o in ops)  # depthwise among them
+    levels = {}
+    for o in ops:
+        w = o.to_onnx(o.weight).reshape(len(o.weight if o.lay.op == "Gemm" else o.to_onnx(o.weight)), -1)
+        q = w / (np.abs(w).max(1, keepdims=True) / 127)
+        assert np.abs(q - np.round(q)).max() < 1e-3 and np.all(np.abs(q).max(1) > 126.99)  # on the grid, max at 127
+    # ai-edge-quantizer's own (nearest) rounding of the rounded file: every int8 weight is keiryo's level
+    ctx.step_index += 1
+    nearest_of_rounded = apply(
+        Artifact(rounded, "tflite", "litert", fp.input_names, fp.output_names, {}),
+        TfliteInt8Config(rounding="nearest", bias_correction=False),
+        ctx,
+    )
+    it, _, sub = _interpreter(nearest_of_rounded.model.path, 1)
+    float_it, _, _ = _interpreter(rounded, 1)
+    float_w = {d["name"]: d for d in float_it.get_tensor_details(0)}
+    for d in it.get_tensor_details(sub):
+        qp = d["quantization_parameters"]
+        if d["dtype"] == np.int8 and len(qp["scales"]) > 1 and d["name"] in float_w:
+            axis = qp["quantized_dimension"]
+            shape = [1] * len(d["shape"])
+            shape[axis] = -1
+            deq = it.get_tensor(d["index"], sub).astype(np.float32) * qp["scales"].reshape(shape)
+            levels[d["name"]] = float(np.abs(deq - float_it.get_tensor(float_w[d["name"]]["index"], 0)).max())
+    assert len(levels) >= len(ops) - 1 and max(levels.values()) < 1e-5, levels
+
+    with open_session("litert", fp.path) as s:
+        ref = s.run(digits.test.numpy())[0]
+    err = {}
+    for name, cfg in [
+        ("nearest", TfliteInt8Config(rounding="nearest", bias_correction=False)),
+        ("gptq", TfliteInt8Config()),
+        ("refit", TfliteInt8Config(rounding="refit")),
+        ("refit8", TfliteInt8Config(rounding="refit", refit_chunk=8)),  # overcorrects: gptq's file is kept
+    ]:
+        ctx.step_index += 1
+        res = apply(fp, cfg, ctx)
+        with open_session("litert", res.model.path) as s:
+            err[name] = float(np.mean((s.run(digits.test.numpy())[0] - ref) ** 2) / np.mean(ref**2))
+        if name.startswith("refit"):
+            refit = res.info["refit"]
+            assert refit["kept"] == (name == "refit") and refit["layers"] == len(ops), refit
+            assert refit["kept"] == (refit["output_error"] <= refit["output_error_gptq"])
+    assert err["gptq"] < 0.95 * err["nearest"] and err["refit"] < 0.95 * err["gptq"], err
+    assert err["refit8"] == err["gptq"], err  # the fallback: the same file
 
 
 class _Inner(nn.Module):
