@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -213,41 +214,39 @@ def tflite_int8(model: Artifact, cfg: TfliteInt8Config, ctx: PassContext) -> Pas
             f"{MIN_ROUNDING_SAMPLES} (raise --calib-size or calib_samples, or set rounding: nearest)"
         )
     per_channel = cfg.granularity == "channelwise"
-    rounded = ctx.out_path("int8-rounded-float", ".tflite")
-    try:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tflite-int8-") as td:
+        work = Path(td)
+        rounded = work / "rounded-float.tflite"
         info["weight_rounding"] = round_tflite(
             model.path, rounded, calib, rounding="nearest" if cfg.rounding == "nearest" else "gptq",
             bias_correction=cfg.bias_correction, per_channel=per_channel, threads=ctx.threads,
         )  # fmt: skip
-        if cfg.rounding == "refit":  # the ranges of the rounded file, kept while the layers are refitted for them
-            fixed: dict[str, Any] = {}
+        if cfg.rounding != "refit":
+            _run(model, out, "tflite.int8", configure, calibrate, rounded)
+            return _finish(model, out, info)
+        fixed: dict[str, Any] = {}  # the ranges of the rounded file, kept while the layers are refitted for them
 
-            def calibrate_once(qt: Any, path: Path) -> Any:
-                if not fixed:
-                    fixed.update(calibrate(qt, path))
-                return copy.deepcopy(fixed)
+        def calibrate_once(qt: Any, path: Path) -> Any:
+            if not fixed:
+                fixed.update(calibrate(qt, path))
+            return copy.deepcopy(fixed)
 
-            def quantize(path: Path, dst: Path) -> None:
-                _run(model, dst, "tflite.int8 (refit)", configure, calibrate_once, path)
+        def quantize(path: Path, dst: Path) -> None:
+            _run(model, dst, "tflite.int8 (refit)", configure, calibrate_once, path)
 
-            info["refit"] = refit_tflite(
-                model.path, rounded, calib, quantize, rounded.parent, per_channel=per_channel, chunk=cfg.refit_chunk,
-                threads=ctx.threads,
-            )  # fmt: skip
-            calibrate = calibrate_once
-        _run(model, out, "tflite.int8", configure, calibrate, rounded)
-        if cfg.rounding == "refit":  # kept only where the validation outputs are closer to fp32's than gptq's
-            start = rounded.parent / "refit-start-int8.tflite"
-            assert ctx.data is not None  # representative_data checked it
-            err = {k: _output_error(model.path, f, ctx.data.val) for k, f in (("gptq", start), ("refit", out))}
-            info["refit"].update(output_error_gptq=float(f"{err['gptq']:.4g}"), output_error=float(f"{err['refit']:.4g}"))
-            info["refit"]["kept"] = err["refit"] <= err["gptq"]
-            if not info["refit"]["kept"]:
-                shutil.copyfile(start, out)
-    finally:
-        for f in ("refit-float", "refit-int8", "refit-start-int8"):
-            (rounded.parent / f"{f}.tflite").unlink(missing_ok=True)
-        rounded.unlink(missing_ok=True)
+        info["refit"] = refit_tflite(
+            model.path, rounded, calib, quantize, work, per_channel=per_channel, chunk=cfg.refit_chunk, threads=ctx.threads
+        )
+        _run(model, out, "tflite.int8", configure, calibrate_once, rounded)
+        # kept only where the validation outputs are closer to fp32's than gptq's (refitting too many layers at once
+        # overcorrects)
+        assert ctx.data is not None  # representative_data checked it
+        start = work / "refit-start-int8.tflite"
+        err = {k: _output_error(model.path, f, ctx.data.val) for k, f in (("gptq", start), ("refit", out))}
+        info["refit"].update(output_error_gptq=float(f"{err['gptq']:.4g}"), output_error=float(f"{err['refit']:.4g}"))
+        info["refit"]["kept"] = err["refit"] <= err["gptq"]
+        if not info["refit"]["kept"]:
+            shutil.copyfile(start, out)
     return _finish(model, out, info)
 
 
@@ -256,7 +255,8 @@ def _output_error(fp32: Path, quantized: Path, split: Any) -> float:
     from keiryo.evaluate import predict
     from keiryo.runtime.litert import LiteRTSession
 
-    ref, got = predict(LiteRTSession(fp32), split), predict(LiteRTSession(quantized), split)
+    with LiteRTSession(fp32) as a, LiteRTSession(quantized) as b:
+        ref, got = predict(a, split), predict(b, split)
     err = sum(float(np.sum((g - r) ** 2)) for r, g in zip(ref, got, strict=True))
     norm = sum(float(np.sum(r**2)) for r in ref)
     return err / max(norm, 1e-12)

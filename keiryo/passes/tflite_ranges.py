@@ -29,7 +29,9 @@ from keiryo.passes.quantize_ranges import BINS, SAMPLES, mse_range
 SIGNATURE = "serving_default"
 
 
-def _interpreter(src: Path, threads: int) -> tuple[Any, Any, int]:
+def tensors_interpreter(src: Path, threads: int) -> tuple[Any, Any, int]:
+    """An interpreter of ``src`` that keeps every intermediate tensor, its default signature's runner, and that
+    signature's subgraph index."""
     from ai_edge_quantizer.utils import tfl_interpreter_utils as tiu
 
     it = tiu.create_tfl_interpreter(str(src), use_xnnpack=True, num_threads=threads, preserve_all_tensors=True)
@@ -40,7 +42,7 @@ def activation_ranges(
     src: Path, calib: list[dict[str, np.ndarray]], method: str, template: dict[str, dict[str, Any]], threads: int = 1
 ) -> dict[str, dict[str, Any]]:
     """``template``'s statistics with keiryo's ``min``/``max`` (``method``: ``minmax`` or ``mse``) over ``calib``."""
-    it, runner, sub = _interpreter(src, threads)
+    it, runner, sub = tensors_interpreter(src, threads)
     index = {d["name"]: d["index"] for d in it.get_tensor_details(sub)}
     names = [n for n in template if n in index]
 

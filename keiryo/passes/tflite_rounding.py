@@ -138,12 +138,14 @@ def round_tflite(
 ) -> dict[str, Any]:
     """Write ``dst``: the float file ``src`` with its weights on ai-edge-quantizer's int8 grid (``rounding`` nearest or
     gptq) and, with ``bias_correction``, the biases corrected; a summary for the pass info."""
-    from keiryo.passes.tflite_ranges import _interpreter
+    from keiryo.passes.tflite_ranges import tensors_interpreter
 
     buf = bytearray(src.read_bytes())
-    it, runner, sub = _interpreter(src, threads)
+    it, runner, sub = tensors_interpreter(src, threads)
     ops, skipped = weight_ops(buf, sub)
     index = {d["name"]: d["index"] for d in it.get_tensor_details(sub)}
+    skipped.update({o.lay.node: "its input tensor has no name the interpreter knows" for o in ops if o.lay.input not in index})
+    ops = [o for o in ops if o.lay.input in index]
     rng = np.random.default_rng(seed)
     keep = max(1, max_columns // max(len(calib), 1))
     for feed in calib:
@@ -216,12 +218,12 @@ def refit_tflite(
 
     from keiryo.passes.quantize_refit import _augment, add_moments, solve_layer
     from keiryo.passes.quantize_rounding import _columns
-    from keiryo.passes.tflite_ranges import SIGNATURE, _interpreter
+    from keiryo.passes.tflite_ranges import SIGNATURE, tensors_interpreter
 
     t0 = time.perf_counter()
     buf = bytearray(rounded.read_bytes())
     ref_buf = bytearray(fp32.read_bytes())
-    fp_it, fp_run, sub = _interpreter(fp32, threads)
+    fp_it, fp_run, sub = tensors_interpreter(fp32, threads)
     ops, _ = weight_ops(buf, sub)
     refs = {o.lay.node: o for o in weight_ops(ref_buf, sub)[0]}
     fp_index = {d["name"]: d["index"] for d in fp_it.get_tensor_details(sub)}
@@ -235,7 +237,7 @@ def refit_tflite(
         quantize(current, qfile)
         if i == 0:  # the gptq file, before any refit: what the pass falls back to
             shutil.copyfile(qfile, workdir / "refit-start-int8.tflite")
-        q_it, _, q_sub = _interpreter(qfile, threads)
+        q_it, _, q_sub = tensors_interpreter(qfile, threads)
         q_det = {d["name"]: d for d in q_it.get_tensor_details(q_sub)}
         stats = {o.lay.node: [[0, 0, 0, 0], [0, 0, 0, 0]] for o in layers}
         for k, feed in enumerate(calib):

@@ -18,7 +18,7 @@ from conftest import classification
 from test_cli import one_line_error, run_cli
 from torch import nn
 
-from keiryo.errors import BackendUnavailableError, ConfigError, UnsupportedOpError
+from keiryo.errors import BackendUnavailableError, ConfigError, DataError, UnsupportedOpError
 from keiryo.export import Artifact, ParityConfig, check_parity, export
 from keiryo.export.coreml import validate_mlpackage
 from keiryo.model import ModelHandle, ModelSpec, load_model
@@ -128,7 +128,7 @@ def test_tflite_int8_weights_are_rounded_on_ai_edge_quantizers_own_grid_and_beat
     nothing: the int8 file holds exactly keiryo's levels. On a depthwise-separable CNN the outputs are closer to
     fp32 than with ai-edge-quantizer's nearest rounding, and closer still with the layers refitted."""
     from keiryo.passes.quantize_tflite import representative_data
-    from keiryo.passes.tflite_ranges import _interpreter
+    from keiryo.passes.tflite_ranges import tensors_interpreter
     from keiryo.passes.tflite_rounding import round_tflite, weight_ops
 
     fp = export(tiny_zoo_trained, "tflite", tmp_path / "fp32.tflite")
@@ -151,8 +151,8 @@ def test_tflite_int8_weights_are_rounded_on_ai_edge_quantizers_own_grid_and_beat
         TfliteInt8Config(rounding="nearest", bias_correction=False),
         ctx,
     )
-    it, _, sub = _interpreter(nearest_of_rounded.model.path, 1)
-    float_it, _, _ = _interpreter(rounded, 1)
+    it, _, sub = tensors_interpreter(nearest_of_rounded.model.path, 1)
+    float_it, _, _ = tensors_interpreter(rounded, 1)
     float_w = {d["name"]: d for d in float_it.get_tensor_details(0)}
     for d in it.get_tensor_details(sub):
         qp = d["quantization_parameters"]
@@ -183,6 +183,15 @@ def test_tflite_int8_weights_are_rounded_on_ai_edge_quantizers_own_grid_and_beat
             assert refit["kept"] == (refit["output_error"] <= refit["output_error_gptq"])
     assert err["gptq"] < 0.95 * err["nearest"] and err["refit"] < 0.95 * err["gptq"], err
     assert err["refit8"] == err["gptq"], err  # the fallback: the same file
+
+
+def test_tflite_int8_rounding_from_too_few_samples_names_the_minimum(mlp_tflite, digits, tmp_path):
+    ctx = PassContext(data=digits, workdir=tmp_path)
+    with pytest.raises(DataError, match=r"rounding=gptq got 8 calibration sample\(s\); it needs at least 16"):
+        apply(mlp_tflite, TfliteInt8Config(calib_samples=8), ctx)
+    assert not list(tmp_path.rglob("*.tflite"))  # nothing half-written
+    res = apply(mlp_tflite, TfliteInt8Config(calib_samples=8, rounding="nearest"), ctx)  # the way out it names
+    assert res.info["weight_rounding"]["rounding"] == "nearest" and res.info["weight_rounding"]["bias_corrected"] > 0
 
 
 class _Inner(nn.Module):
