@@ -96,12 +96,18 @@ def refit_sequentially(
         src = workdir / f"refit-{i}.onnx"
         onnx.save(model, str(src))
         requantize(src, overrides)
+    return refit_summary(before, after, ridges, chunk, t0)
+
+
+def refit_summary(before: list[float], after: list[float], ridges: list[float | None], chunk: int, t0: float) -> dict[str, Any]:
+    """The pass info of a refit: layers, how many kept their weights, each layer's output error on its int8 input
+    relative to the fp32 layer's output on its fp32 input with the fp32 weights and refitted (medians), seconds."""
+    import time
+
     return {
         "layers": len(ridges),
         "chunk": chunk,
         "kept_weights": sum(r is None for r in ridges),
-        # each layer's output error on its int8 input relative to the fp32 layer's output on its fp32 input: with
-        # the fp32 weights, and refitted on the int8 grid (medians over the layers)
         "output_error_fp32_weights": float(f"{np.median(before):.4g}") if before else None,
         "output_error_refitted": float(f"{np.median(after):.4g}") if after else None,
         "seconds": round(time.perf_counter() - t0, 1),

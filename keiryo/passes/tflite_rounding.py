@@ -216,7 +216,7 @@ def refit_tflite(
 
     from ai_edge_quantizer.utils.tfl_interpreter_utils import invoke_interpreter_signature as invoke
 
-    from keiryo.passes.quantize_refit import _augment, add_moments, solve_layer
+    from keiryo.passes.quantize_refit import _augment, add_moments, refit_summary, solve_layer
     from keiryo.passes.quantize_rounding import _columns
     from keiryo.passes.tflite_ranges import SIGNATURE, tensors_interpreter
 
@@ -272,11 +272,4 @@ def refit_tflite(
             after.append(rec[1])
             ridges.append(rec[2])
     rounded.write_bytes(bytes(buf))
-    return {
-        "layers": len(ridges),
-        "chunk": chunk,
-        "kept_weights": sum(r is None for r in ridges),
-        "output_error_fp32_weights": float(f"{np.median(before):.4g}") if before else None,
-        "output_error_refitted": float(f"{np.median(after):.4g}") if after else None,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    return refit_summary(before, after, ridges, chunk, t0)
