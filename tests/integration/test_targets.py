@@ -141,7 +141,8 @@ def test_tflite_int8_weights_are_rounded_on_ai_edge_quantizers_own_grid_and_beat
     assert {o.lay.op for o in ops} == {"Conv", "Gemm"} and any(o.lay.group > 1 for o in ops)  # depthwise among them
     levels = {}
     for o in ops:
-        w = o.to_onnx(o.weight).reshape(len(o.weight if o.lay.op == "Gemm" else o.to_onnx(o.weight)), -1)
+        w = o.to_onnx(o.weight)
+        w = w.reshape(len(w), -1)
         q = w / (np.abs(w).max(1, keepdims=True) / 127)
         assert np.abs(q - np.round(q)).max() < 1e-3 and np.all(np.abs(q).max(1) > 126.99)  # on the grid, max at 127
     # ai-edge-quantizer's own (nearest) rounding of the rounded file: every int8 weight is keiryo's level
