@@ -45,6 +45,10 @@ class _Op:
         self.lay, self.weight, self.bias = lay, weight, bias
         self.to_onnx, self.from_onnx = to_onnx, from_onnx
 
+    def layer_input(self, x: np.ndarray) -> np.ndarray:
+        """The op's input tensor as ``Layer`` reads it: NHWC -> NCHW for convolutions, rows for a fully connected op."""
+        return x.reshape(-1, x.shape[-1]) if self.lay.op == "Gemm" else x.transpose(0, 3, 1, 2)
+
 
 def _buffer_view(buf: bytearray, model: Any, tensor: Any) -> np.ndarray | None:
     """A writable float32 view of a constant float tensor's bytes in ``buf`` (None: not constant, not float32)."""
@@ -151,9 +155,7 @@ def round_tflite(
     for feed in calib:
         runner(**feed)
         for o in ops:
-            x = it.get_tensor(index[o.lay.input], sub)
-            x = x.reshape(-1, x.shape[-1]) if o.lay.op == "Gemm" else x.transpose(0, 3, 1, 2)
-            accumulate(o.lay, x, keep, rng, hessian=rounding == "gptq")
+            accumulate(o.lay, o.layer_input(it.get_tensor(index[o.lay.input], sub)), keep, rng, hessian=rounding == "gptq")
     del runner, it
     corrected, pinned = 0, 0
     for o in ops:
@@ -227,7 +229,7 @@ def refit_tflite(
     ops, _ = weight_ops(buf, sub)
     refs = {o.lay.node: o for o in weight_ops(ref_buf, sub)[0]}
     fp_index = {d["name"]: d["index"] for d in fp_it.get_tensor_details(sub)}
-    todo = [o for o in ops if o.bias is not None and o.lay.node in refs]
+    todo = [o for o in ops if o.bias is not None and o.lay.node in refs and o.lay.input in fp_index]
     keep = max(1, max_columns // max(len(calib), 1))
     before, after, ridges = [], [], []
     for i in range(0, len(todo), chunk):
@@ -253,9 +255,8 @@ def refit_tflite(
                 xf = fp_it.get_tensor(fp_index[o.lay.input], sub)
                 cols = []
                 for x in (xf, xq):
-                    x = x.reshape(-1, x.shape[-1]) if o.lay.op == "Gemm" else x.transpose(0, 3, 1, 2)
                     s = seed + 7919 * k + j  # the same positions of the same sample in both files
-                    cols.append(_augment(_columns(o.lay, x, keep, np.random.default_rng(s))).double())
+                    cols.append(_augment(_columns(o.lay, o.layer_input(x), keep, np.random.default_rng(s))).double())
                 add_moments(stats[o.lay.node][k % 2], *cols)
         del q_it
         for o in layers:
