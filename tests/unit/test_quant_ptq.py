@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -301,6 +302,14 @@ def test_float_outputs_keep_int8_layers_and_leave_the_logits_unrounded(cancellin
     producer = {o: n for n in q.graph.node for o in n.output}
     assert producer["logits"].op_type == "Gemm"  # no QuantizeLinear/DequantizeLinear after the last layer
     assert sum(n.op_type == "DequantizeLinear" for n in q.graph.node) >= 6  # the layers themselves stay int8
+    # onnxruntime runs the last layer as one int8 QGemm with a float output (its bias is stored as int32), not
+    # as a float Gemm on weights dequantized at every call
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops[-1] == "QGemm" and "Gemm" not in ops, ops
     quantize_int8_static(pre, tmp_path / "r.onnx", x, Int8StaticConfig())
     ref = outputs(fp32.path, digits.test)
     err = {p: np.abs(outputs(tmp_path / p, digits.test) - ref).mean() for p in ("q.onnx", "r.onnx")}
