@@ -45,7 +45,7 @@ from keiryo.errors import first_line
 from keiryo.export import Artifact
 from keiryo.passes import PassContext, PassResult, register_pass
 from keiryo.passes.qat import MIN_DISTILL_SAMPLES, QatDistillConfig
-from keiryo.passes.quantize_fallback import Int8FallbackConfig, _val_metrics, fallback_search, p50_ms
+from keiryo.passes.quantize_fallback import Int8FallbackConfig, _val_metrics, fallback_search, free_float_layers, p50_ms
 from keiryo.passes.quantize_ort import Int8StaticConfig, calibration_data, finish, preprocess, quantize_int8_static
 
 Rung = Literal["ptq", "mse", "bias_correction", "gptq", "refit", "precision", "fallback", "qat"]
@@ -63,6 +63,7 @@ RUNGS: dict[str, dict[str, Any]] = {
         "bias_correction": "full",
         "granularity": "measured",
         "float_outputs": True,
+        "float_when_free": 4,
     },
     "precision": {
         "calibration": "mse",
@@ -160,7 +161,10 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                     chosen_here: dict[str, Any] = {}
                     # refit and precision start from gptq's file: the same ranges and rounded weights (cached beside them)
                     ranges = tdp / f"{'gptq' if rung in ('refit', 'precision') else rung}.ranges.json"
-                    quantize_int8_static(src, dst, x_cal, qcfg, cache=ranges, report=chosen_here)
+                    free = None
+                    if qcfg.float_when_free:  # the leading layers that run no slower in float stay float
+                        free, chosen_here["float_when_free"] = free_float_layers(src, x_cal, qcfg, ranges, tdp, ctx.threads)
+                    quantize_int8_static(src, dst, x_cal, qcfg, exclude=free, cache=ranges, report=chosen_here)
                     rec.update(chosen_here)
                     drop = float(task.drop(ref, _val_metrics(dst, val, task, ref_outs, ctx.threads)[0]))
                 rec.update(

@@ -85,6 +85,53 @@ def p50_ms(path: Path, sample: dict[str, Any], threads: int, iterations: int) ->
         return round(run_benchmark(s, sample, cfg).latency_p50_ms, 4)
 
 
+def free_float_layers(
+    src: Path,
+    x: dict[str, np.ndarray],
+    qcfg: Int8StaticConfig,
+    cache: Path | None,
+    work: Path,
+    threads: int,
+    exclude: list[str] | None = None,
+    *,
+    iterations: int = 50,
+    rounds: int = 3,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The leading quantizable layers (graph order, the first ``qcfg.float_when_free``) that run no slower in
+    float on onnxruntime: each in turn is left float with those before it and the file timed against the all-int8
+    one (the median of ``rounds`` interleaved p50 ratios, batch 1); taken while that ratio stays within
+    ``1 + qcfg.float_free_tolerance`` and the float layers hold at most ``qcfg.float_free_max_share`` of the
+    weights. The trial files are quantized with ``qcfg`` but at most GPTQ rounding (a refit does not change the
+    layout being timed), sharing ``cache``. Returns the layers and each trial's record."""
+    import onnx
+
+    probe = qcfg.model_copy(update={"rounding": "gptq" if qcfg.rounding == "refit" else qcfg.rounding, "float_when_free": 0})
+    graph = onnx.load(str(src), load_external_data=False).graph
+    sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
+    weights = {n.name: sizes.get(n.input[1], 0) for n in graph.node if n.op_type in QUANTIZABLE and len(n.input) > 1}
+    total = max(sum(weights.values()), 1)
+    sample = {k: v[:1] for k, v in x.items()}
+    base, trial = work / "free-int8.onnx", work / "free-trial.onnx"
+    quantize_int8_static(src, base, x, probe, exclude=exclude, cache=cache)
+    taken: list[str] = []
+    trail: list[dict[str, Any]] = []
+    for node in [n for n in quantizable_nodes(src) if n not in (exclude or [])][: qcfg.float_when_free]:
+        share = sum(weights.get(n, 0) for n in [*taken, node]) / total
+        rec: dict[str, Any] = {"node": node, "weight_share": round(share, 6)}
+        trail.append(rec)
+        if share > qcfg.float_free_max_share:
+            rec["float"] = False
+            break
+        quantize_int8_static(src, trial, x, probe, exclude=[*(exclude or []), *taken, node], cache=cache)
+        ratios = [p50_ms(trial, sample, threads, iterations) / p50_ms(base, sample, threads, iterations) for _ in range(rounds)]
+        rec["p50_ratio"] = round(float(np.median(ratios)), 4)
+        rec["float"] = rec["p50_ratio"] <= 1 + qcfg.float_free_tolerance
+        if not rec["float"]:
+            break
+        taken.append(node)
+    return taken, trail
+
+
 def fallback_search(
     src: Path, out: Path, x_cal: dict[str, np.ndarray], cfg: Int8FallbackConfig, ctx: PassContext, tdp: Path
 ) -> dict[str, Any]:

@@ -91,6 +91,24 @@ class Int8StaticConfig(SmoothingOptions):
     granularity_tolerance: float = Field(
         0.05, ge=0, le=1, description="granularity=measured: extra relative error the simpler form may cost"
     )
+    float_when_free: int = Field(
+        0,
+        ge=0,
+        description="the first N quantizable layers in graph order are timed on onnxruntime (batch 1), each left "
+        "float in turn with those before it; those that keep the int8 file's p50 within float_free_tolerance stay "
+        "float (high-resolution layers with few channels, a CNN's stem and first depthwise conv, often run as fast "
+        "in float and cost int8 the most fidelity). Applied by the pass (quantize_fallback.free_float_layers)",
+    )
+    float_free_tolerance: float = Field(
+        0.03, ge=0, le=1, description="float_when_free: p50 increase over the all-int8 file a float layer may cost"
+    )
+    float_free_max_share: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="float_when_free: the float layers together hold at most this share of the quantizable weights "
+        "(the file stays int8-sized; EfficientNet-Lite0's stem and first depthwise conv: 0.03%)",
+    )
     wide_activations: int = Field(
         0,
         ge=0,
@@ -485,7 +503,14 @@ def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> Pas
         exclude = None
         if cfg.smooth_alpha is not None:
             src, exclude = _smoothed(src, Path(td) / "smooth.onnx", x, cfg.smooth_alpha, cfg.smooth_min_ratio, chosen)
-        quantize_int8_static(src, out, x, cfg, exclude=exclude, report=chosen)
+        cache = None
+        if cfg.float_when_free:  # the timing trials and the file itself share one calibration and rounding
+            from keiryo.passes.quantize_fallback import free_float_layers
+
+            cache = Path(td) / "ranges.json"
+            free, chosen["float_when_free"] = free_float_layers(src, x, cfg, cache, Path(td), ctx.threads, exclude)
+            exclude = [*(exclude or []), *free]
+        quantize_int8_static(src, out, x, cfg, exclude=exclude, cache=cache, report=chosen)
         if exclude:
             from keiryo.passes.quantize_smooth import float_inputs
 

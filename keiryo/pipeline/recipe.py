@@ -106,7 +106,7 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     },
     "int8-refit": {
         "description": "int8 static PTQ: int8-gptq, then each layer's weights solved for its int8 input, layer by layer, "
-        "float logits",
+        "float logits; of the first 4 layers, those no slower in float stay float",
         "steps": [
             _q(
                 "quantize.int8_static",
@@ -115,6 +115,7 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
                 bias_correction="full",
                 granularity="measured",
                 float_outputs=True,
+                float_when_free=4,
             )
         ],
     },

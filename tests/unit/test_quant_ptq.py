@@ -218,7 +218,10 @@ def test_int8_auto_climbs_from_gptq_to_refit_and_records_it(tiny_trained, digits
     info = apply(fp32, cfg, PassContext(data=digits, workdir=tmp_path, task=task)).info
     assert [(r["rung"], r["status"]) for r in info["ladder"]] == [("gptq", "ok"), ("refit", "ok")], info["ladder"]
     refit = info["ladder"][1]
-    assert refit["options"]["rounding"] == "refit" and refit["refit"]["layers"] >= 3 and refit["refit"]["seconds"] > 0
+    assert refit["options"]["rounding"] == "refit" and refit["refit"]["seconds"] > 0
+    trials = refit["float_when_free"]  # the leading layers were timed in float on onnxruntime, one by one
+    assert trials and all(t["p50_ratio"] > 0 for t in trials if "p50_ratio" in t)
+    assert refit["refit"]["layers"] + sum(t["float"] for t in trials) >= 3  # the float ones are not refitted
 
 
 def test_int8_auto_records_a_crashing_rung_and_lists_the_closest_when_no_rung_meets(tiny_trained, digits, tmp_path, monkeypatch):
@@ -314,6 +317,39 @@ def test_float_outputs_keep_int8_layers_and_leave_the_logits_unrounded(cancellin
     ref = outputs(fp32.path, digits.test)
     err = {p: np.abs(outputs(tmp_path / p, digits.test) - ref).mean() for p in ("q.onnx", "r.onnx")}
     assert err["q.onnx"] <= err["r.onnx"] * 1.05
+
+
+def test_float_when_free_keeps_float_the_leading_layers_that_cost_no_time(cancelling, digits, tmp_path, monkeypatch):
+    import keiryo.passes.quantize_fallback as fallback
+
+    def float_layers(path):
+        g = onnx.load(str(path)).graph
+        producer = {o: n for n in g.node for o in n.output}
+        return [n.name for n in g.node if n.op_type in ("Conv", "Gemm") and n.input[1] not in producer]
+
+    timed = []
+
+    def p50(path, sample, threads, iterations):  # the stem costs nothing in float, the depthwise conv 50%
+        timed.append(path.name)
+        return 1.0 + 0.5 * max(0, len(float_layers(path)) - 1)
+
+    monkeypatch.setattr(fallback, "p50_ms", p50)
+    fp32, pre = cancelling
+    stem, dw = fallback.quantizable_nodes(pre)[:2]  # 72 weights each, the head 5,120
+    cfg = get_pass("quantize.int8_static").config.parse({"float_when_free": 3, "rounding": "gptq", "float_free_max_share": 0.5})
+    res = apply(fp32, cfg, PassContext(data=digits, workdir=tmp_path))
+    assert res.info["float_when_free"] == [
+        {"node": stem, "weight_share": 0.013678, "p50_ratio": 1.0, "float": True},
+        # over the 3% tolerance: it and the layers after stay int8
+        {"node": dw, "weight_share": 0.027356, "p50_ratio": 1.5, "float": False},
+    ]
+    assert timed.count("free-int8.onnx") == 6 and len(timed) == 12  # 3 interleaved rounds per trial
+    assert float_layers(res.model.path) == [stem]  # the file itself: the stem float, the rest int8
+    # at the default share (2% of the weights) the depthwise conv is not even timed
+    cfg = get_pass("quantize.int8_static").config.parse({"float_when_free": 3, "rounding": "gptq"})
+    res = apply(fp32, cfg, PassContext(data=digits, workdir=tmp_path / "default"))
+    assert [t["float"] for t in res.info["float_when_free"]] == [True, False]
+    assert "p50_ratio" not in res.info["float_when_free"][1]
 
 
 def test_wide_activations_go_to_the_measured_worst_tensor(cancelling, digits, tmp_path):
