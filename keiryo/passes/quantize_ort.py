@@ -503,14 +503,14 @@ def int8_static(model: Artifact, cfg: Int8StaticConfig, ctx: PassContext) -> Pas
         exclude = None
         if cfg.smooth_alpha is not None:
             src, exclude = _smoothed(src, Path(td) / "smooth.onnx", x, cfg.smooth_alpha, cfg.smooth_min_ratio, chosen)
-        cache = None
+        cache: Path | None = None
+        free: list[str] = []
         if cfg.float_when_free:  # the timing trials and the file itself share one calibration and rounding
             from keiryo.passes.quantize_fallback import free_float_layers
 
             cache = Path(td) / "ranges.json"
             free, chosen["float_when_free"] = free_float_layers(src, x, cfg, cache, Path(td), ctx.threads, exclude)
-            exclude = [*(exclude or []), *free]
-        quantize_int8_static(src, out, x, cfg, exclude=exclude, cache=cache, report=chosen)
+        quantize_int8_static(src, out, x, cfg, exclude=[*(exclude or []), *free], cache=cache, report=chosen)
         if exclude:
             from keiryo.passes.quantize_smooth import float_inputs
 
