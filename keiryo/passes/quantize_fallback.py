@@ -108,14 +108,14 @@ def free_float_layers(
     probe = qcfg.model_copy(update={"rounding": "gptq" if qcfg.rounding == "refit" else qcfg.rounding, "float_when_free": 0})
     graph = onnx.load(str(src), load_external_data=False).graph
     sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
-    weights = {n.name: sizes.get(n.input[1], 0) for n in graph.node if n.op_type in QUANTIZABLE and len(n.input) > 1}
+    weights = {n.name: sizes.get(n.input[1], 0) for n in graph.node if n.op_type in QUANTIZABLE}
     total = max(sum(weights.values()), 1)
     sample = {k: v[:1] for k, v in x.items()}
     base, trial = work / "free-int8.onnx", work / "free-trial.onnx"
     quantize_int8_static(src, base, x, probe, exclude=exclude, cache=cache)
     taken: list[str] = []
     trail: list[dict[str, Any]] = []
-    for node in [n for n in quantizable_nodes(src) if n not in (exclude or [])][: qcfg.float_when_free]:
+    for node in [n for n in weights if n not in (exclude or [])][: qcfg.float_when_free]:  # graph order
         share = sum(weights.get(n, 0) for n in [*taken, node]) / total
         rec: dict[str, Any] = {"node": node, "weight_share": round(share, 6)}
         trail.append(rec)
