@@ -101,11 +101,18 @@ def free_float_layers(
     float on onnxruntime: each in turn is left float with those before it and the file timed against the all-int8
     one (the median of ``rounds`` interleaved p50 ratios, batch 1); taken while that ratio stays within
     ``1 + qcfg.float_free_tolerance`` and the float layers hold at most ``qcfg.float_free_max_share`` of the
-    weights. The trial files are quantized with ``qcfg`` but at most GPTQ rounding (a refit does not change the
-    layout being timed), sharing ``cache``. Returns the layers and each trial's record."""
+    weights. The trial files are quantized with ``qcfg`` but at most GPTQ rounding and bias correction on the
+    weights alone (a refit or a bias corrected for the int8 inputs changes values, not the kernels being timed),
+    sharing ``cache``. Returns the layers and each trial's record."""
     import onnx
 
-    probe = qcfg.model_copy(update={"rounding": "gptq" if qcfg.rounding == "refit" else qcfg.rounding, "float_when_free": 0})
+    probe = qcfg.model_copy(
+        update={
+            "rounding": "gptq" if qcfg.rounding == "refit" else qcfg.rounding,
+            "bias_correction": "weights" if qcfg.bias_correction == "full" else qcfg.bias_correction,
+            "float_when_free": 0,
+        }
+    )
     graph = onnx.load(str(src), load_external_data=False).graph
     sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
     weights = {n.name: sizes.get(n.input[1], 0) for n in graph.node if n.op_type in QUANTIZABLE}

@@ -248,10 +248,11 @@ def quantize_int8_static(
 
                     chosen = granularity_overrides(src, cache, x, cfg, weights, report)
                     extra["TensorQuantOverrides"] = {**chosen, **extra.get("TensorQuantOverrides", {})}
-            if cfg.bias_correction == "full":
+            if cfg.bias_correction == "full" or cfg.rounding == "refit":
+                cache = cache or Path(td) / "ranges.json"  # the quantizations after the first keep its ranges
+            if cfg.bias_correction == "full" and cfg.rounding != "refit":  # a refit solves each int8 layer's bias itself
                 from keiryo.passes.quantize_rounding import correct_biases_on_int8_inputs
 
-                cache = cache or Path(td) / "ranges.json"  # the second quantization keeps the first one's ranges
                 run_quantize_static(src, out, Reader, method, cfg, exclude, include, extra, cache)
                 rows = min(cfg.rounding_samples, n)
                 correct_biases_on_int8_inputs(fp32_src, src, out, {k: v[:rows] for k, v in x.items()})

@@ -24,19 +24,45 @@ FRACTIONS = np.concatenate([np.linspace(0.2, 0.9, 36), np.linspace(0.9, 1.0, 21)
 
 
 def tensor_session(model: Any, names: list[str]) -> Any:
-    """An onnxruntime session of ``model`` (an ``onnx.ModelProto``, changed in place) that also returns the
-    intermediate tensors ``names``; graph optimizations off, so the graph runs as written (no fusion renames)."""
-    import onnx
+    """An onnxruntime session of ``model`` (an ``onnx.ModelProto``, changed in place) that returns the intermediate
+    tensors ``names``; graph optimizations off, so the graph runs as written (no fusion renames). The graph is cut
+    to the nodes those tensors need: onnxruntime runs every node of a graph whatever is fetched, so a session asked
+    for an early tensor would otherwise run the whole model."""
     import onnxruntime as ort
 
-    outputs = {o.name for o in model.graph.output}
-    for k in names:
-        if k not in outputs:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, None))
+    prune(model.graph, names)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def prune(graph: Any, names: list[str]) -> None:
+    """``graph``'s outputs become ``names``; the nodes and initializers they do not depend on are removed (unless
+    a node holds a subgraph, whose outer-scope reads are not listed in its inputs: then only the outputs change)."""
+    import onnx
+
+    known = {v.name: v for v in [*graph.output, *graph.value_info]}
+    outs = []
+    for k in names:
+        out = onnx.helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, None)
+        if k in known:
+            out.CopyFrom(known[k])
+        outs.append(out)
+    del graph.output[:]
+    graph.output.extend(outs)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    need, keep = set(names), []
+    for node in reversed(graph.node):
+        if any(o in need for o in node.output):
+            keep.append(node)
+            need.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    inits = [i for i in graph.initializer if i.name in need]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
 
 
 def clip_bounds(model: Any) -> dict[str, tuple[float, float]]:

@@ -71,14 +71,11 @@ def refit_sequentially(
 
     import onnx
 
-    from keiryo.passes.quantize_ranges import tensor_session
-
     t0 = time.perf_counter()
     order = list(_quantized_inputs(onnx.load(str(qdq))))
     ref = onnx.load(str(fp32))
     ref_inits = {i.name: i for i in ref.graph.initializer}
     ref_layers = {lay.node: lay for lay in weight_layers(ref, order)[0]}
-    fp_sess = tensor_session(ref, list(dict.fromkeys(lay.input for lay in ref_layers.values())))
     src, before, after, ridges = rounded, [], [], []
     for i in range(0, len(order), chunk):
         layers = [ref_layers[n] for n in order[i : i + chunk] if n in ref_layers]
@@ -86,7 +83,7 @@ def refit_sequentially(
             continue
         model = onnx.load(str(src))
         inits = {i.name: i for i in model.graph.initializer}
-        stats = _moments(fp_sess, onnx.load(str(qdq)), layers, x, batch, max_columns, seed)
+        stats = _moments(ref, onnx.load(str(qdq)), layers, x, batch, max_columns, seed)
         overrides = {}
         for lay in layers:
             overrides[lay.weight], rec = _refit_layer(ref_inits, model, inits, lay, stats[lay.node], per_channel, damp)
@@ -115,16 +112,22 @@ def refit_summary(before: list[float], after: list[float], ridges: list[float | 
 
 
 def _moments(
-    fp_sess: Any, qmodel: Any, layers: list[Layer], x: dict[str, np.ndarray], batch: int, max_columns: int, seed: int
+    ref: Any, qmodel: Any, layers: list[Layer], x: dict[str, np.ndarray], batch: int, max_columns: int, seed: int
 ) -> dict[str, list[list[Any]]]:
     """Per layer and per half of the samples (alternate batches): E[x xq^T], E[xq xq^T], E[x x^T] of the augmented
-    columns ``[x;1]`` (fp32 model) and ``[xq;1]`` (int8 model) at the same positions, and the column count."""
+    columns ``[x;1]`` (fp32 model ``ref``) and ``[xq;1]`` (int8 model ``qmodel``, changed) at the same positions,
+    and the column count."""
+    import onnx
+
     from keiryo.passes.quantize_ranges import tensor_session
 
     q_inputs = _quantized_inputs(qmodel)
     fp_names = list(dict.fromkeys(lay.input for lay in layers))
     q_names = list(dict.fromkeys(q_inputs[lay.node] for lay in layers))
-    q_sess = tensor_session(qmodel, q_names)  # runs only as far as the chunk's layers
+    fp_model = onnx.ModelProto()
+    fp_model.CopyFrom(ref)
+    # both graphs cut to the chunk's inputs: a chunk early in the graph runs the models only that far
+    fp_sess, q_sess = tensor_session(fp_model, fp_names), tensor_session(qmodel, q_names)
     stats: dict[str, list[list[Any]]] = {lay.node: [[0, 0, 0, 0], [0, 0, 0, 0]] for lay in layers}
     n = len(next(iter(x.values())))
     for k, start in enumerate(range(0, n, batch)):

@@ -597,3 +597,66 @@ def test_refit_solves_each_layer_for_its_int8_input_and_beats_gptq_with_bias_cor
     # the weights it wrote are on the int8 grid onnxruntime uses: the file is a plain QDQ int8 model
     census = [n.op_type for n in onnx.load(str(tmp_path / "refit.onnx")).graph.node]
     assert census.count("DequantizeLinear") >= 6 and "Conv" in census
+
+
+def test_refit_solves_every_bias_so_the_full_bias_correction_is_not_run_before_it(digits, tmp_path, monkeypatch):
+    import keiryo.passes.quantize_rounding as rounding_mod
+
+    h = load_model(f"{__file__}:FaintCopies", digits, output_name="logits")
+    pre = preprocess(export(h, "onnx", tmp_path / "fp32.onnx").path, tmp_path / "pre.onnx")
+    x = digits.calib.numpy()
+    quantize_int8_static(pre, tmp_path / "weights.onnx", x, Int8StaticConfig(rounding="refit", bias_correction="weights"))
+
+    def no_second_pass(*a, **k):
+        raise AssertionError("bias correction on int8 inputs ran before a refit")
+
+    monkeypatch.setattr(rounding_mod, "correct_biases_on_int8_inputs", no_second_pass)
+    quantize_int8_static(pre, tmp_path / "full.onnx", x, Int8StaticConfig(rounding="refit", bias_correction="full"))
+    # the refit overwrites each int8 layer's weights and bias: the file is the same whatever correction came first
+    a, b = (onnx.load(str(tmp_path / f"{k}.onnx")).graph.initializer for k in ("weights", "full"))
+    assert {i.name: numpy_helper.to_array(i).tobytes() for i in a} == {i.name: numpy_helper.to_array(i).tobytes() for i in b}
+
+
+def test_a_tensor_session_runs_only_the_nodes_the_fetched_tensors_need(cancelling, digits):
+    from keiryo.passes.quantize_ranges import prune, tensor_session
+
+    full = onnx.load(str(cancelling[1]))
+    first = next(n for n in full.graph.node if n.op_type == "Conv")
+    graph = onnx.load(str(cancelling[1])).graph
+    prune(graph, [first.output[0]])
+    assert [n.name for n in graph.node] == [first.name]  # the stem alone: nothing after it runs
+    assert {i.name for i in graph.initializer} == set(first.input[1:])
+    feed = {full.graph.input[0].name: digits.calib.numpy()["image"][:4]}
+    late = next(n for n in reversed(full.graph.node) if n.op_type == "Conv").output[0]
+    cut = tensor_session(onnx.load(str(cancelling[1])), [first.output[0], late]).run(None, feed)
+    ref = onnx.load(str(cancelling[1]))  # the values are those of the whole graph's session
+    ref.graph.output.extend(onnx.helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, None) for k in (first.output[0], late))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    expect = ort.InferenceSession(ref.SerializeToString(), so).run([first.output[0], late], feed)
+    for got, want in zip(cut, expect, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_hessians_granularity_measured_are_reused_by_the_rounding_not_collected_twice(
+    cancelling, digits, tmp_path, monkeypatch
+):
+    import keiryo.passes.quantize_ranges as ranges_mod
+    from keiryo.passes.quantize_granularity import weight_granularity
+
+    runs = []
+    real = ranges_mod.tensor_session
+    monkeypatch.setattr(ranges_mod, "tensor_session", lambda m, names: runs.append(len(names)) or real(m, names))
+    x = {k: v[:64] for k, v in digits.calib.numpy().items()}
+    pre = cancelling[1]
+    weight_granularity(pre, x, 0.05)
+    round_weights(pre, tmp_path / "a.onnx", x, rounding="gptq", bias_correction="weights", per_channel=True)
+    assert len(runs) == 1  # one pass over the calibration set for both
+    round_weights(pre, tmp_path / "b.onnx", x, rounding="gptq", bias_correction="weights", per_channel=True)
+    assert len(runs) == 2  # taken once: a third use collects again
+    other = {k: v[::-1].copy() for k, v in x.items()}  # other samples: collected, never a stale statistic
+    weight_granularity(pre, other, 0.05)
+    round_weights(pre, tmp_path / "c.onnx", x, rounding="gptq", bias_correction="weights", per_channel=True)
+    assert len(runs) == 4
+    a, b = (onnx.load(str(tmp_path / f"{k}.onnx")).graph.initializer for k in "ab")
+    assert {i.name: numpy_helper.to_array(i).tobytes() for i in a} == {i.name: numpy_helper.to_array(i).tobytes() for i in b}
