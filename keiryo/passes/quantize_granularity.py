@@ -73,8 +73,11 @@ def weight_granularity(
     return out
 
 
-def _grid_error(v: np.ndarray, lo: float, hi: float, symmetric: bool, signed: bool) -> float:
-    """Squared error of ``v`` on the 8-bit grid onnxruntime builds over ``[lo, hi]`` (its scale and zero point)."""
+def _grid_error(v: Any, lo: float, hi: float, symmetric: bool, signed: bool) -> float:
+    """Squared error of ``v`` (a float32 tensor) on the 8-bit grid onnxruntime builds over ``[lo, hi]`` (its scale
+    and zero point), summed in float64."""
+    import torch
+
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if symmetric:  # int8: [-127, 127] around 0; uint8: zero point 128
         a = max(-lo, hi)
@@ -84,8 +87,8 @@ def _grid_error(v: np.ndarray, lo: float, hi: float, symmetric: bool, signed: bo
         scale = (hi - lo) / 255.0
         zp = round(qmin - lo / scale) if scale else 0
     scale = scale or 1.0
-    q = np.clip(np.round(v / scale) + zp, qmin, qmax)
-    return float(np.sum(((q - zp) * scale - v) ** 2))
+    q = torch.clamp(torch.round(v / scale) + zp, qmin, qmax)
+    return float(((q - zp) * scale - v).square().sum(dtype=torch.float64))
 
 
 def activation_symmetry(
@@ -94,6 +97,7 @@ def activation_symmetry(
     """``{activation: {"symmetric": bool, "error_asymmetric": e, "error_symmetric": e}}`` (mean squared error over
     the calibration values, relative to their mean square)."""
     import onnx
+    import torch
 
     from keiryo.passes.quantize_ranges import tensor_session
 
@@ -104,9 +108,10 @@ def activation_symmetry(
     for start in range(0, n, 8):
         feed = {k: v[start : min(start + 8, n)] for k, v in x.items()}
         for k, v in zip(names, sess.run(names, feed), strict=True):
-            v = np.asarray(v, np.float64).ravel()
+            t = torch.from_numpy(np.ascontiguousarray(v, np.float32))
             lo, hi = ranges[k]
-            sums[k] += (_grid_error(v, lo, hi, False, signed), _grid_error(v, lo, hi, True, signed), float(np.sum(v * v)))
+            energy = float(t.square().sum(dtype=torch.float64))
+            sums[k] += (_grid_error(t, lo, hi, False, signed), _grid_error(t, lo, hi, True, signed), energy)
     out = {}
     for k, (asym, sym, energy) in sums.items():
         norm = float(energy) or 1.0
