@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,28 @@ def p50_ms(path: Path, sample: dict[str, Any], threads: int, iterations: int) ->
         return round(run_benchmark(s, sample, cfg).latency_p50_ms, 4)
 
 
+clock = time.perf_counter  # what paired_ratio times with
+
+
+def paired_ratio(base: Path, trial: Path, sample: dict[str, Any], threads: int, iterations: int) -> float:
+    """How much slower ``trial`` runs than ``base`` on onnxruntime, batch 1 (``sample``): the ratio of their median
+    latencies over ``iterations`` runs each, the two sessions taking turns run by run (which goes first alternates),
+    so that a virtual machine's drift from one second to the next falls on both alike."""
+    from keiryo.runtime import open_session
+
+    with open_session("onnxruntime", base, threads) as a, open_session("onnxruntime", trial, threads) as b:
+        for _ in range(5):
+            a.run(sample)
+            b.run(sample)
+        times = np.zeros((iterations, 2))
+        for i in range(iterations):
+            for j in (0, 1) if i % 2 == 0 else (1, 0):
+                t = clock()
+                (a, b)[j].run(sample)
+                times[i, j] = clock() - t
+    return float(np.median(times[:, 1]) / np.median(times[:, 0]))
+
+
 def free_float_layers(
     src: Path,
     x: dict[str, np.ndarray],
@@ -94,12 +117,11 @@ def free_float_layers(
     threads: int,
     exclude: list[str] | None = None,
     *,
-    iterations: int = 50,
-    rounds: int = 3,
+    iterations: int = 200,
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """The leading quantizable layers (graph order, the first ``qcfg.float_when_free``) that run no slower in
     float on onnxruntime: each in turn is left float with those before it and the file timed against the all-int8
-    one (the median of ``rounds`` interleaved p50 ratios, batch 1); taken while that ratio stays within
+    one (:func:`paired_ratio`, ``iterations`` runs of each, batch 1); taken while that ratio stays within
     ``1 + qcfg.float_free_tolerance`` and the float layers hold at most ``qcfg.float_free_max_share`` of the
     weights. The trial files are quantized with ``qcfg`` but at most GPTQ rounding and bias correction on the
     weights alone (a refit or a bias corrected for the int8 inputs changes values, not the kernels being timed),
@@ -130,8 +152,7 @@ def free_float_layers(
             rec["float"] = False
             break
         quantize_int8_static(src, trial, x, probe, exclude=[*(exclude or []), *taken, node], cache=cache)
-        ratios = [p50_ms(trial, sample, threads, iterations) / p50_ms(base, sample, threads, iterations) for _ in range(rounds)]
-        rec["p50_ratio"] = round(float(np.median(ratios)), 4)
+        rec["p50_ratio"] = round(paired_ratio(base, trial, sample, threads, iterations), 4)
         rec["float"] = rec["p50_ratio"] <= 1 + qcfg.float_free_tolerance
         if not rec["float"]:
             break
