@@ -13,8 +13,9 @@ with ``x`` the layer's input in the fp32 model and ``xq`` the same input in the 
 runs it (optimized: its int8 kernels, whose outputs differ from the QDQ graph run node by node in float by a step
 or more on 10-60% of the elements of some tensors), read at the same positions of the same calibration samples.
 The ridge ``r`` is chosen per layer on held-out samples (fit on one half, error on the other, both ways; "no
-refit" is a candidate, so a layer with too few columns for its inputs keeps its weights). ``W'`` is then rounded to the int8 grid by GPTQ with ``Hq``; the bias is the last,
-unrounded column, so the error GPTQ pushes forward ends partly in the bias (bias correction comes with it).
+refit" is a candidate, so a layer with too few columns for its inputs keeps its weights). ``W'`` is then rounded
+to the int8 grid by GPTQ with ``Hq``; the bias is the last, unrounded column, so the error GPTQ pushes forward
+ends partly in the bias (bias correction comes with it).
 
 Conv and Gemm layers are refitted (MatMul weights, as in transformers, are left to onnxruntime as with gptq).
 They are refitted **in graph order**, ``chunk`` at a time, and the model is quantized again after each chunk, so
