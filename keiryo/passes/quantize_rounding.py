@@ -135,7 +135,7 @@ def _columns(layer: Layer, x: np.ndarray, keep: int, rng: np.random.Generator) -
 # The last Hessian collection, taken by the next identical one: ``granularity: measured`` and GPTQ rounding read
 # the same inputs of the same layers (same file, samples, columns and seed), and each pass over a CNN's
 # calibration set takes tens of seconds. Kept only below this size.
-_MEMO: dict[str, Any] = {}
+_MEMO: dict[str, list[tuple[Any, Any, int]]] = {}  # key -> each layer's (Hessian sum, column sum, count)
 MEMO_BYTES = 1 << 30
 
 
@@ -162,10 +162,10 @@ def collect(
     key = None
     if hessian and all(lay.act_q is None and lay.count == 0 for lay in layers):
         key = _memo_key(src, layers, x, batch, max_columns, seed)
-        if _MEMO.get("key") == key:
-            for lay, (h, mean, count) in zip(layers, _MEMO.pop("stats"), strict=True):
+        stats = _MEMO.pop(key, None)
+        if stats is not None:
+            for lay, (h, mean, count) in zip(layers, stats, strict=True):
                 lay.h, lay.mean, lay.count = h, mean, count
-            _MEMO.clear()
             return
 
     wanted = list(dict.fromkeys(lay.input for lay in layers))
@@ -181,7 +181,7 @@ def collect(
             accumulate(lay, acts[lay.input], max(1, max_columns * rows // max(n, 1)), rng, hessian)
     _MEMO.clear()
     if key is not None and sum(lay.h.nbytes + lay.mean.nbytes for lay in layers) <= MEMO_BYTES:
-        _MEMO.update(key=key, stats=[(lay.h, lay.mean, lay.count) for lay in layers])
+        _MEMO[key] = [(lay.h, lay.mean, lay.count) for lay in layers]
 
 
 def accumulate(lay: Layer, x: np.ndarray, keep: int, rng: np.random.Generator, hessian: bool) -> None:
