@@ -137,14 +137,14 @@ def diagnose(handle: Any, batch_size: int = 1) -> dict[str, Any]:
     }
 
 
-def quant_sensitivity(handle: Any, data: Any, task: Any, threads: int = 1, outlier_ratio: float = 4.0) -> dict[str, Any]:
+def quant_sensitivity(handle: Any, data: Any, task: Any, outlier_ratio: float = 4.0) -> dict[str, Any]:
     """``doctor --quant``: the fidelity each layer loses when only it is int8 (onnxruntime, test split), activation
     ranges with outliers (observed range > ``outlier_ratio`` x the least-error range), and which method should fix them."""
     import numpy as np
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     from keiryo.export import export
-    from keiryo.passes.quantize_fallback import _val_metrics, quantizable_nodes
+    from keiryo.passes.quantize_fallback import quantizable_nodes, scored
     from keiryo.passes.quantize_ort import Int8StaticConfig, preprocess, quantize_int8_static
     from keiryo.passes.quantize_ranges import mse_ranges
 
@@ -153,12 +153,12 @@ def quant_sensitivity(handle: Any, data: Any, task: Any, threads: int = 1, outli
     with tempfile.TemporaryDirectory() as td:
         tdp = Path(td)
         src = preprocess(export(handle, "onnx", tdp / "fp32.onnx").path, tdp / "pre.onnx")
-        ref, ref_outs = _val_metrics(src, data.test, task, None, threads)
+        ref, ref_outs = scored(src, data.test, task, None)
         cache = tdp / "minmax.json"
 
         def drop(include: list[str] | None = None) -> float:
             quantize_int8_static(src, tdp / "q.onnx", x, cfg, include=include, cache=cache)
-            return round(float(task.drop(ref, _val_metrics(tdp / "q.onnx", data.test, task, ref_outs, threads)[0])), 3)
+            return round(float(task.drop(ref, scored(tdp / "q.onnx", data.test, task, ref_outs)[0])), 3)
 
         whole = drop()
         layers = {n: drop([n]) for n in quantizable_nodes(src)}

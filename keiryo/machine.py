@@ -59,6 +59,11 @@ def cpu() -> dict[str, Any]:
     }
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS says, else the logical count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("keiryo", "torch", "onnx", "onnxruntime", "numpy", *extra):

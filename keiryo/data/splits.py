@@ -68,6 +68,11 @@ class Split:
     def take(self, n: int | None = None) -> MemorySplit:
         raise NotImplementedError
 
+    def held(self, max_bytes: int = 1 << 30) -> Split:
+        """This split in memory when its inputs take at most ``max_bytes`` (a pass that scores on it many times
+        reads it once), else itself, streamed."""
+        return self
+
 
 @dataclass(frozen=True)
 class MemorySplit(Split):
@@ -127,6 +132,13 @@ class StreamSplit(Split):
     def take(self, n: int | None = None) -> MemorySplit:
         idx = self.indices if n is None else self.indices[:n]
         return StreamSplit(self.dataset, idx, self.workers).materialize()
+
+    def held(self, max_bytes: int = 1 << 30) -> Split:
+        if not len(self):
+            return self
+        first = self.dataset[int(self.indices[0])][0]
+        per_item = sum(np.asarray(v).nbytes for v in first.values())
+        return self.materialize() if per_item * len(self) <= max_bytes else self
 
     def materialize(self) -> MemorySplit:
         parts = list(self.batches(256))

@@ -45,7 +45,7 @@ from keiryo.errors import first_line
 from keiryo.export import Artifact
 from keiryo.passes import PassContext, PassResult, register_pass
 from keiryo.passes.qat import MIN_DISTILL_SAMPLES, QatDistillConfig
-from keiryo.passes.quantize_fallback import Int8FallbackConfig, _val_metrics, fallback_search, free_float_layers, p50_ms
+from keiryo.passes.quantize_fallback import Int8FallbackConfig, fallback_search, free_float_layers, p50_ms, scored
 from keiryo.passes.quantize_ort import Int8StaticConfig, calibration_data, finish, preprocess, quantize_int8_static
 
 Rung = Literal["ptq", "mse", "bias_correction", "gptq", "refit", "precision", "fallback", "qat"]
@@ -113,7 +113,7 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
             f"quantize.int8_auto: the qat rung needs at least {MIN_DISTILL_SAMPLES} calibration samples, got {n_cal}; "
             "give more (--calib-size) or leave qat out of rungs"
         )
-    val, task = ctx.data.val, ctx.get_task()
+    val, task = ctx.data.val.held(), ctx.get_task()  # scored once per rung: read once
     out = ctx.out_path("int8_auto", ".onnx")
     sample = {k: v[:1] for k, v in x_cal.items()}
     ladder: list[dict[str, Any]] = []
@@ -121,7 +121,7 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
     with tempfile.TemporaryDirectory() as td:
         tdp = Path(td)
         src = preprocess(model.path, tdp / "pre.onnx") if cfg.quant.preprocess else model.path
-        ref, ref_outs = _val_metrics(src, val, task, None, ctx.threads)
+        ref, ref_outs = scored(src, val, task, None)
         fp32_p50 = p50_ms(src, sample, ctx.threads, cfg.latency_iterations)
         for rung in cfg.rungs:
             qcfg = cfg.quant.model_copy(update=RUNGS[rung])
@@ -137,7 +137,12 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                         quant=qcfg,
                     )
                     (tdp / "fallback").mkdir()
-                    fb_info = fallback_search(src, dst, x_cal, fb, ctx, tdp / "fallback")
+                    # the gptq rung's ranges, rounded weights and granularity, where it ran: the same options but
+                    # the bias correction's second half, which runs after them (a rounded weight is corrected alike)
+                    shared = tdp / "gptq.ranges.json"
+                    fb_info = fallback_search(
+                        src, dst, x_cal, fb, ctx, tdp / "fallback", shared if shared.is_file() else None
+                    )
                     rec["float_layers"] = fb_info["float_layers"]
                     rec["trail"] = fb_info["trail"]
                     drop = fb_info["val_drop_pt"]
@@ -148,7 +153,7 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                         quantize_int8_static(
                             src, refitted, x_cal, rcfg, exclude=fb_info["float_layers"], cache=cache if cache.is_file() else None
                         )
-                        refit_drop = float(task.drop(ref, _val_metrics(refitted, val, task, ref_outs, ctx.threads)[0]))
+                        refit_drop = float(task.drop(ref, scored(refitted, val, task, ref_outs)[0]))
                         rec["val_drop_weights_correction"] = drop
                         if refit_drop <= drop:
                             shutil.move(refitted, dst)
@@ -156,7 +161,7 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                             rec["rounding"] = "refit"
                 elif rung == "qat":
                     rec.update(qat_rung(dst, x_cal, qcfg, cfg.qat, ctx, tdp / "qat"))
-                    drop = float(task.drop(ref, _val_metrics(dst, val, task, ref_outs, ctx.threads)[0]))
+                    drop = float(task.drop(ref, scored(dst, val, task, ref_outs)[0]))
                 else:
                     chosen_here: dict[str, Any] = {}
                     # refit and precision start from gptq's file: the same ranges and rounded weights (cached beside them)
@@ -166,7 +171,7 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                         free, chosen_here["float_when_free"] = free_float_layers(src, x_cal, qcfg, ranges, tdp, ctx.threads)
                     quantize_int8_static(src, dst, x_cal, qcfg, exclude=free, cache=ranges, report=chosen_here)
                     rec.update(chosen_here)
-                    drop = float(task.drop(ref, _val_metrics(dst, val, task, ref_outs, ctx.threads)[0]))
+                    drop = float(task.drop(ref, scored(dst, val, task, ref_outs)[0]))
                 rec.update(
                     status="ok",
                     val_drop=round(drop, 4),

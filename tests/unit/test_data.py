@@ -160,6 +160,23 @@ def test_image_folder_source(tmp_path):
         load_data(str(tmp_path))
 
 
+def test_a_streamed_split_is_held_in_memory_only_under_the_byte_cap(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            Image.new("RGB", (12, 12), (i * 20, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    d = load_data(DataSpec(source=str(tmp_path), options={"size": 8}, val_fraction=0.3, test_fraction=0.2))
+    assert isinstance(d.val, StreamSplit)
+    held = d.val.held()  # 3 x 8 x 8 float32 per image: far under the default cap
+    assert isinstance(held, MemorySplit) and len(held) == len(d.val)
+    streamed = torch.cat([b[0]["image"] for b in d.val.batches(4)])
+    assert torch.equal(held.inputs["image"], streamed)
+    assert d.val.held(max_bytes=3 * 8 * 8 * 4 * len(d.val) - 1) is d.val  # one byte over: stays streamed
+    assert held.held() is held
+
+
 def test_image_folder_preprocessing_is_declared_and_applied(tmp_path):
     from PIL import Image
 

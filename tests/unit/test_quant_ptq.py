@@ -226,6 +226,33 @@ def test_int8_auto_climbs_from_gptq_to_refit_and_records_it(tiny_trained, digits
     assert refit["refit"]["layers"] + sum(t["float"] for t in trials) >= 3  # the float ones are not refitted
 
 
+def test_int8_auto_fallback_rung_reuses_the_gptq_rungs_rounding_and_scores_with_every_core(
+    tiny_trained, digits, tmp_path, monkeypatch
+):
+    import keiryo.passes.quantize_fallback as fallback_mod
+    import keiryo.passes.quantize_rounding as rounding_mod
+    import keiryo.runtime as runtime_mod
+    from keiryo.machine import usable_cores
+    from keiryo.tasks import get_task, infer_task
+
+    rounds, threads, trials = [], set(), []
+    real_round, real_open, real_q = rounding_mod.round_weights, runtime_mod.open_session, fallback_mod.quantize_int8_static
+    monkeypatch.setattr(fallback_mod, "quantize_int8_static", lambda *a, **k: trials.append(k) or real_q(*a, **k))
+    monkeypatch.setattr(rounding_mod, "round_weights", lambda *a, **k: rounds.append(a[1]) or real_round(*a, **k))
+    monkeypatch.setattr(runtime_mod, "open_session", lambda rt, src, th=1: threads.add(th) or real_open(rt, src, th))
+    task = get_task(infer_task(digits))
+    task.drop = lambda baseline, candidate: 1.0  # a budget no rung meets: the fallback scans every layer
+    fp32 = export(tiny_trained, "onnx", tmp_path / "fp32.onnx")
+    cfg = get_pass("quantize.int8_auto").config.parse(
+        {"max_accuracy_drop": 0.0, "rungs": ["gptq", "fallback"], "max_float_layers": 1, "latency_iterations": 5}
+    )
+    info = apply(fp32, cfg, PassContext(data=digits, workdir=tmp_path, task=task)).info
+    assert [(r["rung"], r["status"]) for r in info["ladder"]] == [("gptq", "ok"), ("fallback", "ok")], info["ladder"]
+    assert len(trials) > 2 * 3  # every layer's trials quantized (int8 alone, float alone) ...
+    assert len(rounds) == 1, rounds  # ... on the weights the gptq rung rounded, not rounded again
+    assert usable_cores() in threads  # fidelity scored on every core (the timings keep the run's one thread)
+
+
 def test_int8_auto_records_a_crashing_rung_and_lists_the_closest_when_no_rung_meets(tiny_trained, digits, tmp_path, monkeypatch):
     import keiryo.passes.quantize_auto as auto
 
