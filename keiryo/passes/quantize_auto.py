@@ -140,9 +140,7 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                     # the gptq rung's ranges, rounded weights and granularity, where it ran: the same options but
                     # the bias correction's second half, which runs after them (a rounded weight is corrected alike)
                     shared = tdp / "gptq.ranges.json"
-                    fb_info = fallback_search(
-                        src, dst, x_cal, fb, ctx, tdp / "fallback", shared if shared.is_file() else None
-                    )
+                    fb_info = fallback_search(src, dst, x_cal, fb, ctx, tdp / "fallback", shared if shared.is_file() else None)
                     rec["float_layers"] = fb_info["float_layers"]
                     rec["trail"] = fb_info["trail"]
                     drop = fb_info["val_drop_pt"]
