@@ -110,23 +110,30 @@ def weight_layers(model: Any, nodes: list[str] | None = None) -> tuple[list[Laye
 def _columns(layer: Layer, x: np.ndarray, keep: int, rng: np.random.Generator) -> Any:
     """``keep`` random im2col columns of the layer's input, (groups, d, keep); d = in-channels/group x kernel."""
     import torch
-    import torch.nn.functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if layer.op == "Gemm":
         return t.reshape(len(t), -1).T[None]
     top, left, bottom, right = layer.pads
-    t = F.pad(t, (left, right, top, bottom))
-    b, c, hp, wp = t.shape
+    b, c, h, w = t.shape
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.strides, layer.dilations
+    hp, wp = h + top + bottom, w + left + right
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
     total = b * oh * ow
     pick = rng.choice(total, min(keep, total), replace=False)
     bi = torch.from_numpy(pick // (oh * ow))[:, None, None]
-    yi = torch.from_numpy((pick // ow) % oh * sh)[:, None, None] + torch.arange(kh)[None, :, None] * dh
-    xi = torch.from_numpy(pick % ow * sw)[:, None, None] + torch.arange(kw)[None, None, :] * dw
+    # rows and columns in the unpadded map; the padding's positions read as zeros (masked), not by padding a copy
+    yi = torch.from_numpy((pick // ow) % oh * sh - top)[:, None, None] + torch.arange(kh)[None, :, None] * dh
+    xi = torch.from_numpy(pick % ow * sw - left)[:, None, None] + torch.arange(kw)[None, None, :] * dw
+    padded = any(layer.pads)
+    if padded:
+        inside = ((yi >= 0) & (yi < h) & (xi >= 0) & (xi < w))[..., None]
+        yi, xi = yi.clamp(0, h - 1), xi.clamp(0, w - 1)
     # (N, kh, kw, C) patches at the picked output positions, gathered without unfolding the whole map
-    patches = t.permute(0, 2, 3, 1)[bi, yi, xi].permute(0, 3, 1, 2)  # (N, C, kh, kw): the weight's layout
+    patches = t.permute(0, 2, 3, 1)[bi, yi, xi]
+    if padded:
+        patches = patches * inside
+    patches = patches.permute(0, 3, 1, 2)  # (N, C, kh, kw): the weight's layout
     g = layer.group
     cols = patches.reshape(len(pick), g, (c // g) * kh * kw).permute(1, 2, 0)
     return cols

@@ -218,7 +218,7 @@ def refit_tflite(
 
     from ai_edge_quantizer.utils.tfl_interpreter_utils import invoke_interpreter_signature as invoke
 
-    from keiryo.passes.quantize_refit import _augment, add_moments, refit_summary, solve_layer
+    from keiryo.passes.quantize_refit import add_moments, refit_summary, solve_layer
     from keiryo.passes.quantize_rounding import _columns
     from keiryo.passes.tflite_ranges import SIGNATURE, tensors_interpreter
 
@@ -256,7 +256,7 @@ def refit_tflite(
                 cols = []
                 for x in (xf, xq):
                     s = seed + 7919 * k + j  # the same positions of the same sample in both files
-                    cols.append(_augment(_columns(o.lay, o.layer_input(x), keep, np.random.default_rng(s))).double())
+                    cols.append(_columns(o.lay, o.layer_input(x), keep, np.random.default_rng(s)))
                 add_moments(stats[o.lay.node][k % 2], *cols)
         del q_it
         for o in layers:
