@@ -654,6 +654,22 @@ def test_refit_solves_every_bias_so_the_full_bias_correction_is_not_run_before_i
     assert {i.name: numpy_helper.to_array(i).tobytes() for i in a} == {i.name: numpy_helper.to_array(i).tobytes() for i in b}
 
 
+def test_the_refit_moments_are_the_float64_products_of_the_augmented_columns():
+    import torch
+
+    from keiryo.passes.quantize_refit import gram
+
+    rng = torch.Generator().manual_seed(0)
+    # columns as the im2col gather leaves them (channels innermost), values far from zero: C - Hq, which the solve
+    # reads, is a small difference of two such sums, so float32 products would not do
+    a = (3 + torch.randn(300, 6, 9, generator=rng)).permute(1, 2, 0)
+    b = a + 1e-3 * torch.randn(300, 6, 9, generator=rng).permute(1, 2, 0)
+    aug = lambda c: torch.cat([c, torch.ones_like(c[:, :1])], 1).double()  # noqa: E731
+    for x, y in ((a, b), (b, b)):
+        want = aug(x) @ aug(y).transpose(1, 2)
+        torch.testing.assert_close(gram(x, y), want, rtol=1e-12, atol=1e-9)
+
+
 def test_a_tensor_session_runs_only_the_nodes_the_fetched_tensors_need(cancelling, digits):
     from keiryo.passes.quantize_ranges import prune, tensor_session
 
