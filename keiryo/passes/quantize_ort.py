@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -255,6 +256,10 @@ def quantize_int8_static(
 
                 run_quantize_static(src, out, Reader, method, cfg, exclude, include, extra, cache)
                 rows = min(cfg.rounding_samples, n)
+                # corrected in a copy: ``src`` may be the rounded file kept beside ``cache``, which the next
+                # quantization with that cache (other float layers, other rungs) must read as rounded, not as
+                # corrected for this one's int8 inputs
+                src = Path(shutil.copyfile(src, Path(td) / "bias-corrected.onnx"))
                 correct_biases_on_int8_inputs(fp32_src, src, out, {k: v[:rows] for k, v in x.items()})
             run_quantize_static(src, out, Reader, method, cfg, exclude, include, extra, cache)
             if cfg.rounding == "refit":

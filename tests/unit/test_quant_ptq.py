@@ -670,6 +670,26 @@ def test_the_refit_moments_are_the_float64_products_of_the_augmented_columns():
         torch.testing.assert_close(gram(x, y), want, rtol=1e-12, atol=1e-9)
 
 
+def test_the_full_bias_correction_leaves_the_cached_rounded_weights_as_rounded(cancelling, digits, tmp_path):
+    x = digits.calib.numpy()
+    weights, full = tmp_path / "weights.json", tmp_path / "full.json"
+    quantize_int8_static(
+        cancelling[1], tmp_path / "w.onnx", x, Int8StaticConfig(rounding="gptq", bias_correction="weights"), cache=weights
+    )
+    quantize_int8_static(
+        cancelling[1], tmp_path / "f.onnx", x, Int8StaticConfig(rounding="gptq", bias_correction="full"), cache=full
+    )
+    # the next quantization with the same cache (another rung, other float layers) reads the rounding alone,
+    # not biases corrected for the int8 inputs of the one before
+    kept = [
+        {i.name: numpy_helper.to_array(i).tobytes() for i in onnx.load(str(c.with_suffix(".rounded.onnx"))).graph.initializer}
+        for c in (weights, full)
+    ]
+    assert kept[0] == kept[1]
+    a, b = (onnx.load(str(tmp_path / f"{k}.onnx")).graph.initializer for k in "wf")  # the corrected file differs
+    assert {i.name: numpy_helper.to_array(i).tobytes() for i in a} != {i.name: numpy_helper.to_array(i).tobytes() for i in b}
+
+
 def test_a_tensor_session_runs_only_the_nodes_the_fetched_tensors_need(cancelling, digits):
     from keiryo.passes.quantize_ranges import prune, tensor_session
 
