@@ -139,18 +139,16 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                     (tdp / "fallback").mkdir()
                     # the gptq rung's ranges, rounded weights and granularity, where it ran: the same options but
                     # the bias correction's second half, which runs after them (a rounded weight is corrected alike)
-                    shared = tdp / "gptq.ranges.json"
-                    fb_info = fallback_search(src, dst, x_cal, fb, ctx, tdp / "fallback", shared if shared.is_file() else None)
+                    gptq_cache = tdp / "gptq.ranges.json"
+                    shared = gptq_cache if gptq_cache.is_file() else None
+                    fb_info = fallback_search(src, dst, x_cal, fb, ctx, tdp / "fallback", shared)
                     rec["float_layers"] = fb_info["float_layers"]
                     rec["trail"] = fb_info["trail"]
                     drop = fb_info["val_drop_pt"]
                     if fb_info["float_layers"]:  # the chosen layers float, the rest refitted to their int8 inputs
                         refitted = tdp / "fallback-refit.onnx"
                         rcfg = qcfg.model_copy(update={"bias_correction": "full", "rounding": "refit"})
-                        cache = tdp / "gptq.ranges.json"  # the gptq rung's ranges and rounded weights, where it ran
-                        quantize_int8_static(
-                            src, refitted, x_cal, rcfg, exclude=fb_info["float_layers"], cache=cache if cache.is_file() else None
-                        )
+                        quantize_int8_static(src, refitted, x_cal, rcfg, exclude=fb_info["float_layers"], cache=shared)
                         refit_drop = float(task.drop(ref, scored(refitted, val, task, ref_outs)[0]))
                         rec["val_drop_weights_correction"] = drop
                         if refit_drop <= drop:
