@@ -216,7 +216,7 @@ def run_model(variant: str, work: Path, args: argparse.Namespace) -> tuple[list[
             )
             checks.append(
                 (
-                    f"{variant}: {best} as fast as the fastest peer",
+                    f"{variant}: {best} as fast as the fastest peer (p50 within 2%)",
                     lat[best]["p50"] <= fastest * 1.02,
                     f"{lat[best]['p50']:.2f} vs {fastest:.2f} ms",
                 )
