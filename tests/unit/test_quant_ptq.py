@@ -224,6 +224,32 @@ def test_int8_auto_climbs_from_gptq_to_refit_and_records_it(tiny_trained, digits
     trials = refit["float_when_free"]  # the leading layers were timed in float on onnxruntime, one by one
     assert trials and all(t["p50_ratio"] > 0 for t in trials if "p50_ratio" in t)
     assert refit["refit"]["layers"] + sum(t["float"] for t in trials) >= 3  # the float ones are not refitted
+    # neither meets the budget and their drops are equal (0 paired error): the faster file is the one kept
+    assert refit["vs_kept"] == {"rung": "gptq", "paired_error": 0.0}
+    assert info["chosen"] == min(info["ladder"], key=lambda r: r["latency_p50_ms"])["rung"], info["ladder"]
+
+
+def test_the_paired_error_of_two_files_drops_is_their_sampling_error_on_the_validation_split(digits):
+    from keiryo.passes.quantize_auto import paired_error, replaces
+    from keiryo.tasks import get_task, infer_task
+
+    task = get_task(infer_task(digits))
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(size=(200, 10)).astype(np.float32)]
+    y = ref[0].argmax(1)
+    a = [ref[0].copy()]
+    b = [ref[0].copy()]
+    b[0][:16] = np.roll(b[0][:16], 1, axis=1)  # b disagrees with fp32 (and a) on about 16 of 200 samples
+    k = int((b[0].argmax(1) != y).sum())
+    err = paired_error(task, ref, y, a, b)
+    # two classifiers that disagree on k of n samples: the difference of their accuracies varies by ~100 sqrt(k) / n
+    assert 0.75 * 100 * k**0.5 / 200 < err < 1.25 * 100 * k**0.5 / 200, (err, k)
+    assert paired_error(task, ref, y, a, [a[0].copy()]) == 0.0  # the same outputs: no error
+    kept = {"val_drop": 5.5, "latency_p50_ms": 4.2}
+    assert not replaces({"val_drop": 4.0, "latency_p50_ms": 7.8}, kept, err)  # within the error, slower: kept stays
+    assert replaces({"val_drop": 4.0, "latency_p50_ms": 7.8}, kept, 1.0)  # lower by more than the error
+    assert replaces({"val_drop": 6.0, "latency_p50_ms": 3.0}, kept, 1.0)  # within the error and faster
+    assert not replaces({"val_drop": 7.0, "latency_p50_ms": 3.0}, kept, 1.0)  # worse by more than the error
 
 
 def test_int8_auto_fallback_rung_reuses_the_gptq_rungs_rounding_and_scores_with_every_core(
