@@ -136,6 +136,7 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
             dst = tdp / f"{rung}.onnx"
             rec: dict[str, Any] = {"rung": rung, "options": RUNGS[rung]}
             t0 = time.perf_counter()
+            outs: list[np.ndarray] | None = None  # the file's validation outputs, where its drop was scored here
             try:
                 if rung == "fallback":
                     fb = Int8FallbackConfig(
@@ -157,15 +158,17 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                         refitted = tdp / "fallback-refit.onnx"
                         rcfg = qcfg.model_copy(update={"bias_correction": "full", "rounding": "refit"})
                         quantize_int8_static(src, refitted, x_cal, rcfg, exclude=fb_info["float_layers"], cache=shared)
-                        refit_drop = float(task.drop(ref, scored(refitted, val, task, ref_outs)[0]))
+                        metrics, refit_outs = scored(refitted, val, task, ref_outs)
+                        refit_drop = float(task.drop(ref, metrics))
                         rec["val_drop_weights_correction"] = drop
                         if refit_drop <= drop:
                             shutil.move(refitted, dst)
-                            drop = refit_drop
+                            drop, outs = refit_drop, refit_outs
                             rec["rounding"] = "refit"
                 elif rung == "qat":
                     rec.update(qat_rung(dst, x_cal, qcfg, cfg.qat, ctx, tdp / "qat"))
-                    drop = float(task.drop(ref, scored(dst, val, task, ref_outs)[0]))
+                    metrics, outs = scored(dst, val, task, ref_outs)
+                    drop = float(task.drop(ref, metrics))
                 else:
                     chosen_here: dict[str, Any] = {}
                     # refit and precision start from gptq's file: the same ranges and rounded weights (cached beside them)
@@ -175,7 +178,8 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                         free, chosen_here["float_when_free"] = free_float_layers(src, x_cal, qcfg, ranges, tdp, ctx.threads)
                     quantize_int8_static(src, dst, x_cal, qcfg, exclude=free, cache=ranges, report=chosen_here)
                     rec.update(chosen_here)
-                    drop = float(task.drop(ref, scored(dst, val, task, ref_outs)[0]))
+                    metrics, outs = scored(dst, val, task, ref_outs)
+                    drop = float(task.drop(ref, metrics))
                 rec.update(
                     status="ok",
                     val_drop=round(drop, 4),
@@ -194,7 +198,8 @@ def int8_auto(model: Artifact, cfg: Int8AutoConfig, ctx: PassContext) -> PassRes
                 stderr_console().print(f"    int8-auto rung {rung}: {what} ({rec['seconds']} s)", highlight=False, markup=False)
             if rec["status"] != "ok":
                 continue
-            outs = scored(dst, val, task, ref_outs)[1]
+            if outs is None:  # the fallback's own file: scored inside its search
+                outs = scored(dst, val, task, ref_outs)[1]
             if chosen is not None and not rec["budget_met"]:
                 err = paired_error(task, ref_outs, y, outs, chosen_outs) if paired else 0.0
                 rec["vs_kept"] = {"rung": chosen["rung"], "paired_error": round(err, 4)}
