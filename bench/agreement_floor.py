@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -34,17 +33,15 @@ from keiryo.passes.quantize_ort import preprocess  # noqa: E402
 MODELS = Path(__file__).parent / "models"
 
 
-def logits(model: Any, x: np.ndarray, name: str) -> np.ndarray:
-    """``model`` (path or ModelProto) run on every core over ``x``."""
-    import onnxruntime as ort
-
+def logits(path: Path, x: np.ndarray) -> np.ndarray:
+    """The first output of ``path`` over the images ``x``, on onnxruntime with every usable core (a fidelity
+    figure, not a latency)."""
+    from keiryo.evaluate import predict
     from keiryo.machine import usable_cores
+    from keiryo.runtime import open_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.log_severity_level = usable_cores(), 3
-    src = str(model) if isinstance(model, Path) else model.SerializeToString()
-    s = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-    return np.concatenate([s.run(None, {name: x[i : i + 100]})[0] for i in range(0, len(x), 100)])
+    with open_session("onnxruntime", path, usable_cores()) as s:
+        return predict(s, {"image": x})[0]
 
 
 def errors(out: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
@@ -59,7 +56,8 @@ def errors(out: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
     return float((out.argmax(1) == ref.argmax(1)).mean() * 100), float(np.linalg.norm(out - ref) / np.linalg.norm(ref)), kl
 
 
-def fp16_weights(path: Path) -> Any:
+def fp16_weights(path: Path, out: Path) -> Path:
+    """``path`` with every fp32 weight cast to float16 and back, written to ``out``."""
     import onnx
     from onnx import numpy_helper
 
@@ -68,7 +66,8 @@ def fp16_weights(path: Path) -> Any:
         a = numpy_helper.to_array(init)
         if a.dtype == np.float32:
             init.CopyFrom(numpy_helper.from_array(a.astype(np.float16).astype(np.float32), init.name))
-    return m
+    onnx.save(m, str(out))
+    return out
 
 
 def jpeg(x: np.ndarray, quality: int, mean: float, std: float) -> np.ndarray:
@@ -120,17 +119,15 @@ def main() -> int:
     h = load_model(f"{MODELS / 'efficientnet_lite.py'}:{args.model}", data, output_name="logits")
     pre = preprocess(export(h, "onnx", work / "fp32.onnx").path, work / "pre.onnx")
     x = data.test.numpy()["image"]
-    ref = logits(pre, x, "image")
+    ref = logits(pre, x)
     p = np.exp(ref - ref.max(1, keepdims=True))
     p = np.sort(p / p.sum(1, keepdims=True), 1)
     margin = p[:, -1] - p[:, -2]
     print(f"EfficientNet-{args.model}, {len(x)} test crops: top-1 margin < 0.05 on {np.mean(margin < 0.05) * 100:.1f}%, "
           f"< 0.01 on {np.mean(margin < 0.01) * 100:.1f}%\n")  # fmt: skip
-    rows = [("fp16 weights (activations fp32)", errors(logits(fp16_weights(pre), x, "image"), ref))]
+    rows = [("fp16 weights (activations fp32)", errors(logits(fp16_weights(pre, work / "fp16.onnx"), x), ref))]
     mean, std = efficientnet_lite.MEAN[0], efficientnet_lite.STD[0]
-    rows += [
-        (f"crops re-encoded as JPEG, quality {q}", errors(logits(pre, jpeg(x, q, mean, std), "image"), ref)) for q in args.jpeg
-    ]
+    rows += [(f"crops re-encoded as JPEG, quality {q}", errors(logits(pre, jpeg(x, q, mean, std)), ref)) for q in args.jpeg]
     files = list(args.files)
     if args.build_refit:
         t0 = time.monotonic()
@@ -138,7 +135,7 @@ def main() -> int:
         print(f"refit (first 2 layers float) built in {time.monotonic() - t0:.0f} s")
     rng = np.random.default_rng(0)
     for f in files:
-        out = logits(f, x, "image")
+        out = logits(f, x)
         rows.append((f"int8 file {f.name}", errors(out, ref)))
         sd = float((out - ref).std())
         for k in args.noise_scales:  # mean of 5 draws
