@@ -60,6 +60,14 @@ class TfliteInt8Config(KeiryoConfig):
         "on int8-only accelerators): int8 logits can tie (2-3% of EfficientNet-Lite0's crops had two top classes); "
         "there +0.1-0.4 pt agreement for 11% more latency (2.28 -> 2.54 ms)",
     )
+    wide_leading: int = Field(
+        0,
+        ge=0,
+        description="the operators up to the N-th convolution (the file's order) in 16-bit integer activations "
+        "(TFLite's 16x8 kernels: still full-integer, not on int8-only accelerators): what onnxruntime's int8-auto keeps "
+        "float by float_when_free (the stem and first depthwise convolution of an EfficientNet), whose int8 inputs "
+        "cost the most agreement",
+    )
     bias_correction: bool = Field(True, description="each layer's bias takes the mean output error its rounding causes")
 
 
@@ -155,16 +163,43 @@ def tflite_int8_dynamic(model: Artifact, cfg: TfliteInt8DynamicConfig, ctx: Pass
     )
 
 
-def _output_scopes(path: Path) -> str:
-    """A regex matching ai-edge-quantizer's scope (its output tensor names, each followed by ';') of the ops that
-    write the model's outputs."""
+def _scopes(names: list[str]) -> str:
+    """A regex matching ai-edge-quantizer's scope (an op's output tensor names, each followed by ';') of the ops that
+    write any of ``names``."""
     import re
 
+    return "|".join(f"(^|;){re.escape(n)};" for n in names)
+
+
+def _output_scopes(path: Path) -> str:
+    """The scopes of the ops that write the model's outputs."""
     from keiryo.runtime.litert import load_interpreter
 
     it = load_interpreter(path, delegate=False)
-    names = [d["name"] for d in it.get_output_details()]
-    return "|".join(f"(^|;){re.escape(n)};" for n in names)
+    return _scopes([d["name"] for d in it.get_output_details()])
+
+
+def _leading_scopes(path: Path, convolutions: int) -> str:
+    """The scopes of the ops of the default signature's subgraph, in the file's order, up to and including the
+    ``convolutions``-th CONV_2D or DEPTHWISE_CONV_2D (the ops between them too: a PAD left int8 would quantize what
+    the wide layers keep)."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from keiryo.passes.tflite_ranges import tensors_interpreter
+    from keiryo.passes.tflite_rounding import CONVOLUTIONS, builtin_codes
+
+    buf = path.read_bytes()
+    model = fb.Model.GetRootAs(buf, 0)
+    sg = model.Subgraphs(tensors_interpreter(path, 1)[2])
+    codes = builtin_codes(model)
+    names, seen = [], 0
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        names += [sg.Tensors(int(t)).Name().decode() for t in op.OutputsAsNumpy()]
+        seen += codes[op.OpcodeIndex()] in CONVOLUTIONS
+        if seen == convolutions:
+            return _scopes(names)
+    raise PassError(f"tflite.int8: wide_leading={convolutions} but {path.name} has {seen} convolution(s)")
 
 
 def representative_data(ctx: PassContext, n: int | None, what: str) -> list[dict[str, np.ndarray]]:
@@ -184,17 +219,21 @@ def tflite_int8(model: Artifact, cfg: TfliteInt8Config, ctx: PassContext) -> Pas
     calib = representative_data(ctx, cfg.calib_samples, "tflite.int8")
 
     wide = _output_scopes(model.path) if cfg.wide_outputs else None
+    leading = _leading_scopes(model.path, cfg.wide_leading) if cfg.wide_leading else None
 
     def configure(qt: Any) -> None:
         gran = _granularity(cfg.granularity)
         qt.add_static_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 8, 8, gran)
-        if wide:  # the ops writing the outputs (those with a 16x8 kernel; others stay int8) and the outputs
-            qt.add_static_config(wide, qtyping.TFLOperationName.ALL_SUPPORTED, 16, 8, gran)
+        for scopes in (leading, wide):  # 16x8 where the op has such a kernel (others stay int8)
+            if scopes:
+                qt.add_static_config(scopes, qtyping.TFLOperationName.ALL_SUPPORTED, 16, 8, gran)
+        if wide:
             qt.add_static_config(".*", qtyping.TFLOperationName.OUTPUT, 16, 8, gran)
 
     out = ctx.out_path("int8", ".tflite")
     info: dict[str, Any] = {"weights": "int8", "activations": "int8", "granularity": cfg.granularity}
     info.update(calib_samples=len(calib), calibration=cfg.calibration, wide_outputs=cfg.wide_outputs)
+    info.update(wide_leading=cfg.wide_leading)
 
     def calibrate(qt: Any, path: Path) -> Any:
         if cfg.calibration == "moving_average":

@@ -29,6 +29,7 @@ import numpy as np
 from keiryo.passes.quantize_rounding import Layer, accumulate, round_layer
 
 _CONV, _DEPTHWISE, _FC = 3, 4, 9  # tflite BuiltinOperator codes
+CONVOLUTIONS = (_CONV, _DEPTHWISE)
 _FLOAT32 = 0  # tflite TensorType
 
 
@@ -68,16 +69,21 @@ def _buffer_view(buf: bytearray, model: Any, tensor: Any) -> np.ndarray | None:
     return np.frombuffer(buf, np.uint8, count=count, offset=start).view(np.float32).reshape(shape)
 
 
+def builtin_codes(model: Any) -> list[int]:
+    """Each operator code's builtin operator (the larger of the current and deprecated fields) of a tflite ``Model``."""
+    return [
+        max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
+        for i in range(model.OperatorCodesLength())
+    ]
+
+
 def weight_ops(buf: bytearray, subgraph: int) -> tuple[list[_Op], dict[str, str]]:
     """The float file's CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED ops with constant float weights."""
     from ai_edge_litert import schema_py_generated as fb
 
     model = fb.Model.GetRootAs(buf, 0)
     sg = model.Subgraphs(subgraph)
-    codes = [
-        max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
-        for i in range(model.OperatorCodesLength())
-    ]
+    codes = builtin_codes(model)
     uses: dict[int, int] = {}
     for i in range(sg.OperatorsLength()):
         for t in sg.Operators(i).InputsAsNumpy():
