@@ -146,8 +146,15 @@ def _row(c: dict[str, Any], best: str | None, results: dict[str, Any]) -> str:
     return f"<tr{cls}><td>{e(c['name'])}</td>{tds}</tr>"
 
 
+def _vs_kept(r: dict[str, Any]) -> str:
+    """How a rung that missed the budget compared with the rung kept before it (``vs_kept``)."""
+    v = r.get("vs_kept")
+    return "" if not v else f"{v['rung']} kept before it; paired sampling error &plusmn;{v['paired_error']}"
+
+
 def _ladders(cands: list[dict[str, Any]]) -> str:
-    """The rungs ``quantize.int8_auto`` tried for each candidate that ran it: drop, size, p50, seconds, or the error."""
+    """The rungs ``quantize.int8_auto`` tried for each candidate that ran it: drop, size, p50, seconds, or the error,
+    how each compared with the rung kept before it, and why the chosen one was kept when none met the budget."""
     e = html.escape
     out = []
     for c in cands:
@@ -158,15 +165,16 @@ def _ladders(cands: list[dict[str, Any]]) -> str:
             rows = "".join(
                 f"<tr><td>{e(r['rung'])}</td><td>{e(r['status'])}</td><td>{r.get('val_drop', '')}</td>"
                 f"<td>{r.get('size_bytes', '')}</td><td>{r.get('latency_p50_ms', '')}</td><td>{r.get('seconds', '')}</td>"
-                f"<td>{e(str(r.get('error') or r.get('float_layers') or ''))}</td></tr>"
+                f"<td>{e(str(r.get('error') or r.get('float_layers') or ''))}</td><td>{_vs_kept(r)}</td></tr>"
                 for r in info["ladder"]
             )
             met = "met" if info.get("budget_met") else "not met (closest kept)"
+            why = f"<p>{e(info['warning'])}</p>" if info.get("warning") else ""
             out.append(
                 f"<h3>{e(c['name'])}: chosen rung {e(str(info.get('chosen')))}, {e(info.get('drop_metric', ''))} "
-                f"&le; {info.get('max_accuracy_drop')} on the validation split {met}</h3>"
+                f"&le; {info.get('max_accuracy_drop')} on the validation split {met}</h3>{why}"
                 "<table><tr><th>rung</th><th>status</th><th>val drop</th><th>size bytes</th><th>p50 ms</th><th>seconds</th>"
-                f"<th>error / float layers</th></tr>{rows}</table>"
+                f"<th>error / float layers</th><th>vs the kept rung</th></tr>{rows}</table>"
             )
     return "<h2>int8 ladders</h2>" + "".join(out) if out else ""
 

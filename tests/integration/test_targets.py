@@ -18,7 +18,7 @@ from conftest import classification
 from test_cli import one_line_error, run_cli
 from torch import nn
 
-from keiryo.errors import BackendUnavailableError, ConfigError, DataError, UnsupportedOpError
+from keiryo.errors import BackendUnavailableError, ConfigError, DataError, PassError, UnsupportedOpError
 from keiryo.export import Artifact, ParityConfig, check_parity, export
 from keiryo.export.coreml import validate_mlpackage
 from keiryo.model import ModelHandle, ModelSpec, load_model
@@ -184,6 +184,47 @@ def test_tflite_int8_weights_are_rounded_on_ai_edge_quantizers_own_grid_and_beat
             assert refit["kept"] == (refit["output_error"] <= refit["output_error_gptq"])
     assert err["gptq"] < 0.95 * err["nearest"] and err["refit"] < 0.95 * err["gptq"], err
     assert err["refit8"] == err["gptq"], err  # the fallback: the same file
+
+
+def test_tflite_int8_wide_leading_keeps_the_first_convolutions_in_16_bits_and_the_rest_int8(
+    tiny_zoo_trained, digits, tmp_path
+):
+    """``wide_leading: 2``: every op up to the second convolution writes int16 activations (TFLite's 16x8 kernels,
+    still integer), the weights stay int8 and every later op is int8; asking for more convolutions than the file
+    has names the count and leaves no file."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from keiryo.passes.tflite_rounding import CONVOLUTIONS, builtin_codes
+    from keiryo.runtime.litert import load_interpreter
+
+    fp = export(tiny_zoo_trained, "tflite", tmp_path / "fp32.tflite")
+    ctx = PassContext(data=digits, workdir=tmp_path / "w")
+    res = apply(fp, TfliteInt8Config(wide_leading=2, rounding="nearest"), ctx)
+    assert res.info["wide_leading"] == 2
+    buf = res.model.path.read_bytes()
+    model = fb.Model.GetRootAs(buf, 0)
+    sg = model.Subgraphs(0)
+    codes = builtin_codes(model)
+    it = load_interpreter(res.model.path, delegate=False)
+    dtype = {d["name"]: d["dtype"] for d in it.get_tensor_details()}
+    convs, widths = 0, []
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        if codes[op.OpcodeIndex()] in CONVOLUTIONS:
+            convs += 1
+            weight = sg.Tensors(int(op.InputsAsNumpy()[1])).Name().decode()
+            assert dtype[weight] == np.int8, weight
+            out = sg.Tensors(int(op.OutputsAsNumpy()[0])).Name().decode()
+            widths.append(dtype[out])
+    assert convs >= 10 and widths[:2] == [np.int16, np.int16] and set(widths[2:]) == {np.int8}, widths
+    with open_session("litert", res.model.path) as s, open_session("litert", fp.path) as f:
+        x = digits.test.numpy()
+        assert (s.run(x)[0].argmax(1) == f.run(x)[0].argmax(1)).mean() > 0.9
+
+    ctx.step_index += 1
+    with pytest.raises(PassError, match=rf"wide_leading=500 but fp32.tflite has {convs} convolution\(s\)"):
+        apply(fp, TfliteInt8Config(wide_leading=500), ctx)
+    assert not list((tmp_path / "w").glob(f"{ctx.step_index:02d}*"))
 
 
 def test_tflite_int8_rounding_from_too_few_samples_names_the_minimum(mlp_tflite, digits, tmp_path):

@@ -1,6 +1,7 @@
 """Better int8 PTQ: GPTQ rounding, bias correction, MSE clip-aware ranges, and the int8-auto ladder (tiny models)."""
 
 import contextlib
+import html
 
 import numpy as np
 import onnx
@@ -227,6 +228,10 @@ def test_int8_auto_climbs_from_gptq_to_refit_and_records_it(tiny_trained, digits
     # neither meets the budget and their drops are equal (0 paired error): the faster file is the one kept
     assert refit["vs_kept"] == {"rung": "gptq", "paired_error": 0.0}
     assert info["chosen"] == min(info["ladder"], key=lambda r: r["latency_p50_ms"])["rung"], info["ladder"]
+    from keiryo.report.html import _ladders
+
+    page = _ladders([{"name": "int8-auto", "steps": [{"type": "quantize.int8_auto", "info": info}]}])
+    assert "gptq kept before it; paired sampling error &plusmn;0.0" in page  # the report shows the comparison
 
 
 def test_the_paired_error_of_two_files_drops_is_their_sampling_error_on_the_validation_split(digits):
@@ -307,6 +312,7 @@ def test_int8_auto_records_a_crashing_rung_and_lists_the_closest_when_no_rung_me
 
     page = _ladders([{"name": "int8-auto", "steps": [{"type": "quantize.int8_auto", "info": info}]}])
     assert "calibrator exploded" in page and "not met" in page and "<td>ptq</td>" in page
+    assert f"<p>{html.escape(info['warning'])}</p>" in page and "kept ptq" in page  # why the kept rung was kept
 
 
 def test_int8_auto_recipe_is_onnx_only():
