@@ -186,9 +186,7 @@ def test_tflite_int8_weights_are_rounded_on_ai_edge_quantizers_own_grid_and_beat
     assert err["refit8"] == err["gptq"], err  # the fallback: the same file
 
 
-def test_tflite_int8_wide_leading_keeps_the_first_convolutions_in_16_bits_and_the_rest_int8(
-    tiny_zoo_trained, digits, tmp_path
-):
+def test_tflite_int8_wide_leading_keeps_the_first_convolutions_in_16_bits_and_the_rest_int8(tiny_zoo_trained, digits, tmp_path):
     """``wide_leading: 2``: every op up to the second convolution writes int16 activations (TFLite's 16x8 kernels,
     still integer), the weights stay int8 and every later op is int8; asking for more convolutions than the file
     has names the count and leaves no file."""
