@@ -10,6 +10,9 @@ fp32 logits plus Gaussian noise of ``--noise-scales`` times that file's error. L
 files whose agreement differs by chance; agreement near 97% moves by about a point.
 
     .venv/bin/python bench/agreement_floor.py --model lite0 --build-refit     # ~8 min on 2 cores
+
+``--calib`` (crops the refit is built from, 256) and ``--refit-columns`` (positions each layer is solved on, 8,192)
+show what more data buys the refit.
 """
 
 from __future__ import annotations
@@ -83,16 +86,26 @@ def jpeg(x: np.ndarray, quality: int, mean: float, std: float) -> np.ndarray:
     return ((np.stack(out) - mean) / std).astype(np.float32)
 
 
-def build_refit(pre: Path, out: Path, calib: dict[str, np.ndarray]) -> Path:
-    """The ``refit`` rung's file with the stem and the first depthwise conv (the first two layers) float."""
+def build_refit(pre: Path, out: Path, calib: dict[str, np.ndarray], columns: int | None = None) -> Path:
+    """The ``refit`` rung's file with the stem and the first depthwise conv (the first two layers) float; ``columns``:
+    the positions each layer is solved on (the refit's ``max_columns``, 8,192 by default; not a pass option)."""
+    import functools
+
     import onnx
 
+    import keiryo.passes.quantize_refit as quantize_refit
     from keiryo.passes.quantize_auto import RUNGS
     from keiryo.passes.quantize_ort import Int8StaticConfig, quantize_int8_static
 
     layers = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in ("Conv", "Gemm")]
     opts = {**RUNGS["refit"], "float_when_free": 0}
-    quantize_int8_static(pre, out, calib, Int8StaticConfig(**opts), exclude=layers[:2])
+    real = quantize_refit.refit_sequentially
+    if columns:
+        quantize_refit.refit_sequentially = functools.partial(real, max_columns=columns)
+    try:
+        quantize_int8_static(pre, out, calib, Int8StaticConfig(**opts), exclude=layers[:2])
+    finally:
+        quantize_refit.refit_sequentially = real
     return out
 
 
@@ -102,6 +115,8 @@ def main() -> int:
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--files", nargs="*", type=Path, default=[], help="int8 ONNX files of this model to measure")
     ap.add_argument("--build-refit", action="store_true", help="also build and measure the refit, first 2 layers float")
+    ap.add_argument("--calib", type=int, default=256, help="calibration crops the refit is built from")
+    ap.add_argument("--refit-columns", type=int, default=None, help="positions each layer is refitted on (8192)")
     ap.add_argument("--jpeg", nargs="*", type=int, default=[95, 90])
     ap.add_argument("--noise-scales", nargs="*", type=float, default=[0.5, 0.7, 1.0])
     args = ap.parse_args()
@@ -111,7 +126,7 @@ def main() -> int:
         source=f"{MODELS / 'natural_images.py'}:crops",
         options={"model": args.model, "test": args.test},
         eval_size=args.test,
-        calib_size=256,
+        calib_size=args.calib,
         seed=0,
     )
     data = load_data(spec)
@@ -131,8 +146,8 @@ def main() -> int:
     files = list(args.files)
     if args.build_refit:
         t0 = time.monotonic()
-        files.append(build_refit(pre, work / "refit-f2.onnx", data.calib.numpy()))
-        print(f"refit (first 2 layers float) built in {time.monotonic() - t0:.0f} s")
+        files.append(build_refit(pre, work / "refit-f2.onnx", data.calib.numpy(), args.refit_columns))
+        print(f"refit (first 2 layers float) built from {args.calib} crops in {time.monotonic() - t0:.0f} s")
     rng = np.random.default_rng(0)
     for f in files:
         out = logits(f, x)
