@@ -149,7 +149,7 @@ def _row(c: dict[str, Any], best: str | None, results: dict[str, Any]) -> str:
 def _vs_kept(r: dict[str, Any]) -> str:
     """How a rung that missed the budget compared with the rung kept before it (``vs_kept``)."""
     v = r.get("vs_kept")
-    return "" if not v else f"{v['rung']} kept before it; paired sampling error &plusmn;{v['paired_error']}"
+    return "" if not v else f"{html.escape(str(v['rung']))} kept before it; paired sampling error &plusmn;{v['paired_error']}"
 
 
 def _ladders(cands: list[dict[str, Any]]) -> str:
