@@ -60,3 +60,20 @@ def test_sequence_classification_checks_and_trains_on_named_token_inputs():
     spec = [TensorSpec(name="logits", dtype="int64", shape=["batch", 2])]
     with pytest.raises(DataError, match="output 'logits' is int64; expected float logits"):
         task.check(spec, data)
+
+
+def test_convolutions_train_channels_last_and_the_model_comes_back_contiguous():
+    digits = load_data("digits", size=16, channels=3)  # one channel would be channels-last already (ambiguous strides)
+    h = load_model("zoo:mobilenetv2", digits, options={"width": 0.25}, output_name="logits")
+    seen = []
+    first = next(m for m in h.module.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    hook = first.register_forward_pre_hook(
+        lambda m, args: seen.append((m.training, args[0].is_contiguous(memory_format=torch.channels_last)))
+    )
+    task = get_task("classification").bind(h.output_names)
+    res = train(h, digits, task, TrainConfig(epochs=1, batch_size=256), progress=False)
+    hook.remove()
+    assert res.epochs_run == 1
+    steps = [cl for training, cl in seen if training]
+    assert steps and all(steps)  # every training step fed the convolutions channels-last
+    assert all(p.is_contiguous() for p in h.module.parameters())  # saved and exported as plain tensors
