@@ -158,12 +158,26 @@ def run_steps(
             )
             if memo is not None:
                 memo[prefix_key] = (model.clone(), effects[-1])
-        what = f"{recipe.name}: {recipe.target} export"
-        artifact = _step(f"export.{recipe.target}", lambda: export(model, recipe.target, out, recipe.export))
-        parity = _step(f"export.{recipe.target}", lambda: export_parity(model, artifact, data, opts, what))
-        effects.append(
-            {"type": f"export.{recipe.target}", "stage": "export", **size_of(artifact.path).to_dict(), "parity": parity}
-        )
+        # recipes whose torch-level steps are the same (none, for int8 / fp16 / fp32 side by side) export once
+        export_key = f"{prefix_key}|export.{recipe.target}|{sorted((recipe.export or {}).items())}"
+        done = memo.get(export_key) if memo is not None else None
+        if done is not None and Path(done[1]["path"]).exists():
+            _log(opts, f"  [{recipe.name}] {recipe.target} export: the same as an earlier recipe's, reused")
+            _copy(Path(done[1]["path"]), out)
+            first = done[1]["artifact"]
+            artifact = Artifact(out, first.format, first.runtime, first.input_names, first.output_names, first.info)
+            parity = done[1]["parity"]
+            effects.append({**done[1]["effect"], "cached": True})
+        else:
+            what = f"{recipe.name}: {recipe.target} export"
+            artifact = _step(f"export.{recipe.target}", lambda: export(model, recipe.target, out, recipe.export))
+            parity = _step(f"export.{recipe.target}", lambda: export_parity(model, artifact, data, opts, what))
+            effects.append(
+                {"type": f"export.{recipe.target}", "stage": "export", **size_of(artifact.path).to_dict(), "parity": parity}
+            )
+            if memo is not None:  # a copy: a recipe without format-level steps hands its export on as the candidate
+                kept = _copy(out, ctx.workdir / f"export-shared{exporter.suffix}")
+                memo[export_key] = (model, {"path": str(kept), "artifact": artifact, "parity": parity, "effect": effects[-1]})
         res = StepsOutput(model, artifact, parity, effects, model.num_params(), model.macs())
         if key is not None and cache is not None:
             cache.put(
@@ -188,6 +202,15 @@ def run_steps(
         res.artifact = result.model
         res.effects.append({"type": spec.name, "stage": spec.stage, **size_of(res.artifact.path).to_dict(), "info": result.info})
     return res
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    """``src`` copied to ``dst``: a file, or a directory (a Core ML package)."""
+    if src.is_dir():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    else:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def _step(name: str, fn: Any) -> Any:

@@ -435,3 +435,7 @@ def test_recipes_sharing_a_torch_prefix_compute_it_once(tmp_path, capsys, tiny_w
     assert pq["steps"][0]["cached"] is True and pq["steps"][0]["type"] == "prune.structured"
     assert {"params", "macs", "size_bytes", "size_gzip_bytes", "accuracy"} <= set(pq["steps"][0])
     assert pq["metrics"]["macs"] < res["baseline"]["metrics"]["macs"]
+    # the pruned model is exported once too: the second recipe's export (and its parity check) is the first's
+    p = next(c for c in res["candidates"] if c["name"] == "p")
+    assert "onnx export: the same as an earlier recipe's, reused" in err
+    assert pq["steps"][1] == {**p["steps"][1], "cached": True} and pq["steps"][1]["type"] == "export.onnx"
