@@ -114,7 +114,7 @@ def run_steps(
 
     ``memo`` (shared across recipes of one run) holds torch-stage results by a hash of the
     input model and the steps so far; ``cache`` (on disk, across runs and processes) holds
-    the exported file after all torch-stage steps. Either way a recipe sharing a prefix
+    the exported file after all torch-stage steps (or none: the export of the input). Either way a recipe sharing a prefix
     (the same pruning and distillation) does not compute it again. A failing step raises
     :class:`StepFailure` naming it.
     """
@@ -124,19 +124,21 @@ def run_steps(
     exporter = get_exporter(recipe.target)
     out = ctx.workdir / f"export{exporter.suffix}"
     key = None
-    if cache is not None and n_torch:
+    if cache is not None:  # with no torch-level steps too: the trials of a PTQ search export the model once
         steps = [s.model_dump(mode="json") for s in recipe.steps[:n_torch]]
         target = recipe.target + (f":{sorted(recipe.export.items())}" if recipe.export else "")
         key = StepCache.key(handle.content_hash(), data.fingerprint(), steps, target, opts.seed)
     hit = cache.get(key) if cache is not None and key is not None else None
     model = handle
     if hit is not None:
-        _log(opts, f"  [{recipe.name}] torch-level steps found in the step cache: reused")
+        what = f"torch-level steps and {recipe.target} export" if n_torch else f"{recipe.target} export"
+        _log(opts, f"  [{recipe.name}] {what} found in the step cache: reused")
         shutil.copy2(hit[0], out)
         meta = hit[1]
         artifact = Artifact(out, exporter.format, exporter.runtime, meta["input_names"], meta["output_names"], meta["info"])
         reused = [{**e, "cached": True} for e in meta["effects"]]
-        res = StepsOutput(None, artifact, meta["parity"], reused, meta["params"], meta["macs"])
+        # the model the file was exported from: the input itself when no torch-level step ran, else not at hand
+        res = StepsOutput(None if n_torch else handle, artifact, meta["parity"], reused, meta["params"], meta["macs"])
     else:
         effects: list[dict[str, Any]] = []
         prefix_key = handle.content_hash()

@@ -78,6 +78,9 @@ def test_search_results_report_and_best(searched):
     assert res["search"]["duplicates"] == [{"trial": r["trial"], "of": r["duplicate_of"]} for r in dupes]
     # cheap first: both PTQ seeds, then fallback, then prune + distill
     assert [r["name"].split("-", 1)[1] for r in records[:4]] == ["ptq", "ptq", "ptq_fallback", "prune_distill"]
+    # the PTQ trials (no torch-level step) export the model once: the first exports, the later ones reuse its file
+    exports = [next(s for s in r["steps"] if s["type"] == "export.onnx") for r in records[:3]]
+    assert not exports[0].get("cached") and all(e.get("cached") for e in exports[1:])
     measured = {c["name"]: c["sha256"] for c in res["candidates"] if c["status"] == "ok"}
     assert len(set(measured.values())) == len(measured)  # no file is measured twice
     for r in dupes:
