@@ -41,7 +41,7 @@ INT_RANGES = {
     np.dtype(np.int16): (-32768, 32767),
 }
 # the inputs that are a layer's weight or bias: trainable where they are float initializers or int8 behind a DQ
-WEIGHT_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "ConvTranspose": (1, 2)}
+WEIGHT_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2)}
 
 
 def _attrs(node: Any) -> dict[str, Any]:
@@ -123,7 +123,6 @@ class QdqModule(nn.Module):
 
         g = model.graph
         self.graph = g
-        self.inputs = [i.name for i in g.input if i.name not in {t.name for t in g.initializer}]
         self.outputs = [o.name for o in g.output]
         inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
         for node in g.node:  # Constant nodes hold values too
@@ -151,9 +150,8 @@ class QdqModule(nn.Module):
             q = inits[node.input[0]]
             scale = np.asarray(inits[node.input[1]], np.float32)
             zp = np.asarray(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else np.zeros((), q.dtype)
-            w = (q.astype(np.float64) - zp.astype(np.float64).reshape(_bshape(scale, q, _attrs(node).get("axis", 1)))) * (
-                scale.astype(np.float64).reshape(_bshape(scale, q, _attrs(node).get("axis", 1)))
-            )
+            shape = _bshape(scale, q, _attrs(node).get("axis", 1))
+            w = (q.astype(np.float64) - zp.astype(np.float64).reshape(shape)) * scale.astype(np.float64).reshape(shape)
             if node.output[0] not in layer_inputs:
                 self.consts[node.output[0]] = torch.from_numpy(w.astype(np.float32))
                 continue
