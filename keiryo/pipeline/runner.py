@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +166,7 @@ def run_steps(
         if done is not None and Path(done[1]["path"]).exists():
             _log(opts, f"  [{recipe.name}] {recipe.target} export: the same as an earlier recipe's, reused")
             _copy(Path(done[1]["path"]), out)
-            first = done[1]["artifact"]
-            artifact = Artifact(out, first.format, first.runtime, first.input_names, first.output_names, first.info)
+            artifact = replace(done[1]["artifact"], path=out)
             parity = done[1]["parity"]
             effects.append({**done[1]["effect"], "cached": True})
         else:
